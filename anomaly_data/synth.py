@@ -1,0 +1,182 @@
+"""Procedural textures and objects with exact-mask defects, written in MVTec layout plus meta.json.
+
+Deterministic: the same (classes, seed, counts) write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from kano.errors import KanoError
+
+TEXTURES = ("weave", "stripes", "checker", "noise", "wood", "dots")
+OBJECTS = ("disc", "tile", "ring", "pill")
+SYNTH_CLASSES = TEXTURES + OBJECTS
+DEFECTS = ("hole", "scratch", "stain", "crack", "missing", "colour")
+
+
+def _rng(seed: int, *keys) -> np.random.Generator:
+    return np.random.default_rng([seed, *[zlib.crc32(str(k).encode()) for k in keys]])
+
+
+def _palette(cls: str) -> tuple[np.ndarray, np.ndarray]:
+    r = _rng(7, cls)
+    a = r.uniform(60, 200, 3)
+    b = np.clip(a + r.uniform(-70, 70, 3), 20, 235)
+    return a, b
+
+
+def _texture(cls: str, size: int, r: np.random.Generator) -> np.ndarray:
+    a, b = _palette(cls)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    ph, freq = r.uniform(0, 2 * math.pi), r.uniform(0.9, 1.1)
+    if cls == "weave":
+        t = 0.5 + 0.25 * (np.sin(x * 0.45 * freq + ph) + np.sin(y * 0.45 * freq + ph))
+    elif cls == "stripes":
+        ang = r.uniform(-0.2, 0.2) + 0.6
+        t = 0.5 + 0.5 * np.sin((x * math.cos(ang) + y * math.sin(ang)) * 0.3 * freq + ph)
+    elif cls == "checker":
+        s = int(16 * freq)
+        t = (((x + ph * 5) // s + (y + ph * 3) // s) % 2) * 0.8 + 0.1
+    elif cls == "wood":
+        cx, cy = r.uniform(-size, 0), r.uniform(0, size)
+        t = 0.5 + 0.5 * np.sin(np.hypot(x - cx, (y - cy) * 0.3) * 0.25 * freq + ph)
+    elif cls == "dots":
+        s = 20
+        t = ((((x + ph * 3) % s) - s / 2) ** 2 + (((y + ph * 2) % s) - s / 2) ** 2 < 20).astype(float) * 0.8 + 0.1
+    else:  # noise
+        n = r.normal(0, 1, (size // 8, size // 8))
+        t = np.asarray(Image.fromarray(((n - n.min()) / (n.max() - n.min()) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)) / 255.0
+    img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
+    img += r.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255)
+
+
+def _object(cls: str, size: int, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An object on a plain background; returns (image, object mask)."""
+    a, b = _palette(cls)
+    bg = np.clip(255 - a * 0.6, 0, 255)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    obj = Image.new("L", (size, size), 0)
+    d, m = ImageDraw.Draw(img), ImageDraw.Draw(obj)
+    c = size / 2 + r.uniform(-size * 0.04, size * 0.04, 2)
+    rad = size * r.uniform(0.3, 0.34)
+    box = [c[0] - rad, c[1] - rad, c[0] + rad, c[1] + rad]
+    col = tuple(int(v) for v in b)
+    if cls == "disc":
+        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
+    elif cls == "tile":
+        d.rounded_rectangle(box, radius=int(rad * 0.2), fill=col); m.rounded_rectangle(box, radius=int(rad * 0.2), fill=255)
+    elif cls == "ring":
+        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
+        inner = [c[0] - rad * 0.5, c[1] - rad * 0.5, c[0] + rad * 0.5, c[1] + rad * 0.5]
+        d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+    else:  # pill
+        pb = [c[0] - rad, c[1] - rad * 0.55, c[0] + rad, c[1] + rad * 0.55]
+        d.rounded_rectangle(pb, radius=int(rad * 0.55), fill=col); m.rounded_rectangle(pb, radius=int(rad * 0.55), fill=255)
+    arr = np.asarray(img, dtype=np.float64)
+    shade = np.linspace(0.92, 1.08, size)[None, :, None]
+    arr = np.clip(arr * shade + r.normal(0, 4, arr.shape), 0, 255)
+    return arr, np.asarray(obj) > 0
+
+
+def _point_in(region: np.ndarray, r: np.random.Generator, margin: int) -> tuple[float, float]:
+    ys, xs = np.nonzero(region[margin:-margin, margin:-margin])
+    k = r.integers(len(ys))
+    return float(xs[k] + margin), float(ys[k] + margin)
+
+
+def _defect(img: np.ndarray, region: np.ndarray, kind: str, background: np.ndarray, r: np.random.Generator):
+    size = img.shape[0]
+    shape = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(shape)
+    x, y = _point_in(region, r, size // 6)
+    s = size * r.uniform(0.06, 0.11)
+    if kind in ("hole", "stain", "missing", "colour"):
+        pts = [(x + s * r.uniform(0.6, 1.3) * math.cos(t), y + s * r.uniform(0.6, 1.3) * math.sin(t))
+               for t in np.linspace(0, 2 * math.pi, 9)[:-1]]
+        d.polygon(pts, fill=255)
+    elif kind == "scratch":
+        ang, ln = r.uniform(0, math.pi), size * r.uniform(0.2, 0.35)
+        d.line([(x - ln / 2 * math.cos(ang), y - ln / 2 * math.sin(ang)), (x + ln / 2 * math.cos(ang), y + ln / 2 * math.sin(ang))],
+               fill=255, width=int(r.integers(3, 6)))
+    else:  # crack: a jagged random walk
+        pts, ang = [(x, y)], r.uniform(0, 2 * math.pi)
+        for _ in range(9):
+            ang += r.uniform(-0.7, 0.7)
+            x, y = x + 7 * math.cos(ang), y + 7 * math.sin(ang)
+            pts.append((x, y))
+        d.line(pts, fill=255, width=3)
+    mask = (np.asarray(shape) > 0) & (region if kind != "missing" else np.ones_like(region))
+    out = img.copy()
+    if kind == "hole":
+        out[mask] = r.uniform(5, 30)
+    elif kind == "scratch":
+        out[mask] = 235 if img[mask].mean() < 128 else 20
+    elif kind == "stain":
+        col = r.uniform(0, 255, 3)
+        out[mask] = out[mask] * 0.3 + col * 0.7
+    elif kind == "crack":
+        out[mask] = out[mask] * 0.15
+    elif kind == "missing":
+        out[mask] = background[mask]
+    else:  # colour: rotate the channels
+        out[mask] = out[mask][:, [2, 0, 1]] * 0.7 + 60
+    mask = mask & (np.abs(out - img).sum(-1) > 24)  # only pixels that really changed count as defect
+    return np.clip(out, 0, 255), mask
+
+
+def _make(cls: str, size: int, r: np.random.Generator):
+    if cls in TEXTURES:
+        img = _texture(cls, size, r)
+        region = np.ones(img.shape[:2], bool)
+        background = np.full_like(img, img.mean((0, 1)) * 0.4)
+    else:
+        img, region = _object(cls, size, r)
+        background = np.broadcast_to(np.median(img[~region], axis=0), img.shape).copy()
+    return img, region, background
+
+
+def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size: int = 256, n_train: int = 4,
+               n_good: int = 6, n_per_defect: int = 3, defects: tuple[str, ...] = ("hole", "scratch", "stain", "crack")) -> Path:
+    """Write classes in MVTec layout under `out` plus out/meta.json. Returns out."""
+    from .readers import Dataset, read_mvtec, write_meta
+
+    classes = list(classes or SYNTH_CLASSES)
+    unknown = [c for c in classes if c not in SYNTH_CLASSES]
+    if unknown:
+        raise KanoError(f"synthetic class must be one of {', '.join(SYNTH_CLASSES)}, got {', '.join(unknown)}")
+    bad = [d for d in defects if d not in DEFECTS]
+    if bad:
+        raise KanoError(f"defect kind must be one of {', '.join(DEFECTS)}, got {', '.join(bad)}")
+    out = Path(out)
+    for cls in classes:
+        def save(arr, path: Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr.astype(np.uint8)).save(path)
+
+        for i in range(n_train):
+            img, _, _ = _make(cls, size, _rng(seed, cls, "train", i))
+            save(img, out / cls / "train" / "good" / f"{i:03d}.png")
+        for i in range(n_good):
+            img, _, _ = _make(cls, size, _rng(seed, cls, "good", i))
+            save(img, out / cls / "test" / "good" / f"{i:03d}.png")
+        for kind in defects:
+            if kind == "missing" and cls in TEXTURES:
+                continue
+            for i in range(n_per_defect):
+                r = _rng(seed, cls, kind, i)
+                img, region, background = _make(cls, size, r)
+                for _ in range(20):
+                    bad_img, mask = _defect(img, region, kind, background, r)
+                    if mask.sum() > 30:
+                        break
+                save(bad_img, out / cls / "test" / kind / f"{i:03d}.png")
+                save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
+    write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")
+    return out

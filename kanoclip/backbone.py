@@ -1,0 +1,196 @@
+"""Frozen open_clip backbone with the CLIP-VV dual path (eq. 4-8).
+
+The original stream runs every block unchanged (global feature = open_clip `encode_image`). From
+block `vv_start` on, a second stream S accumulates `out_proj(softmax(V Vᵀ·scale)·V)` with V taken
+from `ln_1` of the ORIGINAL stream and no MLP (eq. 8). Patch tokens for the maps come from S
+through `ln_post` and `proj`. Both attentions are computed from one shared qkv projection.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kano.errors import KanoError
+
+# The paper's backbone and its image size (a 37x37 patch grid).
+DEFAULT_SIZES = {"ViT-L-14-336-quickgelu": 518, "ViT-L-14-336": 518}
+TINY_SEED = 20240601
+
+
+class VisualFeatures(NamedTuple):
+    """global_feature (N, D) = encode_image; patch_tokens: one (N, L, D) tensor per stage, L = grid²."""
+
+    global_feature: torch.Tensor
+    patch_tokens: list[torch.Tensor]
+
+
+def spread_stages(depth: int, n: int = 4) -> list[int]:
+    """Evenly spread 1-based block numbers ending at the last block: 24 -> [6, 12, 18, 24]."""
+    n = min(n, depth)
+    return sorted({max(1, round(depth * (i + 1) / n)) for i in range(n)})
+
+
+def _tiny_clip(image_size: int):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = open_clip.CLIP(
+            embed_dim=64,
+            vision_cfg=CLIPVisionCfg(layers=4, width=96, head_width=32, patch_size=16, image_size=image_size, mlp_ratio=2.0),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, mlp_ratio=2.0),
+            quick_gelu=True,
+        )
+    return model
+
+
+def _create_clip(name: str, pretrained: str | None, image_size: int | None):
+    import open_clip
+
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(name.split("-")[0].lower())][:12]
+        raise KanoError(f"backbone model must be an open_clip model name or 'tiny', got {name!r}; e.g. {', '.join(close) or 'ViT-B-16-quickgelu'}")
+    kwargs = {"force_image_size": image_size} if image_size else {}
+    if pretrained is None:
+        return open_clip.create_model(name, pretrained=None, **kwargs)
+    is_file = os.path.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
+    if is_file and not os.path.isfile(pretrained):
+        raise KanoError(f"backbone weights file must exist, got no such file: {pretrained}")
+    if not is_file:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise KanoError(f"pretrained tag for {name} must be one of {', '.join(tags) or '(none)'} or a local file, got {pretrained!r}")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:
+        from huggingface_hub import constants
+
+        raise KanoError(
+            f"weights for {name} ({pretrained}) must be in the Hugging Face cache ({constants.HF_HUB_CACHE}) or a local file, "
+            f"got {type(exc).__name__}: {' '.join(str(exc).split())[:200]}. Download them once on a machine with network "
+            f"(python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\") "
+            f"or pass a local file: --backbone {name}:/path/to/open_clip_model.safetensors"
+        ) from None
+
+
+class Backbone(nn.Module):
+    """A frozen open_clip model plus the CLIP-VV dual path.
+
+    Attributes: clip (the open_clip model), stages (1-based block numbers), vv_start (first V-V
+    block, 1-based), image_size, grid (patches per side), embed_dim, width, spec.
+    """
+
+    def __init__(self, clip_model: nn.Module, spec: str, stages: list[int] | None = None, vv_start: int | None = None):
+        super().__init__()
+        self.clip = clip_model
+        v = clip_model.visual
+        if getattr(v, "attn_pool", None) is not None or not hasattr(v, "transformer"):
+            raise KanoError(f"backbone must be an open_clip VisionTransformer without attentional pooling, got {spec}")
+        self.blocks = list(v.transformer.resblocks)
+        for b in self.blocks:
+            if not isinstance(getattr(b, "attn", None), nn.MultiheadAttention):
+                raise KanoError(f"backbone blocks must use nn.MultiheadAttention (open_clip ViT), got {type(b).__name__} in {spec}")
+        depth = len(self.blocks)
+        self.depth = depth
+        self.stages = list(stages) if stages else spread_stages(depth)
+        if any(not 1 <= s <= depth for s in self.stages) or sorted(set(self.stages)) != self.stages:
+            raise KanoError(f"stages must be increasing block numbers in 1..{depth}, got {self.stages}")
+        self.vv_start = vv_start if vv_start is not None else self.stages[0]
+        if not 1 <= self.vv_start <= depth:
+            raise KanoError(f"vv_start must be a block number in 1..{depth}, got {self.vv_start}")
+        self.spec = spec
+        size = v.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        patch = v.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.grid = self.image_size // self.patch_size
+        self.width = v.transformer.width
+        self.embed_dim = int(v.proj.shape[1]) if v.proj is not None else self.width
+        pp = getattr(v, "preprocess_cfg", None) or {}
+        self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        self.clip.eval()
+
+    def train(self, mode: bool = True):  # the backbone is frozen: always eval
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.conv1.weight.device
+
+    @staticmethod
+    def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
+        n, l, d = t.shape
+        return t.view(n, l, h, d // h).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor, vv: bool = True) -> VisualFeatures:
+        """images (N, 3, S, S) normalised -> VisualFeatures. vv=False takes patch tokens from the Q-K stream."""
+        v = self.clip.visual
+        x = v._embeds(images.to(v.conv1.weight.dtype))
+        s = None
+        keep: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks, 1):
+            attn = blk.attn
+            h = attn.num_heads
+            y = blk.ln_1(x)
+            q, k, val = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            n, l, d = q.shape
+            vh = self._heads(val, h)
+            o = F.scaled_dot_product_attention(self._heads(q, h), self._heads(k, h), vh)
+            o = attn.out_proj(o.transpose(1, 2).reshape(n, l, d))
+            if vv and i >= self.vv_start:
+                if s is None:
+                    s = x
+                ov = F.scaled_dot_product_attention(vh, vh, vh)  # eq. 8: Attention(V, V, V), scale = head_dim^-0.5
+                s = s + attn.out_proj(ov.transpose(1, 2).reshape(n, l, d))
+            x = x + blk.ls_1(getattr(blk, "ln_attn", nn.Identity())(o))
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            if i in self.stages:
+                keep.append(s if (vv and s is not None) else x)
+        pooled, _ = v._pool(x)
+        glob = pooled @ v.proj if v.proj is not None else pooled
+        patches = []
+        for t in keep:
+            t = v.ln_post(t[:, 1:])
+            patches.append(t @ v.proj if v.proj is not None else t)
+        return VisualFeatures(glob, patches)
+
+
+def build_backbone(spec: str = "tiny", image_size: int | None = None, device: str | torch.device | None = None,
+                   stages: list[int] | None = None, vv_start: int | None = None) -> Backbone:
+    """Build a frozen backbone from "MODEL[:PRETRAINED]" or "tiny".
+
+    - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
+    - "ViT-B-16-quickgelu:/path/weights.safetensors" (local file), "ViT-B-16-quickgelu" (random weights)
+    - "tiny": an embedded, seeded random-weight ViT (4 blocks, width 96, patch 16) for tests and the demo
+    """
+    spec = (spec or "").strip()
+    if spec.startswith("tiny"):
+        if spec not in ("tiny",):
+            raise KanoError(f"backbone 'tiny' takes no pretrained tag, got {spec!r}")
+        model = _tiny_clip(image_size or 224)
+    else:
+        name, _, pretrained = spec.partition(":")
+        size = image_size or DEFAULT_SIZES.get(name)
+        model = _create_clip(name, pretrained or None, size)
+    bb = Backbone(model, spec, stages=stages, vv_start=vv_start)
+    if bb.image_size % bb.patch_size:
+        raise KanoError(f"image size must be a multiple of the patch size {bb.patch_size}, got {bb.image_size}")
+    return bb.to(device or "cpu")
+
+
+def grid_hw(n_tokens: int) -> tuple[int, int]:
+    side = int(math.isqrt(n_tokens))
+    if side * side != n_tokens:
+        raise ValueError(f"patch tokens must form a square grid, got {n_tokens}")
+    return side, side
