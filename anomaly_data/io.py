@@ -100,3 +100,7 @@ def load_mask(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarr
     if (arr.shape[1], arr.shape[0]) != tuple(size):
         raise KanoError(f"mask {path} must have the size of its image, {size[0]}x{size[1]}, got {arr.shape[1]}x{arr.shape[0]}")
     return (arr > 127).astype(np.uint8) if arr.max() > 1 else (arr > 0).astype(np.uint8)
+
+
+def is_image_path(p: Path) -> bool:
+    return Path(p).suffix.lower() in IMAGE_EXTS

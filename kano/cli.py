@@ -117,6 +117,117 @@ def kb_import(src: Path = typer.Argument(..., help="JSONL with class_name and te
     typer.echo(f"imported {added} descriptions into {kb} ({skipped} already present)")
 
 
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="folder to write (MVTec layout + meta.json)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated; default all synthetic classes"),
+    seed: int = typer.Option(0, "--seed"),
+    size: int = typer.Option(256, "--size"),
+    n_good: int = typer.Option(6, "--n-good", help="normal test images per class"),
+    n_defect: int = typer.Option(3, "--n-defect", help="images per defect kind per class"),
+    defects: str = typer.Option("hole,scratch,stain,crack", "--defects", help="from hole, scratch, stain, crack, missing, colour"),
+):
+    """Write procedural textures/objects with exact-mask defects (deterministic)."""
+    from anomaly_data import synthesize
+
+    synthesize(out, [c.strip() for c in classes.split(",")] if classes else None, seed=seed, size=size, n_good=n_good,
+               n_per_defect=n_defect, defects=tuple(d.strip() for d in defects.split(",")))
+    typer.echo(f"wrote synthetic dataset to {out} (meta.json included)")
+
+
+@data_app.command("meta")
+def data_meta(spec: str = typer.Argument(..., help="KIND:PATH"), out: Optional[Path] = typer.Option(None, "--out")):
+    """Write the peers' meta.json for a dataset read from KIND:PATH."""
+    from anomaly_data import load_dataset, write_meta
+
+    path = write_meta(load_dataset(spec), out)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("train")
+def train_cmd(
+    kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base (kano kb build)"),
+    data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH (its test split, as in the paper)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] or tiny (default ViT-L-14-336-quickgelu:openai)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file with TrainConfig keys (flags override it)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="training classes (default all)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="e.g. 6,12,18,24"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length"),
+    sigma: Optional[float] = typer.Option(None, "--sigma"),
+    cache: Optional[str] = typer.Option(None, "--cache", help="auto | memory | disk | off"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    no_knpl: bool = typer.Option(False, "--no-knpl", help="ablation: fixed prompts"),
+    no_vv: bool = typer.Option(False, "--no-vv", help="ablation: Q-K patch tokens"),
+    no_bicmci: bool = typer.Option(False, "--no-bicmci", help="ablation: linear head + cosine"),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="ablation: raw global feature"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch"),
+):
+    """Learn the prompts and fusion heads on an auxiliary dataset."""
+    from kano import run_commands
+
+    run_commands.train(config, resume, dict(
+        kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
+        classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
+        stages=[int(s) for s in stages.split(",")] if stages else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device,
+        use_knpl=False if no_knpl else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
+        use_adapter=False if no_adapter else None))
+
+
+@app.command("eval")
+def eval_cmd(
+    data: str = typer.Option(..., "--data", help="KIND:PATH"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="evaluate the untrained zero-shot baseline on this backbone"),
+    out: Path = typer.Option(Path("results"), "--out"),
+    classes: Optional[str] = typer.Option(None, "--classes"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="with --backbone only"),
+    device: Optional[str] = typer.Option(None, "--device"),
+):
+    """Image- and pixel-level metrics per class and their mean; overlays."""
+    from kano import run_commands
+
+    run_commands.evaluate(data=data, run=run, backbone=backbone, out=out,
+                          classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
+                          workers=workers, image_size=image_size, device=device)
+
+
+@app.command("predict")
+def predict_cmd(
+    inputs: List[str] = typer.Argument(..., help="image files and/or folders"),
+    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle)"),
+    run: Optional[Path] = typer.Option(None, "--run"),
+    backbone: Optional[str] = typer.Option(None, "--backbone"),
+    out: Path = typer.Option(Path("predictions"), "--out"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="default: the run's threshold from its auxiliary data"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: Optional[str] = typer.Option(None, "--device"),
+):
+    """Score images: decision, heat-map PNG, NPY map and one JSON line per image."""
+    from kano import run_commands
+
+    run_commands.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
+                         batch_size=batch_size, device=device)
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("demo_out"), "--out"), epochs: int = typer.Option(6, "--epochs"),
+             seed: int = typer.Option(0, "--seed")):
+    """Offline end to end: synthetic data, built-in KB, train on tiny, zero-shot eval on unseen classes."""
+    from kano import demo
+
+    demo.run(out, epochs=epochs, seed=seed)
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

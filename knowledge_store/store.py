@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -68,15 +69,21 @@ class Description:
     image_path: str | None = None
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    try:
-        if read_only:
-            return duckdb.connect(str(path), read_only=True)
-        return duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
-    except duckdb.IOException as exc:
-        raise KanoError(f"cannot open knowledge base {path}: {exc}") from None
-    except duckdb.Error as exc:
-        raise KanoError(f"{path} must be a DuckDB knowledge base, got an unreadable file ({exc})") from None
+def _connect(path: Path, read_only: bool, wait_s: float = 15.0) -> duckdb.DuckDBPyConnection:
+    """Open the file; while another process holds it (DuckDB allows one writer), retry for up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if read_only:
+                return duckdb.connect(str(path), read_only=True)
+            return duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower() and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise KanoError(f"cannot open knowledge base {path}: {exc}") from None
+        except duckdb.Error as exc:
+            raise KanoError(f"{path} must be a DuckDB knowledge base, got an unreadable file ({exc})") from None
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:

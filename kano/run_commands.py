@@ -1,0 +1,66 @@
+"""Glue for `kano train`, `kano eval` and `kano predict`: build objects, call the library, print results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kano import ui
+from kano.errors import KanoError
+
+
+def _device(name: str | None) -> torch.device:
+    from trainer.train import resolve_device
+
+    return resolve_device(name)
+
+
+def train(config_file, resume: bool, overrides: dict) -> dict:
+    from trainer import TrainConfig, train as run_train
+    from trainer.checkpoint import read_config
+
+    if resume and overrides.get("out") and config_file is None and (Path(overrides["out"]) / "config.json").is_file():
+        saved = read_config(Path(overrides["out"]))["train"]
+        cfg = TrainConfig.from_sources(None, {**{k: v for k, v in saved.items() if k != "model"}, **saved["model"],
+                                              **{k: v for k, v in overrides.items() if v is not None}})
+    else:
+        cfg = TrainConfig.from_sources(str(config_file) if config_file else None, overrides)
+    ui.err.print(f"training {cfg.backbone} on {cfg.data} -> {cfg.out}")
+    result = run_train(cfg, resume=resume, progress=ui.progress_factory, log=ui.out.print)
+    log = result["log"]
+    ui.print_table("training", ["epoch", "loss", "kd", "global", "local", "seconds"],
+                   [(r["epoch"], r["loss"], r["loss_kd"], r["loss_global"], r["loss_local"], r["seconds"]) for r in log])
+    ui.out.print(f"run saved to {result['run_dir']} (decision threshold {result['threshold']:.4f}, from the auxiliary data)")
+    return result
+
+
+def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device) -> dict:
+    from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
+    from evaluator.evaluate import table_rows
+
+    dev = _device(device)
+    model, info = load_model(str(run) if run else None, backbone, image_size, dev)
+    result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"],
+                      progress=ui.progress_factory("evaluating"))
+    ui.print_table(f"{data} ({'run ' + str(run) if run else 'untrained ' + backbone})", ["class", *METRIC_KEYS], table_rows(result))
+    ui.out.print(f"metrics written to {out}/metrics.json, metrics.csv, metrics.md; overlays in {out}/overlays")
+    return result
+
+
+def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device) -> list[dict]:
+    from evaluator import load_model, predict as run_predict
+
+    dev = _device(device)
+    model, info = load_model(str(run) if run else None, backbone, None, dev)
+    if threshold is None:
+        threshold = info["threshold"]
+    prompt = info["prompt_names"].get(class_name)
+    records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, dev, prompt,
+                          progress=ui.progress_factory("scoring"))
+    ui.print_table(f"predictions ({class_name})", ["image", "score", "anomalous"],
+                   [(Path(r["image"]).name, r["score"], "-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")) for r in records])
+    if threshold is None:
+        ui.err.print("no threshold (untrained backbone and no --threshold): scores only")
+    ui.out.print(f"maps and predictions.jsonl written to {out}")
+    return records

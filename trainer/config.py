@@ -1,0 +1,89 @@
+"""Training configuration: the paper's defaults, validated, saved with every run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from kano.errors import KanoError
+from kanoclip import ModelConfig
+
+CACHE_MODES = ("auto", "memory", "disk", "off")
+
+
+@dataclass
+class TrainConfig:
+    kb: str = "kb.duckdb"
+    data: str = ""                                    # KIND:PATH of the auxiliary dataset
+    backbone: str = "ViT-L-14-336-quickgelu:openai"
+    out: str = "runs/kano"
+    classes: list[str] | None = None                  # default: every class of the auxiliary data
+    split: str = "test"                               # the protocol trains on the auxiliary TEST split
+    image_size: int | None = None                     # default 518 for ViT-L-14-336, else the model's own
+    stages: list[int] | None = None                   # default 6, 12, 18, 24 (spread for other depths)
+    vv_start: int | None = None
+    epochs: int = 15
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 111
+    cache: str = "auto"                               # frozen-feature cache: auto | memory | disk | off
+    cache_dir: str | None = None                      # default ~/.cache/kano/features
+    device: str | None = None
+    workers: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        self.betas = tuple(self.betas)
+        if not self.data:
+            raise ValueError("data must be KIND:PATH of the auxiliary dataset, got nothing")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"split must be train or test, got {self.split!r}")
+        if self.stages is not None and self.vv_start is not None and self.model.use_vv and self.vv_start > max(self.stages):
+            raise ValueError(f"vv_start must be <= the last stage {max(self.stages)} when CLIP-VV is on, got {self.vv_start}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_sources(cls, file: str | None, overrides: dict) -> "TrainConfig":
+        """Defaults, then a JSON config file, then command-line overrides (None = not given)."""
+        base: dict = {}
+        if file:
+            p = Path(file)
+            if not p.is_file():
+                raise KanoError(f"config file {p} must exist, got no such file")
+            try:
+                base = json.loads(p.read_text())
+            except json.JSONDecodeError as exc:
+                raise KanoError(f"config file {p} must be JSON, got {exc}") from None
+            base = base.get("train", base)
+        model = dict(base.pop("model", {}) or {})
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k in {f.name for f in fields(ModelConfig)}:
+                model[k] = v
+            else:
+                base[k] = v
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise KanoError(f"config keys must be among {', '.join(sorted(known))}, got {', '.join(unknown)}")
+        try:
+            return cls(**base, model=ModelConfig(**model))
+        except (TypeError, ValueError) as exc:
+            raise KanoError(str(exc)) from None
