@@ -52,9 +52,9 @@ def pair_masks(images: list[Path], mask_dir: Path | None) -> dict[Path, Path | N
 def _to_uint8(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        hi = arr.max() if arr.size else 1.0
-        arr = arr / (65535.0 if hi > 255 else max(hi, 1.0)) * 255.0 if hi > 255 or im.mode != "I" else arr
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        if arr.size and arr.max() > 255:  # 16-bit range: 65535 -> 255
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())

@@ -1,0 +1,246 @@
+"""Each reader on a miniature that reproduces the real dataset's folder and file names."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly_data import load_dataset, load_image, load_mask, prompt_name, synthesize, write_meta
+from kano.errors import KanoError
+
+
+def img(path: Path, size=(32, 32), mode="RGB", value=128, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(np.full(size[::-1], value * 256, np.uint16)).save(path)
+    else:
+        Image.new(mode, size, value if mode in ("L", "1") else (value,) * len(mode)).save(path, format=fmt)
+
+
+def mask(path: Path, size=(32, 32), on=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.zeros(size[::-1], np.uint8)
+    if on:
+        a[4:10, 4:10] = 255
+    Image.fromarray(a).save(path)
+
+
+def summary(ds, split="test"):
+    return sorted((s.class_name, s.defect, s.label, Path(s.image_path).name, Path(s.mask_path).name if s.mask_path else None)
+                  for s in ds.samples(split))
+
+
+def test_mvtec(tmp_path):
+    img(tmp_path / "bottle/train/good/000.png")
+    img(tmp_path / "bottle/test/good/000.png")
+    img(tmp_path / "bottle/test/broken_large/000.png")
+    mask(tmp_path / "bottle/ground_truth/broken_large/000_mask.png")
+    (tmp_path / "license.txt").write_text("cc")
+    ds = load_dataset(f"mvtec:{tmp_path}")
+    assert ds.classes == ["bottle"]
+    assert summary(ds) == [("bottle", "broken_large", 1, "000.png", "000_mask.png"), ("bottle", "good", 0, "000.png", None)]
+    assert len(ds.samples("train")) == 1
+
+
+def test_mvtec_hazelnut_toy_masks_without_suffix(hazelnut_root):
+    ds = load_dataset(f"mvtec:{hazelnut_root}")
+    test = ds.samples("test")
+    assert len(test) == 23 and sum(s.label for s in test) == 17
+    assert all(Path(s.mask_path).stem == Path(s.image_path).stem for s in test if s.label)
+
+
+def test_visa(tmp_path):
+    img(tmp_path / "candle/Data/Images/Normal/0000.JPG", fmt="JPEG")
+    img(tmp_path / "candle/Data/Images/Anomaly/000.JPG", fmt="JPEG")
+    mask(tmp_path / "candle/Data/Masks/Anomaly/000.png")
+    img(tmp_path / "pcb1/Data/Images/Normal/0001.JPG", fmt="JPEG")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv/1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n"
+        "pcb1,test,normal,pcb1/Data/Images/Normal/0001.JPG,\n")
+    ds = load_dataset(f"visa:{tmp_path}")
+    assert ds.classes == ["candle", "pcb1"]
+    assert summary(ds) == [("candle", "bad", 1, "000.JPG", "000.png"), ("pcb1", "good", 0, "0001.JPG", None)]
+    assert prompt_name("pcb1") == "printed circuit board"
+
+
+def test_mpdd(tmp_path):
+    img(tmp_path / "bracket_black/train/good/000.png")
+    img(tmp_path / "bracket_black/test/hole/000.png")
+    mask(tmp_path / "bracket_black/ground_truth/hole/000_mask.png")
+    ds = load_dataset(f"mpdd:{tmp_path}")
+    assert summary(ds) == [("bracket_black", "hole", 1, "000.png", "000_mask.png")]
+    assert prompt_name("bracket_black") == "black bracket"
+
+
+def test_btad(tmp_path):
+    img(tmp_path / "01/train/ok/0000.bmp")
+    img(tmp_path / "01/test/ok/0000.bmp")
+    img(tmp_path / "01/test/ko/0000.bmp")
+    mask(tmp_path / "01/ground_truth/ko/0000.png")
+    img(tmp_path / "03/test/ko/0000.bmp")
+    mask(tmp_path / "03/ground_truth/ko/0000.bmp")
+    ds = load_dataset(f"btad:{tmp_path}")
+    assert summary(ds) == [("01", "good", 0, "0000.bmp", None), ("01", "ko", 1, "0000.bmp", "0000.png"),
+                           ("03", "ko", 1, "0000.bmp", "0000.bmp")]
+
+
+def test_sdd(tmp_path):
+    img(tmp_path / "kos01/Part0.jpg", fmt="JPEG")
+    mask(tmp_path / "kos01/Part0_label.bmp", on=False)
+    img(tmp_path / "kos02/Part5.jpg", fmt="JPEG")
+    mask(tmp_path / "kos02/Part5_label.bmp")
+    ds = load_dataset(f"sdd:{tmp_path}")
+    assert summary(ds) == [("sdd", "defect", 1, "Part5.jpg", "Part5_label.bmp"), ("sdd", "good", 0, "Part0.jpg", None)]
+
+
+def test_dagm(tmp_path):
+    img(tmp_path / "Class1/Train/0576.PNG", mode="L")
+    (tmp_path / "Class1/Train/Label").mkdir(parents=True)
+    (tmp_path / "Class1/Train/Label/Labels.txt").write_text("1\n")
+    img(tmp_path / "Class1/Test/0001.PNG", mode="L")
+    img(tmp_path / "Class1/Test/0002.PNG", mode="L")
+    mask(tmp_path / "Class1/Test/Label/0002_label.PNG")
+    ds = load_dataset(f"dagm:{tmp_path}")
+    assert summary(ds) == [("Class1", "defect", 1, "0002.PNG", "0002_label.PNG"), ("Class1", "good", 0, "0001.PNG", None)]
+
+
+@pytest.mark.parametrize("kind,mask_dir", [("brainmri", "label"), ("liverct", "label"), ("resc", "anomaly_mask")])
+def test_bmad_layouts(tmp_path, kind, mask_dir):
+    img(tmp_path / "train/good/00000.png", mode="L")
+    for split in ("valid", "test"):
+        img(tmp_path / f"{split}/good/img/00001.png", mode="L")
+        img(tmp_path / f"{split}/Ungood/img/00002.png", mode="L")
+        mask(tmp_path / f"{split}/Ungood/{mask_dir}/00002.png")
+    ds = load_dataset(f"{kind}:{tmp_path}")
+    assert summary(ds) == [(kind, "good", 0, "00001.png", None), (kind, "ungood", 1, "00002.png", "00002.png")]
+    assert len(ds.samples("valid")) == 2 and len(ds.samples("train")) == 1
+
+
+@pytest.mark.parametrize("kind,yes,no,names", [
+    ("br35h", "yes", "no", ("y0.jpg", "no0.jpg")),
+    ("brainmri", "yes", "no", ("Y1.jpg", "1 no.jpeg")),
+    ("covid", "COVID/images", "Normal/images", ("COVID-1.png", "Normal-1.png")),
+])
+def test_image_level_sets(tmp_path, kind, yes, no, names):
+    img(tmp_path / yes / names[0], fmt="PNG")
+    img(tmp_path / no / names[1], fmt="PNG")
+    if kind == "covid":
+        img(tmp_path / "Lung_Opacity/images/Lung_Opacity-1.png")
+    ds = load_dataset(f"{kind}:{tmp_path}")
+    labels = {Path(s.image_path).name: s.label for s in ds.samples()}
+    assert labels == {names[0]: 1, names[1]: 0}
+    assert not ds.has_masks(kind)
+
+
+def test_headct(tmp_path):
+    img(tmp_path / "head_ct/head_ct/000.png", mode="L")
+    img(tmp_path / "head_ct/head_ct/100.png", mode="L")
+    (tmp_path / "labels.csv").write_text("id, hemorrhage\n0,1\n100,0\n")
+    ds = load_dataset(f"headct:{tmp_path}")
+    assert summary(ds) == [("headct", "good", 0, "100.png", None), ("headct", "hemorrhage", 1, "000.png", None)]
+
+
+def test_folder_with_optional_masks(tmp_path):
+    root = tmp_path / "widget"
+    img(root / "good/a.png")
+    img(root / "scratch/b.png")
+    img(root / "dent/c.png")
+    mask(root / "ground_truth/scratch/b_mask.png")
+    ds = load_dataset(f"folder:{root}")
+    assert summary(ds) == [("widget", "dent", 1, "c.png", None), ("widget", "good", 0, "a.png", None),
+                           ("widget", "scratch", 1, "b.png", "b_mask.png")]
+
+
+def test_meta_roundtrip(tmp_path):
+    synthesize(tmp_path / "s", ["disc"], size=64, n_train=1, n_good=1, n_per_defect=1, defects=("hole",))
+    meta = json.loads((tmp_path / "s/meta.json").read_text())
+    sample = meta["test"]["disc"][1]
+    assert set(sample) == {"img_path", "mask_path", "cls_name", "specie_name", "anomaly"}
+    assert sample["img_path"] == "disc/test/hole/000.png" and sample["mask_path"] == "disc/ground_truth/hole/000_mask.png"
+    a, b = load_dataset(f"mvtec:{tmp_path / 's'}"), load_dataset(f"meta:{tmp_path / 's'}")
+    assert summary(a) == summary(b) and summary(a, "train") == summary(b, "train")
+    out = write_meta(b, tmp_path / "s" / "again.json")
+    assert json.loads(out.read_text()) == meta
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    m = np.zeros((16, 16), np.uint8)
+    m[2:6, 2:6] = 255
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (16, 16), (10, 20, 30)), Image.new("RGB", (16, 16), (200, 20, 30))],
+        "mask": [Image.fromarray(np.zeros((16, 16), np.uint8)), Image.fromarray(m)],
+        "label": [0, 1], "cls_name": ["tile", "tile"]})
+    ds.save_to_disk(str(tmp_path / "hfds"))
+    got = load_dataset(f"hf:{tmp_path / 'hfds'}")
+    assert got.classes == ["tile"]
+    s = got.samples()
+    assert [x.label for x in s] == [0, 1] and s[1].mask_path and load_mask(s[1].mask_path, (16, 16)).sum() == 16
+
+
+def test_image_modes(tmp_path):
+    for mode in ("L", "RGBA", "P", "I;16"):
+        img(tmp_path / f"x_{mode.replace(';', '')}.png", mode=mode)
+        im = load_image(tmp_path / f"x_{mode.replace(';', '')}.png")
+        assert im.mode == "RGB" and im.size == (32, 32)
+    im16 = np.asarray(load_image(tmp_path / "x_I16.png"))
+    assert im16.max() == 128  # 16-bit scaled down, not clipped
+    img(tmp_path / "x.tif", fmt="TIFF")
+    assert load_image(tmp_path / "x.tif").size == (32, 32)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nosuchkind:/tmp", "KIND one of"),
+    ("mvtec", "KIND:PATH"),
+    ("mvtec:/nonexistent/dir", "must exist"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(KanoError, match=message):
+        load_dataset(spec)
+
+
+def test_empty_and_wrong_layouts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KanoError, match="got none"):
+        load_dataset(f"mvtec:{tmp_path / 'empty'}")
+    with pytest.raises(KanoError, match="split_csv/1cls.csv"):
+        load_dataset(f"visa:{tmp_path / 'empty'}")
+    with pytest.raises(KanoError, match="good/"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+
+
+def test_mask_errors(tmp_path):
+    mask(tmp_path / "m.png", size=(20, 20))
+    with pytest.raises(KanoError, match="must have the size of its image, 32x32, got 20x20"):
+        load_mask(tmp_path / "m.png", (32, 32))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(KanoError, match="bad.png must be a readable image"):
+        load_image(tmp_path / "bad.png")
+
+
+def test_synthetic_generator_is_deterministic_with_exact_masks(tmp_path):
+    import hashlib
+
+    def digest(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+    kw = dict(size=96, n_train=1, n_good=1, n_per_defect=1, defects=("hole", "scratch", "stain", "crack", "missing", "colour"))
+    synthesize(tmp_path / "a", ["weave", "ring"], seed=5, **kw)
+    synthesize(tmp_path / "b", ["weave", "ring"], seed=5, **kw)
+    synthesize(tmp_path / "c", ["weave", "ring"], seed=6, **kw)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    ds = load_dataset(f"mvtec:{tmp_path / 'a'}")
+    for s in ds.samples():
+        if s.label:
+            m = load_mask(s.mask_path, (96, 96))
+            assert m.sum() > 30
+            good = np.asarray(load_image(s.image_path), dtype=int)
+            assert good.shape == (96, 96, 3)
+    assert {s.defect for s in ds.samples() if s.class_name == "ring"} == {"good", "hole", "scratch", "stain", "crack", "missing", "colour"}
+    assert "missing" not in {s.defect for s in ds.samples() if s.class_name == "weave"}
