@@ -43,7 +43,10 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     model, info = load_model(str(run) if run else None, backbone, image_size, dev)
     result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"],
                       progress=ui.progress_factory("evaluating"))
-    ui.print_table(f"{data} ({'run ' + str(run) if run else 'untrained ' + backbone})", ["class", *METRIC_KEYS], table_rows(result))
+    short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
+             "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
+    rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
+    ui.print_table(f"{data} ({'run ' + str(run) if run else 'untrained ' + backbone}), %", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     ui.out.print(f"metrics written to {out}/metrics.json, metrics.csv, metrics.md; overlays in {out}/overlays")
     return result
 

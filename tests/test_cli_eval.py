@@ -1,0 +1,93 @@
+"""`kano eval` and `kano predict` on real photos (hazelnut toy), and bad inputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluator.metrics import METRIC_KEYS
+
+
+def test_eval_untrained_backbone_on_real_photos(hazelnut_root, tmp_path, cli):
+    out = tmp_path / "eval"
+    code, stdout, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{hazelnut_root}", "--out", out)
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == f"mvtec:{hazelnut_root}"
+    assert set(m["classes"]) == {"hazelnut"} and set(METRIC_KEYS) <= set(m["classes"]["hazelnut"]) and set(m["mean"]) == set(METRIC_KEYS)
+    assert all(0.0 <= m["classes"]["hazelnut"][k] <= 1.0 for k in METRIC_KEYS)
+    assert m["classes"]["hazelnut"]["n_images"] == 23
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "class," + ",".join(METRIC_KEYS)
+    assert "| hazelnut |" in (out / "metrics.md").read_text()
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert len(overlays) == 4 and Image.open(overlays[0]).size == (768, 274)
+    assert "img AUROC" in stdout and "hazelnut" in stdout
+
+
+def test_predict_writes_maps_and_json_lines(hazelnut_root, tmp_path, cli):
+    out = tmp_path / "pred"
+    folder = hazelnut_root / "hazelnut" / "test" / "colour"
+    code, stdout, err = cli("predict", folder, "--class", "hazelnut", "--backbone", "tiny", "--out", out)
+    assert code == 0, err
+    lines = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 17 and all(r["anomalous"] is None and 0 <= r["score"] <= 1 for r in lines)
+    first = lines[0]
+    assert Image.open(first["map_png"]).size == (256, 256)
+    amap = np.load(first["map_npy"])
+    assert amap.shape == (256, 256) and np.isfinite(amap).all()
+    code, _, err = cli("predict", folder / "00.jpg", folder / "01.jpg", "--class", "hazelnut", "--backbone", "tiny", "--out", out,
+                       "--threshold", "0.0")
+    lines = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["anomalous"] for r in lines] == [True, True]
+
+
+def test_corrupt_image_in_dataset(hazelnut_root, tmp_path, cli):
+    root = tmp_path / "mvtec"
+    shutil.copytree(hazelnut_root, root)
+    bad = root / "hazelnut" / "test" / "colour" / "03.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e")
+    assert code == 2 and "03.jpg" in err and "corrupt or truncated" in err and "Traceback" not in err
+
+
+def test_mask_of_the_wrong_size(hazelnut_root, tmp_path, cli):
+    root = tmp_path / "mvtec"
+    shutil.copytree(hazelnut_root, root)
+    m = root / "hazelnut" / "ground_truth" / "colour" / "05.png"
+    Image.open(m).resize((100, 80)).save(m)
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e")
+    assert code == 2 and "05.png" in err and "must have the size of its image, 256x256, got 100x80" in err
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (lambda p: (p / "empty").mkdir(), ["predict", "{p}/empty", "--class", "x", "--backbone", "tiny"], "must contain images"),
+    (lambda p: None, ["predict", "{p}/missing", "--class", "x", "--backbone", "tiny"], "must be an existing image file or folder"),
+    (lambda p: (p / "notes.txt").write_text("hi"), ["predict", "{p}/notes.txt", "--class", "x", "--backbone", "tiny"], "must be an image file"),
+    (lambda p: None, ["eval", "--backbone", "tiny", "--data", "pascal:{p}"], "KIND one of"),
+    (lambda p: None, ["eval", "--backbone", "tiny", "--data", "mvtec:{p}/missing"], "must exist"),
+    (lambda p: (p / "e2").mkdir(), ["eval", "--backbone", "tiny", "--data", "mvtec:{p}/e2"], "got none"),
+    (lambda p: None, ["eval", "--data", "mvtec:{p}"], "exactly one of --run"),
+    (lambda p: None, ["eval", "--run", "{p}/norun", "--data", "mvtec:{p}"], "must contain config.json"),
+    (lambda p: None, ["eval", "--backbone", "tiny", "--data", "mvtec:{p}", "--classes", "nosuch"], "class must be one of"),
+])
+def test_bad_inputs_give_clear_errors(tmp_path, hazelnut_root, cli, make, args, message):
+    make(tmp_path)
+    args = [a.format(p=tmp_path) for a in args]
+    if "--classes" in args:
+        args[args.index("--data") + 1] = f"mvtec:{hazelnut_root}"
+    code, out, err = cli(*args, "--out", tmp_path / "o")
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+
+
+def test_data_synth_and_meta_commands(tmp_path, cli):
+    code, out, err = cli("data", "synth", "--out", tmp_path / "s", "--classes", "disc", "--size", "64", "--n-good", "1",
+                         "--n-defect", "1", "--defects", "hole")
+    assert code == 0, err
+    code, out, err = cli("data", "meta", f"mvtec:{tmp_path / 's'}", "--out", tmp_path / "meta.json")
+    assert code == 0 and json.loads((tmp_path / "meta.json").read_text())["test"]["disc"]
+    code, out, err = cli("data", "synth", "--out", tmp_path / "t", "--classes", "unicorn")
+    assert code == 2 and "synthetic class must be one of" in err
