@@ -108,7 +108,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = No
             raise KanoError(f"--resume needs {run_dir}/{ckpt.STATE_DIR} from an earlier run, got none")
         start_epoch, model_state = state
         saved = ckpt.read_config(run_dir)
-        if saved["train"] | {"out": None, "epochs": None} != cfg.to_dict() | {"out": None, "epochs": None}:
+        now = json.loads(json.dumps(cfg.to_dict(), default=str))
+        if saved["train"] | {"out": None, "epochs": None} != now | {"out": None, "epochs": None}:
             raise KanoError(f"--resume must use the configuration of {run_dir} (only --epochs may change), got a different one")
         model.load_trainable_state_dict(model_state)
         if (run_dir / ckpt.LOG).is_file():
