@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from kano.errors import KanoError
 
-TEXTURES = ("weave", "stripes", "checker", "noise", "wood", "dots")
-OBJECTS = ("disc", "tile", "ring", "pill")
+TEXTURES = ("weave", "stripes", "checker", "noise", "wood", "dots", "grid", "marble", "knit")
+OBJECTS = ("disc", "tile", "ring", "pill", "nut", "triangle", "coin")
 SYNTH_CLASSES = TEXTURES + OBJECTS
 DEFECTS = ("hole", "scratch", "stain", "crack", "missing", "colour")
 
@@ -25,9 +25,12 @@ def _rng(seed: int, *keys) -> np.random.Generator:
 
 
 def _palette(cls: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two class colours; kept away from black so that a hole (near-black) is visible on every class."""
     r = _rng(7, cls)
-    a = r.uniform(60, 200, 3)
-    b = np.clip(a + r.uniform(-70, 70, 3), 20, 235)
+    a = r.uniform(70, 210, 3)
+    b = np.clip(a + r.uniform(-70, 70, 3), 40, 235)
+    if b.mean() < 100:
+        b = b + (100 - b.mean())
     return a, b
 
 
@@ -46,6 +49,15 @@ def _texture(cls: str, size: int, r: np.random.Generator) -> np.ndarray:
     elif cls == "wood":
         cx, cy = r.uniform(-size, 0), r.uniform(0, size)
         t = 0.5 + 0.5 * np.sin(np.hypot(x - cx, (y - cy) * 0.3) * 0.25 * freq + ph)
+    elif cls == "grid":
+        s = int(24 * freq)
+        t = ((((x + ph * 4) % s) < 3) | (((y + ph * 4) % s) < 3)).astype(float) * 0.85 + 0.05
+    elif cls == "marble":
+        n = r.normal(0, 1, (size // 16, size // 16))
+        base = np.asarray(Image.fromarray(((n - n.min()) / (n.max() - n.min()) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)) / 255.0
+        t = 0.5 + 0.5 * np.sin((x * 0.05 + base * 6.0) + ph)
+    elif cls == "knit":
+        t = 0.5 + 0.25 * (np.sin((x + y) * 0.35 * freq + ph) + np.sin((x - y) * 0.2 * freq))
     elif cls == "dots":
         s = 20
         t = ((((x + ph * 3) % s) - s / 2) ** 2 + (((y + ph * 2) % s) - s / 2) ** 2 < 20).astype(float) * 0.8 + 0.1
@@ -53,7 +65,7 @@ def _texture(cls: str, size: int, r: np.random.Generator) -> np.ndarray:
         n = r.normal(0, 1, (size // 8, size // 8))
         t = np.asarray(Image.fromarray(((n - n.min()) / (n.max() - n.min()) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)) / 255.0
     img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
-    img += r.normal(0, 4, img.shape)
+    img = img * r.uniform(0.9, 1.1) + r.normal(0, 4, img.shape)  # lighting varies between images
     return np.clip(img, 0, 255)
 
 
@@ -76,12 +88,25 @@ def _object(cls: str, size: int, r: np.random.Generator) -> tuple[np.ndarray, np
         d.ellipse(box, fill=col); m.ellipse(box, fill=255)
         inner = [c[0] - rad * 0.5, c[1] - rad * 0.5, c[0] + rad * 0.5, c[1] + rad * 0.5]
         d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+    elif cls == "nut":
+        hexagon = [(c[0] + rad * math.cos(t), c[1] + rad * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 7)[:-1] + r.uniform(0, 1)]
+        d.polygon(hexagon, fill=col); m.polygon(hexagon, fill=255)
+        inner = [c[0] - rad * 0.4, c[1] - rad * 0.4, c[0] + rad * 0.4, c[1] + rad * 0.4]
+        d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+    elif cls == "triangle":
+        ang = r.uniform(-0.2, 0.2) - math.pi / 2
+        tri = [(c[0] + rad * 1.1 * math.cos(ang + k * 2 * math.pi / 3), c[1] + rad * 1.1 * math.sin(ang + k * 2 * math.pi / 3)) for k in range(3)]
+        d.polygon(tri, fill=col); m.polygon(tri, fill=255)
+    elif cls == "coin":
+        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
+        rim = [c[0] - rad * 0.8, c[1] - rad * 0.8, c[0] + rad * 0.8, c[1] + rad * 0.8]
+        d.ellipse(rim, outline=tuple(int(v * 0.7) for v in b), width=3)
     else:  # pill
         pb = [c[0] - rad, c[1] - rad * 0.55, c[0] + rad, c[1] + rad * 0.55]
         d.rounded_rectangle(pb, radius=int(rad * 0.55), fill=col); m.rounded_rectangle(pb, radius=int(rad * 0.55), fill=255)
     arr = np.asarray(img, dtype=np.float64)
     shade = np.linspace(0.92, 1.08, size)[None, :, None]
-    arr = np.clip(arr * shade + r.normal(0, 4, arr.shape), 0, 255)
+    arr = np.clip(arr * shade * r.uniform(0.9, 1.1) + r.normal(0, 4, arr.shape), 0, 255)
     return arr, np.asarray(obj) > 0
 
 
@@ -96,7 +121,7 @@ def _defect(img: np.ndarray, region: np.ndarray, kind: str, background: np.ndarr
     shape = Image.new("L", (size, size), 0)
     d = ImageDraw.Draw(shape)
     x, y = _point_in(region, r, size // 6)
-    s = size * r.uniform(0.06, 0.11)
+    s = size * r.uniform(0.07, 0.12)
     if kind in ("hole", "stain", "missing", "colour"):
         pts = [(x + s * r.uniform(0.6, 1.3) * math.cos(t), y + s * r.uniform(0.6, 1.3) * math.sin(t))
                for t in np.linspace(0, 2 * math.pi, 9)[:-1]]

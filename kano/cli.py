@@ -220,7 +220,7 @@ def predict_cmd(
 
 
 @app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("demo_out"), "--out"), epochs: int = typer.Option(6, "--epochs"),
+def demo_cmd(out: Path = typer.Option(Path("demo_out"), "--out"), epochs: int = typer.Option(8, "--epochs"),
              seed: int = typer.Option(0, "--seed")):
     """Offline end to end: synthetic data, built-in KB, train on tiny, zero-shot eval on unseen classes."""
     from kano import demo

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from kano import ui
 
-AUX_CLASSES = ("weave", "stripes", "noise", "disc", "ring")
+AUX_CLASSES = ("weave", "stripes", "noise", "grid", "marble", "disc", "ring", "nut", "triangle", "coin")
 TARGET_CLASSES = ("checker", "wood", "dots", "tile", "pill")
 
 
-def run(out: Path, epochs: int = 6, seed: int = 0) -> dict:
+def run(out: Path, epochs: int = 8, seed: int = 0) -> dict:
     from anomaly_data import synthesize
     from kano import kb_command, run_commands
 
@@ -20,7 +20,7 @@ def run(out: Path, epochs: int = 6, seed: int = 0) -> dict:
     aux, target = out / "data" / "aux", out / "data" / "target"
     ui.out.print(f"[1/4] synthetic data: auxiliary {', '.join(AUX_CLASSES)}; target (unseen) {', '.join(TARGET_CLASSES)}")
     if not (aux / "meta.json").is_file():
-        synthesize(aux, list(AUX_CLASSES), seed=seed, n_good=8, n_per_defect=4)
+        synthesize(aux, list(AUX_CLASSES), seed=seed, n_good=6, n_per_defect=3)
     if not (target / "meta.json").is_file():
         synthesize(target, list(TARGET_CLASSES), seed=seed + 1, n_good=8, n_per_defect=4)
     ui.out.print("[2/4] knowledge base from the built-in pack")

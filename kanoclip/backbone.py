@@ -45,7 +45,7 @@ def _tiny_clip(image_size: int):
         torch.manual_seed(TINY_SEED)
         model = open_clip.CLIP(
             embed_dim=64,
-            vision_cfg=CLIPVisionCfg(layers=4, width=96, head_width=32, patch_size=16, image_size=image_size, mlp_ratio=2.0),
+            vision_cfg=CLIPVisionCfg(layers=4, width=96, head_width=32, patch_size=8, image_size=image_size, mlp_ratio=2.0),
             text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, mlp_ratio=2.0),
             quick_gelu=True,
         )
@@ -172,7 +172,7 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
 
     - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
     - "ViT-B-16-quickgelu:/path/weights.safetensors" (local file), "ViT-B-16-quickgelu" (random weights)
-    - "tiny": an embedded, seeded random-weight ViT (4 blocks, width 96, patch 16) for tests and the demo
+    - "tiny": an embedded, seeded random-weight ViT (4 blocks, width 96, patch 8) for tests and the demo
     """
     spec = (spec or "").strip()
     if spec.startswith("tiny"):

@@ -22,6 +22,8 @@ class ModelConfig:
     """Model hyper-parameters with the paper's defaults."""
 
     n_ctx: int = 12                                   # K, learnable prefix length (§3.1)
+    prompt_class: str | None = None                   # None: the class name fills [class] (eq. 1); a word such as
+                                                      # "object" makes the prompts class-agnostic (AnomalyCLIP style)
     normal_words: tuple[str, ...] = ("normal", "perfect")
     abnormal_words: tuple[str, ...] = ("abnormal", "defective")
     sigma: float = 4.0                                # G_σ of eq. 10, in output pixels
@@ -122,8 +124,8 @@ class KAnoCLIP(nn.Module):
         else:
             self.heads = nn.ModuleList(LinearHead(dim) for _ in range(n_stages))
         self.adapter = ConvAdapter(dim, c.adapter_bottleneck) if c.use_adapter else None
-        # temperature of the patch-text similarity (CLIP's 1/0.07), learnable
-        self.map_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # temperature of the patch-text similarity: CLIP's 1/0.07, fixed (a learned one saturates the softmax)
+        self.register_buffer("map_logit_scale", torch.tensor(1 / 0.07), persistent=False)
         self.register_buffer("global_logit_scale", backbone.clip.logit_scale.detach().exp().clamp(max=100.0).clone(), persistent=False)
         self.to(backbone.device)
 
@@ -161,13 +163,15 @@ class KAnoCLIP(nn.Module):
     def forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None = None) -> ModelOutput:
         """From (cached) visual features and one prompt class name per image to maps and scores."""
         out_size = out_size or self.backbone.image_size
+        if self.cfg.prompt_class:
+            class_names = [self.cfg.prompt_class] * len(class_names)
         classes = sorted(set(class_names))
         idx = torch.tensor([classes.index(c) for c in class_names], device=feats.global_feature.device)
         w_n, w_a = self.text_features(classes)
         text = torch.stack([w_n, w_a], dim=1)[idx].to(feats.global_feature.dtype)   # (N, 2, E)
         n = feats.global_feature.shape[0]
         hw = grid_hw(feats.patch_tokens[0].shape[1])
-        scale = self.map_logit_scale.exp().clamp(max=100.0)
+        scale = self.map_logit_scale
         stage_probs = []
         for head, tokens in zip(self.heads, feats.patch_tokens):
             p, t = head(tokens, text, hw)

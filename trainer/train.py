@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = No
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = KAnoCLIP(bb, cfg.model)
     folder_vectors, kinfo = knowledge_vectors(model, store, classes)
-    names = {c: prompt_name(c) for c in classes}
+    names = {c: cfg.model.prompt_class or prompt_name(c) for c in classes}
     grouped: dict[str, list[torch.Tensor]] = {}
     for c, v in folder_vectors.items():  # folders sharing a prompt word (pcb1..pcb4) share one w̄ᵏ
         grouped.setdefault(names[c], []).append(v)
