@@ -129,7 +129,7 @@ def _defect(img: np.ndarray, region: np.ndarray, kind: str, background: np.ndarr
     elif kind == "scratch":
         ang, ln = r.uniform(0, math.pi), size * r.uniform(0.2, 0.35)
         d.line([(x - ln / 2 * math.cos(ang), y - ln / 2 * math.sin(ang)), (x + ln / 2 * math.cos(ang), y + ln / 2 * math.sin(ang))],
-               fill=255, width=int(r.integers(3, 6)))
+               fill=255, width=int(r.integers(4, 8)))
     else:  # crack: a jagged random walk
         pts, ang = [(x, y)], r.uniform(0, 2 * math.pi)
         for _ in range(9):

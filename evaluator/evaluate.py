@@ -24,7 +24,7 @@ def _amp(device: torch.device):
 
 def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int = 0,
                   advance: Callable[[int], None] = lambda k: None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> image scores (N,), maps (N, S, S) float16, masks (N, S, S) uint8, S = the model's image size."""
+    """-> image scores (N,), maps (N, S, S) float32, masks (N, S, S) uint8, S = the model's image size."""
     bb = model.backbone
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
@@ -34,7 +34,7 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
             raise_batch_errors(batch)
             res = model(batch["image"].to(device, non_blocking=True), [names[i] for i in batch["index"].tolist()]).inference()
             scores.append(res.image_score.float().cpu())
-            maps.append(res.anomaly_map.to(torch.float16).cpu())
+            maps.append(res.anomaly_map.float().cpu())  # float32: fp16 would tie the small scores of normal pixels
             masks.append(batch["mask"].to(torch.uint8))
             advance(len(batch["index"]))
     return torch.cat(scores), torch.cat(maps), torch.cat(masks)
@@ -61,7 +61,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), batch_size, device, workers, advance)
             labels = torch.tensor([s.label for s in cs])
             with_masks = dataset.has_masks(cls)
-            per_class[cls] = all_metrics(labels, scores, masks if with_masks else None, maps if with_masks else None)
+            mdev = device if device.type == "cuda" else torch.device("cpu")  # metrics on the GPU when there is one
+            per_class[cls] = all_metrics(labels, scores, masks.to(mdev) if with_masks else None, maps.to(mdev) if with_masks else None)
             per_class[cls]["n_images"] = len(cs)
             per_class[cls]["n_anomalous"] = int(labels.sum())
             _write_overlays(out_dir / "overlays", cls, cs, scores, maps, masks, n_overlays)

@@ -47,17 +47,39 @@ def image_auroc(labels, scores) -> float:
 pixel_auroc = image_auroc
 
 
+CHUNK = 1 << 22  # pixels per step of the running sums: bounds the float64 work memory
+
+
+def _sorted_group_sums(scores: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sort scores descending; return the 1-based positions of the last element of every tie group and, for
+    each weight tensor, its running sum (float64) at those positions. Sums are built chunk by chunk, so no
+    float64 copy of every element is ever held."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    n = order.numel()
+    ends, sums = [], [[] for _ in weights]
+    carry = [torch.zeros((), dtype=torch.float64, device=scores.device) for _ in weights]
+    for start in range(0, n, CHUNK):
+        idx = order[start:start + CHUNK]
+        s = scores[idx]
+        nxt = scores[order[start + CHUNK]] if start + CHUNK < n else None
+        last = torch.ones_like(s, dtype=torch.bool)
+        last[:-1] = s[1:] != s[:-1]
+        if nxt is not None:
+            last[-1] = bool(s[-1] != nxt)
+        pos = torch.nonzero(last).squeeze(1)
+        ends.append(pos + start + 1)
+        for k, w in enumerate(weights):
+            c = torch.cumsum(w[idx].to(torch.float64), 0) + carry[k]
+            sums[k].append(c[pos])
+            carry[k] = c[-1]
+    return torch.cat(ends).to(torch.float64), [torch.cat(x) for x in sums]
+
+
 def _pr_curve(labels, scores) -> tuple[torch.Tensor, torch.Tensor, int]:
     """true positives and predicted positives at each distinct threshold (descending)."""
     y, s = _flat(labels, scores)
-    order = torch.argsort(s, descending=True, stable=True)
-    s_sorted = s[order]
-    tp = torch.cumsum(y[order].to(torch.int64), 0)
-    del order
-    last = torch.ones_like(s_sorted, dtype=torch.bool)
-    last[:-1] = s_sorted[1:] != s_sorted[:-1]
-    idx = torch.nonzero(last).squeeze(1)
-    return tp[idx].double(), (idx + 1).double(), int(y.sum())
+    pp, (tp,) = _sorted_group_sums(s, [y])
+    return tp, pp, int(y.sum())
 
 
 def average_precision(labels, scores) -> float:
@@ -111,18 +133,16 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
         return float("nan")
     r = torch.from_numpy(regions.reshape(-1)).to(s.device)
     sizes = torch.bincount(r, minlength=n_regions + 1).double()
-    weight = torch.where(r > 0, 1.0 / (sizes[r] * n_regions), torch.zeros((), dtype=torch.float64, device=s.device))
-    normal = (r == 0).double()
+    inv = (1.0 / (sizes * n_regions)).to(torch.float32)
+    inv[0] = 0.0
+    weight = inv[r]  # float32 per pixel; summed in float64 chunk by chunk
+    normal = r == 0
     n_normal = float(normal.sum())
     if n_normal == 0:
         return float("nan")
-    order = torch.argsort(s, descending=True, stable=True)
-    s_sorted = s[order]
-    pro = torch.cumsum(weight[order], 0)
-    fpr = torch.cumsum(normal[order], 0) / n_normal
-    last = torch.ones_like(s_sorted, dtype=torch.bool)
-    last[:-1] = s_sorted[1:] != s_sorted[:-1]
-    fpr, pro = torch.cat([fpr.new_zeros(1), fpr[last]]), torch.cat([pro.new_zeros(1), pro[last]])
+    _, (pro, fp) = _sorted_group_sums(s, [weight, normal])
+    fpr = fp / n_normal
+    fpr, pro = torch.cat([fpr.new_zeros(1), fpr]), torch.cat([pro.new_zeros(1), pro])
     fpr_np, pro_np = fpr.cpu().numpy(), pro.cpu().numpy()
     keep = fpr_np <= fpr_limit
     x, yv = fpr_np[keep], pro_np[keep]

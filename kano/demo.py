@@ -9,6 +9,9 @@ from kano import ui
 
 AUX_CLASSES = ("weave", "stripes", "noise", "grid", "marble", "disc", "ring", "nut", "triangle", "coin")
 TARGET_CLASSES = ("checker", "wood", "dots", "tile", "pill")
+# The defect kinds whose cues survive a random-weight backbone (a linear probe on its patch tokens separates
+# them); stains and colour changes need real CLIP features and are left to real data.
+DEMO_DEFECTS = ("hole", "scratch", "crack")
 
 
 def run(out: Path, epochs: int = 8, seed: int = 0) -> dict:
@@ -20,9 +23,9 @@ def run(out: Path, epochs: int = 8, seed: int = 0) -> dict:
     aux, target = out / "data" / "aux", out / "data" / "target"
     ui.out.print(f"[1/4] synthetic data: auxiliary {', '.join(AUX_CLASSES)}; target (unseen) {', '.join(TARGET_CLASSES)}")
     if not (aux / "meta.json").is_file():
-        synthesize(aux, list(AUX_CLASSES), seed=seed, n_good=6, n_per_defect=3)
+        synthesize(aux, list(AUX_CLASSES), seed=seed, n_good=6, n_per_defect=4, defects=DEMO_DEFECTS)
     if not (target / "meta.json").is_file():
-        synthesize(target, list(TARGET_CLASSES), seed=seed + 1, n_good=8, n_per_defect=4)
+        synthesize(target, list(TARGET_CLASSES), seed=seed + 1, n_good=8, n_per_defect=4, defects=DEMO_DEFECTS)
     ui.out.print("[2/4] knowledge base from the built-in pack")
     kb = out / "kb.duckdb"
     kb_command.build(classes=",".join(AUX_CLASSES), kb=kb, llm="builtin", vqa="none", images={}, data=None, n_llm=5, m_vqa=1,

@@ -220,3 +220,16 @@ def test_empty_images_folder(tmp_path, cli):
     (tmp_path / "empty").mkdir()
     code, _, err = cli("kb", "build", "--classes", "hazelnut", "--kb", tmp_path / "kb.duckdb", "--images", f"hazelnut={tmp_path / 'empty'}")
     assert code == 2 and "must contain images" in err
+
+
+def test_vqa_on_the_anomalous_images_of_a_dataset(tmp_path, env, cli, hazelnut_root):
+    kb = tmp_path / "kb.duckdb"
+    code, out, err = cli("kb", "build", "--classes", "hazelnut", "--kb", kb, "--vqa", "openai:llama3.2-vision", "--vqa-base-url",
+                         env.url, "--data", f"mvtec:{hazelnut_root}")
+    assert code == 0, err
+    store = KnowledgeStore(kb)
+    assert len(store.descriptions("hazelnut", ["builtin"])) == 5
+    vqa = store.descriptions("hazelnut", ["vqa"])
+    assert len(vqa) == 17 and all("/test/colour/" in d.image_path for d in vqa)
+    code, out, err = cli("kb", "build", "--classes", "walnut", "--kb", kb, "--data", f"mvtec:{hazelnut_root}")
+    assert code == 2 and "must be classes of" in err

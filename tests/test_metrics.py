@@ -100,3 +100,19 @@ def test_aupro_perfect_and_peers_version():
 def test_nan_scores_are_rejected():
     with pytest.raises(ValueError, match="NaN"):
         image_auroc([0, 1], [0.1, float("nan")])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_running_sums_across_tie_groups(monkeypatch, chunk):
+    import evaluator.metrics as em
+
+    monkeypatch.setattr(em, "CHUNK", chunk)
+    y, s = CASES[1]
+    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    assert f1_max(y, s) == pytest.approx(sk_f1_max(y, s), abs=1e-9)
+    r = np.random.default_rng(4)
+    masks = np.zeros((3, 20, 20), np.uint8)
+    masks[0, 3:9, 3:9] = 1
+    masks[2, 10:18, 12:14] = 1
+    maps = np.round(r.random((3, 20, 20)) + masks * 0.3, 1).astype(np.float32)
+    assert aupro(masks, maps) == pytest.approx(reference_aupro(masks, maps), abs=1e-6)
