@@ -47,7 +47,7 @@ def test_shapes_scores_and_typed_output(bb):
     out = model(images, ["hazelnut", "hazelnut", "carpet", "carpet"])
     res = out.inference()
     assert res.image_score.shape == (4,) and res.anomaly_map.shape == (4, 224, 224)
-    assert res.stage_maps.shape == (4, 4, 14, 14)
+    assert res.stage_maps.shape == (4, 4, bb.grid, bb.grid)
     assert ((res.image_score >= 0) & (res.image_score <= 1)).all()
     assert ((res.anomaly_map >= 0) & (res.anomaly_map <= 1)).all()
     torch.testing.assert_close(res.image_score, (out.global_prob + out.anomaly_map.flatten(1).amax(1)) / 2)
