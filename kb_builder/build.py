@@ -22,7 +22,7 @@ from knowledge_store import CallRecord, Description, KnowledgeStore, normalise_t
 
 from .builtin import builtin_descriptions
 from .prompts import clean_vqa_reply, is_refusal, llm_prompt, parse_descriptions, vqa_prompt
-from .providers import Provider, ProviderError, parse_spec
+from .providers import Provider, ProviderError, image_to_png, parse_spec
 
 
 @dataclass
@@ -154,9 +154,7 @@ class _Builder:
                 call_id = self.store.record_call(rec, descs if kind == "vqa" else ())
                 self.calls_made += 1
             return call_id, reply.text
-        with self.lock:
-            self.failures.append(f"{kind} {cls}{' ' + image_path if image_path else ''}: {last_error}")
-            self.failed_per_class[cls] = self.failed_per_class.get(cls, 0) + 1
+        self._fail(kind, cls, f"{image_path or ''}: {last_error}")
         return None
 
     def _record(self, rec: CallRecord) -> None:
@@ -191,34 +189,32 @@ class _Builder:
         self.progress(1)
 
     # -- VQA: m descriptions per image ---------------------------------------------------
+    def _fail(self, kind: str, cls: str, message: str) -> None:
+        with self.lock:
+            self.failures.append(f"{kind} {cls} {message}")
+            self.failed_per_class[cls] = self.failed_per_class.get(cls, 0) + 1
+
     def vqa_image(self, cls: str, path: Path, j: int) -> None:
         try:
             data = path.read_bytes()
+            image_to_png(data)  # a corrupt file is a recorded failure, not a call
         except OSError as exc:
-            with self.lock:
-                self.failures.append(f"vqa {cls} {path}: cannot read file ({exc.strerror})")
-                self.failed_per_class[cls] = self.failed_per_class.get(cls, 0) + 1
-            self.progress(1)
-            return
-        from .providers import image_to_png
-
-        try:
-            image_to_png(data)
+            self._fail("vqa", cls, f"{path}: cannot read file ({exc.strerror})")
         except ValueError as exc:
-            with self.lock:
-                self.failures.append(f"vqa {cls} {path}: must be a readable image, got {exc}")
-                self.failed_per_class[cls] = self.failed_per_class.get(cls, 0) + 1
-            self.progress(1)
-            return
-        sha = hashlib.sha256(data).hexdigest()
-        options = {"temperature": self.cfg.vqa_temperature, "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed + j}
+            self._fail("vqa", cls, f"{path}: must be a readable image, got {exc}")
+        else:
+            def accept(text: str):
+                cleaned = clean_vqa_reply(text)
+                return [cleaned] if cleaned else None
 
-        def accept(text: str):
-            cleaned = clean_vqa_reply(text)
-            return [cleaned] if cleaned else None
-
-        self._call(self.vqa, "vqa", cls, vqa_prompt(cls), data, str(path), sha, options, accept)
+            self._call(self.vqa, "vqa", cls, vqa_prompt(cls), data, str(path), hashlib.sha256(data).hexdigest(),
+                       vqa_options(self.cfg, j), accept)
         self.progress(1)
+
+
+def vqa_options(cfg: BuildConfig, j: int) -> dict:
+    """Options of the j-th VQA call for an image (the seed differs so m > 1 gives m different calls)."""
+    return {"temperature": cfg.vqa_temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed + j}
 
 
 def _vqa_done(store: KnowledgeStore, provider: Provider, cls: str, path: Path, j: int, cfg: BuildConfig) -> bool:
@@ -226,8 +222,7 @@ def _vqa_done(store: KnowledgeStore, provider: Provider, cls: str, path: Path, j
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return False
-    options = {"temperature": cfg.vqa_temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed + j}
-    return store.successful_call(call_key(provider.provider, provider.model, vqa_prompt(cls), sha, options)) is not None
+    return store.successful_call(call_key(provider.provider, provider.model, vqa_prompt(cls), sha, vqa_options(cfg, j))) is not None
 
 
 def build_knowledge_base(store: KnowledgeStore, cfg: BuildConfig, llm: Provider | None, vqa: Provider | None,
@@ -242,9 +237,9 @@ def build_knowledge_base(store: KnowledgeStore, cfg: BuildConfig, llm: Provider 
             new = [t for t in builtin_descriptions(cls, cfg.n_llm) if normalise_text(t) not in have]
             if new and not dry_run:
                 store.add_descriptions([Description(cls, "builtin", t) for t in new])
-        elif len(store.descriptions(cls, ["llm"])) < cfg.n_llm:
+        elif (have_llm := len(store.descriptions(cls, ["llm"]))) < cfg.n_llm:
             llm_jobs.append(cls)
-            planned.append(PlannedCall("llm", cls, llm_prompt(cls, cfg.n_llm - len(store.descriptions(cls, ["llm"])))))
+            planned.append(PlannedCall("llm", cls, llm_prompt(cls, cfg.n_llm - have_llm)))
         if vqa is not None:
             for path in cfg.images.get(cls, []):
                 for j in range(cfg.m_vqa):
