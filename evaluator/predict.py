@@ -41,8 +41,6 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
     files = collect_images(inputs)
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
-    for f in files:  # fail before any work on a file that cannot be decoded
-        load_image(f)
     samples = [Sample(str(f.resolve()), None, class_name, "unknown", 0) for f in files]
     names = [prompt or prompt_name(class_name)] * len(samples)
     advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
