@@ -23,11 +23,12 @@ def main() -> None:
     ap.add_argument("--backbone", default="ViT-B-16-quickgelu")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--n-good", type=int, default=8, help="normal test images per class")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        classes = ["disc", "weave"]
-        synthesize(tmp / "aux", classes, size=128, n_good=4, n_per_defect=2, defects=("hole", "scratch"))
+        classes = ["disc", "weave", "ring", "grid"]
+        synthesize(tmp / "aux", classes, size=128, n_good=a.n_good, n_per_defect=2, defects=("hole", "scratch"))
         store = KnowledgeStore(tmp / "kb.duckdb")
         build_knowledge_base(store, BuildConfig(classes=classes), None, None)
         rows = {}
@@ -35,7 +36,7 @@ def main() -> None:
             cfg = TrainConfig(kb=str(tmp / "kb.duckdb"), data=f"mvtec:{tmp / 'aux'}", backbone=a.backbone, out=str(tmp / f"run_{mode}"),
                               epochs=a.epochs, cache=mode, image_size=a.image_size)
             rows[mode] = [r["seconds"] for r in train(cfg, log=lambda s: None)["log"]]
-        print(f"backbone {a.backbone}, {a.epochs} epochs on {len(classes)} synthetic classes")
+        print(f"backbone {a.backbone}, {a.epochs} epochs on {len(classes)} synthetic classes ({len(classes) * (a.n_good + 4)} images)")
         print(f"{'epoch':>5} {'cache s':>9} {'no cache s':>11} {'ratio':>7}")
         for i, (c, o) in enumerate(zip(rows["memory"], rows["off"]), 1):
             print(f"{i:>5} {c:>9.2f} {o:>11.2f} {c / o:>7.2f}")
