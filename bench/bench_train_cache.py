@@ -24,10 +24,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--n-good", type=int, default=8, help="normal test images per class")
+    ap.add_argument("--n-classes", type=int, default=4, help="synthetic classes (at most 4)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        classes = ["disc", "weave", "ring", "grid"]
+        classes = ["disc", "weave", "ring", "grid"][: a.n_classes]
         synthesize(tmp / "aux", classes, size=128, n_good=a.n_good, n_per_defect=2, defects=("hole", "scratch"))
         store = KnowledgeStore(tmp / "kb.duckdb")
         build_knowledge_base(store, BuildConfig(classes=classes), None, None)
