@@ -29,7 +29,7 @@ import numpy as np
 
 from kano.errors import KanoError
 
-from .io import is_image, list_images, pair_masks
+from .io import is_image, pair_masks
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def read_meta(root: Path) -> list[Sample]:
                     mask = it.get("mask_path") or ""
                     samples.append(Sample(str((base / it["img_path"]).resolve()), str((base / mask).resolve()) if mask else None,
                                           it.get("cls_name", cls), it.get("specie_name", "good"), int(it["anomaly"]), split))
-                except (KeyError, TypeError, ValueError) as exc:
+                except (KeyError, TypeError, ValueError):
                     raise KanoError(f"{meta_path}: each sample must have img_path, mask_path, cls_name, specie_name, anomaly; got {it!r}") from None
     return samples
 

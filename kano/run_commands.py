@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from kano import ui
-from kano.errors import KanoError
 
 
 def _device(name: str | None) -> torch.device:

@@ -1,6 +1,5 @@
 """The knowledge-base build against an OpenAI-compatible server that is not ours: fakellm (PyPI)."""
 
-import os
 import shutil
 import socket
 import subprocess

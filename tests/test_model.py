@@ -1,6 +1,5 @@
 """The full model: prompts, heads, scores, losses, gradients, frozen CLIP, ablations."""
 
-import dataclasses
 
 import numpy as np
 import pytest

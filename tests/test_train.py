@@ -1,7 +1,6 @@
 """`kano train`: run directory, frozen-feature cache, resume, ablations, and the three stages together."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def test_disk_cache_is_reused_and_invalidated(kb, synth_root, tmp_path, count_en
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(kb, synth_root, tmp_path):
     train(cfg(kb, synth_root, tmp_path / "full", epochs=3), log=lambda s: None)
     train(cfg(kb, synth_root, tmp_path / "part", epochs=1), log=lambda s: None)
-    res = train(cfg(kb, synth_root, tmp_path / "part", epochs=3), resume=True, log=lambda s: None)
+    train(cfg(kb, synth_root, tmp_path / "part", epochs=3), resume=True, log=lambda s: None)
     a, b = load_file(str(tmp_path / "full" / "weights.safetensors")), load_file(str(tmp_path / "part" / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(l) for l in (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()]
