@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -337,6 +337,3 @@ def write_meta(dataset: Dataset, out: Path | None = None) -> Path:
     out.write_text(json.dumps(meta, indent=1))
     return out
 
-
-def sample_dict(s: Sample) -> dict:
-    return asdict(s)

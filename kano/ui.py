@@ -51,12 +51,3 @@ def progress_factory(description: str) -> Callable[[int], tuple[Callable[[int], 
 
     return make
 
-
-def iter_progress(items: Sequence, description: str):
-    advance, close = progress_factory(description)(len(items))
-    try:
-        for x in items:
-            yield x
-            advance(1)
-    finally:
-        close()
