@@ -84,6 +84,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise KanoError(f"image {path} must be a readable image file, got a corrupt or truncated file ({exc})") from None
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) from the file header alone, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise KanoError(f"image {path} must exist, got no such file") from None
+    except Exception as exc:
+        raise KanoError(f"image {path} must be a readable image file, got a corrupt or truncated file ({exc})") from None
+
+
 def load_mask(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray:
     """Binary mask (H, W) uint8 in {0, 1}; zeros when path is None. `size` is the image's (W, H)."""
     if path is None or path == "":

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from anomaly_data import Sample, SampleDataset, load_dataset, load_image, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
+from anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
 from kano.errors import KanoError
 from kanoclip import KAnoCLIP, VisualFeatures, build_backbone
 from knowledge_store import KnowledgeStore
@@ -41,8 +41,7 @@ def _load_masks(samples: list[Sample], size: int) -> torch.Tensor:
     out = torch.zeros(len(samples), size, size, dtype=torch.uint8)
     for i, s in enumerate(samples):
         if s.mask_path:
-            img_size = load_image(s.image_path).size
-            out[i] = mask_to_tensor(load_mask(s.mask_path, img_size), size).to(torch.uint8)
+            out[i] = mask_to_tensor(load_mask(s.mask_path, image_size(s.image_path)), size).to(torch.uint8)
     return out
 
 
