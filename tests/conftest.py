@@ -1,18 +1,35 @@
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+# Offline and a private Hugging Face cache before anything imports huggingface_hub (it reads these once, at
+# import): a machine with cached weights must behave like CI.
+assert "huggingface_hub" not in sys.modules, "conftest must run before huggingface_hub is imported"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="kano-test-hf-")
 os.environ.setdefault("KANO_TEST", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
+# Test the installed package, not the source tree: pytest put the repository root on sys.path to import
+# this `tests` package. Without it, each Kano module is imported once, from what pip installed (an editable
+# install still maps to the source), and stays bound there when pytest adds the root again later.
+_saved = list(sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
+for _mod in ("kano", "cli", "demo", "knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator"):
+    __import__(_mod)
+sys.path[:] = _saved
+KANO = str(Path(sys.executable).parent / "kano")  # the installed entry point, for subprocess tests
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the real `kano` entry point in-process; returns (exit code, stdout, stderr)."""
-    from kano.cli import main
+    from cli import main
 
     old = sys.argv
     sys.argv = ["kano", *map(str, args)]

@@ -8,7 +8,7 @@ def test_demo_end_to_end_finds_defects_on_unseen_classes(tmp_path, cli):
     code, stdout, err = cli("demo", "--out", out)
     assert code == 0, err
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    from kano.demo import AUX_CLASSES, TARGET_CLASSES
+    from demo import AUX_CLASSES, TARGET_CLASSES
 
     assert set(m["classes"]) == set(TARGET_CLASSES) and not set(TARGET_CLASSES) & set(AUX_CLASSES)
     assert m["mean"]["image_auroc"] >= 0.80, m["mean"]

@@ -11,6 +11,7 @@ import duckdb
 import pytest
 
 from knowledge_store import KnowledgeStore, normalise_text
+from tests.conftest import KANO
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -134,7 +135,7 @@ def test_killed_build_resumes_without_duplicates(tmp_path):
         url = server.stdout.readline().strip()
         kb = tmp_path / "kb.duckdb"
         env = {**os.environ, "OPENAI_BASE_URL": url, "OPENAI_API_KEY": KEY}
-        args = [sys.executable, "-m", "kano.cli", "kb", "build", "--classes", "hazelnut,carpet", "--kb", str(kb), "--llm",
+        args = [KANO, "kb", "build", "--classes", "hazelnut,carpet", "--kb", str(kb), "--llm",
                 "openai:gpt-3.5-turbo", "--vqa", "openai:llama3.2-vision", "--vqa-base-url", url, "--images",
                 f"hazelnut={images}", "--concurrency", "1"]
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

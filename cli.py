@@ -17,6 +17,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Kano: zero-shot anomaly detection with CLIP (KAnoCLIP).")
 kb_app = typer.Typer(no_args_is_help=True, help="Build and inspect the LLM-VQA knowledge base (DuckDB).")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic defects, meta.json.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kano import __version__
+
+        typer.echo(f"kano {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Kano: zero-shot anomaly detection with CLIP (KAnoCLIP)."""
+
+
 app.add_typer(kb_app, name="kb")
 app.add_typer(data_app, name="data")
 
@@ -55,7 +71,7 @@ def kb_build(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the planned calls, make none"),
 ):
     """Ask the LLM (per class) and the VQA model (per image) for anomaly descriptions."""
-    from kano import kb_command
+    from kb_builder import command as kb_command
 
     code = kb_command.build(classes=classes, kb=kb, llm=llm, vqa=vqa, images=_parse_images(images), data=data, n_llm=n_llm,
                             m_vqa=m_vqa, llm_base_url=llm_base_url, vqa_base_url=vqa_base_url, temperature=temperature,
@@ -92,7 +108,7 @@ def kb_sql(
 @kb_app.command("stats")
 def kb_stats(kb: Path = typer.Option(Path("kb.duckdb"), "--kb"), as_json: bool = typer.Option(False, "--json")):
     """Descriptions per class and source, tokens, estimated cost, failures."""
-    from kano import kb_command
+    from kb_builder import command as kb_command
 
     kb_command.print_stats(kb, as_json)
 
@@ -169,9 +185,9 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch"),
 ):
     """Learn the prompts and fusion heads on an auxiliary dataset."""
-    from kano import run_commands
+    from trainer import command as train_command
 
-    run_commands.train(config, resume, dict(
+    train_command.train(config, resume, dict(
         kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=[int(s) for s in stages.split(",")] if stages else None, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -193,9 +209,9 @@ def eval_cmd(
     device: Optional[str] = typer.Option(None, "--device"),
 ):
     """Image- and pixel-level metrics per class and their mean; overlays."""
-    from kano import run_commands
+    from evaluator import command as eval_command
 
-    run_commands.evaluate(data=data, run=run, backbone=backbone, out=out,
+    eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device)
 
@@ -212,9 +228,9 @@ def predict_cmd(
     device: Optional[str] = typer.Option(None, "--device"),
 ):
     """Score images: decision, heat-map PNG, NPY map and one JSON line per image."""
-    from kano import run_commands
+    from evaluator import command as eval_command
 
-    run_commands.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
+    eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device)
 
 
@@ -222,7 +238,7 @@ def predict_cmd(
 def demo_cmd(out: Path = typer.Option(Path("demo_out"), "--out"), epochs: int = typer.Option(8, "--epochs"),
              seed: int = typer.Option(0, "--seed")):
     """Offline end to end: synthetic data, built-in KB, train on tiny, zero-shot eval on unseen classes."""
-    from kano import demo
+    import demo
 
     demo.run(out, epochs=epochs, seed=seed)
 

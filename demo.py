@@ -18,7 +18,9 @@ DEMO_MODEL = {"bica_dim": 64, "bica_heads": 2}
 
 def run(out: Path, epochs: int = 8, seed: int = 0) -> dict:
     from anomaly_data import synthesize
-    from kano import kb_command, run_commands
+    from evaluator import command as eval_command
+    from kb_builder import command as kb_command
+    from trainer import command as train_command
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -37,10 +39,10 @@ def run(out: Path, epochs: int = 8, seed: int = 0) -> dict:
     run_dir = out / "run"
     resume = (run_dir / "checkpoint" / "state.json").is_file() and not (run_dir / "weights.safetensors").is_file()
     if not (run_dir / "weights.safetensors").is_file():
-        run_commands.train(None, resume, dict(kb=str(kb), data=f"mvtec:{aux}", backbone="tiny", out=str(run_dir), epochs=epochs,
+        train_command.train(None, resume, dict(kb=str(kb), data=f"mvtec:{aux}", backbone="tiny", out=str(run_dir), epochs=epochs,
                                               batch_size=8, seed=seed, cache="memory", **DEMO_MODEL))
     ui.out.print("[4/4] zero-shot evaluation on the unseen target classes")
-    result = run_commands.evaluate(data=f"mvtec:{target}", run=run_dir, backbone=None, out=out / "eval", classes=None,
+    result = eval_command.evaluate(data=f"mvtec:{target}", run=run_dir, backbone=None, out=out / "eval", classes=None,
                                    batch_size=16, workers=0, image_size=None, device=None)
     ui.out.print(f"demo finished in {time.perf_counter() - t0:.0f}s: run in {run_dir}, evaluation in {out / 'eval'}")
     return result
