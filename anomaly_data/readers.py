@@ -14,6 +14,14 @@ Layouts (as published):
 - meta:         a peers' meta.json (root or file)
 - folder:       good/*, DEFECT/*, optional ground_truth/DEFECT/ or masks/DEFECT/ (one class: the folder name)
 - hf:           a Hugging Face dataset (load_from_disk folder or hub name) with image/mask/label columns
+
+One class instead of a root: mvtec, mpdd, btad and folder also accept a single class folder (train/,
+test/, ground_truth/ inside; the class is the folder's name); visa accepts one class folder
+(Data/Images/...), reading its split from the parent's split_csv/1cls.csv when there is one.
+
+Masks: an anomalous image without a mask, in a class where other anomalous images have masks, is an
+error naming the file (`missing_masks="warn"`, the CLI's --allow-missing-masks, keeps it with an
+all-normal mask and a warning).
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +40,7 @@ import numpy as np
 
 from kano.errors import KanoError
 
-from .io import is_image, pair_masks
+from .io import MASK_SUFFIXES, is_image, pair_masks
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,41 @@ class Sample:
     split: str = "test"
 
 
+MISSING_MASKS = ("error", "warn", "ignore")
+
+
 class Dataset:
-    def __init__(self, kind: str, root: Path, samples: list[Sample]):
+    def __init__(self, kind: str, root: Path, samples: list[Sample], missing_masks: str = "error"):
         self.kind, self.root, self._samples = kind, root, samples
+        if missing_masks not in MISSING_MASKS:
+            raise ValueError(f"missing_masks must be one of {', '.join(MISSING_MASKS)}, got {missing_masks!r}")
         if not samples:
-            raise KanoError(f"{kind}:{root} must contain images in the {kind} layout, got none")
+            raise KanoError(f"{kind}:{root} must contain images in the {kind} layout, got none{_layout_hint(kind, Path(root))}")
+        if missing_masks != "ignore":
+            self._check_masks(missing_masks == "warn")
+
+    def _check_masks(self, warn: bool) -> None:
+        """An anomalous image without a mask where its class has masks would be scored as all-normal pixels."""
+        by_class: dict[str, list[Sample]] = {}
+        for s in self._samples:
+            if s.label == 1:
+                by_class.setdefault(s.class_name, []).append(s)
+        for cls, anomalous in sorted(by_class.items()):
+            with_mask = [s for s in anomalous if s.mask_path]
+            missing = [s for s in anomalous if not s.mask_path]
+            if not with_mask or not missing:
+                continue
+            where = Path(with_mask[0].mask_path).parent
+            stem = Path(missing[0].image_path).stem
+            text = (f"anomalous image {missing[0].image_path} must have a mask (class {cls} has masks for {len(with_mask)} of "
+                    f"{len(anomalous)} anomalous images, e.g. in {where}), got none: looked for {stem}.png or "
+                    f"{stem}{{{','.join(MASK_SUFFIXES)}}}.png"
+                    + (f"; {len(missing) - 1} more image(s) lack one" if len(missing) > 1 else ""))
+            if not warn:
+                raise KanoError(text + "; pass --allow-missing-masks to use them with all-normal masks")
+            from kano import ui
+
+            ui.err.print(f"warning: {text}; --allow-missing-masks: they count as having no defect pixels")
 
     @property
     def classes(self) -> list[str]:
@@ -71,12 +112,18 @@ def _dirs(p: Path) -> list[Path]:
     return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _is_class_folder(d: Path) -> bool:
+    """One MVTec-style class: test/ with subfolders, and train/ or ground_truth/ beside it."""
+    return (d / "test").is_dir() and bool(_dirs(d / "test")) and ((d / "train").is_dir() or (d / "ground_truth").is_dir())
+
+
 def _mvtec_like(root: Path, good: str = "good") -> list[Sample]:
     samples: list[Sample] = []
-    for cdir in _dirs(root):
+    class_dirs = [root] if _is_class_folder(root) else _dirs(root)
+    for cdir in class_dirs:
         if not (cdir / "test").is_dir():
             continue
-        cls = cdir.name
+        cls = cdir.resolve().name
         train_good = cdir / "train" / good
         if train_good.is_dir():
             samples += [Sample(str(p.resolve()), None, cls, "good", 0, "train") for p in sorted(train_good.iterdir()) if is_image(p)]
@@ -98,21 +145,58 @@ def read_btad(root: Path) -> list[Sample]:
     return _mvtec_like(root, "ok")
 
 
-def read_visa(root: Path) -> list[Sample]:
-    csv_path = root / "split_csv" / "1cls.csv"
-    if not csv_path.is_file():
-        raise KanoError(f"visa:{root} must contain split_csv/1cls.csv, got no such file")
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise KanoError(f"{path} must be UTF-8 text, got invalid bytes at position {exc.start}") from None
+    except OSError as exc:
+        raise KanoError(f"{path} must be a readable file, got {exc.strerror or exc}") from None
+
+
+def _visa_class(cdir: Path) -> list[Sample]:
+    """One VisA class folder without the split file: Data/Images/{Normal,Anomaly}, Data/Masks/Anomaly; all test."""
     samples = []
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                label = {"normal": 0, "anomaly": 1}[row["label"].strip()]
-                img = (root / row["image"].strip()).resolve()
-                mask = row.get("mask", "").strip()
-            except KeyError as exc:
-                raise KanoError(f"{csv_path} must have columns object,split,label,image,mask with label normal|anomaly, got {exc}") from None
-            samples.append(Sample(str(img), str((root / mask).resolve()) if mask and label else None, row["object"].strip(),
-                                  "good" if label == 0 else "bad", label, row["split"].strip()))
+    for sub, label in (("Normal", 0), ("Anomaly", 1)):
+        d = cdir / "Data" / "Images" / sub
+        if not d.is_dir():
+            continue
+        imgs = sorted(p for p in d.iterdir() if is_image(p))
+        for img, mask in pair_masks(imgs, cdir / "Data" / "Masks" / sub if label else None).items():
+            samples.append(Sample(str(img.resolve()), str(mask.resolve()) if mask else None, cdir.resolve().name,
+                                  "good" if label == 0 else "bad", label, "test"))
+    return samples
+
+
+def read_visa(root: Path) -> list[Sample]:
+    csv_path, only = root / "split_csv" / "1cls.csv", None
+    if not csv_path.is_file() and (root / "Data" / "Images").is_dir():
+        # one class folder: the split from the VisA root above it when there is one, else every image as test
+        if (root.parent / "split_csv" / "1cls.csv").is_file():
+            csv_path, only, root = root.parent / "split_csv" / "1cls.csv", root.resolve().name, root.parent
+        else:
+            return _visa_class(root)
+    if not csv_path.is_file():
+        classes = [d for d in _dirs(root) if (d / "Data" / "Images").is_dir()]
+        if classes:  # the class folders without the split file: every image as test
+            return [s for d in classes for s in _visa_class(d)]
+        raise KanoError(f"visa:{root} must contain split_csv/1cls.csv (the VisA root) or Data/Images/ (one VisA class), "
+                        f"got {', '.join(p.name for p in _dirs(root)) or 'no subfolders'}")
+    samples = []
+    need = ("object", "split", "label", "image")
+    rows = list(csv.DictReader(_read_text(csv_path).splitlines()))
+    for n, row in enumerate(rows, start=2):
+        if any(not isinstance(row.get(k), str) for k in need):
+            raise KanoError(f"{csv_path} line {n} must have columns object,split,label,image,mask, got {dict(row)!r}")
+        label = {"normal": 0, "anomaly": 1}.get(row["label"].strip().lower())
+        if label is None:
+            raise KanoError(f"{csv_path} line {n}: label must be normal or anomaly, got {row['label']!r}")
+        if only is not None and row["object"].strip() != only:
+            continue
+        img = (root / row["image"].strip()).resolve()
+        mask = (row.get("mask") or "").strip()
+        samples.append(Sample(str(img), str((root / mask).resolve()) if mask and label else None, row["object"].strip(),
+                              "good" if label == 0 else "bad", label, row["split"].strip()))
     return samples
 
 
@@ -125,8 +209,11 @@ def read_sdd(root: Path) -> list[Sample]:
             mask = next((m for m in kdir.iterdir() if m.stem == img.stem + "_label"), None)
             label = 0
             if mask is not None:
-                with Image.open(mask) as m:
-                    label = int(np.asarray(m.convert("L")).max() > 0)
+                try:
+                    with Image.open(mask) as m:
+                        label = int(np.asarray(m.convert("L")).max() > 0)
+                except Exception as exc:
+                    raise KanoError(f"mask {mask} must be a readable image file, got a corrupt file ({exc})") from None
             samples.append(Sample(str(img.resolve()), str(mask.resolve()) if (mask and label) else None, "sdd",
                                   "defect" if label else "good", label, "test"))
     return samples
@@ -210,15 +297,16 @@ def read_headct(root: Path) -> list[Sample]:
     img_dir = root / "head_ct" / "head_ct" if (root / "head_ct" / "head_ct").is_dir() else (root / "head_ct" if (root / "head_ct").is_dir() else root)
     files = {p.stem: p for p in img_dir.iterdir() if is_image(p)}
     samples = []
-    with open(labels_csv, newline="") as f:
-        for row in csv.DictReader(f, skipinitialspace=True):
-            key = {k.strip(): v for k, v in row.items()}
-            ident = key.get("id", "").strip()
-            img = files.get(ident) or files.get(ident.zfill(3))
-            if img is None:
-                raise KanoError(f"{labels_csv} lists id {ident} but {img_dir} must hold {ident.zfill(3)}.png, got no such file")
-            label = int(key.get("hemorrhage", "0").strip())
-            samples.append(Sample(str(img.resolve()), None, "headct", "hemorrhage" if label else "good", label, "test"))
+    for n, row in enumerate(csv.DictReader(_read_text(labels_csv).splitlines(), skipinitialspace=True), start=2):
+        key = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in row.items()}
+        ident = key.get("id", "").strip()
+        img = files.get(ident) or files.get(ident.zfill(3))
+        if img is None:
+            raise KanoError(f"{labels_csv} lists id {ident} but {img_dir} must hold {ident.zfill(3)}.png, got no such file")
+        label = {"0": 0, "1": 1}.get(key.get("hemorrhage", "").strip())
+        if label is None:
+            raise KanoError(f"{labels_csv} line {n}: hemorrhage must be 0 or 1, got {key.get('hemorrhage', '')!r}")
+        samples.append(Sample(str(img.resolve()), None, "headct", "hemorrhage" if label else "good", label, "test"))
     return samples
 
 
@@ -228,23 +316,34 @@ def read_meta(root: Path) -> list[Sample]:
         raise KanoError(f"meta:{root} must be a meta.json file or a folder holding one, got none")
     base = meta_path.parent
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(_read_text(meta_path))
     except json.JSONDecodeError as exc:
         raise KanoError(f"{meta_path} must be valid JSON, got {exc}") from None
+    if not isinstance(meta, dict):
+        raise KanoError(f'{meta_path} must hold {{"train": {{CLASS: [sample, ...]}}, "test": {{...}}}}, got a {type(meta).__name__}')
     samples = []
     for split in ("train", "test"):
-        for cls, items in (meta.get(split) or {}).items():
+        part = meta.get(split) or {}
+        if not isinstance(part, dict) or not all(isinstance(v, list) for v in part.values()):
+            raise KanoError(f'{meta_path}: "{split}" must map each class to a list of samples, got {json.dumps(part)[:80]}')
+        for cls, items in part.items():
             for it in items:
                 try:
                     mask = it.get("mask_path") or ""
-                    samples.append(Sample(str((base / it["img_path"]).resolve()), str((base / mask).resolve()) if mask else None,
-                                          it.get("cls_name", cls), it.get("specie_name", "good"), int(it["anomaly"]), split))
-                except (KeyError, TypeError, ValueError):
-                    raise KanoError(f"{meta_path}: each sample must have img_path, mask_path, cls_name, specie_name, anomaly; got {it!r}") from None
+                    label = it["anomaly"]
+                    if label not in (0, 1) or isinstance(label, float) and not label.is_integer():
+                        raise ValueError
+                    samples.append(Sample(str((base / str(it["img_path"])).resolve()), str((base / str(mask)).resolve()) if mask else None,
+                                          str(it.get("cls_name", cls)), str(it.get("specie_name", "good")), int(label), split))
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    raise KanoError(f"{meta_path}: each sample must have img_path, mask_path, cls_name, specie_name and anomaly 0 or 1, "
+                                    f"got {it!r}") from None
     return samples
 
 
 def read_folder(root: Path) -> list[Sample]:
+    if not (root / "good").is_dir() and _is_class_folder(root):
+        return _mvtec_like(root, "good")  # one MVTec-style class folder (train/, test/, ground_truth/)
     if not (root / "good").is_dir():
         raise KanoError(f"folder:{root} must contain a good/ subfolder of normal images, got {', '.join(p.name for p in _dirs(root)) or 'no subfolders'}")
     mask_root = next((root / m for m in ("ground_truth", "masks") if (root / m).is_dir()), None)
@@ -260,13 +359,49 @@ def read_folder(root: Path) -> list[Sample]:
     return samples
 
 
+def _hf_label(value, src: str, split: str, i: int) -> int:
+    if isinstance(value, bool) or value in (0, 1) or value in ("0", "1"):
+        return int(value)
+    raise KanoError(f"hf:{src} split {split} row {i}: label must be 0 (normal) or 1 (anomalous), got {value!r}")
+
+
+def _hf_fingerprint(part) -> str:
+    """What identifies this split's content: the datasets fingerprint plus each backing file's size and mtime,
+    so a dataset saved again in place (same folder, new images) gets a new cache."""
+    files = []
+    for f in getattr(part, "cache_files", None) or []:
+        try:
+            st = os.stat(f["filename"])
+            files.append((os.path.basename(f["filename"]), st.st_size, st.st_mtime_ns))
+        except (OSError, KeyError, TypeError):
+            files.append((str(f), 0, 0))
+    return hashlib.sha1(json.dumps([getattr(part, "_fingerprint", ""), len(part), sorted(files)]).encode()).hexdigest()[:16]
+
+
+def _hf_save(im, path: Path, what: str, src: str, split: str, i: int, mask: bool = False) -> None:
+    from PIL import Image, ImageOps
+
+    if not isinstance(im, Image.Image):
+        raise KanoError(f"hf:{src} split {split} row {i}: {what} must be an image (a datasets.Image column), got {type(im).__name__}")
+    im = ImageOps.exif_transpose(im)  # the PNG written here carries no EXIF: bake the orientation in
+    if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        im = im.convert("L" if mask else "RGB")
+    im.save(path, format="PNG")  # deep images keep their bits; load_image scales them by their depth
+
+
 def read_hf(root: Path | str) -> list[Sample]:
     """A Hugging Face dataset with columns image, label (0/1), optional mask, class/cls_name, split.
 
-    Images are written once as PNG under <dataset>/.kano_images (or ~/.cache/kano/hf) so that every
-    other part of Kano reads plain files.
+    Images are written once as PNG under <dataset>/.kano_images/<split>-<fingerprint> (or under
+    ~/.cache/kano/hf when the dataset is a hub name or its folder is read-only) so that every other part of
+    Kano reads plain files. The folder name holds the dataset's fingerprint and the sizes and mtimes of its
+    files: a dataset saved again in place is written afresh, never read from an old copy. Each copy is
+    written in a private folder and renamed into place, so an interrupted run leaves no half copy behind.
     """
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise KanoError("hf: datasets need the Hugging Face datasets library, got it missing: pip install datasets") from None
 
     src = str(root)
     try:
@@ -274,28 +409,59 @@ def read_hf(root: Path | str) -> list[Sample]:
     except Exception as exc:
         raise KanoError(f"hf:{src} must be a dataset saved with save_to_disk or a loadable dataset name, got {type(exc).__name__}: {exc}") from None
     splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("test", ds)]
-    cache = (Path(src) / ".kano_images") if Path(src).is_dir() else Path.home() / ".cache" / "kano" / "hf" / hashlib.sha1(src.encode()).hexdigest()[:16]
+    home_cache = Path.home() / ".cache" / "kano" / "hf" / hashlib.sha1(str(Path(src).resolve() if Path(src).is_dir() else src).encode()).hexdigest()[:16]
+    cache = (Path(src) / ".kano_images") if Path(src).is_dir() else home_cache
     samples = []
     for split, part in splits:
         cols = set(part.column_names)
         if "image" not in cols or "label" not in cols:
             raise KanoError(f"hf:{src} split {split} must have columns image and label, got {', '.join(sorted(cols))}")
         cls_col = next((c for c in ("cls_name", "class_name", "class", "category") if c in cols), None)
-        out_dir = cache / split
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i, row in enumerate(part):
-            img_p = out_dir / f"{i:06d}.png"
-            if not img_p.exists():
-                row["image"].convert("RGB").save(img_p)
-            mask_p = None
-            if row.get("mask") is not None and int(row["label"]) == 1:
-                mask_p = out_dir / f"{i:06d}_mask.png"
-                if not mask_p.exists():
-                    row["mask"].convert("L").save(mask_p)
-            cls = str(row[cls_col]) if cls_col else Path(src).name
-            samples.append(Sample(str(img_p), str(mask_p) if mask_p else None, cls, "good" if int(row["label"]) == 0 else "defect",
-                                  int(row["label"]), "train" if split == "train" else "test"))
+        key = f"{split}-{_hf_fingerprint(part)}"
+        out_dir = cache / key
+        if not (out_dir / "manifest.json").is_file() and cache != home_cache:
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=cache).close()
+            except OSError:
+                cache, out_dir = home_cache, home_cache / key
+        if not (out_dir / "manifest.json").is_file():
+            _hf_write(part, split, src, cache, out_dir, cls_col)
+        try:
+            manifest = json.loads((out_dir / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise KanoError(f"{out_dir}/manifest.json must be Kano's readable copy of hf:{src}, got {exc}; delete {out_dir}") from None
+        for rec in manifest:
+            samples.append(Sample(str(out_dir / rec["image"]), str(out_dir / rec["mask"]) if rec["mask"] else None, rec["class"],
+                                  "good" if rec["label"] == 0 else "defect", rec["label"], "train" if split == "train" else "test"))
     return samples
+
+
+def _hf_write(part, split: str, src: str, cache: Path, out_dir: Path, cls_col: str | None) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=cache))
+    try:
+        manifest = []
+        for i, row in enumerate(part):
+            label = _hf_label(row["label"], src, split, i)
+            _hf_save(row["image"], tmp / f"{i:06d}.png", "image", src, split, i)
+            mask = ""
+            if row.get("mask") is not None and label == 1:
+                mask = f"{i:06d}_mask.png"
+                _hf_save(row["mask"], tmp / mask, "mask", src, split, i, mask=True)
+            manifest.append({"image": f"{i:06d}.png", "mask": mask, "label": label,
+                             "class": str(row[cls_col]) if cls_col else Path(src).name})
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "manifest.json").is_file():  # not another process that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in cache.glob(f"{split}-*"):  # copies of earlier versions of this dataset
+        if old != out_dir and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 READERS: dict[str, Callable[[Path], list[Sample]]] = {
@@ -312,20 +478,55 @@ def parse_data_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def load_dataset(spec: str) -> Dataset:
-    """Read a dataset from `KIND:PATH` (e.g. mvtec:/data/mvtec_anomaly_detection)."""
+def _layout_hint(kind: str, root: Path) -> str:
+    """Which folder to pass instead, when a reader found no images (e.g. a split folder inside one class)."""
+    try:
+        for up in (root, root.parent, root.parent.parent):
+            if up != root and _is_class_folder(up):
+                return f" (pass {kind}:{up} for that one class, or {kind}:{up.parent} for all classes beside it)"
+        if kind in ("mvtec", "mpdd", "btad", "folder"):
+            for d in _dirs(root):
+                if any(_is_class_folder(c) for c in _dirs(d)):
+                    return f" (the class folders are one level down: pass {kind}:{d})"
+        contents = ", ".join(p.name for p in _dirs(root)[:8])
+        return f" (it holds {contents})" if contents else ""
+    except OSError:
+        return ""
+
+
+def load_dataset(spec: str, missing_masks: str = "error") -> Dataset:
+    """Read a dataset from `KIND:PATH` (e.g. mvtec:/data/mvtec_anomaly_detection, or one class folder).
+
+    missing_masks: "error" (an anomalous image without a mask in a class that has masks is an error
+    naming the file), "warn" (the CLI's --allow-missing-masks: kept as all-normal pixels, with a
+    warning), or "ignore" (callers that do not read masks)."""
     kind, path = parse_data_spec(spec)
     root = Path(path).expanduser()
     if kind != "hf" and not root.exists():
         raise KanoError(f"dataset path {root} must exist, got no such file or folder")
     if kind not in ("hf", "meta") and not root.is_dir():
         raise KanoError(f"dataset path {root} must be a folder, got a file")
-    return Dataset(kind, root, READERS[kind](root if kind != "hf" else path))
+    try:
+        samples = READERS[kind](root if kind != "hf" else path)
+    except PermissionError as exc:
+        raise KanoError(f"dataset {spec} must be readable, got permission denied on {exc.filename}") from None
+    except OSError as exc:
+        if isinstance(exc, KanoError):
+            raise
+        raise KanoError(f"dataset {spec} must be readable, got {exc.strerror or exc} ({exc.filename})") from None
+    return Dataset(kind, root, samples, missing_masks)
 
 
 def write_meta(dataset: Dataset, out: Path | None = None) -> Path:
-    """Write the peers' meta.json for a dataset (paths relative to the meta file's folder)."""
+    """Write the peers' meta.json for a dataset (paths relative to the meta file's folder). `out` may be a
+    file or an existing folder (meta.json inside it); missing parent folders are created."""
     out = Path(out) if out else (dataset.root if dataset.root.is_dir() else dataset.root.parent) / "meta.json"
+    if out.is_dir():
+        out = out / "meta.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KanoError(f"--out {out} must be in a folder that can be created, got {exc.strerror or exc}") from None
     base = out.parent.resolve()
     meta: dict = {"train": {}, "test": {}}
     for s in dataset.samples(split=None):
@@ -334,6 +535,9 @@ def write_meta(dataset: Dataset, out: Path | None = None) -> Path:
         meta[split].setdefault(s.class_name, []).append({
             "img_path": rel(s.image_path), "mask_path": rel(s.mask_path) if s.mask_path else "",
             "cls_name": s.class_name, "specie_name": s.defect, "anomaly": s.label})
-    out.write_text(json.dumps(meta, indent=1))
+    try:
+        out.write_text(json.dumps(meta, indent=1))
+    except OSError as exc:
+        raise KanoError(f"--out {out} must be a writable file, got {exc.strerror or exc}") from None
     return out
 

@@ -151,9 +151,15 @@ def test_folder_with_optional_masks(tmp_path):
     img(root / "scratch/b.png")
     img(root / "dent/c.png")
     mask(root / "ground_truth/scratch/b_mask.png")
-    ds = load_dataset(f"folder:{root}")
+    with pytest.raises(KanoError, match=r"anomalous image .*dent/c.png must have a mask \(class widget has masks for 1 of 2"):
+        load_dataset(f"folder:{root}")  # a class with masks: the unmasked one would score as all-normal pixels
+    ds = load_dataset(f"folder:{root}", missing_masks="warn")
     assert summary(ds) == [("widget", "dent", 1, "c.png", None), ("widget", "good", 0, "a.png", None),
                            ("widget", "scratch", 1, "b.png", "b_mask.png")]
+    (root / "ground_truth").rename(root / "no_masks_here")
+    (root / "no_masks_here").rename(tmp_path / "elsewhere")
+    assert summary(load_dataset(f"folder:{root}")) == [("widget", "dent", 1, "c.png", None), ("widget", "good", 0, "a.png", None),
+                                                       ("widget", "scratch", 1, "b.png", None)]  # no masks at all: image level
 
 
 def test_meta_roundtrip(tmp_path):
