@@ -155,7 +155,7 @@ def data_meta(spec: str = typer.Argument(..., help="KIND:PATH"), out: Optional[P
     """Write the peers' meta.json for a dataset read from KIND:PATH."""
     from anomaly_data import load_dataset, write_meta
 
-    path = write_meta(load_dataset(spec), out)
+    path = write_meta(load_dataset(spec, missing_masks="warn"), out)
     typer.echo(f"wrote {path}")
 
 
@@ -183,11 +183,13 @@ def train_cmd(
     no_bicmci: bool = typer.Option(False, "--no-bicmci", help="ablation: linear head + cosine"),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="ablation: raw global feature"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch"),
+    allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
+                                             help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
 ):
     """Learn the prompts and fusion heads on an auxiliary dataset."""
     from trainer import command as train_command
 
-    train_command.train(config, resume, dict(
+    train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
         kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=[int(s) for s in stages.split(",")] if stages else None, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -207,13 +209,15 @@ def eval_cmd(
     workers: int = typer.Option(0, "--workers", help="DataLoader workers"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="with --backbone only"),
     device: Optional[str] = typer.Option(None, "--device"),
+    allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
+                                             help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
 ):
     """Image- and pixel-level metrics per class and their mean; overlays."""
     from evaluator import command as eval_command
 
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
-                          workers=workers, image_size=image_size, device=device)
+                          workers=workers, image_size=image_size, device=device, allow_missing_masks=allow_missing_masks)
 
 
 @app.command("predict")

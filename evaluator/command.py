@@ -15,14 +15,14 @@ def _device(name: str | None) -> torch.device:
     return resolve_device(name)
 
 
-def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device) -> dict:
+def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, allow_missing_masks=False) -> dict:
     from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from evaluator.evaluate import table_rows
 
     dev = _device(device)
     model, info = load_model(str(run) if run else None, backbone, image_size, dev)
     result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"],
-                      progress=ui.progress_factory("evaluating"))
+                      progress=ui.progress_factory("evaluating"), allow_missing_masks=allow_missing_masks)
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]

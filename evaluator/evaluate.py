@@ -42,10 +42,11 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
 
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int = 0,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 4,
-             progress: Callable | None = None) -> dict:
-    """Evaluate on KIND:PATH; writes metrics.json/.csv/.md and overlays/ into out_dir. Returns the metrics dict."""
+             progress: Callable | None = None, allow_missing_masks: bool = False) -> dict:
+    """Evaluate on KIND:PATH; writes metrics.json/.csv/.md and overlays/ into out_dir. Returns the metrics dict.
+    allow_missing_masks: an anomalous image without a mask (its class having masks) warns instead of failing."""
     device = device or model.backbone.device
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, missing_masks="warn" if allow_missing_masks else "error")
     classes = classes or dataset.classes
     samples = dataset.samples("test", classes)
     if not samples:

@@ -21,7 +21,7 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
     if data:
         from anomaly_data import load_dataset
 
-        ds = load_dataset(data)
+        ds = load_dataset(data, missing_masks="ignore")  # VQA reads the images only
         unknown = sorted(set(class_list) - set(ds.classes))
         if unknown:
             raise KanoError(f"--classes must be classes of {data} ({', '.join(ds.classes)}), got {', '.join(unknown)}")

@@ -250,3 +250,151 @@ def test_synthetic_generator_is_deterministic_with_exact_masks(tmp_path):
             assert good.shape == (96, 96, 3)
     assert {s.defect for s in ds.samples() if s.class_name == "ring"} == {"good", "hole", "scratch", "stain", "crack", "missing", "colour"}
     assert "missing" not in {s.defect for s in ds.samples() if s.class_name == "weave"}
+
+
+# ---- issue 13 item 3: one class folder; issue 12 items 4 and 7; bad input as `error: ...`
+
+HAZELNUT = Path(__file__).parent / "data" / "hazelnut_toy"
+
+
+@pytest.mark.parametrize("kind", ["mvtec", "mpdd", "folder"])
+def test_single_class_folder(kind):
+    ds = load_dataset(f"{kind}:{HAZELNUT}")
+    assert ds.classes == ["hazelnut_toy"]
+    test = ds.samples("test")
+    assert len(test) == 23 and sum(s.label for s in test) == 17 and len(ds.samples("train")) == 28
+    assert all(Path(s.mask_path).name == Path(s.image_path).stem + ".png" for s in test if s.label)
+
+
+def test_single_class_btad_and_visa(tmp_path):
+    img(tmp_path / "btad/01/train/ok/0000.bmp")
+    img(tmp_path / "btad/01/test/ko/0001.bmp")
+    mask(tmp_path / "btad/01/ground_truth/ko/0001.png")
+    assert summary(load_dataset(f"btad:{tmp_path / 'btad/01'}")) == [("01", "ko", 1, "0001.bmp", "0001.png")]
+    v = tmp_path / "visa"
+    img(v / "candle/Data/Images/Normal/0000.JPG", fmt="JPEG")
+    img(v / "candle/Data/Images/Normal/0001.JPG", fmt="JPEG")
+    img(v / "candle/Data/Images/Anomaly/000.JPG", fmt="JPEG")
+    mask(v / "candle/Data/Masks/Anomaly/000.png")
+    img(v / "pcb1/Data/Images/Normal/0000.JPG", fmt="JPEG")
+    # a class folder without the split file: every image is a test image
+    assert summary(load_dataset(f"visa:{v / 'candle'}")) == [("candle", "bad", 1, "000.JPG", "000.png"),
+                                                            ("candle", "good", 0, "0000.JPG", None), ("candle", "good", 0, "0001.JPG", None)]
+    (v / "split_csv").mkdir()
+    (v / "split_csv/1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+        "candle,test,normal,candle/Data/Images/Normal/0001.JPG,\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n"
+        "pcb1,test,normal,pcb1/Data/Images/Normal/0000.JPG,\n")
+    ds = load_dataset(f"visa:{v / 'candle'}")  # with the root's split file: its split, this class only
+    assert ds.classes == ["candle"] and len(ds.samples("train")) == 1
+    assert summary(ds) == [("candle", "bad", 1, "000.JPG", "000.png"), ("candle", "good", 0, "0001.JPG", None)]
+
+
+def test_wrong_level_says_which_folder_to_pass(tmp_path):
+    with pytest.raises(KanoError, match=f"pass mvtec:{HAZELNUT} for that one class, or mvtec:{HAZELNUT.parent} for all"):
+        load_dataset(f"mvtec:{HAZELNUT / 'test'}")
+    (tmp_path / "downloads" / "mvtec").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(HAZELNUT, tmp_path / "downloads" / "mvtec" / "hazelnut")
+    with pytest.raises(KanoError, match=f"one level down: pass mvtec:{tmp_path / 'downloads' / 'mvtec'}"):
+        load_dataset(f"mvtec:{tmp_path / 'downloads'}")
+
+
+def test_cli_eval_and_data_meta_on_one_class_folder(tmp_path, cli):
+    (tmp_path / "m").mkdir()
+    code, out, err = cli("data", "meta", f"mvtec:{HAZELNUT}", "--out", tmp_path / "m")  # --out: an existing folder is fine
+    assert code == 0, err
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert set(meta["test"]) == {"hazelnut_toy"} and len(meta["test"]["hazelnut_toy"]) == 23
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{HAZELNUT}", "--out", tmp_path / "e")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["classes"]["hazelnut_toy"]["n_images"] == 23
+
+
+def test_mask_value_100_counts_in_pixel_metrics(tmp_path, cli):
+    """Issue 12 item 4: masks stored as 0/100 gave empty masks, so no defect pixel reached the metrics."""
+    import shutil
+
+    root = tmp_path / "hz"
+    shutil.copytree(HAZELNUT, root)
+    for m in (root / "ground_truth" / "colour").glob("*.png"):
+        a = np.asarray(Image.open(m))
+        Image.fromarray(np.where(a > 0, 100, 0).astype(np.uint8)).save(m)
+    ds = load_dataset(f"mvtec:{root}")
+    total = sum(int(load_mask(s.mask_path, (256, 256)).sum()) for s in ds.samples() if s.label)
+    expected = sum(int((np.asarray(Image.open(m)) > 0).sum()) for m in (HAZELNUT / "ground_truth" / "colour").glob("*.png"))
+    assert total == expected > 1000
+
+
+def test_missing_mask_is_an_error_naming_the_file(tmp_path, cli):
+    import shutil
+
+    root = tmp_path / "hz"
+    shutil.copytree(HAZELNUT, root)
+    gt = root / "ground_truth" / "colour"
+    (gt / "03.png").rename(gt / "03.mask.png")  # the issue's name: pairs now
+    (gt / "07.png").rename(gt / "07_defect.png")  # a name nothing pairs with
+    ds = load_dataset(f"mvtec:{root}", missing_masks="warn")
+    assert [Path(s.image_path).name for s in ds.samples() if s.label and not s.mask_path] == ["07.jpg"]
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e")
+    assert code == 2 and "Traceback" not in err
+    assert f"anomalous image {root.resolve() / 'test' / 'colour' / '07.jpg'} must have a mask" in " ".join(err.split())
+    assert "--allow-missing-masks" in err and not (tmp_path / "e" / "metrics.json").exists()
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e", "--allow-missing-masks")
+    assert code == 0, err
+    assert "warning" in err and "07.jpg" in err and (tmp_path / "e" / "metrics.json").is_file()
+
+
+def test_hf_dataset_saved_again_in_place_is_read_afresh(tmp_path):
+    import datasets
+
+    path = tmp_path / "hfds"
+
+    def save(colours):
+        datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8), c) for c in colours], "label": [0] * len(colours),
+                                    "cls_name": ["tile"] * len(colours)}).save_to_disk(str(path))
+
+    save([(200, 0, 0), (200, 0, 0)])
+    first = load_dataset(f"hf:{path}").samples()
+    assert [tuple(load_image(s.image_path).getpixel((0, 0))) for s in first] == [(200, 0, 0)] * 2
+    save([(0, 0, 200), (0, 200, 0), (9, 9, 9)])  # the same folder, new images
+    again = load_dataset(f"hf:{path}").samples()
+    assert [tuple(load_image(s.image_path).getpixel((0, 0))) for s in again] == [(0, 0, 200), (0, 200, 0), (9, 9, 9)]
+    assert len(list((path / ".kano_images").glob("test-*"))) == 1  # the old copy is gone
+    assert load_dataset(f"hf:{path}").samples() == again  # unchanged dataset: the same copy
+
+
+@pytest.mark.parametrize("layout,message", [
+    ({"meta.json": "[1, 2]"}, r"meta.json must hold \{\"train\""),
+    ({"meta.json": '{"test": {"a": [{"img_path": "x.png", "anomaly": 2}]}}'}, "anomaly 0 or 1"),
+    ({"meta.json": '{"test": ["x.png"]}'}, '"test" must map each class to a list'),
+    ({"meta.json": b"\xff\xfe{}"}, "must be UTF-8 text"),
+    ({"split_csv/1cls.csv": "object,split,label\ncandle,test,normal\n"}, "line 2 must have columns object,split,label,image,mask"),
+    ({"split_csv/1cls.csv": "object,split,label,image,mask\ncandle,test,bad,a.png,\n"}, "label must be normal or anomaly, got 'bad'"),
+    ({"labels.csv": "id, hemorrhage\n0,yes\n", "head_ct/000.png": None}, "hemorrhage must be 0 or 1, got 'yes'"),
+])
+def test_bad_files_in_readers_are_clear_errors(tmp_path, cli, layout, message):
+    for rel, text in layout.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            img(p)
+        elif isinstance(text, bytes):
+            p.write_bytes(text)
+        else:
+            p.write_text(text)
+    kind = {"meta.json": "meta", "split_csv/1cls.csv": "visa", "labels.csv": "headct"}[next(iter(layout))]
+    code, out, err = cli("data", "meta", f"{kind}:{tmp_path}", "--out", tmp_path / "out.json")
+    assert code == 2 and "Traceback" not in err and err.startswith("error:")
+    assert __import__("re").search(message, " ".join(err.split())), err
+
+
+def test_hf_bad_label_is_a_clear_error(tmp_path, cli):
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": ["good"]}).save_to_disk(str(tmp_path / "d"))
+    code, out, err = cli("data", "meta", f"hf:{tmp_path / 'd'}", "--out", tmp_path / "m.json")
+    assert code == 2 and "label must be 0 (normal) or 1 (anomalous), got 'good'" in err

@@ -7,7 +7,7 @@ from pathlib import Path
 from kano import ui
 
 
-def train(config_file, resume: bool, overrides: dict) -> dict:
+def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool = False) -> dict:
     from trainer import TrainConfig, train as run_train
     from trainer.checkpoint import read_config
 
@@ -18,7 +18,7 @@ def train(config_file, resume: bool, overrides: dict) -> dict:
     else:
         cfg = TrainConfig.from_sources(str(config_file) if config_file else None, overrides)
     ui.err.print(f"training {cfg.backbone} on {cfg.data} -> {cfg.out}")
-    result = run_train(cfg, resume=resume, progress=ui.progress_factory, log=ui.out.print)
+    result = run_train(cfg, resume=resume, progress=ui.progress_factory, log=ui.out.print, allow_missing_masks=allow_missing_masks)
     log = result["log"]
     ui.print_table("training", ["epoch", "loss", "kd", "global", "local", "seconds"],
                    [(r["epoch"], r["loss"], r["loss_kd"], r["loss_global"], r["loss_local"], r["seconds"]) for r in log])

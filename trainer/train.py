@@ -69,8 +69,10 @@ class _Accel:
         return self.rank == 0
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train a run into cfg.out. Returns a summary {run_dir, epochs, threshold, log}."""
+def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = None, log: Callable[[str], None] = print,
+          allow_missing_masks: bool = False) -> dict:
+    """Train a run into cfg.out. Returns a summary {run_dir, epochs, threshold, log}. allow_missing_masks: an
+    anomalous image without a mask (its class having masks) is a warning, not an error (see load_dataset)."""
     t_start = time.perf_counter()
     run_dir = Path(cfg.out)
     if (run_dir / ckpt.CONFIG).exists() and not resume:
@@ -78,7 +80,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = No
     seed_everything(cfg.seed)
     acc = _Accel(resolve_device(cfg.device))
     device = acc.device
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, missing_masks="warn" if allow_missing_masks else "error")
     classes = cfg.classes or dataset.classes
     samples = dataset.samples(cfg.split, classes)
     if not samples:
