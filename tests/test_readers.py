@@ -318,12 +318,12 @@ def test_mask_value_100_counts_in_pixel_metrics(tmp_path, cli):
     """Issue 12 item 4: masks stored as 0/100 gave empty masks, so no defect pixel reached the metrics."""
     import shutil
 
-    root = tmp_path / "hz"
+    root = tmp_path / "mvtec" / "hazelnut"
     shutil.copytree(HAZELNUT, root)
     for m in (root / "ground_truth" / "colour").glob("*.png"):
         a = np.asarray(Image.open(m))
         Image.fromarray(np.where(a > 0, 100, 0).astype(np.uint8)).save(m)
-    ds = load_dataset(f"mvtec:{root}")
+    ds = load_dataset(f"mvtec:{root.parent}")
     total = sum(int(load_mask(s.mask_path, (256, 256)).sum()) for s in ds.samples() if s.label)
     expected = sum(int((np.asarray(Image.open(m)) > 0).sum()) for m in (HAZELNUT / "ground_truth" / "colour").glob("*.png"))
     assert total == expected > 1000
@@ -332,18 +332,18 @@ def test_mask_value_100_counts_in_pixel_metrics(tmp_path, cli):
 def test_missing_mask_is_an_error_naming_the_file(tmp_path, cli):
     import shutil
 
-    root = tmp_path / "hz"
+    root = tmp_path / "mvtec" / "hazelnut"
     shutil.copytree(HAZELNUT, root)
     gt = root / "ground_truth" / "colour"
     (gt / "03.png").rename(gt / "03.mask.png")  # the issue's name: pairs now
     (gt / "07.png").rename(gt / "07_defect.png")  # a name nothing pairs with
-    ds = load_dataset(f"mvtec:{root}", missing_masks="warn")
+    ds = load_dataset(f"mvtec:{root.parent}", missing_masks="warn")
     assert [Path(s.image_path).name for s in ds.samples() if s.label and not s.mask_path] == ["07.jpg"]
-    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e")
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root.parent}", "--out", tmp_path / "e")
     assert code == 2 and "Traceback" not in err
     assert f"anomalous image {root.resolve() / 'test' / 'colour' / '07.jpg'} must have a mask" in " ".join(err.split())
     assert "--allow-missing-masks" in err and not (tmp_path / "e" / "metrics.json").exists()
-    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e", "--allow-missing-masks")
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root.parent}", "--out", tmp_path / "e", "--allow-missing-masks")
     assert code == 0, err
     assert "warning" in err and "07.jpg" in err and (tmp_path / "e" / "metrics.json").is_file()
 
