@@ -398,3 +398,23 @@ def test_hf_bad_label_is_a_clear_error(tmp_path, cli):
     datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": ["good"]}).save_to_disk(str(tmp_path / "d"))
     code, out, err = cli("data", "meta", f"hf:{tmp_path / 'd'}", "--out", tmp_path / "m.json")
     assert code == 2 and "label must be 0 (normal) or 1 (anomalous), got 'good'" in err
+
+
+def test_train_refuses_a_missing_mask_unless_allowed(synth_root, tmp_path, cli):
+    import shutil
+
+    from kb_builder import BuildConfig, build_knowledge_base
+    from knowledge_store import KnowledgeStore
+
+    root = tmp_path / "synth"
+    shutil.copytree(synth_root, root)
+    (root / "disc" / "ground_truth" / "hole" / "001_mask.png").unlink()
+    kb = tmp_path / "kb.duckdb"
+    build_knowledge_base(KnowledgeStore(kb), BuildConfig(classes=["disc"]), None, None)
+    args = ["train", "--kb", kb, "--data", f"mvtec:{root}", "--classes", "disc", "--backbone", "tiny", "--epochs", "1",
+            "--batch-size", "4", "--image-size", "64", "--cache", "memory"]
+    code, out, err = cli(*args, "--out", tmp_path / "r1")
+    assert code == 2 and "disc/test/hole/001.png must have a mask" in " ".join(err.split()) and "Traceback" not in err
+    code, out, err = cli(*args, "--out", tmp_path / "r2", "--allow-missing-masks")
+    assert code == 0, err
+    assert "warning" in err and (tmp_path / "r2" / "weights.safetensors").is_file()
