@@ -204,7 +204,8 @@ def read_sdd(root: Path) -> list[Sample]:
     from PIL import Image
 
     samples = []
-    for kdir in _dirs(root):
+    one = any(is_image(p) for p in root.iterdir())  # one kosNN folder instead of the root
+    for kdir in [root] if one else _dirs(root):
         for img in sorted(p for p in kdir.iterdir() if is_image(p) and "_label" not in p.stem):
             mask = next((m for m in kdir.iterdir() if m.stem == img.stem + "_label"), None)
             label = 0
@@ -221,7 +222,8 @@ def read_sdd(root: Path) -> list[Sample]:
 
 def read_dagm(root: Path) -> list[Sample]:
     samples = []
-    for cdir in _dirs(root):
+    one = (root / "Train").is_dir() or (root / "Test").is_dir()  # one ClassN folder instead of the root
+    for cdir in [root] if one else _dirs(root):
         for split_dir, split in (("Train", "train"), ("Test", "test")):
             d = cdir / split_dir
             if not d.is_dir():
@@ -230,7 +232,7 @@ def read_dagm(root: Path) -> list[Sample]:
             pairs = pair_masks(imgs, d / "Label")
             for img, mask in pairs.items():
                 label = int(mask is not None)
-                samples.append(Sample(str(img.resolve()), str(mask.resolve()) if mask else None, cdir.name,
+                samples.append(Sample(str(img.resolve()), str(mask.resolve()) if mask else None, cdir.resolve().name,
                                       "defect" if label else "good", label, split))
     return samples
 

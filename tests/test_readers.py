@@ -292,6 +292,17 @@ def test_single_class_btad_and_visa(tmp_path):
     assert summary(ds) == [("candle", "bad", 1, "000.JPG", "000.png"), ("candle", "good", 0, "0001.JPG", None)]
 
 
+def test_single_class_dagm_and_sdd(tmp_path):
+    img(tmp_path / "Class1/Test/0001.PNG", mode="L")
+    img(tmp_path / "Class1/Test/0002.PNG", mode="L")
+    mask(tmp_path / "Class1/Test/Label/0002_label.PNG")
+    assert summary(load_dataset(f"dagm:{tmp_path / 'Class1'}")) == [("Class1", "defect", 1, "0002.PNG", "0002_label.PNG"),
+                                                                   ("Class1", "good", 0, "0001.PNG", None)]
+    img(tmp_path / "kos02/Part5.jpg", fmt="JPEG")
+    mask(tmp_path / "kos02/Part5_label.bmp")
+    assert summary(load_dataset(f"sdd:{tmp_path / 'kos02'}")) == [("sdd", "defect", 1, "Part5.jpg", "Part5_label.bmp")]
+
+
 def test_wrong_level_says_which_folder_to_pass(tmp_path):
     with pytest.raises(KanoError, match=f"pass mvtec:{HAZELNUT} for that one class, or mvtec:{HAZELNUT.parent} for all"):
         load_dataset(f"mvtec:{HAZELNUT / 'test'}")
