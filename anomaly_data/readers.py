@@ -513,8 +513,6 @@ def load_dataset(spec: str, missing_masks: str = "error") -> Dataset:
     except PermissionError as exc:
         raise KanoError(f"dataset {spec} must be readable, got permission denied on {exc.filename}") from None
     except OSError as exc:
-        if isinstance(exc, KanoError):
-            raise
         raise KanoError(f"dataset {spec} must be readable, got {exc.strerror or exc} ({exc.filename})") from None
     return Dataset(kind, root, samples, missing_masks)
 
