@@ -205,8 +205,10 @@ def _to_uint8_array(arr: np.ndarray, chunks: dict[bytes, bytes], alpha: bool = F
         colour = _to_uint8_array(arr[..., :-1], {b"sBIT": sbit[:-1]} if sbit else {})
         opacity = _to_uint8_array(arr[..., -1:], {b"sBIT": sbit[-1:]} if sbit else {})
         return np.concatenate([colour, opacity], axis=2)
-    if arr.dtype == np.uint8 or arr.dtype == bool:
-        return arr.astype(np.uint8) * (255 if arr.dtype == bool else 1)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.floating):
         arr = np.nan_to_num(arr.astype(np.float64))
         lo, hi = float(arr.min()), float(arr.max())
