@@ -59,16 +59,21 @@ def kb_build(
     data: Optional[str] = typer.Option(None, "--data", help="KIND:PATH: run VQA on the anomalous test images of a dataset"),
     n_llm: int = typer.Option(5, "--n-llm", help="LLM descriptions per class (paper: n=5)"),
     m_vqa: int = typer.Option(1, "--m-vqa", help="VQA descriptions per image (paper: m=1)"),
-    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="default: $OPENAI_BASE_URL"),
-    vqa_base_url: Optional[str] = typer.Option(None, "--vqa-base-url", help="default: $KANO_VQA_BASE_URL"),
+    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="default: $OPENAI_BASE_URL; key: $OPENAI_API_KEY"),
+    vqa_base_url: Optional[str] = typer.Option(None, "--vqa-base-url", help="default: $KANO_VQA_BASE_URL, else the LLM's "
+                                               "server; key: $KANO_VQA_API_KEY (the LLM key only when VQA uses the LLM's server)"),
     temperature: float = typer.Option(0.7, "--temperature", help="LLM temperature"),
     vqa_temperature: float = typer.Option(0.2, "--vqa-temperature"),
     concurrency: int = typer.Option(4, "--concurrency"),
     retries: int = typer.Option(4, "--retries", help="retries per call on 429/5xx/timeouts/malformed replies"),
     backoff: float = typer.Option(1.0, "--backoff", help="first retry delay in seconds (doubles each time)"),
-    timeout: float = typer.Option(120.0, "--timeout", help="seconds per HTTP request"),
+    timeout: float = typer.Option(120.0, "--timeout", help="seconds per model request, whole request (connect to last byte)"),
     seed: int = typer.Option(0, "--seed"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="list the planned calls, make none"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the planned calls, make none (writes no file)"),
+    max_rounds: int = typer.Option(4, "--max-rounds", help="LLM calls per class at most, counted across runs: asking "
+                                   "again for missing descriptions stops there"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="when another build holds the same KB file: wait for it "
+                              "(default), or refuse at once"),
 ):
     """Ask the LLM (per class) and the VQA model (per image) for anomaly descriptions."""
     from kb_builder import command as kb_command
@@ -76,7 +81,7 @@ def kb_build(
     code = kb_command.build(classes=classes, kb=kb, llm=llm, vqa=vqa, images=_parse_images(images), data=data, n_llm=n_llm,
                             m_vqa=m_vqa, llm_base_url=llm_base_url, vqa_base_url=vqa_base_url, temperature=temperature,
                             vqa_temperature=vqa_temperature, concurrency=concurrency, retries=retries, backoff=backoff,
-                            timeout=timeout, seed=seed, dry_run=dry_run)
+                            timeout=timeout, seed=seed, dry_run=dry_run, max_rounds=max_rounds, wait=wait)
     raise typer.Exit(code)
 
 

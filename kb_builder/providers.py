@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,19 +76,61 @@ def image_to_png(image: bytes, max_side: int = 1120) -> tuple[bytes, tuple[int, 
     return buf.getvalue(), rgb.size
 
 
+def scrub(text: str, secrets) -> str:
+    """`text` with every secret (API key) replaced by [redacted]: a server may echo the key in an error."""
+    for key in secrets:
+        if key and len(key) >= 4 and key in text:
+            text = text.replace(key, "[redacted]")
+    return text
+
+
+# The key sent when a provider has none: servers without auth (Ollama) accept any, and it is no secret.
+NO_KEY = "kano-no-key"
+
+
 class OpenAIChatProvider:
-    """Any server that speaks the OpenAI chat-completions API."""
+    """Any server that speaks the OpenAI chat-completions API.
+
+    `api_key` is the only key it sends (None: NO_KEY); it never reads the environment itself, so the
+    caller decides which server gets which key. `timeout_s` bounds the whole request (connect, send,
+    wait and the last byte of the reply), not each socket read: a server trickling bytes is cut off.
+    """
 
     provider = "openai"
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout_s: float = 60.0):
         import openai
 
+        if not timeout_s > 0:
+            raise KanoError(f"--timeout must be > 0 seconds, got {timeout_s}")
         self.model = model
         self.base_url = base_url
-        # Servers without auth (Ollama) still need some key for the client; the key is kept only here.
-        self._client = openai.OpenAI(api_key=api_key or os.environ.get("OPENAI_API_KEY") or "kano-no-key", base_url=base_url, max_retries=0, timeout=timeout_s)
+        self.timeout_s = float(timeout_s)
+        self.secrets = tuple(k for k in (api_key,) if k)
+        self._client = openai.OpenAI(api_key=api_key or NO_KEY, base_url=base_url, max_retries=0, timeout=timeout_s)
         self._openai = openai
+
+    def _create(self, **kwargs):
+        """One request under a total deadline. The client's own timeout applies per read, so a reply trickled
+        a byte at a time would hold it for minutes; the request runs in a daemon thread that is abandoned
+        (its socket still times out per read and closes) once the deadline passes."""
+        box: dict = {}
+        done = threading.Event()
+
+        def run():
+            try:
+                box["resp"] = self._client.chat.completions.create(**kwargs)
+            except BaseException as exc:  # handed to the caller's thread below
+                box["exc"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name="kano-request").start()
+        if not done.wait(self.timeout_s):
+            raise ProviderError(f"timeout: no complete reply within {self.timeout_s:g} s", retryable=True)
+        if "exc" in box:
+            raise box["exc"]
+        return box["resp"]
 
     def complete(self, prompt: str, image: bytes | None, options: dict) -> Reply:
         if image is None:
@@ -104,25 +145,29 @@ class OpenAIChatProvider:
         if options.get("seed") is not None:
             kwargs["seed"] = int(options["seed"])
         oa = self._openai
+        short = lambda exc: scrub(_short(exc), self.secrets)  # noqa: E731 -- an echoed key never leaves here
         try:
-            resp = self._client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": content}], **kwargs)
+            resp = self._create(model=self.model, messages=[{"role": "user", "content": content}], **kwargs)
+        except ProviderError:
+            raise
         except oa.RateLimitError as exc:
-            raise ProviderError(f"HTTP 429 rate limited: {_short(exc)}", retryable=True) from None
+            raise ProviderError(f"HTTP 429 rate limited: {short(exc)}", retryable=True) from None
         except oa.APITimeoutError:
-            raise ProviderError("timeout waiting for the server", retryable=True) from None
+            raise ProviderError(f"timeout: no reply within {self.timeout_s:g} s", retryable=True) from None
         except oa.APIConnectionError as exc:
-            raise ProviderError(f"cannot connect to {self.base_url or 'the API'}: {_short(exc)}", retryable=True) from None
+            raise ProviderError(f"cannot connect to {self.base_url or 'the API'}: {short(exc)}", retryable=True) from None
         except oa.APIStatusError as exc:
             code = exc.status_code
-            raise ProviderError(f"HTTP {code}: {_short(exc)}", retryable=code >= 500 or code in (408, 409)) from None
+            raise ProviderError(f"HTTP {code}: {short(exc)}", retryable=code >= 500 or code in (408, 409)) from None
         except Exception as exc:  # a reply the client could not parse
-            raise ProviderError(f"malformed reply: {_short(exc)}", retryable=True) from None
+            raise ProviderError(f"malformed reply: {short(exc)}", retryable=True) from None
         try:
             text = resp.choices[0].message.content
             if not isinstance(text, str):
                 raise TypeError("message content is not a string")
         except Exception as exc:
-            raise ProviderError(f"malformed reply: {_short(exc)}", retryable=True) from None
+            raise ProviderError(f"malformed reply: {short(exc)}", retryable=True) from None
+        text = scrub(text, self.secrets)
         usage = getattr(resp, "usage", None)
         return Reply(
             text=text,
@@ -145,6 +190,7 @@ class TransformersVisionProvider:
     """
 
     provider = "transformers"
+    secrets: tuple = ()
 
     def __init__(self, model: str, quantize: str = "auto", device: str | None = None, hf_model=None, processor=None):
         if quantize not in ("auto", "4bit", "none"):
@@ -219,7 +265,7 @@ class TransformersVisionProvider:
 
 
 def make_provider(spec: str, base_url: str | None = None, api_key: str | None = None, timeout_s: float = 60.0) -> Provider | None:
-    """Build the provider for a spec; None for 'builtin' and 'none' (no calls)."""
+    """Build the provider for a spec; None for 'builtin' and 'none' (no calls). `api_key` is the only key it sends."""
     provider, model = parse_spec(spec)
     if provider == "openai":
         return OpenAIChatProvider(model, base_url=base_url, api_key=api_key, timeout_s=timeout_s)

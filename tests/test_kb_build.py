@@ -232,5 +232,8 @@ def test_vqa_on_the_anomalous_images_of_a_dataset(tmp_path, env, cli, hazelnut_r
     assert len(store.descriptions("hazelnut", ["builtin"])) == 5
     vqa = store.descriptions("hazelnut", ["vqa"])
     assert len(vqa) == 17 and all("/test/colour/" in d.image_path for d in vqa)
-    code, out, err = cli("kb", "build", "--classes", "walnut", "--kb", kb, "--data", f"mvtec:{hazelnut_root}")
+    code, out, err = cli("kb", "build", "--classes", "walnut", "--kb", kb, "--vqa", "openai:llama3.2-vision", "--data",
+                         f"mvtec:{hazelnut_root}")
     assert code == 2 and "must be classes of" in err
+    code, out, err = cli("kb", "build", "--classes", "hazelnut", "--kb", kb, "--data", f"mvtec:{hazelnut_root}")
+    assert code == 2 and "add --vqa" in err

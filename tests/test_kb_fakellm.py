@@ -101,4 +101,4 @@ def test_build_against_fakellm(tmp_path, fakellm, cli, monkeypatch):
         assert con.execute("SELECT count(*) FROM calls WHERE status = 'ok' AND input_tokens > 0").fetchone()[0] == 19
     assert KEY.encode() not in kb.read_bytes() and KEY not in out + err
     code, out, _ = cli(*args)  # everything stored: the second run asks nothing
-    assert code == 0 and "calls made: 0, reused from the knowledge base: 0" in out
+    assert code == 0 and "model calls: 0 made (0 answered, 0 failed and were retried, 0 failed for good), 0 reused" in out

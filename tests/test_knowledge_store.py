@@ -15,12 +15,16 @@ def columns(con, table):
 def test_migrations_create_the_exact_schema(tmp_path):
     store = KnowledgeStore(tmp_path / "kb.duckdb")
     with store.connect(read_only=True) as con:
-        assert schema_version(con) == SCHEMA_VERSION == 2
+        assert schema_version(con) == SCHEMA_VERSION == 3
         assert columns(con, "descriptions") == ["id", "class_name", "source", "text", "call_id", "image_path", "created_at"]
         assert columns(con, "calls") == ["id", "call_key", "kind", "provider", "requested_model", "served_model", "class_name",
                                          "prompt", "image_path", "image_sha256", "options_json", "reply", "input_tokens",
                                          "output_tokens", "latency_s", "status", "error", "created_at", "attempts"]
         assert columns(con, "text_features") == ["backbone", "text_sha256", "dim", "vector", "created_at"]
+        assert columns(con, "call_keys") == ["call_key", "call_id"]
+        assert columns(con, "description_keys") == ["dedup_key", "description_id"]
+        # no named index: DuckDB 1.1 cannot open a renamed copy of a file that has one
+        assert con.execute("SELECT count(*) FROM duckdb_indexes()").fetchone()[0] == 0
 
 
 def test_upgrade_from_the_first_schema_keeps_data(tmp_path):
@@ -31,12 +35,12 @@ def test_upgrade_from_the_first_schema_keeps_data(tmp_path):
     con.close()
     store = KnowledgeStore(path)  # opening upgrades
     with store.connect(read_only=True) as con:
-        assert schema_version(con) == 2
-        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == [1, 2]
+        assert schema_version(con) == 3
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == [1, 2, 3]
     assert [d.text for d in store.descriptions("bottle")] == ["a cracked bottle"]
     KnowledgeStore(path)  # idempotent
     with store.connect(read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 2
+        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 3
 
 
 def test_source_is_checked(tmp_path):
