@@ -128,12 +128,13 @@ def kb_export(out: Path = typer.Argument(..., help="file.jsonl or file.parquet")
 
 
 @kb_app.command("import")
-def kb_import(src: Path = typer.Argument(..., help="JSONL with class_name and text per line"),
-              kb: Path = typer.Option(Path("kb.duckdb"), "--kb")):
-    """Import descriptions from JSONL (source 'import'); existing ones are skipped."""
-    from knowledge_store import import_jsonl
+def kb_import(src: Path = typer.Argument(..., help="file.jsonl or file.parquet with class_name and text (what kb export writes)"),
+              kb: Path = typer.Option(Path("kb.duckdb"), "--kb"),
+              create: bool = typer.Option(False, "--create", help="start a new knowledge base if --kb does not exist")):
+    """Import descriptions from JSONL or Parquet (source 'import'); existing ones are skipped."""
+    from knowledge_store import import_descriptions
 
-    added, skipped = import_jsonl(kb, src)
+    added, skipped = import_descriptions(kb, src, create=create)
     typer.echo(f"imported {added} descriptions into {kb} ({skipped} already present)")
 
 

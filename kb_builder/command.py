@@ -90,9 +90,9 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
                    [(c, f"{r.llm}/{r.llm_needed}", f"{r.vqa}/{r.vqa_needed}", r.failed_calls) for c, r in report.classes.items()])
     ui.out.print(report.accounting.line())
     for f in report.failures[:20]:
-        ui.err.print(clean(f"  failed: {f}"))
+        ui.err.print(clean(f"  failed: {f}"), markup=False)
     for note in report.exhausted:
-        ui.err.print(note)
+        ui.err.print(note, markup=False)
     if report.missing:
         spent = {c for c, r in report.classes.items() if r.llm_short}
         rerun = [m for m in report.missing if not (" LLM " in m and m.split(":")[0] in spent)]
@@ -112,11 +112,13 @@ def print_stats(kb: Path, as_json: bool) -> None:
     sources = ["llm", "vqa", "builtin", "import"]
     ui.print_table("descriptions per class", ["class", *sources, "total"],
                    [(c, *[v[s_] for s_ in sources], sum(v.values())) for c, v in s["classes"].items()])
-    ui.print_table("model calls", ["kind", "provider", "model", "ok", "failed", "tokens in", "tokens out", "mean latency s", "cost USD"],
-                   [(r["kind"], r["provider"], r["model"], r["ok"], r["failed"], r["input_tokens"], r["output_tokens"],
-                     r["mean_latency_s"], r["cost_usd"]) for r in s["calls"]])
+    ui.print_table("model calls (one row per request)", ["kind", "provider", "model", "ok", "failed, later succeeded",
+                                                         "still failing", "tokens in", "tokens out", "mean latency s", "cost USD"],
+                   [(r["kind"], r["provider"], r["model"], r["ok"], r["failed_then_succeeded"], r["still_failing"],
+                     r["input_tokens"], r["output_tokens"], r["mean_latency_s"], r["cost_usd"]) for r in s["calls"]])
     cost = s["estimated_cost_usd"]
     ui.out.print(f"estimated cost: {'unknown (a model without a known price)' if cost is None else f'${cost:.4f}'}")
     if s["recent_failures"]:
-        ui.print_table("recent failures", ["class", "kind", "image", "error"],
+        ui.print_table("still failing (latest attempt per call; retried failures that later succeeded are not listed)",
+                       ["class", "kind", "image", "error"],
                        [(f["class_name"], f["kind"], f["image_path"], f["error"]) for f in s["recent_failures"]])

@@ -77,10 +77,10 @@ def image_to_png(image: bytes, max_side: int = 1120) -> tuple[bytes, tuple[int, 
 
 
 def scrub(text: str, secrets) -> str:
-    """`text` with every secret (API key) replaced by [redacted]: a server may echo the key in an error."""
+    """`text` with every secret (API key) replaced by <redacted>: a server may echo the key in an error."""
     for key in secrets:
         if key and len(key) >= 4 and key in text:
-            text = text.replace(key, "[redacted]")
+            text = text.replace(key, "<redacted>")
     return text
 
 
