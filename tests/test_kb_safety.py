@@ -234,7 +234,7 @@ def test_timeout_bounds_a_trickling_reply(tmp_path):
                              timeout=40)
         elapsed = time.monotonic() - t0
     assert run.returncode == 1 and "timeout" in run.stderr, run.stderr
-    assert elapsed < 15, f"two tries of 2 s each took {elapsed:.1f} s"
+    assert elapsed < 25, f"two tries of 2 s each (plus start-up) took {elapsed:.1f} s"
     with duckdb.connect(str(kb), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM calls WHERE status = 'error' AND error LIKE 'timeout%'").fetchone()[0] == 2
 
