@@ -1,4 +1,4 @@
-"""w̄ᵏ per class (eq. 3) from the knowledge base, with text features cached in the KB itself."""
+"""w̄ᵏ per class (eq. 3) from the knowledge base, with text features cached in the KB itself when it can be written."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def knowledge_vectors(model: KAnoCLIP, store: KnowledgeStore, classes: list[str]
     """class -> w̄ᵏ (E,) on the model's device, and counts {class: {"descriptions": n, "encoded": k}}.
 
     Text features are cached per (backbone weights, text) in the KB's text_features table, so a
-    second run with the same backbone encodes nothing.
+    second run with the same backbone encodes nothing. The KB is read without the write lock; the cache
+    is written only if the file can be written at that moment (not open elsewhere, not read-only), so
+    training never waits for nor fails on the lock.
     """
     key = f"{model.backbone.spec}#{backbone_fingerprint(model)}"
     texts_per_class: dict[str, list[str]] = {}
@@ -36,9 +38,12 @@ def knowledge_vectors(model: KAnoCLIP, store: KnowledgeStore, classes: list[str]
     if todo:
         feats = model.prompts.tower.encode(todo).float().cpu()
         new = {t: f.tolist() for t, f in zip(todo, feats)}
-        store.store_text_features(key, new)
+        cached_now = store.try_store_text_features(key, new)
         cached.update(new)
+    else:
+        cached_now = True
     dev = model.backbone.device
     vectors = {c: knowledge_vector(torch.tensor([cached[t] for t in ts], dtype=torch.float32)).to(dev) for c, ts in texts_per_class.items()}
     counts = {c: {"descriptions": len(ts)} for c, ts in texts_per_class.items()}
-    return vectors, {"classes": counts, "encoded": len(todo), "from_cache": len(all_texts) - len(todo)}
+    return vectors, {"classes": counts, "encoded": len(todo), "from_cache": len(all_texts) - len(todo),
+                     "cache_written": cached_now}

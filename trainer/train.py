@@ -86,7 +86,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = No
     if not samples:
         raise KanoError(f"{cfg.data} must have {cfg.split} images for {', '.join(classes)}, got none")
     labels = torch.tensor([s.label for s in samples], dtype=torch.float32)
-    store = KnowledgeStore(cfg.kb, create=False)
+    store = KnowledgeStore(cfg.kb, create=False, read_only=True)  # no write lock: works while the KB is open elsewhere
 
     bb = build_backbone(cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages, vv_start=cfg.vv_start)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
