@@ -21,8 +21,8 @@ import duckdb, json, sys
 out = {}
 for path in sys.argv[1:]:
     con = duckdb.connect(path, read_only=True)
-    out[path] = {"version": duckdb.__version__, **{t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                 for t in ("calls", "descriptions", "text_features", "schema_version", "call_keys", "description_keys")}}
+    tables = [r[0] for r in con.execute("SHOW TABLES").fetchall()]
+    out[path] = {"version": duckdb.__version__, **{t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}}
     con.close()
 print(json.dumps(out))
 """
