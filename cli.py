@@ -118,6 +118,15 @@ def kb_stats(kb: Path = typer.Option(Path("kb.duckdb"), "--kb"), as_json: bool =
     kb_command.print_stats(kb, as_json)
 
 
+@kb_app.command("upgrade")
+def kb_upgrade(kb: Path = typer.Option(Path("kb.duckdb"), "--kb")):
+    """Apply pending schema migrations to a knowledge base written by an older Kano (nothing else changes)."""
+    from knowledge_store import upgrade
+
+    before, after = upgrade(kb)
+    typer.echo(f"{kb}: schema version {before} -> {after}" if after != before else f"{kb}: schema version {after}, up to date")
+
+
 @kb_app.command("export")
 def kb_export(out: Path = typer.Argument(..., help="file.jsonl or file.parquet"), kb: Path = typer.Option(Path("kb.duckdb"), "--kb")):
     """Export descriptions (with provider and model) to JSONL or Parquet."""

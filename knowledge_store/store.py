@@ -432,3 +432,17 @@ class KnowledgeStore:
         for r in rows:
             h.update("\x1f".join(r).encode() + b"\x1e")
         return h.hexdigest()
+
+
+def upgrade(path: str | os.PathLike) -> tuple[int, int]:
+    """Migrate an existing KB file to the current schema. Returns (version before, version after)."""
+    p = Path(path)
+    if not p.is_file():
+        raise KanoError(f"knowledge base {p} must be an existing DuckDB file, got no such file")
+    con = _connect(p, read_only=False)
+    try:
+        with database_errors(p):
+            before = schema_version(con)
+            return before, migrate(con)
+    finally:
+        con.close()

@@ -41,7 +41,8 @@ def test_duckdb_1_1_opens_the_kb_under_any_name(tmp_path, cli, monkeypatch):
     con = duckdb.connect(str(old), config={"storage_compatibility_version": "v1.1.0"})
     migrate(con, upto=2)
     con.close()
-    KnowledgeStore(old)
+    code, out, err = cli("kb", "upgrade", "--kb", old)
+    assert code == 0 and "schema version 2 -> 3" in out, err
     copies = [shutil.copy(kb, tmp_path / "renamed copy.duckdb"), shutil.copy(old, tmp_path / "old-renamed.duckdb")]
     run = subprocess.run([DUCKDB11, "-c", READ_ALL, str(kb), *map(str, copies)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

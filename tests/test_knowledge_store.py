@@ -5,7 +5,7 @@ import pytest
 
 from kano.errors import KanoError
 from knowledge_store import (SCHEMA_VERSION, CallRecord, Description, KnowledgeStore, export, import_jsonl, migrate, run_sql,
-                             schema_version, stats)
+                             schema_version, stats, upgrade)
 
 
 def columns(con, table):
@@ -107,3 +107,32 @@ def test_not_a_duckdb_file(tmp_path):
     bad.write_text("hello, not a database")
     with pytest.raises(KanoError, match="x.duckdb"):
         KnowledgeStore(bad)
+
+
+def test_migration_3_removes_the_duplicates_an_older_kano_stored(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrate(con, upto=2)
+    ins_call = ("INSERT INTO calls (call_key, kind, provider, requested_model, class_name, prompt, image_path, options_json, "
+                "status, created_at) VALUES (?, ?, 'openai', 'm', 'nut', 'Q', ?, '{}', ?, now()) RETURNING id")
+    llm1 = con.execute(ins_call, ["L", "llm", None, "ok"]).fetchone()[0]
+    llm2 = con.execute(ins_call, ["L", "llm", None, "ok"]).fetchone()[0]   # the same call made by a second build
+    v1 = con.execute(ins_call, ["V", "vqa", "a.png", "ok"]).fetchone()[0]
+    v2 = con.execute(ins_call, ["V", "vqa", "a.png", "ok"]).fetchone()[0]
+    con.execute(ins_call, ["E", "llm", None, "error"])
+    ins = "INSERT INTO descriptions (class_name, source, text, call_id, image_path, created_at) VALUES ('nut', ?, ?, ?, ?, now())"
+    for args in (["llm", "A nut with a crack.", llm1, None], ["llm", "a nut  with a CRACK", llm2, None],
+                 ["llm", "A nut with a hole", llm2, None], ["vqa", "first answer", v1, "a.png"], ["vqa", "second answer", v2, "a.png"],
+                 ["builtin", "a nut with a stain", None, None], ["builtin", "A nut with a stain.", None, None]):
+        con.execute(ins, args)
+    con.close()
+    assert upgrade(path) == (2, 3)
+    store = KnowledgeStore(path)
+    assert [(d.source, d.text) for d in store.descriptions()] == [
+        ("llm", "A nut with a crack."), ("llm", "A nut with a hole"), ("vqa", "first answer"), ("builtin", "a nut with a stain")]
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT call_key, call_id FROM call_keys ORDER BY 1").fetchall() == [("L", llm1), ("V", v1)]
+        assert con.execute("SELECT count(*) FROM description_keys").fetchone()[0] == 4
+        assert con.execute("SELECT count(*) FROM calls").fetchone()[0] == 5  # the call log itself is kept whole
+    # the keys now hold: the same text again adds nothing
+    assert store.add_descriptions([Description("nut", "builtin", "A NUT with a stain")]) == 0
