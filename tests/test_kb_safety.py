@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def counts(kb: Path) -> dict:
 def test_two_builds_at_once_store_and_bill_everything_once(tmp_path):
     folder = image_folder(tmp_path, n=4, identical=1)  # 5 files, 4 distinct contents
     kb = tmp_path / "kb.duckdb"
-    with FakeOpenAI(delay_s=0.4) as srv:
+    with FakeOpenAI(delay_s=0.3) as srv:
         env = clean_env(OPENAI_BASE_URL=srv.url, OPENAI_API_KEY=KEY)
         # the folder given twice: still one image each
         args = [KANO, "kb", "build", "--classes", "hazelnut,carpet", "--kb", str(kb), "--llm", "openai:gpt-3.5-turbo",
