@@ -41,10 +41,17 @@ class BuildConfig:
     max_retries: int = 4
     backoff_s: float = 1.0
     max_rounds: int = 4
+    # class folder name -> the word(s) that fill the templates' (class): the same word the learnable prompts use
+    # (anomaly_data.prompt_name: pcb1 -> "printed circuit board"), so GPT-3.5 is never asked about "pcb1".
+    # Descriptions are still stored under the folder name. Classes left out get prompt_name(class).
+    prompt_words: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.classes:
             raise KanoError("--classes must name at least one class, got none")
+        from anomaly_data.names import prompt_name
+
+        self.prompt_words = {c: self.prompt_words.get(c) or prompt_name(c) for c in self.classes}
         if self.n_llm < 1 or self.m_vqa < 0:
             raise KanoError(f"--n-llm must be >= 1 and --m-vqa >= 0, got {self.n_llm} and {self.m_vqa}")
         if self.concurrency < 1:
@@ -170,7 +177,7 @@ class _Builder:
             if len(have) >= n:
                 break
             missing = n - len(have)
-            prompt = llm_prompt(cls, missing)
+            prompt = llm_prompt(self.cfg.prompt_words[cls], missing)
             options = {"temperature": self.cfg.llm_temperature, "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed + rnd}
             got = self._call(self.llm, "llm", cls, prompt, None, None, None, options,
                              accept=lambda text: parse_descriptions(text) or None)
@@ -207,7 +214,7 @@ class _Builder:
                 cleaned = clean_vqa_reply(text)
                 return [cleaned] if cleaned else None
 
-            self._call(self.vqa, "vqa", cls, vqa_prompt(cls), data, str(path), hashlib.sha256(data).hexdigest(),
+            self._call(self.vqa, "vqa", cls, vqa_prompt(self.cfg.prompt_words[cls]), data, str(path), hashlib.sha256(data).hexdigest(),
                        vqa_options(self.cfg, j), accept)
         self.progress(1)
 
@@ -222,7 +229,8 @@ def _vqa_done(store: KnowledgeStore, provider: Provider, cls: str, path: Path, j
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return False
-    return store.successful_call(call_key(provider.provider, provider.model, vqa_prompt(cls), sha, vqa_options(cfg, j))) is not None
+    key = call_key(provider.provider, provider.model, vqa_prompt(cfg.prompt_words[cls]), sha, vqa_options(cfg, j))
+    return store.successful_call(key) is not None
 
 
 def build_knowledge_base(store: KnowledgeStore, cfg: BuildConfig, llm: Provider | None, vqa: Provider | None,
@@ -239,13 +247,13 @@ def build_knowledge_base(store: KnowledgeStore, cfg: BuildConfig, llm: Provider 
                 store.add_descriptions([Description(cls, "builtin", t) for t in new])
         elif (have_llm := len(store.descriptions(cls, ["llm"]))) < cfg.n_llm:
             llm_jobs.append(cls)
-            planned.append(PlannedCall("llm", cls, llm_prompt(cls, cfg.n_llm - have_llm)))
+            planned.append(PlannedCall("llm", cls, llm_prompt(cfg.prompt_words[cls], cfg.n_llm - have_llm)))
         if vqa is not None:
             for path in cfg.images.get(cls, []):
                 for j in range(cfg.m_vqa):
                     if not _vqa_done(store, vqa, cls, path, j, cfg):
                         vqa_jobs.append((cls, path, j))
-                        planned.append(PlannedCall("vqa", cls, vqa_prompt(cls), str(path)))
+                        planned.append(PlannedCall("vqa", cls, vqa_prompt(cfg.prompt_words[cls]), str(path)))
     report_classes = {c: ClassReport() for c in cfg.classes}
     if dry_run:
         return _finish(store, cfg, vqa, report_classes, 0, 0, [], planned, {})

@@ -30,11 +30,15 @@ MIN_WORDS = 4
 
 
 def llm_prompt(class_name: str, k: int) -> str:
-    """The LLM request text: the paper's template asking for k descriptions."""
+    """The LLM request text: the paper's template asking for k descriptions.
+
+    `class_name` is the prompt word (anomaly_data.prompt_name: "printed circuit board"), not the folder name.
+    """
     return LLM_TEMPLATE.format(class_name=class_name) + LLM_COUNT_SUFFIX.format(k=k)
 
 
 def vqa_prompt(class_name: str) -> str:
+    """The VQA question; `class_name` is the prompt word, as for llm_prompt."""
     return VQA_TEMPLATE.format(class_name=class_name)
 
 
