@@ -182,6 +182,9 @@ def train_cmd(
     no_vv: bool = typer.Option(False, "--no-vv", help="ablation: Q-K patch tokens"),
     no_bicmci: bool = typer.Option(False, "--no-bicmci", help="ablation: linear head + cosine"),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="ablation: raw global feature"),
+    knowledge_sources: Optional[str] = typer.Option(
+        None, "--knowledge-sources", help="KB sources feeding w̄ᵏ, e.g. llm,vqa,builtin (default llm,vqa; builtin/import "
+        "only for a class with neither, with a warning)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
@@ -195,7 +198,8 @@ def train_cmd(
         stages=[int(s) for s in stages.split(",")] if stages else None, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device,
         use_knpl=False if no_knpl else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
-        use_adapter=False if no_adapter else None))
+        use_adapter=False if no_adapter else None,
+        knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
 
 
 @app.command("eval")

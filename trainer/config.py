@@ -32,6 +32,9 @@ class TrainConfig:
     cache_dir: str | None = None                      # default ~/.cache/kano/features
     device: str | None = None
     workers: int = 0
+    # which KB descriptions feed w̄ᵏ (eq. 3). None: llm + vqa, and the built-in pack / imports only for a class
+    # with neither (training warns). A list (of llm, vqa, builtin, import): exactly those.
+    knowledge_sources: list[str] | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -48,6 +51,10 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.knowledge_sources is not None:
+            from .knowledge import check_sources
+
+            self.knowledge_sources = list(check_sources(self.knowledge_sources))
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {self.split!r}")
         if self.stages is not None and self.vv_start is not None and self.model.use_vv and self.vv_start > max(self.stages):
