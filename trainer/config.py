@@ -1,4 +1,9 @@
-"""Training configuration: the paper's defaults, validated, saved with every run."""
+"""Training configuration, validated, saved with every run.
+
+Defaults and their source: the backbone (ViT-L/14@336) is the paper's; image size 518, stages 6/12/18/24,
+Adam 1e-3 with betas (0.5, 0.999), batch 8 and 15 epochs are AnomalyCLIP's published settings, which the
+KAnoCLIP paper does not state.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,14 @@ CACHE_MODES = ("auto", "memory", "disk", "off")
 class TrainConfig:
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
-    backbone: str = "ViT-L-14-336-quickgelu:openai"
+    backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336
     out: str = "runs/kano"
     classes: list[str] | None = None                  # default: every class of the auxiliary data
     split: str = "test"                               # the protocol trains on the auxiliary TEST split
-    image_size: int | None = None                     # default 518 for ViT-L-14-336, else the model's own
-    stages: list[int] | None = None                   # default 6, 12, 18, 24 (spread for other depths)
+    image_size: int | None = None                     # default 518 for ViT-L-14-336 (AnomalyCLIP's), else the model's own
+    stages: list[int] | None = None                   # default 6, 12, 18, 24 (AnomalyCLIP's; spread for other depths)
     vv_start: int | None = None
-    epochs: int = 15
+    epochs: int = 15                                  # epochs, batch, lr, betas: AnomalyCLIP's settings (not in the paper)
     batch_size: int = 8
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
