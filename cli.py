@@ -182,14 +182,14 @@ def train_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="run directory"),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file with TrainConfig keys (flags override it)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="training classes (default all)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size"),
-    stages: Optional[str] = typer.Option(None, "--stages", help="e.g. 6,12,18,24"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="default 518 for ViT-L-14-336 (AnomalyCLIP's setting)"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="default 6,12,18,24 for 24 blocks (AnomalyCLIP's setting)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="default 15 (AnomalyCLIP's setting)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 8 (AnomalyCLIP's setting)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam, default 1e-3 with betas (0.5, 0.999) (AnomalyCLIP's setting)"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length"),
-    sigma: Optional[float] = typer.Option(None, "--sigma"),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length (default 12, the paper's)"),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="G_σ of eq. 10 (default 4, AnomalyCLIP's setting)"),
     cache: Optional[str] = typer.Option(None, "--cache", help="auto | memory | disk | off"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -197,6 +197,9 @@ def train_cmd(
     no_vv: bool = typer.Option(False, "--no-vv", help="ablation: Q-K patch tokens"),
     no_bicmci: bool = typer.Option(False, "--no-bicmci", help="ablation: linear head + cosine"),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="ablation: raw global feature"),
+    knowledge_sources: Optional[str] = typer.Option(
+        None, "--knowledge-sources", help="KB sources feeding w̄ᵏ, e.g. llm,vqa,builtin (default llm,vqa; builtin/import "
+        "only for a class with neither, with a warning)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
@@ -210,7 +213,8 @@ def train_cmd(
         stages=[int(s) for s in stages.split(",")] if stages else None, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device,
         use_knpl=False if no_knpl else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
-        use_adapter=False if no_adapter else None))
+        use_adapter=False if no_adapter else None,
+        knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
 
 
 @app.command("eval")

@@ -19,14 +19,15 @@ from .prompts import FixedPrompts, PromptLearner, TextTower, kd_loss
 
 @dataclass
 class ModelConfig:
-    """Model hyper-parameters with the paper's defaults."""
+    """Model hyper-parameters. The paper gives K=12 and α=β=γ=1; σ=4 is AnomalyCLIP's; the BiCA and adapter
+    widths are ours (the paper gives none)."""
 
     n_ctx: int = 12                                   # K, learnable prefix length (§3.1)
     prompt_class: str | None = None                   # None: the class name fills [class] (eq. 1); a word such as
                                                       # "object" makes the prompts class-agnostic (AnomalyCLIP style)
     normal_words: tuple[str, ...] = ("normal", "perfect")
     abnormal_words: tuple[str, ...] = ("abnormal", "defective")
-    sigma: float = 4.0                                # G_σ of eq. 10, in output pixels
+    sigma: float = 4.0                                # G_σ of eq. 10, in output pixels (AnomalyCLIP's value)
     bica_dim: int = 128
     bica_heads: int = 4
     deform_stride: int = 2
@@ -36,7 +37,7 @@ class ModelConfig:
     use_vv: bool = True
     use_bicmci: bool = True
     use_adapter: bool = True
-    alpha: float = 1.0                                # eq. 13 weights
+    alpha: float = 1.0                                # eq. 13 weights, all 1 in the paper
     beta: float = 1.0
     gamma: float = 1.0
     focal_gamma: float = 2.0

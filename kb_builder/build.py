@@ -44,6 +44,10 @@ class BuildConfig:
     max_retries: int = 4
     backoff_s: float = 1.0
     max_rounds: int = 4
+    # class folder name -> the word(s) that fill the templates' (class): the same word the learnable prompts use
+    # (anomaly_data.prompt_name: pcb1 -> "printed circuit board"), so GPT-3.5 is never asked about "pcb1".
+    # Descriptions are still stored under the folder name. Classes left out get prompt_name(class).
+    prompt_words: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.classes = list(dict.fromkeys(self.classes))  # "a,a" is one class
@@ -53,6 +57,9 @@ class BuildConfig:
             raise KanoError(f"--max-rounds must be >= 1, got {self.max_rounds}")
         # one folder given twice (or a file reached by two spellings) is one image
         self.images = {c: list({p.resolve(): p for p in reversed(list(ps))}.values())[::-1] for c, ps in self.images.items()}
+        from anomaly_data.names import prompt_name
+
+        self.prompt_words = {c: self.prompt_words.get(c) or prompt_name(c) for c in self.classes}
         if self.n_llm < 1 or self.m_vqa < 0:
             raise KanoError(f"--n-llm must be >= 1 and --m-vqa >= 0, got {self.n_llm} and {self.m_vqa}")
         if self.concurrency < 1:
@@ -230,7 +237,7 @@ class _Builder:
                 have = self.store.count_descriptions(cls, "llm")
             if have >= n:
                 break
-            prompt = llm_prompt(cls, n - have)
+            prompt = llm_prompt(self.cfg.prompt_words[cls], n - have)
             options = {"temperature": self.cfg.llm_temperature, "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed + rnd}
             key = call_key(llm.provider, llm.model, prompt, None, options)
             with self.lock:
@@ -271,7 +278,7 @@ class _Builder:
                     self.store.attach_descriptions(job.key, as_descriptions([text]))
                 self.acc.reused += 1
         if stored is None:
-            self._call(self.vqa, "vqa", job.cls, vqa_prompt(job.cls), job.data, str(job.paths[0]), job.sha,
+            self._call(self.vqa, "vqa", job.cls, vqa_prompt(self.cfg.prompt_words[job.cls]), job.data, str(job.paths[0]), job.sha,
                        vqa_options(self.cfg, job.j), accept, as_descriptions)
         self.progress(1)
 
@@ -300,7 +307,7 @@ def _plan_vqa(store: KnowledgeStore, cfg: BuildConfig, vqa: Provider, classes: l
                 continue
             sha = hashlib.sha256(data).hexdigest()
             for j in range(cfg.m_vqa):
-                key = call_key(vqa.provider, vqa.model, vqa_prompt(cls), sha, vqa_options(cfg, j))
+                key = call_key(vqa.provider, vqa.model, vqa_prompt(cfg.prompt_words[cls]), sha, vqa_options(cfg, j))
                 if (str(path), key) in described:
                     done += 1
                     continue
@@ -324,11 +331,11 @@ def build_knowledge_base(store: KnowledgeStore, cfg: BuildConfig, llm: Provider 
                 store.add_descriptions([Description(cls, "builtin", t) for t in builtin_descriptions(cls, cfg.n_llm)])
         elif (have_llm := store.count_descriptions(cls, "llm")) < cfg.n_llm:
             llm_jobs.append(cls)
-            planned.append(PlannedCall("llm", cls, llm_prompt(cls, cfg.n_llm - have_llm)))
+            planned.append(PlannedCall("llm", cls, llm_prompt(cfg.prompt_words[cls], cfg.n_llm - have_llm)))
     unreadable: list[tuple[str, str]] = []
     vqa_jobs, _ = _plan_vqa(store, cfg, vqa, cfg.classes, unreadable) if vqa is not None else ([], 0)
     for job in vqa_jobs:
-        planned.append(PlannedCall("vqa", job.cls, vqa_prompt(job.cls), ", ".join(map(str, job.paths))))
+        planned.append(PlannedCall("vqa", job.cls, vqa_prompt(cfg.prompt_words[job.cls]), ", ".join(map(str, job.paths))))
     report_classes = {c: ClassReport() for c in cfg.classes}
     if dry_run:
         return _finish(store, cfg, vqa, report_classes, Accounting(), [], planned, Counter(), {}, notes)

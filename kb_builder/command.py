@@ -112,6 +112,9 @@ def print_stats(kb: Path, as_json: bool) -> None:
     sources = ["llm", "vqa", "builtin", "import"]
     ui.print_table("descriptions per class", ["class", *sources, "total"],
                    [(c, *[v[s_] for s_ in sources], sum(v.values())) for c, v in s["classes"].items()])
+    note = _wording_note(list(s["classes"]))
+    if note:
+        ui.out.print(note)
     ui.print_table("model calls (one row per request)", ["kind", "provider", "model", "ok", "failed, later succeeded",
                                                          "still failing", "tokens in", "tokens out", "mean latency s", "cost USD"],
                    [(r["kind"], r["provider"], r["model"], r["ok"], r["failed_then_succeeded"], r["still_failing"],
@@ -122,3 +125,17 @@ def print_stats(kb: Path, as_json: bool) -> None:
         ui.print_table("still failing (latest attempt per call; retried failures that later succeeded are not listed)",
                        ["class", "kind", "image", "error"],
                        [(f["class_name"], f["kind"], f["image_path"], f["error"]) for f in s["recent_failures"]])
+
+
+def _wording_note(classes: list[str]) -> str | None:
+    """A note for KBs holding classes whose prompt word differs from the folder name (pcb1 -> printed circuit board)."""
+    from anomaly_data.names import prompt_name
+
+    renamed = [f"{c} -> {prompt_name(c)!r}" for c in classes if prompt_name(c) != c]
+    if not renamed:
+        return None
+    return ("note: the LLM and VQA questions name these classes by their prompt word: " + ", ".join(renamed[:6])
+            + (", ..." if len(renamed) > 6 else "") + ". Calls an earlier Kano made with the folder name are not "
+            "reused for the new wording (the call key includes the prompt): VQA images are asked again and stored "
+            "beside the old answers, and a class that already holds n LLM descriptions keeps them. Build a new KB file to "
+            "use the new wording alone.")

@@ -18,7 +18,7 @@ VQA_TEMPLATE = (
     "Describe each anomaly's location, color, shape, size, and other characteristics."
 )
 # Our addition after the template, so a reply can be split into n separate sentences.
-LLM_COUNT_SUFFIX = "\nGive {k} different descriptions, one per line, each a single complete sentence."
+LLM_COUNT_SUFFIX = "\nGive {k} different {noun}, one per line, each a single complete sentence."
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u2023\u25cf>]+|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)])\s+")
 _REFUSAL = re.compile(
@@ -30,11 +30,15 @@ MIN_WORDS = 4
 
 
 def llm_prompt(class_name: str, k: int) -> str:
-    """The LLM request text: the paper's template asking for k descriptions."""
-    return LLM_TEMPLATE.format(class_name=class_name) + LLM_COUNT_SUFFIX.format(k=k)
+    """The LLM request text: the paper's template asking for k descriptions.
+
+    `class_name` is the prompt word (anomaly_data.prompt_name: "printed circuit board"), not the folder name.
+    """
+    return LLM_TEMPLATE.format(class_name=class_name) + LLM_COUNT_SUFFIX.format(k=k, noun="description" if k == 1 else "descriptions")
 
 
 def vqa_prompt(class_name: str) -> str:
+    """The VQA question; `class_name` is the prompt word, as for llm_prompt."""
     return VQA_TEMPLATE.format(class_name=class_name)
 
 

@@ -1,4 +1,9 @@
-"""Training configuration: the paper's defaults, validated, saved with every run."""
+"""Training configuration, validated, saved with every run.
+
+Defaults and their source: the backbone (ViT-L/14@336) is the paper's; image size 518, stages 6/12/18/24,
+Adam 1e-3 with betas (0.5, 0.999), batch 8 and 15 epochs are AnomalyCLIP's published settings, which the
+KAnoCLIP paper does not state.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,14 @@ CACHE_MODES = ("auto", "memory", "disk", "off")
 class TrainConfig:
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
-    backbone: str = "ViT-L-14-336-quickgelu:openai"
+    backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336
     out: str = "runs/kano"
     classes: list[str] | None = None                  # default: every class of the auxiliary data
     split: str = "test"                               # the protocol trains on the auxiliary TEST split
-    image_size: int | None = None                     # default 518 for ViT-L-14-336, else the model's own
-    stages: list[int] | None = None                   # default 6, 12, 18, 24 (spread for other depths)
+    image_size: int | None = None                     # default 518 for ViT-L-14-336 (AnomalyCLIP's), else the model's own
+    stages: list[int] | None = None                   # default 6, 12, 18, 24 (AnomalyCLIP's; spread for other depths)
     vv_start: int | None = None
-    epochs: int = 15
+    epochs: int = 15                                  # epochs, batch, lr, betas: AnomalyCLIP's settings (not in the paper)
     batch_size: int = 8
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
@@ -32,6 +37,9 @@ class TrainConfig:
     cache_dir: str | None = None                      # default ~/.cache/kano/features
     device: str | None = None
     workers: int = 0
+    # which KB descriptions feed w̄ᵏ (eq. 3). None: llm + vqa, and the built-in pack / imports only for a class
+    # with neither (training warns). A list (of llm, vqa, builtin, import): exactly those.
+    knowledge_sources: list[str] | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -48,6 +56,10 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.knowledge_sources is not None:
+            from .knowledge import check_sources
+
+            self.knowledge_sources = list(check_sources(self.knowledge_sources))
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {self.split!r}")
         if self.stages is not None and self.vv_start is not None and self.model.use_vv and self.vv_start > max(self.stages):

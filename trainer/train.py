@@ -20,7 +20,7 @@ from knowledge_store import KnowledgeStore
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
 from .config import TrainConfig
-from .knowledge import knowledge_vectors
+from .knowledge import fallback_warning, knowledge_vectors
 
 
 def seed_everything(seed: int) -> None:
@@ -91,7 +91,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = No
     bb = build_backbone(cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages, vv_start=cfg.vv_start)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = KAnoCLIP(bb, cfg.model)
-    folder_vectors, kinfo = knowledge_vectors(model, store, classes)
+    folder_vectors, kinfo = knowledge_vectors(model, store, classes, cfg.knowledge_sources)
+    if cfg.model.use_knpl and (warning := fallback_warning(kinfo)):
+        log(warning)
     names = {c: cfg.model.prompt_class or prompt_name(c) for c in classes}
     grouped: dict[str, list[torch.Tensor]] = {}
     for c, v in folder_vectors.items():  # folders sharing a prompt word (pcb1..pcb4) share one w̄ᵏ
