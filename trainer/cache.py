@@ -135,6 +135,7 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
                 for stale in cache_dir.glob(f"{key}.tmp-*"):  # left by a killed build (we hold the lock: nobody else builds)
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir))
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's private 0700 would outlive the rename
                 for name, shape in shapes.items():
                     np.lib.format.open_memmap(tmp / name, "w+", np.float16, tuple(shape)).flush()
         tmp_name = dist.broadcast(str(tmp) if tmp else None)
@@ -213,6 +214,12 @@ def _check(folder: Path, key: str, shapes: dict, verify: bool) -> str | None:
     except Exception as exc:  # truncated, garbage header, empty, not JSON: all mean "build it again"
         return f"is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
     return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _sha256(path: Path) -> str:
