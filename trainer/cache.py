@@ -58,6 +58,7 @@ class FeatureStore:
     global_feature: np.ndarray | torch.Tensor
     patches: np.ndarray | torch.Tensor
     location: str  # "memory" or the cache folder
+    encoded: int = 0  # images this process encoded to build it (0: reused from disk)
 
     def get(self, idx: torch.Tensor, device: torch.device) -> VisualFeatures:
         i = idx.cpu().numpy()
@@ -116,13 +117,14 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
         glob = torch.empty(n, e, dtype=torch.float16)
         patches = torch.empty(n, s, l, e, dtype=torch.float16)
         _encode(model, samples, list(range(n)), device, batch_size, workers, progress, glob, patches)
-        return FeatureStore(glob, patches, "memory")
+        return FeatureStore(glob, patches, "memory", n)
 
     cache_dir = Path(cache_dir)
     key = cache_key(model, samples)
     final = cache_dir / key
     lock = None
     tmp = None
+    encoded = 0
     try:
         if dist.main:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -142,8 +144,9 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
         if tmp_name is not None:
             glob = np.load(Path(tmp_name) / "global.npy", mmap_mode="r+")
             patches = np.load(Path(tmp_name) / "patches.npy", mmap_mode="r+")
-            _encode(model, samples, list(range(dist.rank, n, dist.world)), device, batch_size, workers,
-                    progress if dist.main else None, glob, patches)
+            mine = list(range(dist.rank, n, dist.world))
+            _encode(model, samples, mine, device, batch_size, workers, progress if dist.main else None, glob, patches)
+            encoded = len(mine)
             glob.flush()
             patches.flush()
             del glob, patches
@@ -165,7 +168,8 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
     problem = None if dist.main else _check(final, key, shapes, verify=False)  # rank 0 just verified or wrote it
     if problem is not None:
         raise KanoError(f"feature cache {final} must be readable by every process, got: {problem} (is cache_dir on a shared disk?)")
-    return FeatureStore(np.load(final / "global.npy", mmap_mode="r"), np.load(final / "patches.npy", mmap_mode="r"), str(final))
+    return FeatureStore(np.load(final / "global.npy", mmap_mode="r"), np.load(final / "patches.npy", mmap_mode="r"), str(final),
+                        encoded)
 
 
 def _encode(model: KAnoCLIP, samples: list[Sample], mine: list[int], device: torch.device, batch_size: int, workers: int,

@@ -64,9 +64,10 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
             result = run_train(cfg, resume=resume, progress=ui.progress_factory, log=ui.out.print,
                                allow_missing_masks=allow_missing_masks)
     except TrainInterrupted as exc:
-        if main:
+        if main:  # plain stderr, not the console: a wrapped command line could not be pasted
             how = f"\n  {_resume_command()}" if exc.resumable else ""
-            ui.err.print(exc.message + how)
+            sys.stderr.write(exc.message + how + "\n")
+            sys.stderr.flush()
         sys.exit(130)
     if not main:
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"vv_start must be a block number >= 1, got {self.vv_start!r}")
         if self.classes is not None and (not isinstance(self.classes, list) or not all(isinstance(c, str) and c for c in self.classes)):
             raise ValueError(f"classes must be a list of class names, got {self.classes!r}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("kb", "data", "backbone", "out"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")

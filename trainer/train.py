@@ -292,12 +292,14 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     threshold = _f1_threshold(labels, scores_t)
     state = model.trainable_state_dict()
     ranks = [{"rank": r, "weights_sha256": d} for r, d in enumerate(dist.gather(weights_digest(state)))]
+    encoded = dist.gather(feats.encoded if feats else 0)
     if dist.main:
         phase["now"] = "while saving the run"
         ckpt.save_weights(run_dir / ckpt.WEIGHTS, state)
         _write_log(run_dir, history)
         config.update(threshold=threshold, status="finished", epochs_done=cfg.epochs, ranks=ranks,
-                      feature_cache={"mode": cache_mode, "location": feats.location if feats else None},
+                      feature_cache={"mode": cache_mode, "location": feats.location if feats else None,
+                                     "encoded_per_rank": encoded},
                       seconds=round(time.perf_counter() - t_start, 2))
         ckpt.save_config(run_dir, config)
     dist.barrier()
