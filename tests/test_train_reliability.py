@@ -187,7 +187,10 @@ def test_a_kill_after_a_checkpoint_resumes_without_training_an_epoch_twice(world
 def test_ctrl_c_while_encoding_the_cache_lets_the_same_command_start_again(world, lone, tmp_path):
     cache = tmp_path / "cache"
     args = _args(world, tmp_path / "run", cache, "--batch-size", "1", epochs=1, image_size=128)
-    p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job inherits it ignored, and Python then never
+    # raises KeyboardInterrupt
+    p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 200
     while not list(cache.glob("*.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -160,6 +161,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
            allow_missing_masks: bool = False) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(cfg.out)
+
+    def warn(message: str) -> None:  # plain stderr, unwrapped (a path must stay one word), rank 0 only
+        if dist.main:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
     start_epoch = _run_state(run_dir, cfg, resume, log)
     dist.barrier()  # every process checked run_dir before rank 0 writes into it
     seed_everything(cfg.seed)
@@ -236,7 +243,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
         if feats is None and cache_mode != "off":
             phase["now"] = "while encoding the feature cache"
             feats = build_feature_store(model, samples, cache_mode, cache_dir, device, cfg.batch_size, cfg.workers,
-                                        progress("encoding images (once)") if progress else None, dist, log)
+                                        progress("encoding images (once)") if progress else None, dist, warn)
             cache_s = time.perf_counter() - t0
         phase["now"] = f"during epoch {epoch + 1}"
         model.train()
@@ -281,7 +288,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     phase["now"] = "while calibrating the decision threshold"
     if feats is None and cache_mode != "off":
         feats = build_feature_store(model, samples, cache_mode, cache_dir, device, cfg.batch_size, cfg.workers,
-                                    progress("encoding images (once)") if progress else None, dist, log)
+                                    progress("encoding images (once)") if progress else None, dist, warn)
     model.eval()
     scores_t = torch.zeros(len(samples), dtype=torch.float32)
     with torch.no_grad():
