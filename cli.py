@@ -174,25 +174,59 @@ def data_meta(spec: str = typer.Argument(..., help="KIND:PATH"), out: Optional[P
     typer.echo(f"wrote {path}")
 
 
+def _train_defaults():
+    from trainer import TrainConfig
+
+    try:
+        return TrainConfig(data="_")
+    except Exception:  # help must never fail
+        return None
+
+
+_TD = _train_defaults()
+_MD = _TD.model if _TD else None
+
+
+def _d(value) -> str:
+    return f" (default: {value})"
+
+
+def _int_list(name: str, raw: Optional[str]) -> Optional[list[int]]:
+    if raw is None:
+        return None
+    try:
+        return [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise KanoError(f"{name} must be comma-separated block numbers (e.g. 6,12,18,24), got {raw!r}") from None
+
+
 @app.command("train")
 def train_cmd(
-    kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base (kano kb build)"),
-    data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH (its test split, as in the paper)"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] or tiny (default ViT-L-14-336-quickgelu:openai)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON file with TrainConfig keys (flags override it)"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="training classes (default all)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="default 518 for ViT-L-14-336 (AnomalyCLIP's setting)"),
-    stages: Optional[str] = typer.Option(None, "--stages", help="default 6,12,18,24 for 24 blocks (AnomalyCLIP's setting)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="default 15 (AnomalyCLIP's setting)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 8 (AnomalyCLIP's setting)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam, default 1e-3 with betas (0.5, 0.999) (AnomalyCLIP's setting)"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length (default 12, the paper's)"),
-    sigma: Optional[float] = typer.Option(None, "--sigma", help="G_σ of eq. 10 (default 4, AnomalyCLIP's setting)"),
-    cache: Optional[str] = typer.Option(None, "--cache", help="auto | memory | disk | off"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build`" + _d(_TD.kb if _TD else "kb.duckdb")),
+    data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
+                                       "split, as in the paper; kinds: mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, "
+                                       "resc, br35h, covid, headct, meta, folder, hf); required"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] (a tag or a local weights file), or tiny "
+                                           "(random weights, for tests). The default needs CLIP weights downloaded once "
+                                           "into the Hugging Face cache (see the README), or pass MODEL:/path/to/weights"
+                                           + _d(_TD.backbone if _TD else "ViT-L-14-336-quickgelu:openai")),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory: new, or an earlier run with --resume" + _d(_TD.out if _TD else "runs/kano")),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file with TrainConfig keys (and \"model\": {...}); flags override it"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated training classes (default: every class of --data)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels (default: 518 for ViT-L-14-336, "
+                                             "else the model's own)"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated 1-based blocks whose patch tokens make maps "
+                                         "(default: 6,12,18,24 for 24 blocks, spread evenly otherwise)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data" + _d(_TD.epochs if _TD else 15)),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process)" + _d(_TD.batch_size if _TD else 8)),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate" + _d(_TD.lr if _TD else 1e-3)),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed (initial prompts and heads, data order)" + _d(_TD.seed if _TD else 111)),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length (paper: 12)" + _d(_MD.n_ctx if _MD else 12)),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="σ of the Gaussian smoothing the map, in pixels" + _d(_MD.sigma if _MD else 4.0)),
+    cache: Optional[str] = typer.Option(None, "--cache", help="frozen-feature cache: auto | memory | disk | off" + _d(_TD.cache if _TD else "auto")),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="folder of the disk cache (default: ~/.cache/kano/features)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes for encoding images" + _d(_TD.workers if _TD else 0)),
     no_knpl: bool = typer.Option(False, "--no-knpl", help="ablation: fixed prompts"),
     no_vv: bool = typer.Option(False, "--no-vv", help="ablation: Q-K patch tokens"),
     no_bicmci: bool = typer.Option(False, "--no-bicmci", help="ablation: linear head + cosine"),
@@ -200,18 +234,21 @@ def train_cmd(
     knowledge_sources: Optional[str] = typer.Option(
         None, "--knowledge-sources", help="KB sources feeding w̄ᵏ, e.g. llm,vqa,builtin (default llm,vqa; builtin/import "
         "only for a class with neither, with a warning)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last finished epoch"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
 ):
-    """Learn the prompts and fusion heads on an auxiliary dataset."""
+    """Learn the prompts and fusion heads on an auxiliary dataset.
+
+    Several processes train one run: torchrun --nproc_per_node N --no-python kano train ... (gloo on CPU, NCCL on CUDA).
+    """
     from trainer import command as train_command
 
     train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
         kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
-        stages=[int(s) for s in stages.split(",")] if stages else None, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device,
+        stages=_int_list("--stages", stages), epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
         use_knpl=False if no_knpl else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))

@@ -37,7 +37,7 @@ def run(out: Path, epochs: int = 8, seed: int = 0) -> dict:
                      backoff=1.0, timeout=60.0, seed=seed, dry_run=False)
     ui.out.print("[3/4] training on the auxiliary classes (tiny random-weight backbone)")
     run_dir = out / "run"
-    resume = (run_dir / "checkpoint" / "state.json").is_file() and not (run_dir / "weights.safetensors").is_file()
+    resume = (run_dir / "config.json").is_file() and not (run_dir / "weights.safetensors").is_file()
     if not (run_dir / "weights.safetensors").is_file():
         train_command.train(None, resume, dict(kb=str(kb), data=f"mvtec:{aux}", backbone="tiny", out=str(run_dir), epochs=epochs,
                                               batch_size=8, seed=seed, cache="memory", **DEMO_MODEL))

@@ -18,10 +18,6 @@ from .metrics import METRIC_KEYS, all_metrics
 from .visualize import panel
 
 
-def _amp(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
 def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int = 0,
                   advance: Callable[[int], None] = lambda k: None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> image scores (N,), maps (N, S, S) float32, masks (N, S, S) uint8, S = the model's image size."""
@@ -29,12 +25,14 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     scores, maps, masks = [], [], []
-    with torch.inference_mode(), _amp(device):
+    # KAnoCLIP.forward runs the backbone in `backbone_autocast` (the precision the training cache used) and
+    # everything after it in float32, so no autocast here
+    with torch.inference_mode():
         for batch in loader:
             raise_batch_errors(batch)
             res = model(batch["image"].to(device, non_blocking=True), [names[i] for i in batch["index"].tolist()]).inference()
             scores.append(res.image_score.float().cpu())
-            maps.append(res.anomaly_map.float().cpu())  # float32: fp16 would tie the small scores of normal pixels
+            maps.append(res.anomaly_map.float().cpu())
             masks.append(batch["mask"].to(torch.uint8))
             advance(len(batch["index"]))
     return torch.cat(scores), torch.cat(maps), torch.cat(masks)

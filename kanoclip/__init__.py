@@ -4,10 +4,10 @@ from .adapter import ConvAdapter
 from .backbone import Backbone, VisualFeatures, build_backbone, spread_stages
 from .bicmci import BiCA, DeformableSelfAttention, LinearHead
 from .losses import dice_loss, focal_loss, global_loss, local_loss
-from .model import InferenceBatch, KAnoCLIP, ModelConfig, ModelOutput, gaussian_blur
+from .model import InferenceBatch, KAnoCLIP, ModelConfig, ModelOutput, backbone_autocast, full_precision, gaussian_blur
 from .prompts import FIXED_ABNORMAL, FIXED_NORMAL, FixedPrompts, PromptLearner, TextTower, kd_loss, knowledge_vector, tokenize
 
 __all__ = ["Backbone", "BiCA", "ConvAdapter", "DeformableSelfAttention", "FIXED_ABNORMAL", "FIXED_NORMAL", "FixedPrompts",
            "InferenceBatch", "KAnoCLIP", "LinearHead", "ModelConfig", "ModelOutput", "PromptLearner", "TextTower",
-           "VisualFeatures", "build_backbone", "dice_loss", "focal_loss", "gaussian_blur", "global_loss", "kd_loss",
+           "VisualFeatures", "backbone_autocast", "build_backbone", "dice_loss", "focal_loss", "full_precision", "gaussian_blur", "global_loss", "kd_loss",
            "knowledge_vector", "local_loss", "spread_stages", "tokenize"]

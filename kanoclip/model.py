@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -88,6 +89,36 @@ class ModelOutput(NamedTuple):
         return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
 
 
+def backbone_autocast(device: torch.device | str):
+    """The one reduced precision of the frozen backbone, wherever it runs (feature cache, training
+    without cache, evaluation, prediction): fp16 autocast on CUDA, none on CPU. The feature cache
+    stores fp16, so fp16 here loses nothing more than the cache does, and the threshold calibrated
+    on cached features meets scores of the same precision at evaluation time.
+
+    KANO_BACKBONE_AUTOCAST=bf16|fp16|off overrides it (e.g. bf16 on CPU, to check that reduced
+    precision stays inside the backbone). Everything after the backbone runs in float32 whatever
+    the caller's autocast: see `full_precision`.
+    """
+    dev = torch.device(device)
+    choice = os.environ.get("KANO_BACKBONE_AUTOCAST", "").strip().lower()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if choice and choice not in (*dtypes, "off"):
+        raise ValueError(f"KANO_BACKBONE_AUTOCAST must be one of bf16, fp16, off, got {choice!r}")
+    if choice == "off" or (not choice and dev.type != "cuda"):
+        return torch.autocast(dev.type, enabled=False)
+    return torch.autocast(dev.type, dtype=dtypes.get(choice, torch.float16))
+
+
+def full_precision(device: torch.device | str):
+    """Autocast disabled: heads, similarities, softmax, upsampling, Gaussian, scores and losses in float32.
+
+    Half precision there ties scores (measured on a CPU bf16 run: 8,188 distinct map values fell to
+    355, image scores from 64 to 19; logits at scale 100 step by 0.125), and the BCE, the decision
+    threshold and the reported metrics all read those scores.
+    """
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian filter G_σ in torch (runs where x lives). x (N, H, W) -> (N, H, W)."""
     radius = max(1, int(math.ceil(3 * sigma)))
@@ -162,7 +193,16 @@ class KAnoCLIP(nn.Module):
         return self.prompts(class_names)
 
     def forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None = None) -> ModelOutput:
-        """From (cached) visual features and one prompt class name per image to maps and scores."""
+        """From (cached) visual features and one prompt class name per image to maps and scores.
+
+        Always float32 (autocast disabled, features upcast): fp16 cached features or a caller's
+        autocast never reach the heads, similarities, softmax, upsampling or Gaussian.
+        """
+        with full_precision(feats.global_feature.device):
+            feats = VisualFeatures(feats.global_feature.float(), [t.float() for t in feats.patch_tokens])
+            return self._forward_features(feats, class_names, out_size)
+
+    def _forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None) -> ModelOutput:
         out_size = out_size or self.backbone.image_size
         if self.cfg.prompt_class:
             class_names = [self.cfg.prompt_class] * len(class_names)
@@ -194,13 +234,24 @@ class KAnoCLIP(nn.Module):
         return ModelOutput(image_score, anomaly_map, grid[..., 1], global_prob, m_abnormal, m_normal, w_n, w_a, classes)
 
     def forward(self, images: torch.Tensor, class_names: list[str]) -> ModelOutput:
-        """images (N, 3, S, S), one prompt class name per image -> ModelOutput."""
-        return self.forward_features(self.encode_images(images), class_names, images.shape[-1])
+        """images (N, 3, S, S), one prompt class name per image -> ModelOutput.
+
+        The backbone runs in `backbone_autocast` (whatever autocast the caller set is replaced by
+        it, so evaluation and the threshold's calibration share one precision); the rest in float32.
+        """
+        with backbone_autocast(images.device):
+            feats = self.encode_images(images)
+        return self.forward_features(feats, class_names, images.shape[-1])
 
     # -- loss -------------------------------------------------------------------------------
     def loss(self, out: ModelOutput, masks: torch.Tensor, labels: torch.Tensor,
              knowledge: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Eq. 13. masks (N, H, W) at the map size, labels (N,), knowledge: class -> w̄ᵏ (E,)."""
+        with full_precision(masks.device):
+            return self._loss(out, masks, labels, knowledge)
+
+    def _loss(self, out: ModelOutput, masks: torch.Tensor, labels: torch.Tensor,
+              knowledge: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         c = self.cfg
         terms = {"global": global_loss(out.global_prob, labels), "local": local_loss(out.map_abnormal, out.map_normal, masks, c.focal_gamma)}
         if c.use_knpl and knowledge is not None:

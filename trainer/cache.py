@@ -1,17 +1,20 @@
 """Frozen-feature cache: the backbone's CLIP-VV outputs computed once, reused every epoch.
 
 Without augmentation the frozen backbone returns the same features every epoch, so they are
-computed once (fp16), kept in memory or memory-mapped on disk, and training runs on prompts and
-heads alone. The disk cache is keyed by backbone weights, image size, stages, V-V switch and the
-exact sample files, so any change invalidates it and an unchanged rerun reuses it.
+computed once (fp16, in `backbone_autocast`), kept in memory or memory-mapped on disk, and training
+runs on prompts and heads alone (upcast to float32 before them). The disk cache is keyed by backbone
+weights, image size, stages, V-V switch and the exact sample files, so any change invalidates it and
+an unchanged rerun reuses it; it is written atomically under a lock and verified on load.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly_data import Sample, SampleDataset, raise_batch_errors
-from kanoclip import KAnoCLIP, VisualFeatures
+from kano.errors import KanoError
+from kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
+
+from .distributed import Dist
 
 
 def backbone_fingerprint(model: KAnoCLIP) -> str:
@@ -52,6 +58,7 @@ class FeatureStore:
     global_feature: np.ndarray | torch.Tensor
     patches: np.ndarray | torch.Tensor
     location: str  # "memory" or the cache folder
+    encoded: int = 0  # images this process encoded to build it (0: reused from disk)
 
     def get(self, idx: torch.Tensor, device: torch.device) -> VisualFeatures:
         i = idx.cpu().numpy()
@@ -83,42 +90,104 @@ def choose_mode(mode: str, nbytes: int) -> str:
     return "memory" if nbytes < min(4 << 30, int(0.3 * _available_memory())) else "disk"
 
 
+MANIFEST = "manifest.json"
+FILES = ("global.npy", "patches.npy")
+
+
 def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache_dir: Path, device: torch.device,
-                        batch_size: int = 8, workers: int = 0, progress: Callable | None = None,
-                        shard: tuple[int, int] = (0, 1), barrier: Callable[[], None] = lambda: None) -> FeatureStore:
-    """Encode every sample once. `shard` = (rank, world): each process encodes its share (disk mode)."""
+                        batch_size: int = 8, workers: int = 0, progress: Callable | None = None, dist: Dist | None = None,
+                        warn: Callable[[str], None] = print) -> FeatureStore:
+    """Encode every sample once; in disk mode reuse a valid cache or build one.
+
+    Disk mode: the cache folder `cache_dir/KEY` is only ever created by renaming a finished private
+    temporary folder into place, while holding an exclusive lock (fcntl) on `cache_dir/KEY.lock`; so
+    two runs sharing `cache_dir` never see each other's unfinished features (the second waits, then
+    reuses the first's). Its manifest records shapes, dtype and a SHA-256 per file; a missing,
+    truncated, overwritten or unreadable cache is rebuilt with a warning. Several processes (`dist`)
+    each encode their shard (rank::world) into the same temporary folder; rank 0 holds the lock,
+    checks, finalises and renames.
+    """
+    dist = dist or Dist(device)
     bb = model.backbone
     n, s, l, e = len(samples), len(bb.stages), bb.grid * bb.grid, bb.embed_dim
-    rank, world = shard
-    if mode == "disk":
-        folder = Path(cache_dir) / cache_key(model, samples)
-        if (folder / "complete").is_file():
-            return FeatureStore(np.load(folder / "global.npy", mmap_mode="r"), np.load(folder / "patches.npy", mmap_mode="r"), str(folder))
-        if rank == 0:
-            if folder.exists():
-                shutil.rmtree(folder)  # an interrupted build: start it again
-            folder.mkdir(parents=True)
-            np.lib.format.open_memmap(folder / "global.npy", "w+", np.float16, (n, e)).flush()
-            np.lib.format.open_memmap(folder / "patches.npy", "w+", np.float16, (n, s, l, e)).flush()
-        barrier()
-        glob = np.load(folder / "global.npy", mmap_mode="r+")
-        patches = np.load(folder / "patches.npy", mmap_mode="r+")
-    else:
+    shapes = {"global.npy": [n, e], "patches.npy": [n, s, l, e]}
+    if mode != "disk":
+        if dist.world > 1:
+            raise ValueError("several processes share the feature cache through disk mode, got memory mode")
         glob = torch.empty(n, e, dtype=torch.float16)
         patches = torch.empty(n, s, l, e, dtype=torch.float16)
-    mine = list(range(rank, n, world))
+        _encode(model, samples, list(range(n)), device, batch_size, workers, progress, glob, patches)
+        return FeatureStore(glob, patches, "memory", n)
+
+    cache_dir = Path(cache_dir)
+    key = cache_key(model, samples)
+    final = cache_dir / key
+    lock = None
+    tmp = None
+    encoded = 0
+    try:
+        if dist.main:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock(cache_dir / f"{key}.lock", warn)
+            problem = _check(final, key, shapes, verify=True) if final.exists() else "missing"
+            if problem is not None:
+                if problem != "missing":
+                    warn(f"warning: feature cache {final} {problem}; rebuilding it")
+                    shutil.rmtree(final, ignore_errors=True)
+                for stale in cache_dir.glob(f"{key}.tmp-*"):  # left by a killed build (we hold the lock: nobody else builds)
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir))
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's private 0700 would outlive the rename
+                for name, shape in shapes.items():
+                    np.lib.format.open_memmap(tmp / name, "w+", np.float16, tuple(shape)).flush()
+        tmp_name = dist.broadcast(str(tmp) if tmp else None)
+        if tmp_name is not None:
+            glob = np.load(Path(tmp_name) / "global.npy", mmap_mode="r+")
+            patches = np.load(Path(tmp_name) / "patches.npy", mmap_mode="r+")
+            mine = list(range(dist.rank, n, dist.world))
+            _encode(model, samples, mine, device, batch_size, workers, progress if dist.main else None, glob, patches)
+            encoded = len(mine)
+            glob.flush()
+            patches.flush()
+            del glob, patches
+            dist.barrier()
+            if dist.main:
+                manifest = {"key": key, "dtype": "float16", "shapes": shapes,
+                            "sha256": {name: _sha256(tmp / name) for name in FILES}, "n_samples": n}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+                _fsync_tree(tmp)
+                os.rename(tmp, final)  # atomic: readers see no folder or a finished one
+                tmp = None
+                _fsync_dir(cache_dir)
+        dist.barrier()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            lock.close()
+    problem = None if dist.main else _check(final, key, shapes, verify=False)  # rank 0 just verified or wrote it
+    if problem is not None:
+        raise KanoError(f"feature cache {final} must be readable by every process, got: {problem} (is cache_dir on a shared disk?)")
+    return FeatureStore(np.load(final / "global.npy", mmap_mode="r"), np.load(final / "patches.npy", mmap_mode="r"), str(final),
+                        encoded)
+
+
+def _encode(model: KAnoCLIP, samples: list[Sample], mine: list[int], device: torch.device, batch_size: int, workers: int,
+            progress: Callable | None, glob, patches) -> None:
+    """Backbone features of samples[mine] (in `backbone_autocast`) into glob (N, E) / patches (N, S, L, E), fp16."""
+    bb = model.backbone
     ds = torch.utils.data.Subset(SampleDataset(samples, bb.image_size, bb.mean, bb.std, mask_size=8), mine)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     advance, close = progress(len(mine)) if progress else (lambda k: None, lambda: None)
     try:
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), backbone_autocast(device):
             for batch in loader:
                 raise_batch_errors(batch)
                 f = model.encode_images(batch["image"].to(device))
                 idx = batch["index"].numpy()
                 g = f.global_feature.to(torch.float16).cpu()
                 p = torch.stack(f.patch_tokens, 1).to(torch.float16).cpu()
-                if mode == "disk":
+                if isinstance(glob, np.ndarray):
                     glob[idx] = g.numpy()
                     patches[idx] = p.numpy()
                 else:
@@ -127,18 +196,70 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
                 advance(len(idx))
     finally:
         close()
-    if mode == "disk":
-        glob.flush()
-        patches.flush()
-        barrier()
-        if rank == 0:
-            (folder / "complete").write_text("ok")
-        barrier()
-        return FeatureStore(np.load(folder / "global.npy", mmap_mode="r"), np.load(folder / "patches.npy", mmap_mode="r"), str(folder))
-    return FeatureStore(glob, patches, "memory")
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _check(folder: Path, key: str, shapes: dict, verify: bool) -> str | None:
+    """None when `folder` is a complete cache for `key`, else what is wrong (any read error counts)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if not isinstance(manifest, dict) or manifest.get("key") != key:
+            return "has a manifest for another key"
+        if manifest.get("shapes") != shapes or manifest.get("dtype") != "float16":
+            return f"must hold float16 arrays of shapes {shapes}, got {manifest.get('dtype')} {manifest.get('shapes')}"
+        for name in FILES:
+            arr = np.load(folder / name, mmap_mode="r")
+            if list(arr.shape) != shapes[name] or arr.dtype != np.float16:
+                return f"file {name} must be float16 {shapes[name]}, got {arr.dtype} {list(arr.shape)}"
+            del arr
+            if verify and _sha256(folder / name) != manifest["sha256"][name]:
+                return f"file {name} does not match its checksum (changed after it was written)"
+    except FileNotFoundError as exc:
+        return f"is incomplete ({Path(exc.filename or '?').name} missing)"
+    except Exception as exc:  # truncated, garbage header, empty, not JSON: all mean "build it again"
+        return f"is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _lock(path: Path, warn: Callable[[str], None]):
+    """An exclusive fcntl lock held as long as the returned file stays open (released by the OS if we die)."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        warn(f"waiting for another process that is building the feature cache ({path})")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kano.errors import KanoError
@@ -16,6 +17,8 @@ WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 LOG = "train_log.jsonl"
 STATE_DIR = "checkpoint"
+STATE_FILE = "last.safetensors"
+STATE_FORMAT = "kano-train-state/2"
 
 
 def git_commit() -> str | None:
@@ -39,15 +42,30 @@ def library_versions() -> dict:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
-def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors written to a temporary name, flushed, then renamed over `path` (atomic)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # like every other file of the run, not the library's private mode
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -60,14 +78,26 @@ def read_config(run_dir: Path) -> dict:
     if not p.is_file():
         raise KanoError(f"run directory {run_dir} must contain {CONFIG} (made by `kano train`), got no such file")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KanoError(f"{p} must be JSON, got {exc}") from None
+    if not isinstance(cfg, dict):
+        raise KanoError(f"{p} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
-def save_training_state(run_dir: Path, epoch: int, model_state: dict, optimizer: torch.optim.Optimizer, names: list[str]) -> None:
-    """Weights + Adam moments after a finished epoch (for --resume)."""
-    d = run_dir / STATE_DIR
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / STATE_DIR / STATE_FILE
+
+
+def save_training_state(run_dir: Path, epoch: int, model_state: dict, optimizer: torch.optim.Optimizer, names: list[str],
+                        history: list[dict]) -> None:
+    """After a finished epoch: weights, Adam moments, the epoch and the log so far, in ONE file.
+
+    The epoch, Adam's step counts and the log rows sit in the safetensors metadata, so the weights
+    and the epoch they belong to can never disagree (a kill leaves the previous file or the new one).
+    """
+    d = Path(run_dir) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     steps = {}
@@ -78,25 +108,48 @@ def save_training_state(run_dir: Path, epoch: int, model_state: dict, optimizer:
                 tensors[f"opt.{name}.{key}"] = st[key]
         if "step" in st:
             steps[name] = float(st["step"])
-    save_weights(d / "state.safetensors", tensors)
-    _atomic_write(d / "state.json", json.dumps({"epoch": epoch, "steps": steps}))
+    meta = {"format": STATE_FORMAT, "epoch": str(epoch), "steps": json.dumps(steps), "history": json.dumps(history)}
+    save_weights(d / STATE_FILE, tensors, meta)
 
 
-def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[int, dict] | None:
-    d = run_dir / STATE_DIR
-    if not (d / "state.json").is_file():
+def read_checkpoint_epoch(run_dir: Path) -> int | None:
+    """The last finished epoch recorded in the run's checkpoint, None without one."""
+    p = checkpoint_path(run_dir)
+    if not p.is_file():
         return None
-    meta = json.loads((d / "state.json").read_text())
-    tensors = load_file(str(d / "state.safetensors"))
+    return int(_read_meta(p)["epoch"])
+
+
+def _read_meta(p: Path) -> dict:
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"format must be {STATE_FORMAT}, got {meta.get('format')!r}")
+        int(meta["epoch"])
+        return meta
+    except Exception as exc:
+        raise KanoError(f"checkpoint {p} must be a Kano training checkpoint, got an unreadable file "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); delete the run directory to start again") from None
+
+
+def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[int, dict, list[dict]] | None:
+    """-> (last finished epoch, trainable state, log rows up to it), or None when no epoch finished."""
+    p = checkpoint_path(run_dir)
+    if not p.is_file():
+        return None
+    meta = _read_meta(p)
+    tensors = load_file(str(p))
+    steps = json.loads(meta["steps"])
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    for name, p in zip(names, optimizer.param_groups[0]["params"]):
+    for name, p_ in zip(names, optimizer.param_groups[0]["params"]):
         if f"opt.{name}.exp_avg" in tensors:
-            optimizer.state[p] = {
-                "step": torch.tensor(meta["steps"].get(name, 0.0)),
-                "exp_avg": tensors[f"opt.{name}.exp_avg"].to(p.device),
-                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(p.device),
+            optimizer.state[p_] = {
+                "step": torch.tensor(steps.get(name, 0.0)),
+                "exp_avg": tensors[f"opt.{name}.exp_avg"].to(p_.device),
+                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(p_.device),
             }
-    return int(meta["epoch"]), model_state
+    return int(meta["epoch"]), model_state, json.loads(meta["history"])
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None):

@@ -8,6 +8,7 @@ KAnoCLIP paper does not state.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -45,11 +46,37 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
+        if not isinstance(self.betas, (list, tuple)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
         if not self.data:
             raise ValueError("data must be KIND:PATH of the auxiliary dataset, got nothing")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        for name in ("epochs", "batch_size", "seed", "workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: load images in the main process), got {self.workers}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
+                                            or self.image_size < 1):
+            raise ValueError(f"image_size must be a positive integer (leave it unset for the backbone's default), got {self.image_size!r}")
+        if self.stages is not None:
+            if (not isinstance(self.stages, list) or not self.stages
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in self.stages)):
+                raise ValueError(f"stages must be a list of block numbers >= 1 (e.g. 6,12,18,24), got {self.stages!r}")
+        if self.vv_start is not None and (not isinstance(self.vv_start, int) or self.vv_start < 1):
+            raise ValueError(f"vv_start must be a block number >= 1, got {self.vv_start!r}")
+        if self.classes is not None and (not isinstance(self.classes, list) or not all(isinstance(c, str) and c for c in self.classes)):
+            raise ValueError(f"classes must be a list of class names, got {self.classes!r}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("kb", "data", "backbone", "out"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -80,10 +107,19 @@ class TrainConfig:
                 raise KanoError(f"config file {p} must exist, got no such file")
             try:
                 base = json.loads(p.read_text())
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise KanoError(f"config file {p} must be JSON, got {exc}") from None
+            if not isinstance(base, dict):
+                raise KanoError(f"config file {p} must hold a JSON object of TrainConfig keys, got a {type(base).__name__}")
             base = base.get("train", base)
-        model = dict(base.pop("model", {}) or {})
+            if not isinstance(base, dict):
+                raise KanoError(f"config file {p}: \"train\" must be a JSON object, got a {type(base).__name__}")
+        base = dict(base)
+        model = base.pop("model", {}) or {}
+        if not isinstance(model, dict):
+            raise KanoError(f"config key \"model\" must be a JSON object of ModelConfig keys "
+                            f"({', '.join(f.name for f in fields(ModelConfig))}), got {model!r}")
+        model = dict(model)
         for k, v in overrides.items():
             if v is None:
                 continue
@@ -95,6 +131,9 @@ class TrainConfig:
         unknown = sorted(set(base) - known)
         if unknown:
             raise KanoError(f"config keys must be among {', '.join(sorted(known))}, got {', '.join(unknown)}")
+        mknown = {f.name for f in fields(ModelConfig)}
+        if set(model) - mknown:
+            raise KanoError(f"model config keys must be among {', '.join(sorted(mknown))}, got {', '.join(sorted(set(model) - mknown))}")
         try:
             return cls(**base, model=ModelConfig(**model))
         except (TypeError, ValueError) as exc:
