@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -91,7 +92,9 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
             if i in errors:
                 raise KanoError(errors[i])
             s = float(scores[i])
-            w, h = image_size(f)
+            with warnings.catch_warnings():  # PIL's decompression-bomb warning: the size is what we check here
+                warnings.simplefilter("ignore")
+                w, h = image_size(f)
             mw, mh = map_size(w, h)
             amap = resize_map(maps[i].numpy(), (mw, mh))
             rel = {"panel_png": f"panels/{name}.png", "map_npy": f"maps/{name}.npy", "map_png": f"maps/{name}.png"}
