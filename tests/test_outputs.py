@@ -7,8 +7,6 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from evaluator.outputs import safe_name, unique_names
-
 
 def _photo(hazelnut_root, i: int):
     return sorted((hazelnut_root / "hazelnut" / "test" / "colour").glob("*.jpg"))[i]
@@ -56,7 +54,7 @@ def test_names_from_meta_json_are_safe_unique_and_stay_under_out(hazelnut_root, 
     root = _meta_dataset(tmp_path, hazelnut_root, "../../../x")
     out = tmp_path / "d" / "data" / "deep" / "er" / "out"     # '../../../' from out/overlays/ would land in tmp_path/d/data
     before = {p for p in tmp_path.rglob("*") if p.is_file()}
-    code, _, err = cli("eval", "--backbone", "tiny", "--data", f"meta:{root}", "--out", out, "--n-overlays", "3")
+    code, _, err = cli("eval", "--backbone", "tiny", "--data", f"meta:{root}", "--out", out)   # all 3 images in the gallery
     assert code == 0, err
     new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert new and all(out.resolve() in p.resolve().parents for p in new), sorted(map(str, new - {p for p in new if out in p.parents}))
@@ -66,6 +64,8 @@ def test_names_from_meta_json_are_safe_unique_and_stay_under_out(hazelnut_root, 
 
 
 def test_safe_name_and_unique_names():
+    from evaluator.outputs import safe_name, unique_names
+
     assert safe_name("../../../x") == "x" and safe_name("a/b c") == "a_b_c" and safe_name("..") == "item"
     assert safe_name(".hidden") == "hidden" and len(safe_name("y" * 500)) == 80
     assert unique_names([["001", "x", "a"], ["001", "x", "b"], ["002", "x", "a"]]) == ["a_x_001", "b_x_001", "002"]
