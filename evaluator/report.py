@@ -289,7 +289,7 @@ h1{font-size:22px;margin:0 0 8px}h2{font-size:18px;margin:28px 0 8px;border-bott
 dl.prov{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:13px;margin:0 0 12px}dl.prov dt{color:#555}dl.prov dd{margin:0}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}tr.mean td{font-weight:bold;background:#fafafa}.charts{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0 0 14px}figcaption{font-size:12px;color:#333;margin-top:2px}.gallery figure img{max-width:100%;border:1px solid #ddd}
+figure{margin:0 0 14px}figcaption{font-size:12px;color:#333;margin-top:2px}.gallery{display:flex;flex-wrap:wrap;gap:14px}.gallery figure{flex:0 1 720px}.gallery figure img{max-width:100%;border:1px solid #ddd}
 .note{font-size:12px;color:#555}.bad{color:#b00}.yes{color:#b00;font-weight:bold}.no{color:#070}"""
 
 
