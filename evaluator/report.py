@@ -85,7 +85,8 @@ def describe_method(method: dict) -> str:
 
 def provenance_lines(p: dict) -> list[tuple[str, str]]:
     commit = p.get("git_commit")
-    return [("method", describe_method(p.get("method", {}))), ("data", str(p.get("data"))),
+    rows = [("method", describe_method(p.get("method", {})))] + ([("data", str(p["data"]))] if p.get("data") else [])
+    return rows + [
             ("image size", f"{p['image_size']} px" if p.get("image_size") else "-"),
             ("Kano", f"{p.get('kano_version')} (git commit {commit[:12] if commit else 'unknown: not run from a git checkout'})"),
             ("date", str(p.get("date"))), ("elapsed", f"{p.get('elapsed_s', 0):.1f} s")]
