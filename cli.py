@@ -13,8 +13,19 @@ import typer
 
 from kano.errors import KanoError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Kano: zero-shot anomaly detection with CLIP (KAnoCLIP).")
+# The dataset kinds of anomaly_data.READERS, spelled out so that `--help` needs no torch import
+# (tests/test_cli_help.py checks that this list equals READERS).
+DATA_KINDS = "mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, resc, br35h, covid, headct, meta, folder, hf"
+DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/mvtec_anomaly_detection)"
+
+
+# Plain click help (rich_markup_mode=None): flags read "--force", not "--force <bool>", and help stays
+# readable in logs and pipes; defaults show as "[default: ...]".
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Kano: zero-shot anomaly detection with CLIP (KAnoCLIP). Stages: kano kb build -> kano train -> "
+                       "kano eval / kano predict; kano demo runs all three offline. Datasets are KIND:PATH, KIND one of "
+                       f"{DATA_KINDS}. Run `kano COMMAND --help` for a command's options and defaults.")
 kb_app = typer.Typer(no_args_is_help=True, help="Build and inspect the LLM-VQA knowledge base (DuckDB).")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic defects, meta.json.")
 
@@ -254,44 +265,60 @@ def train_cmd(
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
 
 
-@app.command("eval")
+@app.command("eval", short_help="Metrics per class, report.html and overlays on a dataset.")
 def eval_cmd(
-    data: str = typer.Option(..., "--data", help="KIND:PATH"),
-    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="evaluate the untrained zero-shot baseline on this backbone"),
-    out: Path = typer.Option(Path("results"), "--out"),
-    classes: Optional[str] = typer.Option(None, "--classes"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="DataLoader workers"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="with --backbone only"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
+    backbone: Optional[str] = typer.Option(None, "--backbone",
+                                           help="instead of --run: the untrained zero-shot baseline (CLIP-AC) on MODEL[:PRETRAINED] or tiny"),
+    out: Path = typer.Option(Path("results"), "--out", show_default=True,
+                             help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
+    batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
+    workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size",
+                                             help="with --backbone only  [default: 518 for ViT-L-14-336, else the model's own]"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
+    n_overlays: int = typer.Option(6, "--n-overlays", show_default=True,
+                                   help="gallery panels per class (most/least confident, worst mistakes; >= 0)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold",
+                                              help="decision threshold in [0, 1] for titles and histograms  [default: the run's; none for --backbone]"),
+    force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
 ):
-    """Image- and pixel-level metrics per class and their mean; overlays."""
+    """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command
 
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
-                          workers=workers, image_size=image_size, device=device, allow_missing_masks=allow_missing_masks)
+                          workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
+                          force=force, allow_missing_masks=allow_missing_masks)
 
 
-@app.command("predict")
+@app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files and/or folders"),
-    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle)"),
-    run: Optional[Path] = typer.Option(None, "--run"),
-    backbone: Optional[str] = typer.Option(None, "--backbone"),
-    out: Path = typer.Option(Path("predictions"), "--out"),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="default: the run's threshold from its auxiliary data"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    inputs: List[str] = typer.Argument(..., help="image files and/or folders of images"),
+    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); the prompts' class word"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
+    backbone: Optional[str] = typer.Option(None, "--backbone",
+                                           help="instead of --run: the untrained zero-shot baseline on MODEL[:PRETRAINED] or tiny"),
+    out: Path = typer.Option(Path("predictions"), "--out", show_default=True,
+                             help="folder: index.html, predictions.jsonl, panels/, maps/ (refused if it holds another run's results)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold",
+                                              help="decision threshold in [0, 1]  [default: the run's, calibrated on its auxiliary data]"),
+    batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
+    workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
+    force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
 ):
-    """Score images: decision, heat-map PNG, NPY map and one JSON line per image."""
+    """Score images: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
+
+    Exit code 1 when some image could not be read (its record says why; the others are written)."""
     from evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
-                         batch_size=batch_size, device=device)
+                         batch_size=batch_size, device=device, workers=workers, force=force)
 
 
 @app.command("demo")

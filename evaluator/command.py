@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from kano import ui
+from kano.errors import KanoError
 
 
 def _device(name: str | None) -> torch.device:
@@ -15,35 +16,66 @@ def _device(name: str | None) -> torch.device:
     return resolve_device(name)
 
 
-def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, allow_missing_masks=False) -> dict:
+def _method(run, backbone, info) -> dict:
+    from evaluator.report import baseline_method, trained_method
+
+    if run:
+        return trained_method(run, info["config"])
+    return baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
+
+
+def check_common(batch_size: int, workers: int = 0, threshold: float | None = None, n_overlays: int = 0) -> None:
+    """Value checks shared by eval and predict: 'X must be Y, got Z'."""
+    if batch_size < 1:
+        raise KanoError(f"--batch-size must be an integer >= 1, got {batch_size}")
+    if workers < 0:
+        raise KanoError(f"--workers must be an integer >= 0 (0: load in the main process), got {workers}")
+    if threshold is not None and not (0.0 <= threshold <= 1.0):
+        raise KanoError(f"--threshold must be a number in [0, 1] (scores are in [0, 1]), got {threshold}")
+    if n_overlays < 0:
+        raise KanoError(f"--n-overlays must be an integer >= 0, got {n_overlays}")
+
+
+def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
+             threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False) -> dict:
     from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from evaluator.evaluate import table_rows
 
+    check_common(batch_size, workers, threshold, n_overlays)
     dev = _device(device)
     model, info = load_model(str(run) if run else None, backbone, image_size, dev)
-    result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"],
-                      progress=ui.progress_factory("evaluating"), allow_missing_masks=allow_missing_masks)
+    thr = threshold if threshold is not None else info["threshold"]
+    result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
+                      progress=ui.progress_factory("evaluating"), method=_method(run, backbone, info), threshold=thr, force=force,
+                      allow_missing_masks=allow_missing_masks)
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
-    ui.print_table(f"{data} ({'run ' + str(run) if run else 'untrained ' + backbone}), %", ["class", *[short[k] for k in METRIC_KEYS]], rows)
-    ui.out.print(f"metrics written to {out}/metrics.json, metrics.csv, metrics.md; overlays in {out}/overlays")
+    ui.print_table(f"{data} ({'run ' + str(run) if run else 'untrained ' + backbone}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
+    ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
 
 
-def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device) -> list[dict]:
+def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False) -> list[dict]:
     from evaluator import load_model, predict as run_predict
 
+    check_common(batch_size, workers, threshold)
     dev = _device(device)
     model, info = load_model(str(run) if run else None, backbone, None, dev)
     if threshold is None:
         threshold = info["threshold"]
     prompt = info["prompt_names"].get(class_name)
     records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, dev, prompt,
-                          progress=ui.progress_factory("scoring"))
+                          progress=ui.progress_factory("scoring"), method=_method(run, backbone, info), force=force, workers=workers)
     ui.print_table(f"predictions ({class_name})", ["image", "score", "anomalous"],
-                   [(Path(r["image"]).name, r["score"], "-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")) for r in records])
+                   [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
+                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
     if threshold is None:
         ui.err.print("no threshold (untrained backbone and no --threshold): scores only")
-    ui.out.print(f"maps and predictions.jsonl written to {out}")
+    failed = [r for r in records if r["error"]]
+    for r in failed:
+        ui.err.print(f"not scored: {r['error']}")
+    ui.out.print(f"written to {out}: index.html, predictions.jsonl, panels/, maps/ (npy and 16-bit png)")
+    if failed:
+        raise SystemExit(1)
     return records

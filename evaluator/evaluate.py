@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -14,13 +13,18 @@ from torch.utils.data import DataLoader
 from anomaly_data import SampleDataset, load_dataset, load_image, prompt_name, raise_batch_errors
 from kano.errors import KanoError
 
+from . import outputs, report
 from .metrics import METRIC_KEYS, all_metrics
 from .visualize import panel
 
 
 def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int = 0,
-                  advance: Callable[[int], None] = lambda k: None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> image scores (N,), maps (N, S, S) float32, masks (N, S, S) uint8, S = the model's image size."""
+                  advance: Callable[[int], None] = lambda k: None,
+                  errors: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> image scores (N,), maps (N, S, S) float32, masks (N, S, S) uint8, S = the model's image size.
+
+    An unreadable image raises KanoError, unless `errors` is given: then its message is stored there under
+    the sample's index, its score is NaN and its map zeros, and the others go on."""
     bb = model.backbone
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
@@ -29,31 +33,62 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
     # everything after it in float32, so no autocast here
     with torch.inference_mode():
         for batch in loader:
-            raise_batch_errors(batch)
+            if errors is None:
+                raise_batch_errors(batch)
             res = model(batch["image"].to(device, non_blocking=True), [names[i] for i in batch["index"].tolist()]).inference()
-            scores.append(res.image_score.float().cpu())
-            maps.append(res.anomaly_map.float().cpu())
+            sc, mp = res.image_score.float().cpu(), res.anomaly_map.float().cpu()  # float32 already (the heads run in full precision)
+            if errors is not None:
+                for j, (i, e) in enumerate(zip(batch["index"].tolist(), batch["error"])):
+                    if e:
+                        errors[i] = e
+                        sc[j] = float("nan")
+                        mp[j] = 0.0
+            scores.append(sc)
+            maps.append(mp)
             masks.append(batch["mask"].to(torch.uint8))
             advance(len(batch["index"]))
     return torch.cat(scores), torch.cat(maps), torch.cat(masks)
 
 
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int = 0,
-             device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 4,
-             progress: Callable | None = None, allow_missing_masks: bool = False) -> dict:
-    """Evaluate on KIND:PATH; writes metrics.json/.csv/.md and overlays/ into out_dir. Returns the metrics dict.
-    allow_missing_masks: an anomalous image without a mask (its class having masks) warns instead of failing."""
+             device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
+             progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
+             force: bool = False, allow_missing_masks: bool = False) -> dict:
+    """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
+    (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
+
+    method: the method description recorded in the provenance (evaluator.report); default: the model's
+    backbone as an unnamed model. threshold: the decision threshold shown in titles and histograms (None: no
+    decision). n_overlays: gallery images per class. allow_missing_masks: an anomalous image without a mask (its
+    class having masks) warns instead of failing."""
+    started = time.time()
     device = device or model.backbone.device
+    if n_overlays < 0:
+        raise KanoError(f"n_overlays must be >= 0, got {n_overlays}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise KanoError(f"threshold must be in [0, 1], got {threshold}")
+    method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
     dataset = load_dataset(data, missing_masks="warn" if allow_missing_masks else "error")
     classes = classes or dataset.classes
     samples = dataset.samples("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
     out_dir = Path(out_dir)
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    image_size = model.backbone.image_size
+    identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",
+                "classes": list(classes), "image_size": image_size}
+    outputs.claim(out_dir, "eval", identity, force)
+    overlay_dir = out_dir / "overlays"
+    overlay_dir.mkdir(exist_ok=True)
+    # Names from data (class, defect, stem) are sanitised and made unique over the whole run, so that no file
+    # lands outside out_dir and no two images share one overlay.
+    names = dict(zip((id(s) for s in samples), outputs.unique_names(
+        [[f"{s.class_name}_{s.defect}_{Path(s.image_path).stem}", *reversed(Path(s.image_path).parent.parts[-3:])] for s in samples])))
     names_map = {c: (prompt_names or {}).get(c) or prompt_name(c) for c in classes}
     advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
     per_class: dict[str, dict] = {}
+    details: dict = {"threshold": threshold, "classes": {}, "gallery": []}
+    written: list[str] = []
     try:
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
@@ -64,47 +99,30 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             per_class[cls] = all_metrics(labels, scores, masks.to(mdev) if with_masks else None, maps.to(mdev) if with_masks else None)
             per_class[cls]["n_images"] = len(cs)
             per_class[cls]["n_anomalous"] = int(labels.sum())
-            _write_overlays(out_dir / "overlays", cls, cs, scores, maps, masks, n_overlays)
+            details["classes"][cls] = {"labels": labels.tolist(), "scores": scores.tolist(), "defects": [s.defect for s in cs],
+                                       "images": [s.image_path for s in cs]}
+            for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), threshold, n_overlays):
+                s = cs[i]
+                rel = f"overlays/{names[id(s)]}.png"
+                pic = panel(load_image(s.image_path), maps[i].numpy(), mask=masks[i].numpy() if with_masks else None,
+                            name=f"{cls} / {s.defect} / {Path(s.image_path).name}", score=float(scores[i]), threshold=threshold,
+                            label=s.label)
+                pic.save(outputs.inside(out_dir, out_dir / rel))
+                written.append(rel)
+                details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
+                                           "score": float(scores[i]), "label": s.label})
     finally:
         close()
     mean = {}
     for k in METRIC_KEYS:
         vals = [m[k] for m in per_class.values() if m[k] is not None]
         mean[k] = float(np.mean(vals)) if vals else None
-    result = {"dataset": data, "classes": per_class, "mean": mean}
-    write_reports(result, out_dir)
+    result = {"dataset": data, "classes": per_class, "mean": mean,
+              "provenance": report.provenance(method, image_size, started, data)}
+    written += report.write_reports(result, out_dir, details)
+    outputs.write_manifest(out_dir, "eval", identity, written)
     return result
 
 
-def _write_overlays(folder: Path, cls: str, samples, scores, maps, masks, n: int) -> None:
-    """The highest-scoring anomalous images and the highest-scoring normal one: where the model is most sure and most wrong."""
-    order = torch.argsort(scores, descending=True).tolist()
-    bad = [i for i in order if samples[i].label == 1][: max(1, n - 1)]
-    good = [i for i in order if samples[i].label == 0][:1]
-    for i in bad + good:
-        s = samples[i]
-        title = f"{cls} / {s.defect} / {Path(s.image_path).name}  score {float(scores[i]):.3f}"
-        img = panel(load_image(s.image_path), masks[i].numpy(), maps[i].float().numpy(), title)
-        img.save(folder / f"{cls}_{s.defect}_{Path(s.image_path).stem}.png")
-
-
-def write_reports(result: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    rows = [(c, *[m[k] for k in METRIC_KEYS]) for c, m in result["classes"].items()] + [("mean", *[result["mean"][k] for k in METRIC_KEYS])]
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", *METRIC_KEYS])
-        w.writerows([[r[0], *["" if v is None else f"{v:.6f}" for v in r[1:]]] for r in rows])
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    md = [f"# Kano evaluation: {result['dataset']}", "", "| class | " + " | ".join(METRIC_KEYS) + " |",
-          "|---" * (len(METRIC_KEYS) + 1) + "|"]
-    md += ["| " + " | ".join([r[0], *[pct(v) for v in r[1:]]]) + " |" for r in rows]
-    md += ["", "Values in percent. aupro: exact AUPRO up to FPR 0.3 (anomalib's definition)."]
-    (out_dir / "metrics.md").write_text("\n".join(md) + "\n")
-
-
-def table_rows(result: dict) -> list[tuple]:
-    rows = [(c, *[m[k] for k in METRIC_KEYS]) for c, m in result["classes"].items()]
-    rows.append(("mean", *[result["mean"][k] for k in METRIC_KEYS]))
-    return rows
+write_reports = report.write_reports
+table_rows = report.table_rows

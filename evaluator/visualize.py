@@ -1,36 +1,161 @@
-"""Anomaly maps as images people can look at: heat-map overlays and input | ground truth | map panels."""
+"""Anomaly maps as pictures a person reads at a glance (PIL only).
+
+Every map is drawn on ONE fixed colour scale, SCALE = [0, 1] (the map M = G_σ(Mᵃ + 1 − Mⁿ)/2 and the image
+score both live there), so two pictures compare by colour alone; a colour bar with its numbers sits beside
+the panels. A panel shows, left to right and labelled: the image, the ground truth (where there is one), the
+map, and the map over the image. Over the image only the high part of the map is drawn: pixels below
+OVERLAY_LEVEL are transparent and the photo is shown in grey there, so an object's own red or blue paint
+is never read as heat. The ground truth, where there is one, is outlined on the map and the overlay. The
+title holds the image's name, its score, the threshold and the decision (and, in evaluation, the truth).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-# a compact 'jet'-like colour map: blue (normal) -> cyan -> yellow -> red (anomalous)
-_STOPS = np.array([[0.0, 0, 0, 128], [0.25, 0, 128, 255], [0.5, 0, 255, 160], [0.75, 255, 230, 0], [1.0, 220, 0, 0]])
+SCALE = (0.0, 1.0)
+# The map's even-odds point: Mᵃ and Mⁿ are per-pixel probabilities of "abnormal" and "normal", so a pixel at
+# or above 0.5 is one the model rates at least as likely anomalous as normal. Below it the overlay is clear.
+OVERLAY_LEVEL = 0.5
+# 'inferno'-like stops (dark = normal, bright yellow = anomalous): perceptually ordered, readable in grey.
+_STOPS = np.array([[0.00, 0, 0, 4], [0.13, 31, 12, 72], [0.25, 85, 15, 109], [0.38, 136, 34, 106], [0.50, 186, 54, 85],
+                   [0.63, 227, 89, 51], [0.75, 249, 140, 10], [0.88, 249, 201, 50], [1.00, 252, 255, 164]])
+CONTOUR = (0, 255, 255)          # ground-truth outline: cyan, absent from the colour map
+RED, GREEN, GREY, BLACK = (200, 0, 0), (0, 130, 40), (90, 90, 90), (0, 0, 0)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def colorize(m: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8."""
-    m = np.clip(np.nan_to_num(m.astype(np.float32)), 0, 1)
+    """(H, W) values on SCALE -> (H, W, 3) uint8; values outside the scale are clipped to its ends."""
+    lo, hi = SCALE
+    m = np.clip((np.nan_to_num(np.asarray(m, dtype=np.float32)) - lo) / (hi - lo), 0, 1)
     out = np.stack([np.interp(m, _STOPS[:, 0], _STOPS[:, c]) for c in (1, 2, 3)], -1)
-    return out.astype(np.uint8)
+    return np.round(out).astype(np.uint8)
 
 
-def overlay(image: Image.Image, amap: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Heat map (H, W) in [0, 1] blended over the image (resized to the map)."""
-    base = np.asarray(image.convert("RGB").resize((amap.shape[1], amap.shape[0]), Image.BILINEAR), dtype=np.float32)
-    heat = colorize(amap).astype(np.float32)
-    return Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) float map -> (H, W) float32 at size=(W, H), bilinear, values kept as they are (no 8-bit step)."""
+    return np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32)).resize(size, Image.BILINEAR), dtype=np.float32)
 
 
-def panel(image: Image.Image, mask: np.ndarray | None, amap: np.ndarray, title: str, size: int = 256) -> Image.Image:
-    """input | ground truth | map overlay, with a caption."""
-    img = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    gt = Image.fromarray(((mask if mask is not None else np.zeros((size, size))) > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST).convert("RGB")
-    m = np.asarray(Image.fromarray((np.clip(amap, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
-    ov = overlay(img, m)
-    canvas = Image.new("RGB", (3 * size, size + 18), (255, 255, 255))
-    for k, part in enumerate((img, gt, ov)):
-        canvas.paste(part, (k * size, 18))
-    ImageDraw.Draw(canvas).text((4, 3), title, fill=(0, 0, 0))
+def contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """(H, W) bool: the pixels of the mask's regions within `width` pixels of their edge (inside)."""
+    m = np.asarray(mask) > 0
+    inner = m.copy()
+    for _ in range(width):  # erode by one pixel (4-neighbourhood) per step
+        p = np.pad(inner, 1, constant_values=False)
+        inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~inner
+
+
+def overlay(image: Image.Image, amap: np.ndarray, level: float = OVERLAY_LEVEL, mask: np.ndarray | None = None) -> Image.Image:
+    """The map over the image at the map's size: the photo in grey; where the map is >= level its colour,
+    more opaque the higher it is (alpha 0.45 at the level up to 0.9 at the top of the scale); below the
+    level nothing. The ground-truth outline (mask at the map's size) in CONTOUR."""
+    h, w = amap.shape
+    grey = np.asarray(image.convert("L").resize((w, h), Image.BILINEAR), dtype=np.float32)
+    base = np.repeat(grey[..., None], 3, -1)
+    lo, hi = SCALE
+    m = np.nan_to_num(np.asarray(amap, dtype=np.float32))
+    t = np.clip((m - level) / max(hi - level, 1e-6), 0, 1)
+    alpha = np.where(m >= level, 0.45 + 0.45 * t, 0.0)[..., None]
+    out = base * (1 - alpha) + colorize(m).astype(np.float32) * alpha
+    if mask is not None:
+        out[contour(mask, max(1, round(min(h, w) / 128)))] = CONTOUR
+    return Image.fromarray(np.round(out).astype(np.uint8))
+
+
+def decision(score: float | None, threshold: float | None, label: int | None = None) -> tuple[str, tuple]:
+    """("score 0.356 >= threshold 0.303: ANOMALOUS", colour), with the truth appended when `label` is known."""
+    if score is None or score != score:
+        return "not scored", GREY
+    if threshold is None:
+        text, colour = f"score {score:.3f} (no threshold: no decision)", GREY
+        if label is not None:
+            text += f"; truth: {'anomalous' if label else 'normal'}"
+        return text, colour
+    anomalous = score >= threshold
+    text = f"score {score:.3f} {'>=' if anomalous else '<'} threshold {threshold:.3f}: {'ANOMALOUS' if anomalous else 'normal'}"
+    colour = RED if anomalous else GREEN
+    if label is not None:
+        if bool(label) == anomalous:
+            text += f"; truth: {'anomalous' if label else 'normal'} (correct)"
+        else:
+            text += "; truth: normal (FALSE ALARM)" if not label else "; truth: anomalous (MISSED)"
+            colour = (170, 90, 0)
+    return text, colour
+
+
+def colorbar(height: int, level: float | None = OVERLAY_LEVEL, threshold: float | None = None, width: int = 16) -> Image.Image:
+    """The fixed colour scale, top = SCALE[1], with tick numbers; marks the overlay level and the threshold."""
+    font = _font(11)
+    lo, hi = SCALE
+    values = np.linspace(hi, lo, height, dtype=np.float32)[:, None].repeat(width, 1)
+    bar = Image.fromarray(colorize(values))
+    canvas = Image.new("RGB", (width + 46, height + 12), (255, 255, 255))
+    canvas.paste(bar, (2, 6))
+    d = ImageDraw.Draw(canvas)
+    d.rectangle([2, 6, 2 + width - 1, 6 + height - 1], outline=BLACK)
+    y_of = lambda v: 6 + round((hi - v) / (hi - lo) * (height - 1))
+    for v in np.linspace(lo, hi, 5):
+        y = y_of(v)
+        d.line([2 + width, y, 6 + width, y], fill=BLACK)
+        d.text((8 + width, y - 6), f"{v:.2f}", fill=BLACK, font=font)
+    if level is not None:  # the overlay's level: a dashed white-black tick across the bar
+        y = y_of(level)
+        d.line([0, y, 2 + width, y], fill=(255, 255, 255), width=1)
+    if threshold is not None:
+        y = y_of(threshold)
+        d.polygon([(0, y - 4), (0, y + 4), (5, y)], fill=RED)
     return canvas
+
+
+def panel(image: Image.Image, amap: np.ndarray, *, mask: np.ndarray | None = None, name: str = "", score: float | None = None,
+          threshold: float | None = None, label: int | None = None, level: float = OVERLAY_LEVEL, size: int = 224) -> Image.Image:
+    """One labelled picture: image | ground truth (when `mask` is given) | map | map over image, a colour bar,
+    and a title: `name`, then the score, threshold and decision (and the truth when `label` is given).
+
+    image: any size (shown with its aspect ratio, long side `size`); amap (h, w) on SCALE, any size (stretched
+    to the image, as the model's squash resize); mask (h', w') {0, 1} or None."""
+    W, H = image.size
+    cw, ch = (size, max(1, round(size * H / W))) if W >= H else (max(1, round(size * W / H)), size)
+    img = image.convert("RGB").resize((cw, ch), Image.BILINEAR)
+    m = resize_map(amap, (cw, ch))
+    gt = None if mask is None else np.asarray(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).resize((cw, ch), Image.NEAREST)) > 127
+    heat = colorize(m)
+    if gt is not None:
+        heat[contour(gt, 2)] = CONTOUR
+    parts = [("image", img)]
+    if gt is not None:
+        parts.append(("ground truth", Image.fromarray(gt.astype(np.uint8) * 255).convert("RGB")))
+    parts += [("anomaly map", Image.fromarray(heat)), (f"map >= {level:.2f} over image", overlay(img, m, level, gt))]
+    title_font, label_font = _font(14), _font(12)
+    gap, top, label_h = 8, 44, 18
+    bar = colorbar(ch, level, threshold)
+    width = len(parts) * (cw + gap) + bar.width + gap
+    canvas = Image.new("RGB", (width, top + label_h + ch + bar.height - ch + 4), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    text, colour = decision(score, threshold, label)
+    d.text((gap, 4), name, fill=BLACK, font=title_font)
+    d.text((gap, 23), text, fill=colour, font=title_font)
+    x = gap
+    for caption, part in parts:
+        d.text((x, top), caption, fill=GREY, font=label_font)
+        canvas.paste(part, (x, top + label_h))
+        x += cw + gap
+    canvas.paste(bar, (x, top + label_h - 6))
+    return canvas
+
+
+def map_to_png16(amap: np.ndarray) -> Image.Image:
+    """(H, W) map on SCALE -> a 16-bit grey PNG image: value = round(65535 · (m − lo) / (hi − lo)), clipped."""
+    lo, hi = SCALE
+    v = np.clip((np.nan_to_num(np.asarray(amap, dtype=np.float64)) - lo) / (hi - lo), 0, 1)
+    return Image.fromarray(np.round(v * 65535).astype(np.uint16))

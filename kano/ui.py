@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable, Iterable, Sequence
 
 from rich.console import Console
@@ -31,23 +32,43 @@ def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequen
     console.print(table)
 
 
-def progress_factory(description: str) -> Callable[[int], tuple[Callable[[int], None], Callable[[], None]]]:
-    """Returns f(total) -> (advance(k), close()) drawing a bar on stderr (plain lines when not a TTY)."""
+PLAIN_INTERVAL_S = 5.0  # outside a terminal: at most one progress line per this many seconds (plus start and end)
+
+
+def progress_factory(description: str, interval_s: float | None = None,
+                     tty: bool | None = None) -> Callable[[int], tuple[Callable[[int], None], Callable[[], None]]]:
+    """Returns f(total) -> (advance(k), close()).
+
+    In a terminal: a live bar on stderr. Elsewhere (a pipe, a log file, CI): plain lines, one when the stage
+    starts, then at most one every `interval_s` seconds (default PLAIN_INTERVAL_S), and one when it ends, so
+    logs stay short however many batches there are."""
+    interval = PLAIN_INTERVAL_S if interval_s is None else float(interval_s)
 
     def make(total: int):
-        progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=err, disable=not sys.stderr.isatty())
-        progress.start()
-        task = progress.add_task(description, total=total)
-        state = {"done": 0}
+        is_tty = sys.stderr.isatty() if tty is None else tty
+        if is_tty:
+            progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), console=err)
+            progress.start()
+            task = progress.add_task(description, total=total)
+            return (lambda k=1: progress.advance(task, k)), progress.stop
+
+        t0 = time.monotonic()
+        state = {"done": 0, "last": t0, "closed": False}
+        err.print(f"{description}: started, {total} to do")
 
         def advance(k: int = 1):
-            progress.advance(task, k)
             state["done"] += k
-            if not sys.stderr.isatty() and (state["done"] == total or state["done"] % max(1, total // 10) == 0):
-                err.print(f"{description}: {state['done']}/{total}")
+            now = time.monotonic()
+            if now - state["last"] >= interval and state["done"] < total:
+                state["last"] = now
+                err.print(f"{description}: {state['done']}/{total} ({now - t0:.0f} s)")
 
-        return advance, progress.stop
+        def close():
+            if not state["closed"]:
+                state["closed"] = True
+                err.print(f"{description}: {state['done']}/{total} done in {time.monotonic() - t0:.1f} s")
+
+        return advance, close
 
     return make
-

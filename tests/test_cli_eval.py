@@ -19,10 +19,11 @@ def test_eval_untrained_backbone_on_real_photos(hazelnut_root, tmp_path, cli):
     assert set(m["classes"]) == {"hazelnut"} and set(METRIC_KEYS) <= set(m["classes"]["hazelnut"]) and set(m["mean"]) == set(METRIC_KEYS)
     assert all(0.0 <= m["classes"]["hazelnut"][k] <= 1.0 for k in METRIC_KEYS)
     assert m["classes"]["hazelnut"]["n_images"] == 23
-    assert (out / "metrics.csv").read_text().splitlines()[0] == "class," + ",".join(METRIC_KEYS)
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "class,unit," + ",".join(METRIC_KEYS) + ",n_images,n_anomalous"
     assert "| hazelnut |" in (out / "metrics.md").read_text()
     overlays = sorted((out / "overlays").glob("*.png"))
-    assert len(overlays) == 4 and Image.open(overlays[0]).size == (768, 274)
+    # 6 by default (--n-overlays); image | ground truth | map | overlay at 224 px with 8 px gaps, plus the colour bar
+    assert len(overlays) == 6 and Image.open(overlays[0]).size == (4 * (224 + 8) + 62 + 8, 44 + 18 + 224 + 16)
     assert "img AUROC" in stdout and "hazelnut" in stdout
 
 
@@ -38,7 +39,7 @@ def test_predict_writes_maps_and_json_lines(hazelnut_root, tmp_path, cli):
     amap = np.load(first["map_npy"])
     assert amap.shape == (256, 256) and np.isfinite(amap).all()
     code, _, err = cli("predict", folder / "00.jpg", folder / "01.jpg", "--class", "hazelnut", "--backbone", "tiny", "--out", out,
-                       "--threshold", "0.0")
+                       "--threshold", "0.0", "--force")
     lines = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert code == 0 and [r["anomalous"] for r in lines] == [True, True]
 
