@@ -97,7 +97,7 @@ def test_tiny_is_seeded():
     ("NoSuchModel-99", "open_clip model name"),
     ("ViT-B-16-quickgelu:not-a-tag", "pretrained tag for ViT-B-16-quickgelu must be one of"),
     ("ViT-B-16-quickgelu:/nonexistent/weights.safetensors", "weights file must exist"),
-    ("ViT-B-16-quickgelu:openai", "Hugging Face cache"),
+    ("ViT-B-16-quickgelu:openai", "must be in the cache"),
 ])
 def test_unavailable_weights_and_bad_specs_are_clear(spec, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
