@@ -194,28 +194,29 @@ def select_gallery(labels: list[int], scores: list[float], threshold: float | No
 
 # ---------------------------------------------------------------------------------------------- SVG charts
 
-def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1)."""
+def _counts_at_thresholds(labels, scores) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Scores sorted once, descending: true positives and predicted positives at each distinct threshold
+    (the last of each tie group), and the numbers of positives and negatives."""
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last = np.r_[s[1:] != s[:-1], True]
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    P, N = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    return np.cumsum(y)[last], np.arange(1, len(y) + 1)[last], int(y.sum()), int((~y).sum())
+
+
+def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1)."""
+    tp, n, P, N = _counts_at_thresholds(labels, scores)
+    fp = n - tp
+    P, N = max(P, 1), max(N, 1)
     return np.r_[0.0, fp / N], np.r_[0.0, tp / P]
 
 
 def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) at every distinct threshold, descending thresholds."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]
-    tp = np.cumsum(y)[last]
-    pp = np.cumsum(np.ones_like(y, dtype=np.int64))[last]
-    P = max(int(y.sum()), 1)
+    tp, pp, P, _ = _counts_at_thresholds(labels, scores)
+    P = max(P, 1)
     return np.r_[0.0, tp / P], np.r_[1.0, tp / pp]
 
 

@@ -27,6 +27,7 @@ from anomaly_data import Sample, SampleDataset, raise_batch_errors
 from kano.errors import KanoError
 from kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
 
+from .checkpoint import _umask
 from .distributed import Dist
 
 
@@ -218,12 +219,6 @@ def _check(folder: Path, key: str, shapes: dict, verify: bool) -> str | None:
     except Exception as exc:  # truncated, garbage header, empty, not JSON: all mean "build it again"
         return f"is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
     return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sha256(path: Path) -> str:
