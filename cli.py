@@ -161,18 +161,26 @@ def kb_import(src: Path = typer.Argument(..., help="file.jsonl or file.parquet w
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., "--out", help="folder to write (MVTec layout + meta.json)"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated; default all synthetic classes"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated; default all synthetic classes (or those of --world)"),
+    world: Optional[str] = typer.Option(None, "--world", help="aux | target: the world's auxiliary classes with the defect kinds seen in training, or its target classes with every kind"),
     seed: int = typer.Option(0, "--seed"),
-    size: int = typer.Option(256, "--size"),
+    size: int = typer.Option(256, "--size", help="image side in pixels (>= 32)"),
+    n_train: int = typer.Option(4, "--n-train", help="normal training images per class"),
     n_good: int = typer.Option(6, "--n-good", help="normal test images per class"),
     n_defect: int = typer.Option(3, "--n-defect", help="images per defect kind per class"),
-    defects: str = typer.Option("hole,scratch,stain,crack", "--defects", help="from hole, scratch, stain, crack, missing, colour"),
+    defects: Optional[str] = typer.Option(None, "--defects", help="comma-separated kinds (default: every kind that applies to each class); see anomaly_data.DEFECTS"),
+    force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
 ):
     """Write procedural textures/objects with exact-mask defects (deterministic)."""
-    from anomaly_data import synthesize
+    from anomaly_data import synthesize, synthesize_world
 
-    synthesize(out, [c.strip() for c in classes.split(",")] if classes else None, seed=seed, size=size, n_good=n_good,
-               n_per_defect=n_defect, defects=tuple(d.strip() for d in defects.split(",")))
+    cls = [c.strip() for c in classes.split(",")] if classes else None
+    kinds = tuple(d.strip() for d in defects.split(",")) if defects else None
+    if world is not None:
+        synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
+                         defects=kinds, force=force)
+    else:
+        synthesize(out, cls, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, defects=kinds, force=force)
     typer.echo(f"wrote synthetic dataset to {out} (meta.json included)")
 
 
@@ -286,6 +294,7 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
+    method: Optional[str] = typer.Option(None, "--method", help="a zero-parameter baseline instead of a model: per image median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set) musc (with --backbone), musc_randconv"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command
@@ -293,7 +302,8 @@ def eval_cmd(
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
-                          force=force, allow_missing_masks=allow_missing_masks)
+                          force=force, allow_missing_masks=allow_missing_masks,
+                          method=method)
 
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
@@ -323,11 +333,13 @@ def predict_cmd(
 
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("demo_out"), "--out"), epochs: int = typer.Option(8, "--epochs"),
-             seed: int = typer.Option(0, "--seed")):
-    """Offline end to end: synthetic data, built-in KB, train on tiny, zero-shot eval on unseen classes."""
+             seed: int = typer.Option(0, "--seed"),
+             backbone: Optional[str] = typer.Option(None, "--backbone", help="default: the demo's backbone (demo.DEMO_BACKBONE)"),
+             baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="also score the untrained baseline, the zero-parameter detectors and the transductive floor")):
+    """Offline end to end in the synthetic world: train on its auxiliary classes, evaluate zero-shot on unseen ones beside the baselines."""
     import demo
 
-    demo.run(out, epochs=epochs, seed=seed)
+    demo.run(out, epochs=epochs, seed=seed, backbone=backbone or demo.DEMO_BACKBONE, baselines=baselines)
 
 
 def main() -> None:

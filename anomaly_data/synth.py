@@ -14,10 +14,18 @@ from PIL import Image, ImageDraw
 
 from kano.errors import KanoError
 
+from . import world
+from .world import HELD_OUT_DEFECTS, SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
+
+# The first generation of classes (kept for the unit tests): every defect here is a colour outlier.
 TEXTURES = ("weave", "stripes", "checker", "noise", "wood", "dots", "grid", "marble", "knit")
 OBJECTS = ("disc", "tile", "ring", "pill", "nut", "triangle", "coin")
-SYNTH_CLASSES = TEXTURES + OBJECTS
-DEFECTS = ("hole", "scratch", "stain", "crack", "missing", "colour")
+LEGACY_CLASSES = TEXTURES + OBJECTS
+LEGACY_DEFECTS = ("hole", "scratch", "stain", "crack", "missing", "colour")
+SYNTH_CLASSES = LEGACY_CLASSES + WORLD_CLASSES
+DEFECTS = LEGACY_DEFECTS + tuple(d for d in WORLD_DEFECTS if d not in LEGACY_DEFECTS)
+# Legacy names on world classes: the world's kind of the same meaning.
+_WORLD_ALIAS = {"hole": "dark_spot", "colour": "hue", "missing": "part_missing"}
 
 
 def _rng(seed: int, *keys) -> np.random.Generator:
@@ -167,33 +175,67 @@ def _make(cls: str, size: int, r: np.random.Generator):
     return img, region, background
 
 
+def _kinds_for(cls: str, defects: tuple[str, ...] | None) -> list[str]:
+    """The defect folders written for a class: the requested kinds that apply to it, in order, deduplicated."""
+    if cls in WORLD_CLASSES:
+        asked = WORLD_DEFECTS if defects is None else [_WORLD_ALIAS.get(d, d) for d in defects]
+        kinds = [d for d in asked if d in WORLD_DEFECTS and world.applies(cls, d)]
+    else:
+        asked = LEGACY_DEFECTS if defects is None else defects
+        kinds = [d for d in asked if d in LEGACY_DEFECTS and not (d == "missing" and cls in TEXTURES)]
+    return list(dict.fromkeys(kinds))
+
+
+def _check_count(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise KanoError(f"{name} must be an integer >= {low}, got {value}")
+
+
 def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size: int = 256, n_train: int = 4,
-               n_good: int = 6, n_per_defect: int = 3, defects: tuple[str, ...] = ("hole", "scratch", "stain", "crack")) -> Path:
-    """Write classes in MVTec layout under `out` plus out/meta.json. Returns out."""
+               n_good: int = 6, n_per_defect: int = 3, defects: tuple[str, ...] | None = ("hole", "scratch", "stain", "crack"),
+               force: bool = True) -> Path:
+    """Write classes in MVTec layout under `out` plus out/meta.json. Returns out.
+
+    classes: legacy classes (LEGACY_CLASSES: colour-outlier defects only) and/or world classes
+    (anomaly_data.world: textures and part-objects, surface / structural / part defects). defects:
+    kinds to write (None: every kind that applies); a kind that does not apply to a class is skipped
+    for it ("hole", "colour", "missing" mean dark_spot, hue, part_missing on world classes).
+    force=False refuses a folder that already holds files.
+    """
     from .readers import Dataset, read_mvtec, write_meta
 
     classes = list(classes or SYNTH_CLASSES)
     unknown = [c for c in classes if c not in SYNTH_CLASSES]
     if unknown:
         raise KanoError(f"synthetic class must be one of {', '.join(SYNTH_CLASSES)}, got {', '.join(unknown)}")
-    bad = [d for d in defects if d not in DEFECTS]
+    bad = [d for d in (defects or ()) if d not in DEFECTS]
     if bad:
         raise KanoError(f"defect kind must be one of {', '.join(DEFECTS)}, got {', '.join(bad)}")
+    _check_count("size (--size)", size, 32)
+    _check_count("n_train (--n-train)", n_train, 0)
+    _check_count("n_good (--n-good)", n_good, 0)
+    _check_count("n_per_defect (--n-defect)", n_per_defect, 0)
     out = Path(out)
-    for cls in classes:
-        def save(arr, path: Path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr.astype(np.uint8)).save(path)
+    if out.exists() and not out.is_dir():
+        raise KanoError(f"--out must be a folder, got a file: {out}")
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
 
+    def save(arr, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(arr).astype(np.uint8)).save(path)
+
+    for cls in classes:
+        if cls in WORLD_CLASSES:
+            _write_world_class(out, cls, seed, size, n_train, n_good, n_per_defect, _kinds_for(cls, defects), save)
+            continue
         for i in range(n_train):
             img, _, _ = _make(cls, size, _rng(seed, cls, "train", i))
             save(img, out / cls / "train" / "good" / f"{i:03d}.png")
         for i in range(n_good):
             img, _, _ = _make(cls, size, _rng(seed, cls, "good", i))
             save(img, out / cls / "test" / "good" / f"{i:03d}.png")
-        for kind in defects:
-            if kind == "missing" and cls in TEXTURES:
-                continue
+        for kind in _kinds_for(cls, defects):
             for i in range(n_per_defect):
                 r = _rng(seed, cls, kind, i)
                 img, region, background = _make(cls, size, r)
@@ -203,5 +245,36 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
                         break
                 save(bad_img, out / cls / "test" / kind / f"{i:03d}.png")
                 save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
+    out.mkdir(parents=True, exist_ok=True)
     write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")
     return out
+
+
+def _write_world_class(out: Path, cls: str, seed: int, size: int, n_train: int, n_good: int, n_per_defect: int,
+                       kinds: list[str], save) -> None:
+    for i in range(n_train):
+        save(world.make_normal(cls, size, world.rng(seed, cls, "train", i)), out / cls / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(world.make_normal(cls, size, world.rng(seed, cls, "good", i)), out / cls / "test" / "good" / f"{i:03d}.png")
+    for kind in kinds:
+        for i in range(n_per_defect):
+            img, mask = world.make_defective(cls, kind, size, world.rng(seed, cls, kind, i))
+            save(img, out / cls / "test" / kind / f"{i:03d}.png")
+            save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
+
+
+def synthesize_world(out: Path, split: str = "target", seed: int = 0, size: int = 128, n_train: int = 0, n_good: int = 8,
+                     n_per_defect: int = 2, classes: list[str] | None = None, defects: tuple[str, ...] | None = None,
+                     force: bool = True) -> Path:
+    """The world's auxiliary or target set in MVTec layout (+ meta.json).
+
+    split "aux": WORLD_AUX classes with SEEN_DEFECTS only (what training may see); split "target":
+    WORLD_TARGET classes with every kind that applies (SEEN_DEFECTS and HELD_OUT_DEFECTS)."""
+    if split not in ("aux", "target"):
+        raise KanoError(f"split (--world) must be one of aux, target, got {split!r}")
+    if classes is None:
+        classes = list(WORLD_AUX if split == "aux" else WORLD_TARGET)
+    if defects is None:
+        defects = SEEN_DEFECTS if split == "aux" else WORLD_DEFECTS
+    return synthesize(out, classes, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_per_defect,
+                      defects=tuple(defects), force=force)

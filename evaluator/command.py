@@ -37,21 +37,30 @@ def check_common(batch_size: int, workers: int = 0, threshold: float | None = No
 
 
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
-             threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False) -> dict:
+             threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
+             method: str | None = None) -> dict:
     from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
     dev = _device(device)
-    model, info = load_model(str(run) if run else None, backbone, image_size, dev)
+    if method:
+        from evaluator.baselines import load_baseline
+
+        model, info = load_baseline(method, run, backbone, image_size, dev)
+        described = info["method"]
+    else:
+        model, info = load_model(str(run) if run else None, backbone, image_size, dev)
+        described = _method(run, backbone, info)
     thr = threshold if threshold is not None else info["threshold"]
     result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
-                      progress=ui.progress_factory("evaluating"), method=_method(run, backbone, info), threshold=thr, force=force,
+                      progress=ui.progress_factory("evaluating"), method=described, threshold=thr, force=force,
                       allow_missing_masks=allow_missing_masks)
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
-    ui.print_table(f"{data} ({'run ' + str(run) if run else 'untrained ' + backbone}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
+    what = f"{described['setting']} baseline {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
+    ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
 

@@ -59,7 +59,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
 
     method: the method description recorded in the provenance (evaluator.report); default: the model's
     backbone as an unnamed model. threshold: the decision threshold shown in titles and histograms (None: no
-    decision). n_overlays: gallery images per class. allow_missing_masks: an anomalous image without a mask (its
+    decision). n_overlays: gallery images per class. A model with `transductive = True` gets each class's
+    whole test set as one batch. allow_missing_masks: an anomalous image without a mask (its
     class having masks) warns instead of failing."""
     started = time.time()
     device = device or model.backbone.device
@@ -92,7 +93,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     try:
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
-            scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), batch_size, device, workers, advance)
+            bs = max(1, len(cs)) if getattr(model, "transductive", False) else batch_size
+            scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance)
             labels = torch.tensor([s.label for s in cs])
             with_masks = dataset.has_masks(cls)
             mdev = device if device.type == "cuda" else torch.device("cpu")  # metrics on the GPU when there is one

@@ -78,6 +78,8 @@ def describe_method(method: dict) -> str:
         s = f"trained run {method.get('run')} (config sha256 {str(method.get('config_sha256'))[:12]})"
     else:
         s = f"{method.get('kind')} {method.get('name')}"
+    if method.get("setting"):
+        s += f" ({method['setting']})"
     if method.get("backbone"):
         s += f", backbone {method['backbone']}"
     return s
