@@ -225,7 +225,7 @@ def train_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
                                        "split, as in the paper; kinds: mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, "
                                        "resc, br35h, covid, headct, meta, folder, hf); required"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] (a tag or a local weights file), or tiny "
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] (a tag or a local weights file), micro (the shipped micro-CLIP), or tiny "
                                            "(random weights, for tests). The default needs CLIP weights downloaded once "
                                            "into the Hugging Face cache (see the README), or pass MODEL:/path/to/weights"
                                            + _d(_TD.backbone if _TD else "ViT-L-14-336-quickgelu:openai")),
@@ -250,6 +250,7 @@ def train_cmd(
     no_vv: bool = typer.Option(False, "--no-vv", help="ablation: Q-K patch tokens"),
     no_bicmci: bool = typer.Option(False, "--no-bicmci", help="ablation: linear head + cosine"),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="ablation: raw global feature"),
+    text_free: bool = typer.Option(False, "--text-free", help="control: two learned vectors instead of text prompts (no KnPL)"),
     knowledge_sources: Optional[str] = typer.Option(
         None, "--knowledge-sources", help="KB sources feeding w̄ᵏ, e.g. llm,vqa,builtin (default llm,vqa; builtin/import "
         "only for a class with neither, with a warning)"),
@@ -268,7 +269,7 @@ def train_cmd(
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=_int_list("--stages", stages), epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
-        use_knpl=False if no_knpl else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
+        use_knpl=False if (no_knpl or text_free) else None, text_free=True if text_free else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
 

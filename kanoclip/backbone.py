@@ -139,7 +139,7 @@ def _create_clip(name: str, pretrained: str | None, image_size: int | None):
 
     if name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if m.lower().startswith(name.split("-")[0].lower())][:12]
-        raise KanoError(f"backbone model must be an open_clip model name or 'tiny', got {name!r}; e.g. {', '.join(close) or 'ViT-B-16-quickgelu'}")
+        raise KanoError(f"backbone model must be an open_clip model name, 'micro' or 'tiny', got {name!r}; e.g. {', '.join(close) or 'ViT-B-16-quickgelu'}")
     kwargs = {"force_image_size": image_size} if image_size else {}
     if pretrained is None:
         return open_clip.create_model(name, pretrained=None, **kwargs)
@@ -268,10 +268,17 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
 
     - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
     - "ViT-B-16-quickgelu:/path/weights.safetensors" (local file), "ViT-B-16-quickgelu" (random weights)
-    - "tiny": an embedded, seeded random-weight ViT (4 blocks, width 96, patch 8) for tests and the demo
+    - "tiny": an embedded, seeded random-weight ViT (4 blocks, width 96, patch 8) for tests
+    - "micro": the shipped micro-CLIP (open_clip config kano-micro, 96 px, patch 8), pretrained by
+      bench/pretrain_micro.py on a captioned synthetic world; "micro:/path/micro_clip.safetensors" loads
+      another file written by that script. Offline: the weights are package data.
     """
     spec = (spec or "").strip()
-    if spec.startswith("tiny"):
+    if spec == "micro" or spec.startswith("micro:"):
+        from . import micro_clip
+
+        model = micro_clip.build(spec.partition(":")[2] or None, image_size)
+    elif spec.startswith("tiny"):
         if spec not in ("tiny",):
             raise KanoError(f"backbone 'tiny' takes no pretrained tag, got {spec!r}")
         model = _tiny_clip(image_size or 224)

@@ -15,7 +15,7 @@ from .adapter import ConvAdapter
 from .backbone import Backbone, VisualFeatures, grid_hw
 from .bicmci import BiCA, LinearHead
 from .losses import global_loss, local_loss
-from .prompts import FixedPrompts, PromptLearner, TextTower, kd_loss
+from .prompts import FixedPrompts, FreeTextVectors, PromptLearner, TextTower, kd_loss
 
 
 @dataclass
@@ -38,6 +38,7 @@ class ModelConfig:
     use_vv: bool = True
     use_bicmci: bool = True
     use_adapter: bool = True
+    text_free: bool = False                           # control: two freely learned vectors instead of text prompts
     alpha: float = 1.0                                # eq. 13 weights, all 1 in the paper
     beta: float = 1.0
     gamma: float = 1.0
@@ -51,6 +52,8 @@ class ModelConfig:
             raise ValueError("normal_words and abnormal_words must each hold at least one word, got an empty list")
         if set(self.normal_words) & set(self.abnormal_words):
             raise ValueError(f"normal_words and abnormal_words must not overlap, got {sorted(set(self.normal_words) & set(self.abnormal_words))}")
+        if self.text_free and self.use_knpl:
+            raise ValueError("text_free replaces the prompts with two learned vectors: use_knpl must be False with it, got True")
         if self.sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         if self.bica_dim % self.bica_heads:
@@ -148,7 +151,10 @@ class KAnoCLIP(nn.Module):
         self.backbone = backbone
         tower = TextTower(backbone.clip)
         c = self.cfg
-        self.prompts = (PromptLearner(tower, c.n_ctx, c.normal_words, c.abnormal_words) if c.use_knpl else FixedPrompts(tower))
+        if c.text_free:
+            self.prompts = FreeTextVectors(tower, backbone.embed_dim)
+        else:
+            self.prompts = (PromptLearner(tower, c.n_ctx, c.normal_words, c.abnormal_words) if c.use_knpl else FixedPrompts(tower))
         dim = backbone.embed_dim
         n_stages = len(backbone.stages)
         if c.use_bicmci:

@@ -111,6 +111,22 @@ class FixedPrompts(nn.Module):
         return torch.stack(n), torch.stack(a)
 
 
+class FreeTextVectors(nn.Module):
+    """The language-free control: the normal and abnormal "text" features are two freely learned vectors
+    (E,), shared by every class (VisualAD-style); no word reaches the text tower. The tower is kept only so
+    that the knowledge vectors w̄ᵏ of a run can still be computed and logged like any other run's."""
+
+    def __init__(self, tower: TextTower, embed_dim: int):
+        super().__init__()
+        self.tower = tower
+        self.normal = nn.Parameter(torch.randn(embed_dim))
+        self.abnormal = nn.Parameter(torch.randn(embed_dim))
+
+    def forward(self, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        c = len(class_names)
+        return self.normal.expand(c, -1), self.abnormal.expand(c, -1)
+
+
 def knowledge_vector(features: torch.Tensor) -> torch.Tensor:
     """w̄ᵏ (eq. 3): the mean CLIP text feature of a class's LLM and VQA descriptions. (M, E) -> (E,)."""
     if features.ndim != 2 or features.shape[0] == 0:
