@@ -24,11 +24,11 @@ def _method(run, backbone, info) -> dict:
     return baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
 
 
-def check_common(batch_size: int, workers: int = 0, threshold: float | None = None, n_overlays: int = 0) -> None:
+def check_common(batch_size: int, workers: int | None = 0, threshold: float | None = None, n_overlays: int = 0) -> None:
     """Value checks shared by eval and predict: 'X must be Y, got Z'."""
     if batch_size < 1:
         raise KanoError(f"--batch-size must be an integer >= 1, got {batch_size}")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise KanoError(f"--workers must be an integer >= 0 (0: load in the main process), got {workers}")
     if threshold is not None and not (0.0 <= threshold <= 1.0):
         raise KanoError(f"--threshold must be a number in [0, 1] (scores are in [0, 1]), got {threshold}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,16 +19,32 @@ from .metrics import METRIC_KEYS, all_metrics
 from .visualize import panel
 
 
-def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int = 0,
+def default_workers() -> int:
+    """DataLoader processes when --workers is not given: one per usable core but one (the main process runs
+    the model), at most 8 (decoding a batch is far cheaper than the model's forward pass)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int | None = None,
                   advance: Callable[[int], None] = lambda k: None,
                   errors: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> image scores (N,), maps (N, S, S) float32, masks (N, S, S) uint8, S = the model's image size.
 
     An unreadable image raises KanoError, unless `errors` is given: then its message is stored there under
-    the sample's index, its score is NaN and its map zeros, and the others go on."""
+    the sample's index, its score is NaN and its map zeros, and the others go on. Images are decoded and
+    resized in `workers` processes (None: default_workers()); pinned memory on CUDA."""
     bb = model.backbone
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise KanoError(f"workers must be >= 0, got {workers}")
+    workers = min(workers, -(-len(ds) // batch_size))  # no more processes than batches
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
     scores, maps, masks = [], [], []
     # KAnoCLIP.forward runs the backbone in `backbone_autocast` (the precision the training cache used) and
     # everything after it in float32, so no autocast here
@@ -50,7 +67,7 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
     return torch.cat(scores), torch.cat(maps), torch.cat(masks)
 
 
-def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int = 0,
+def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int | None = None,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
              force: bool = False, allow_missing_masks: bool = False) -> dict:

@@ -6,7 +6,8 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from evaluator.metrics import aupro, aupro_200, average_precision, f1_max, image_auroc, pixel_auroc
+from evaluator.metrics import (aupro, aupro_200, average_precision, f1_max, image_auroc, pixel_auroc, pixel_metrics,
+                               ranking_metrics)
 
 
 def sk_f1_max(y, s):
@@ -116,3 +117,61 @@ def test_chunked_running_sums_across_tie_groups(monkeypatch, chunk):
     masks[2, 10:18, 12:14] = 1
     maps = np.round(r.random((3, 20, 20)) + masks * 0.3, 1).astype(np.float32)
     assert aupro(masks, maps) == pytest.approx(reference_aupro(masks, maps), abs=1e-6)
+
+
+def sk_three(y, s):
+    """scikit-learn's three calls, the reference for the one-sort functions."""
+    return roc_auc_score(y, s), average_precision_score(y, s), sk_f1_max(y, s)
+
+
+@pytest.mark.parametrize("y,s", CASES)
+def test_one_sort_ranking_metrics_equal_scikit_learn(y, s):
+    for scores in (s, s.astype(np.float32)):  # float64 (sorted with indices) and float32 (packed keys)
+        r = ranking_metrics(y, scores)
+        auc, ap, f1 = sk_three(y, scores)
+        assert r["auroc"] == pytest.approx(auc, abs=1e-9)
+        assert r["ap"] == pytest.approx(ap, abs=1e-9)
+        assert r["f1_max"] == pytest.approx(f1, abs=1e-9)
+
+
+def test_one_sort_pixel_metrics_with_ties_signed_zeros_and_negatives():
+    r = np.random.default_rng(5)
+    masks = np.zeros((5, 40, 40), np.uint8)
+    masks[0, 3:15, 3:9] = 1
+    masks[2, 20:38, 30:33] = 1
+    masks[4, 0:5, 0:40] = 1
+    maps = (r.normal(size=masks.shape) + masks * 0.8).astype(np.float16).astype(np.float32)  # fp16 values: many ties
+    maps[1, :10] = 0.0
+    maps[1, 10:20] = -0.0       # equal to 0.0: must tie with it, though its bits differ
+    maps[0, 3:6, 3:9] = -0.0    # anomalous pixels inside that tie group
+    maps[3] = -1e30             # far below everything
+    res = pixel_metrics(masks, maps)
+    auc, ap, f1 = sk_three(masks.ravel(), maps.ravel())
+    assert res["pixel_auroc"] == pytest.approx(auc, abs=1e-9)
+    assert res["pixel_ap"] == pytest.approx(ap, abs=1e-9)
+    assert res["pixel_f1_max"] == pytest.approx(f1, abs=1e-9)
+    assert res["aupro"] == pytest.approx(reference_aupro(masks, maps), abs=1e-6)
+    # torch input gives the same
+    t = pixel_metrics(torch.from_numpy(masks), torch.from_numpy(maps))
+    assert t == pytest.approx(res, abs=1e-12)
+    # without AUPRO
+    assert set(pixel_metrics(masks, maps, with_aupro=False)) == {"pixel_auroc", "pixel_ap", "pixel_f1_max"}
+
+
+def test_one_sort_hand_computed():
+    # scores 3 > 2 = 2 > 1, labels 1, 0, 1, 0. Pairs (pos, neg): (3,2) win, (3,1) win, (2,2) tie, (2,1) win -> 3.5/4.
+    # Thresholds: >=3: tp 1 pp 1 (P 1, R 1/2); >=2: tp 2 pp 3 (P 2/3, R 1); AP = 1/2*1 + 1/2*2/3 = 5/6.
+    # F1 at >=3: 2*1/(1+2) = 2/3; at >=2: 2*2/(3+2) = 4/5; at >=1: 2*2/(4+2) = 2/3 -> 4/5.
+    r = ranking_metrics([1, 0, 1, 0], np.array([3, 2, 2, 1], np.float32))
+    assert r == {"auroc": 3.5 / 4, "ap": pytest.approx(5 / 6, abs=1e-15), "f1_max": pytest.approx(4 / 5, abs=1e-15)}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_one_sort_tie_groups_across_chunks(monkeypatch, chunk):
+    import evaluator.metrics as em
+
+    monkeypatch.setattr(em, "CHUNK", chunk)
+    y, s = CASES[1]
+    r = ranking_metrics(y, s.astype(np.float32))
+    auc, ap, f1 = sk_three(y, s.astype(np.float32))
+    assert (r["auroc"], r["ap"], r["f1_max"]) == pytest.approx((auc, ap, f1), abs=1e-9)
