@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from kanoclip import (BiCA, ConvAdapter, DeformableSelfAttention, KAnoCLIP, ModelConfig, PromptLearner, TextTower,
-                      VisualFeatures, kd_loss, local_loss, global_loss, tokenize)
+from kanoclip import (BiCA, ConvAdapter, DeformableSelfAttention, KAnoCLIP, LinearHead, ModelConfig, PromptLearner, TextTower,
+                      VisualFeatures, kd_loss, knowledge_vector, local_loss, global_loss, tokenize)
 from kanoclip.prompts import FixedPrompts
 
 MAP_T = 1 / 0.07  # the patch-text temperature (CLIP's initial one, fixed)
@@ -418,3 +418,38 @@ def test_eq13_weights(tiny_backbone):
         glob = global_loss(out.global_prob, torch.tensor([0.0, 1.0]))
     assert float(terms["kd"]) > 0 and float(terms["local"]) == pytest.approx(float(local)) and float(terms["global"]) == pytest.approx(float(glob))
     assert float(terms["total"]) == pytest.approx(2 * float(terms["kd"]) + 3 * float(glob) + 5 * float(local), rel=1e-6)
+
+
+def test_each_state_uses_its_own_learnable_context(tiny_backbone):
+    """Eq. 1: the normal prompts carry the LNP context, the abnormal ones the LAP context (two different ones)."""
+    tower = TextTower(tiny_backbone.clip)
+    learner = PromptLearner(tower, n_ctx=4, normal_words=("normal",), abnormal_words=("damaged",))
+    emb = tiny_backbone.clip.token_embedding
+    with torch.no_grad():
+        learner.ctx_normal.copy_(emb(tokenize(["a photo of the"])[0, 1:5]))
+        learner.ctx_abnormal.copy_(emb(tokenize(["a close up of"])[0, 1:5]))
+        n, a = learner(["screw"])
+        ref = tiny_backbone.clip.encode_text(tokenize(["a photo of the normal screw.", "a close up of damaged screw."]))
+    torch.testing.assert_close(n[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[0], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_knowledge_vector_is_the_mean_of_all_descriptions():
+    """Eq. 3 on three hand-written feature rows: w̄ᵏ = their mean, not any one of them."""
+    f = torch.tensor([[1.0, 0.0, 2.0], [3.0, 3.0, 0.0], [2.0, 6.0, 1.0]])
+    torch.testing.assert_close(knowledge_vector(f), torch.tensor([2.0, 3.0, 1.0]))
+    with pytest.raises(ValueError, match="knowledge features must be"):
+        knowledge_vector(torch.zeros(0, 3))
+
+
+def test_linear_head_projects_patches_and_leaves_text_alone():
+    """Bi-CMCI off (the ablation): patches -> W p + b with the head's own W, b; text unchanged."""
+    head = LinearHead(2)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.tensor([[0.0, 2.0], [1.0, -1.0]]))
+        head.proj.bias.copy_(torch.tensor([0.5, 0.0]))
+    p = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])   # (1, 2 patches, 2)
+    t = torch.tensor([[4.0, 5.0]])
+    out_p, out_t = head(p, t, (1, 2))
+    torch.testing.assert_close(out_p, torch.tensor([[[6.5, -2.0], [0.5, 2.0]]]))
+    assert out_t is t or torch.equal(out_t, t)
