@@ -296,7 +296,7 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
-    method: Optional[str] = typer.Option(None, "--method", help="a zero-parameter baseline instead of a model: per image median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set) musc (with --backbone), musc_randconv"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model. Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (with --backbone), musc_randconv"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command

@@ -45,9 +45,9 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     check_common(batch_size, workers, threshold, n_overlays)
     dev = _device(device)
     if method:
-        from evaluator.baselines import load_baseline
+        from evaluator.methods import load_method
 
-        model, info = load_baseline(method, run, backbone, image_size, dev)
+        model, info = load_method(method, run, backbone, image_size, dev)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -59,7 +59,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
-    what = f"{described['setting']} baseline {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
+    what = f"{described['setting']} {described['kind']} {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
