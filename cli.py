@@ -279,7 +279,7 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained zero-shot baseline (CLIP-AC) on MODEL[:PRETRAINED] or tiny"),
+                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of clip, clip-ac, winclip or musc"),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
