@@ -296,7 +296,8 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model. Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (with --backbone), musc_randconv"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model. Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux)"),
+    aux: Optional[str] = typer.Option(None, "--aux", help="with --method retrieval: the labelled auxiliary dataset KIND:PATH its memory is made of"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command
@@ -305,7 +306,7 @@ def eval_cmd(
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
-                          method=method)
+                          method=method, aux=aux)
 
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")

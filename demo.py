@@ -2,7 +2,7 @@
 
 Trains KAnoCLIP on the auxiliary classes of anomaly_data.world (defect kinds SEEN_DEFECTS only) and
 evaluates it zero-shot on the disjoint target classes (every kind, HELD_OUT_DEFECTS included), then
-prints one table beside the untrained CLIP-AC baseline on the same backbone, the zero-parameter
+prints one table beside the untrained model (fixed prompts), zero-shot CLIP-AC and WinCLIP on the same backbone, the zero-parameter
 detectors (per image) and the transductive floor (mutual scoring across the test set).
 """
 
@@ -14,12 +14,13 @@ from pathlib import Path
 
 from kano import ui
 
-DEMO_BACKBONE = "tiny"
+DEMO_BACKBONE = "micro"
 DEMO_SIZE = 96           # image side for data, training and evaluation (the micro-CLIP's own size)
 # A narrower Bi-CMCI bottleneck than the default 128 keeps the demo within minutes on two CPU cores.
 DEMO_MODEL = {"bica_dim": 64, "bica_heads": 2}
 PER_IMAGE_BASELINES = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
 TRANSDUCTIVE_BASELINES = ("musc", "musc_randconv")
+ZERO_SHOT = (("clip-ac", "CLIP-AC (zero-shot)"), ("winclip", "WinCLIP (zero-shot)"))
 
 
 def _classes():
@@ -38,12 +39,13 @@ def groups() -> dict:
 
 
 def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE, n_good: int = 8, n_defect: int = 2,
-        n_aux_good: int = 6, n_aux_defect: int = 2, baselines: bool = True) -> dict:
+        n_aux_good: int = 9, n_aux_defect: int = 4, baselines: bool = True) -> dict:
     import torch
 
     from anomaly_data import synthesize_world
     from evaluator import command as eval_command
     from evaluator.baselines import load_baseline
+    from evaluator.methods import load_method
     from evaluator.compare import compare
     from evaluator.loading import load_model
     from kb_builder import command as kb_command
@@ -74,19 +76,24 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
                                    batch_size=16, workers=0, image_size=None, device=None)
     rows = []
     if baselines:
-        ui.out.print("[5/5] the same target classes: untrained CLIP-AC, zero-parameter detectors, transductive floor")
+        ui.out.print("[5/5] the same target classes: untrained KAnoCLIP, CLIP-AC and WinCLIP, zero-parameter detectors, transductive floor")
         dev = torch.device("cpu")
         trained, info = load_model(str(run_dir), None, None, dev)
         entries = [{"name": "KAnoCLIP (trained)", "kind": "trained on aux", "model": trained, "prompt_names": info["prompt_names"]}]
-        clip_ac, _ = load_model(None, backbone, DEMO_SIZE, dev)
-        entries.append({"name": f"CLIP-AC ({backbone}, fixed prompts)", "kind": "untrained", "model": clip_ac})
+        untrained, _ = load_model(None, backbone, DEMO_SIZE, dev)
+        entries.append({"name": "KAnoCLIP untrained (fixed prompts)", "kind": "untrained", "model": untrained})
+        for m, name in ZERO_SHOT:
+            entries.append({"name": name, "kind": "zero-shot, untrained", "model": load_method(m, None, backbone, DEMO_SIZE, dev)[0]})
         for m in PER_IMAGE_BASELINES:
             entries.append({"name": m, "kind": "per-image, 0 params", "model": load_baseline(m, None, None, DEMO_SIZE, dev)[0]})
         for m in TRANSDUCTIVE_BASELINES:
             bb = backbone if m == "musc" else None
             name = f"musc ({backbone})" if m == "musc" else m
             entries.append({"name": name, "kind": "transductive", "model": load_baseline(m, None, bb, DEMO_SIZE, dev)[0]})
-        rows = compare(entries, data, groups(), out / "eval" / "comparison.json", log=ui.out.print)
+        about = {"command": "kano demo", "seed": seed, "backbone": backbone, "epochs": epochs, "image_size": DEMO_SIZE,
+                 "aux": {"classes": list(AUX_CLASSES), "n_good": n_aux_good, "n_per_defect": n_aux_defect},
+                 "target": {"classes": list(TARGET_CLASSES), "n_good": n_good, "n_per_defect": n_defect}}
+        rows = compare(entries, data, groups(), out / "eval" / "comparison.json", log=ui.out.print, about=about)
         print_comparison(rows, out / "eval" / "comparison.md")
     ui.out.print(f"demo finished in {time.perf_counter() - t0:.0f}s: run in {run_dir}, evaluation in {out / 'eval'}")
     return {**result, "comparison": rows}

@@ -5,9 +5,10 @@ bool defect mask (S, S), caption, normal phrase, abnormal phrase). The class nam
 and the defect kinds here are disjoint from `anomaly_data/synth.py` (the demo's and the tests' world)
 and from the world's target classes (anomaly_data/world.py WORLD_TARGET, and their looks: no plaid,
 ripple, wood-ring, chevron, polka-dot or parquet fields here) by construction: `check_disjoint()` asserts
-the names. Defect kinds held out of this world on purpose (never shown to the micro-CLIP): cracks, an extra
-part, blur or sharpening, local warps, rotated/flipped pasted patches, texture orientation or frequency
-changes, hue shifts at constant luminance.
+the names. `world_sample` adds captioned images of the world's *auxiliary* classes with the defect kinds
+the auxiliary set carries (anomaly_data/world.py SEEN_DEFECTS). Defect kinds never shown to the micro-CLIP:
+the world's HELD_OUT_DEFECTS (cracks, an extra part, sharpening, local warps, texture frequency changes,
+hue shifts at constant luminance), so "held out" means held out of pretraining and of training alike.
 """
 
 from __future__ import annotations
@@ -524,3 +525,48 @@ def sample(seed: int, index: int, size: int = 112, p_defect: float = 0.5, classe
     normal_phrase, abnormal_phrase = _articles(normal_phrase), _articles(abnormal_phrase)
     meta = {"class": cls, "colour": col, "defect": kind}
     return out, mask, caption, normal_phrase, abnormal_phrase, meta
+
+
+# -- the KAnoCLIP world's auxiliary classes, captioned ------------------------------------------
+# The micro-CLIP also sees the auxiliary classes of anomaly_data/world.py (never its target classes), with
+# the defect kinds the auxiliary set carries (never HELD_OUT_DEFECTS), each described in words, the way
+# real CLIP has seen photos of damaged things of many kinds before anyone trains a detector on it.
+WORLD_PHRASES = {
+    "dark_spot": ("a dark spot", "a dark blot", "a small dark mark"),
+    "bright_spot": ("a bright spot", "a light blot", "a small bright mark"),
+    "scratch": ("a scratch", "a thin scratch", "a long thin line"),
+    "stain": ("a stain", "a faint stain", "a discoloured patch"),
+    "rotated": ("a patch turned the wrong way", "a rotated patch", "a piece of the pattern pasted askew"),
+    "blur": ("a blurred patch", "a smeared area", "a soft, blurry region"),
+    "orientation": ("a patch of the pattern running the wrong way", "a misaligned region", "a region of crooked pattern"),
+    "part_missing": ("a missing part", "a part missing", "an empty spot where a part should be"),
+    "part_moved": ("a misplaced part", "a part in the wrong place", "a part off its line"),
+    "part_recolour": ("a part of the wrong colour", "a recoloured part", "a part painted like another one"),
+}
+
+
+def world_sample(seed: int, index: int, size: int = 96, p_defect: float = 0.5):
+    """One captioned image of a world auxiliary class: the same tuple as `sample`."""
+    from anomaly_data import world
+
+    r = _rng(seed, "world", index)
+    cls = world.WORLD_AUX[r.integers(len(world.WORLD_AUX))]
+    kinds = [k for k in world.SEEN_DEFECTS if world.applies(cls, k) and k in WORLD_PHRASES]
+    kind = kinds[r.integers(len(kinds))] if r.random() < p_defect else None
+    if kind:
+        img, mask = world.make_defective(cls, kind, size, r)
+    else:
+        img, mask = world.make_normal(cls, size, r), np.zeros((size, size), bool)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    nw, aw = NORMAL_WORDS[r.integers(len(NORMAL_WORDS))], ABNORMAL_WORDS[r.integers(len(ABNORMAL_WORDS))]
+    normal_phrase = _articles(f"a photo of a {nw} {cls}.")
+    if kind:
+        phrase = WORLD_PHRASES[kind][r.integers(3)]
+        loc = f" in the {_where(mask)}".replace("in the centre", "near the centre") if r.random() < 0.5 else ""
+        caption = r.choice([f"a photo of a {aw} {cls} with {phrase}{loc}.", f"a {aw} {cls}: {phrase}{loc}.",
+                            f"a {cls} with {phrase}.", f"{phrase} on a {cls}."])
+        abnormal_phrase = f"a {aw} {cls} with {phrase}."
+    else:
+        caption = r.choice([f"a photo of a {nw} {cls}.", f"a {nw} {cls}.", f"a {cls} with no defects.", f"a {nw} {cls} surface."])
+        abnormal_phrase = f"a photo of a {aw} {cls}."
+    return img, mask, _articles(caption), normal_phrase, _articles(abnormal_phrase), {"class": cls, "colour": None, "defect": kind}

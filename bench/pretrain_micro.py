@@ -1,9 +1,12 @@
 """Pretrain the micro-CLIP (kanoclip/micro/) on the captioned world of bench/micro_world.py.
 
+Each batch: half bench/micro_world.py's own classes, half the auxiliary classes of anomaly_data/world.py
+with their seen defect kinds described in words (--world-share); never a target class, never a held-out kind.
+
     OMP_NUM_THREADS=2 python bench/pretrain_micro.py            # writes kanoclip/micro/{micro_clip.safetensors,config.json}
     python bench/pretrain_micro.py --eval-only                  # re-measure the shipped weights
 
-The model is open_clip's CLIP built from kanoclip/micro/kano-micro.json (ViT, patch 8, 112 px; a
+The model is open_clip's CLIP built from kanoclip/micro/kano-micro.json (ViT, patch 8, 96 px; a
 4-layer text transformer over open_clip's own BPE vocabulary). Objective, per batch of captioned images:
 
 - the CLIP contrastive loss (symmetric InfoNCE, learned temperature) between images and their captions;
@@ -53,8 +56,10 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
-def batch(seed: int, start: int, n: int, size: int, p_defect: float = 0.5):
-    out = [W.sample(seed, start + i, size, p_defect) for i in range(n)]
+def batch(seed: int, start: int, n: int, size: int, p_defect: float = 0.5, world_share: float = 0.0):
+    """n captioned images; the first round(n * world_share) from the world's auxiliary classes."""
+    k = int(round(n * world_share))
+    out = [W.world_sample(seed, start + i, size, p_defect) for i in range(k)] + [W.sample(seed, start + i, size, p_defect) for i in range(k, n)]
     imgs = np.stack([o[0] for o in out])
     masks = torch.from_numpy(np.stack([o[1] for o in out])).float()
     return imgs, masks, [o[2] for o in out], [o[3] for o in out], [o[4] for o in out], [o[5] for o in out]
@@ -220,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--dense-weight", type=float, default=1.0)
     ap.add_argument("--cond-weight", type=float, default=0.5)
+    ap.add_argument("--world-share", type=float, default=0.5,
+                    help="share of each batch drawn from anomaly_data/world.py's auxiliary classes (seen defect kinds only)")
+    ap.add_argument("--init", default=None, help="start from these micro-CLIP weights instead of random ones")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-retrieval", type=int, default=500)
@@ -242,9 +250,12 @@ def main(argv=None) -> int:
         model = micro_clip.build(str(out / "micro_clip.safetensors"))
         bb = Backbone(model, "micro")
     else:
-        model = open_clip.create_model(name, pretrained=None)
-        with torch.no_grad():
-            model.token_embedding.weight.copy_(micro_clip.init_token_embedding(model.token_embedding.weight.shape[1], args.seed))
+        if args.init:
+            model = micro_clip.build(args.init).float()
+        else:
+            model = open_clip.create_model(name, pretrained=None)
+            with torch.no_grad():
+                model.token_embedding.weight.copy_(micro_clip.init_token_embedding(model.token_embedding.weight.shape[1], args.seed))
         bb = Backbone(model, "micro")            # the pipeline's own forward (CLIP-VV stream), trained through here
         for p in model.parameters():
             p.requires_grad_(True)
@@ -259,7 +270,7 @@ def main(argv=None) -> int:
         gen_s = 0.0
         for step in range(args.steps):
             tg = time.perf_counter()
-            imgs, masks, caps, nph, aph, _ = batch(args.seed, step * args.batch_size, args.batch_size, size)
+            imgs, masks, caps, nph, aph, _ = batch(args.seed, step * args.batch_size, args.batch_size, size, world_share=args.world_share)
             x = to_tensor(imgs)
             gen_s += time.perf_counter() - tg
             model.train()

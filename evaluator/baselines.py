@@ -248,7 +248,7 @@ def load_baseline(method: str, run, backbone: str | None, image_size: int | None
 
         bb = build_backbone(backbone, image_size=image_size, device=device)
     elif backbone:
-        raise KanoError(f"--backbone is used by --method musc and the zero-shot methods (clip, clip-ac, winclip) only, got --method {method} with --backbone {backbone}")
+        raise KanoError(f"--backbone is used by --method musc, retrieval and the zero-shot methods (clip, clip-ac, winclip) only, got --method {method} with --backbone {backbone}")
     model = ZeroParameterDetector(method, image_size or 128, bb, device).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {},
                    "method": method_info(method, backbone, model.backbone.image_size)}

@@ -38,16 +38,18 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
-             method: str | None = None) -> dict:
+             method: str | None = None, aux: str | None = None) -> dict:
     from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
     dev = _device(device)
+    if aux and not method:
+        raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
     if method:
         from evaluator.methods import load_method
 
-        model, info = load_method(method, run, backbone, image_size, dev)
+        model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)

@@ -8,6 +8,7 @@ images of the group's kinds; each group's metric is the mean over the classes ho
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -54,14 +55,20 @@ def grouped_metrics(scored: dict, groups: dict[str, tuple[str, ...] | None], wit
 
 
 def compare(entries: list[dict], data: str, groups: dict[str, tuple[str, ...] | None], out_json: Path | None = None,
-            log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """entries: [{"name", "kind", "model", "prompt_names"?}] -> one record per entry with its grouped metrics."""
+            log: Callable[[str], None] = lambda s: None, about: dict | None = None) -> list[dict]:
+    """entries: [{"name", "kind", "model", "prompt_names"?}] -> one record per entry with its grouped metrics.
+    about: what produced the table (seed, backbone, ...), written beside the rows with Kano's version and commit."""
     rows = []
     for e in entries:
         log(f"  scoring {e['name']} ({e['kind']})")
         scored = score_classes(e["model"], data, prompt_names=e.get("prompt_names"))
         rows.append({"name": e["name"], "kind": e["kind"], "metrics": grouped_metrics(scored, groups)})
     if out_json is not None:
+        from kano import __version__
+        from trainer.checkpoint import git_commit
+
+        produced = {**(about or {}), "kano_version": __version__, "git_commit": git_commit(),
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         Path(out_json).write_text(json.dumps({"dataset": data, "groups": {g: list(k) if k else None for g, k in groups.items()},
-                                              "rows": rows}, indent=1))
+                                              "produced_by": produced, "rows": rows}, indent=1))
     return rows

@@ -16,7 +16,8 @@ from kanoclip.winclip import ZERO_SHOT_METHODS
 
 from .baselines import METHODS as BASELINE_METHODS
 
-ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS
+MEMORY_METHODS = ("retrieval",)
+ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS
 
 # Where each zero-shot method comes from (the module docstring of kanoclip/winclip.py has the details).
 ZERO_SHOT_SOURCES = {
@@ -76,10 +77,62 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
                    "method": zero_shot_info(model, method, backbone)}
 
 
-def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu"):
-    """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline or a zero-shot CLIP method."""
+def load_retrieval(run, backbone: str | None, image_size: int | None, device: torch.device | str, aux: str | None,
+                   batch_size: int = 16, allow_missing_masks: bool = False):
+    """-> (PatchRetrieval, info) for `kano eval --method retrieval --backbone SPEC --aux KIND:PATH`: the memory
+    is the auxiliary dataset's labelled patch and image features (its test split, masks required)."""
+    if run:
+        raise KanoError(f"--method retrieval builds its memory from --aux on a frozen --backbone: give no --run, got --run {run}")
+    if not backbone:
+        raise KanoError("--method retrieval needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
+    if not aux:
+        raise KanoError("--method retrieval needs --aux KIND:PATH: the labelled auxiliary data its memory is made of")
+    from torch.utils.data import DataLoader
+
+    from anomaly_data import SampleDataset, load_dataset, raise_batch_errors
+    from kanoclip import build_backbone
+    from kanoclip.retrieval import PatchRetrieval, RetrievalConfig, build_memory
+
+    ds = load_dataset(aux, missing_masks="warn" if allow_missing_masks else "error")
+    samples = ds.samples("test")
+    labels = {s.label for s in samples}
+    if labels != {0, 1}:
+        raise KanoError(f"--aux {aux} must hold normal and anomalous test images (with masks), got "
+                        f"{'only normal' if labels == {0} else 'only anomalous' if labels == {1} else 'no'} images")
+    bb = build_backbone(backbone, image_size=image_size, device=device)
+    cfg = RetrievalConfig()
+    loader = DataLoader(SampleDataset(samples, bb.image_size, bb.mean, bb.std), batch_size=batch_size, shuffle=False)
+
+    def checked():
+        for batch in loader:
+            raise_batch_errors(batch)
+            yield batch
+
+    memory = build_memory(bb, checked(), cfg)
+    if any(a.shape[0] == 0 for a in memory["abnormal_patches"]):
+        raise KanoError(f"--aux {aux} must hold defect masks covering at least {cfg.defect_share:.0%} of some patch, got none")
+    model = PatchRetrieval(bb, cfg=cfg, **memory).eval()
+    info = {"kind": "memory", "name": "retrieval", "backbone": backbone, "setting": "per-image",
+            "parameters": "frozen backbone, no training; a memory of labelled auxiliary features",
+            "source": "the retrieval floor of issue 14 (MRAD-TF-style, 2026); Kano's aggregation, kanoclip/retrieval.py",
+            "aux": aux, "image_size": bb.image_size, "k": cfg.k, "temperature": cfg.temperature, "sigma": cfg.sigma,
+            "memory": {"normal_patches_per_stage": int(memory["normal_patches"][0].shape[0]),
+                       "abnormal_patches_per_stage": [int(a.shape[0]) for a in memory["abnormal_patches"]],
+                       "normal_images": int(memory["normal_images"].shape[0]),
+                       "abnormal_images": int(memory["abnormal_images"].shape[0])}}
+    return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
+
+
+def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
+                aux: str | None = None, allow_missing_masks: bool = False):
+    """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method or the
+    retrieval memory (which needs `aux`)."""
     if method not in ALL_METHODS:
         raise KanoError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
+    if aux and method not in MEMORY_METHODS:
+        raise KanoError(f"--aux is used by --method retrieval only, got --method {method} with --aux {aux}")
+    if method == "retrieval":
+        return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
     if method in ZERO_SHOT_METHODS:
         return load_zero_shot(method, run, backbone, image_size, device)
     from .baselines import load_baseline

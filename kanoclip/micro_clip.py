@@ -92,6 +92,22 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         raise KanoError(f"micro-CLIP weights must match {MODEL_NAME}.json; missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
+def _create(name: str, **kw) -> torch.nn.Module:
+    """open_clip's model with random weights, about to be replaced by ours: its "No pretrained weights loaded ...
+    initialized randomly" warning would tell the user the opposite of what happens, so it is silenced here."""
+    import logging
+
+    import open_clip
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(name, pretrained=None, **kw)
+    finally:
+        root.setLevel(level)
+
+
 def build(weights: str | None = None, image_size: int | None = None) -> torch.nn.Module:
     """The micro-CLIP as an open_clip CLIP: shipped weights (digest checked) or a file from the pretraining script."""
     import open_clip
@@ -109,14 +125,14 @@ def build(weights: str | None = None, image_size: int | None = None) -> torch.nn
         digest = sha256(path)
         if digest != info["sha256"]:
             raise KanoError(f"the shipped micro-CLIP weights must have sha256 {info['sha256']}, got {digest} (corrupt install?)")
-    model = open_clip.create_model(name, pretrained=None)
+    model = _create(name)
     load_weights(model, path)
     native = model.visual.image_size
     native = int(native[0] if isinstance(native, (tuple, list)) else native)
     if image_size and image_size != native:
         # another image size: resample the positional grid (bicubic), as open_clip does for pretrained weights
         state = model.state_dict()
-        model = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+        model = _create(name, force_image_size=image_size)
         pe = state["visual.positional_embedding"]
         g0 = int(round((pe.shape[0] - 1) ** 0.5))
         g1 = int(round((model.visual.positional_embedding.shape[0] - 1) ** 0.5))

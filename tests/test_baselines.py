@@ -117,7 +117,7 @@ def test_cli_eval_musc_is_transductive_on_a_backbone(synth_root, tmp_path, cli):
 @pytest.mark.parametrize("args, message", [
     (["--method", "bogus"], "--method must be one of median_colour, darkness"),
     (["--method", "musc"], "--method musc needs --backbone"),
-    (["--method", "darkness", "--backbone", "tiny"], "--backbone is used by --method musc and the zero-shot methods"),
+    (["--method", "darkness", "--backbone", "tiny"], "--backbone is used by --method musc, retrieval and the zero-shot methods"),
     (["--method", "darkness", "--image-size", "30"], "multiple of 4 and >= 32, got 30"),
 ])
 def test_cli_eval_method_bad_input(synth_root, tmp_path, cli, args, message):

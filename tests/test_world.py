@@ -80,3 +80,17 @@ def test_cli_data_synth_checks_values_and_refuses_a_full_folder(tmp_path, cli):
     assert code == 0 and (tmp_path / "w" / "disc").is_dir() and (tmp_path / "w" / "pager").is_dir()
     code, out, err = cli("data", "synth", "--out", tmp_path / "v", "--world", "side")
     assert code == 2 and "must be one of aux, target" in err
+
+
+def test_synth_refuses_a_folder_holding_files_unless_forced(tmp_path, cli):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli("data", "synth", "--out", out, "--world", "target", "--size", "32", "--n-good", "1", "--n-defect", "1")
+    assert code == 2 and "--out must be an empty or new folder (pass --force" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+    code, _, err = cli("data", "synth", "--out", out, "--world", "target", "--size", "32", "--n-good", "1", "--n-defect", "1", "--force")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "meta.json").is_file()
+    code, _, err = cli("data", "synth", "--out", tmp_path / "new", "--size", "0")
+    assert code == 2 and "must be an integer >= 32, got 0" in err and not (tmp_path / "new").exists()
