@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
     from tests.conftest import KANO
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    proc = subprocess.run([KANO, "demo", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([KANO, "demo", "--out", str(out)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
