@@ -8,7 +8,6 @@ images of the group's kinds; each group's metric is the mean over the classes ho
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -64,11 +63,9 @@ def compare(entries: list[dict], data: str, groups: dict[str, tuple[str, ...] | 
         scored = score_classes(e["model"], data, prompt_names=e.get("prompt_names"))
         rows.append({"name": e["name"], "kind": e["kind"], "metrics": grouped_metrics(scored, groups)})
     if out_json is not None:
-        from kano import __version__
-        from trainer.checkpoint import git_commit
+        from .report import stamp
 
-        produced = {**(about or {}), "kano_version": __version__, "git_commit": git_commit(),
-                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        produced = {**(about or {}), **stamp()}
         Path(out_json).write_text(json.dumps({"dataset": data, "groups": {g: list(k) if k else None for g, k in groups.items()},
                                               "produced_by": produced, "rows": rows}, indent=1))
     return rows

@@ -60,16 +60,21 @@ def _git_commit() -> str | None:
     return git_commit()
 
 
-def provenance(method: dict, image_size: int | None, started: float, data: str | None = None) -> dict:
-    """What produced a result. `started` = time.time() at the start; elapsed is measured to now."""
+def stamp(now: float | None = None) -> dict:
+    """Which Kano made a file, and when: kano_version, git_commit, date (UTC, ISO 8601)."""
     from kano import __version__
 
+    now = time.time() if now is None else now
+    return {"kano_version": __version__, "git_commit": _git_commit(),
+            "date": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def provenance(method: dict, image_size: int | None, started: float, data: str | None = None) -> dict:
+    """What produced a result. `started` = time.time() at the start; elapsed is measured to now."""
     if not isinstance(method, dict) or "kind" not in method or "name" not in method:
         raise ValueError(f"method must be a dict with 'kind' and 'name', got {method!r}")
     now = time.time()
-    return {"method": dict(method), "data": data, "image_size": image_size, "kano_version": __version__,
-            "git_commit": _git_commit(), "date": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
-            "elapsed_s": round(now - started, 2)}
+    return {"method": dict(method), "data": data, "image_size": image_size, **stamp(now), "elapsed_s": round(now - started, 2)}
 
 
 def describe_method(method: dict) -> str:

@@ -81,12 +81,12 @@ class PatchRetrieval(nn.Module):
         for i, (n, a) in enumerate(zip(normal_patches, abnormal_patches)):
             if n.shape[0] == 0 or a.shape[0] == 0:
                 raise ValueError(f"stage {i}: both patch memories must be non-empty, got {n.shape[0]} normal and {a.shape[0]} abnormal")
-            self.register_buffer(f"normal_{i}", F.normalize(n.float(), dim=-1))
-            self.register_buffer(f"abnormal_{i}", F.normalize(a.float(), dim=-1))
+            self.register_buffer(f"normal_{i}", n.float())     # retrieval_probability compares by cosine
+            self.register_buffer(f"abnormal_{i}", a.float())
         if normal_images.shape[0] == 0 or abnormal_images.shape[0] == 0:
             raise ValueError(f"both image memories must be non-empty, got {normal_images.shape[0]} normal and {abnormal_images.shape[0]} abnormal")
-        self.register_buffer("normal_images", F.normalize(normal_images.float(), dim=-1))
-        self.register_buffer("abnormal_images", F.normalize(abnormal_images.float(), dim=-1))
+        self.register_buffer("normal_images", normal_images.float())
+        self.register_buffer("abnormal_images", abnormal_images.float())
         self.n_stages = len(normal_patches)
 
     @torch.no_grad()
