@@ -221,7 +221,11 @@ def _int_list(name: str, raw: Optional[str]) -> Optional[list[int]]:
 
 @app.command("train")
 def train_cmd(
-    kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build`" + _d(_TD.kb if _TD else "kb.duckdb")),
+    method: Optional[str] = typer.Option(None, "--method", help="what to train: kanoclip (the paper's method), aprilgan "
+                                         "(April-GAN / VAND 2023: linear layers on four stages, fixed prompt ensemble) or "
+                                         "anomalyclip (AnomalyCLIP, ICLR 2024: object-agnostic learnable prompts, DPAM); the "
+                                         "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
+    kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
                                        "split, as in the paper; kinds: mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, "
                                        "resc, br35h, covid, headct, meta, folder, hf); required"),
@@ -265,7 +269,7 @@ def train_cmd(
     from trainer import command as train_command
 
     train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
-        kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
+        method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=_int_list("--stages", stages), epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,

@@ -43,8 +43,11 @@ def file_sha256(path: Path) -> str:
 
 def trained_method(run_dir: str | Path, config: dict) -> dict:
     """The method description of a trained run: its path and the SHA-256 of its config.json."""
+    from kanoclip.registry import DISPLAY_NAMES
+
     run_dir = Path(run_dir)
-    return {"kind": "trained", "name": "KAnoCLIP", "run": str(run_dir.resolve()),
+    method = config.get("method", "kanoclip")
+    return {"kind": "trained", "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
             "config_sha256": file_sha256(run_dir / "config.json"), "backbone": config.get("backbone"),
             "train_data": config.get("data"), "threshold": config.get("threshold")}
 

@@ -229,8 +229,11 @@ class Backbone(nn.Module):
         n, l, d = t.shape
         return t.view(n, l, h, d // h).transpose(1, 2)
 
-    def forward(self, images: torch.Tensor, vv: bool = True) -> VisualFeatures:
-        """images (N, 3, S, S) normalised -> VisualFeatures. vv=False takes patch tokens from the Q-K stream."""
+    def forward(self, images: torch.Tensor, vv: bool = True, raw: bool = False) -> VisualFeatures:
+        """images (N, 3, S, S) normalised -> VisualFeatures. vv=False takes patch tokens from the Q-K stream.
+
+        raw=True returns each stage's patch tokens as the block wrote them, (N, L, width), without `ln_post` and
+        `proj` (April-GAN's linear layers map those to the text space); the global feature is unchanged."""
         v = self.clip.visual
         x = v._embeds(images.to(v.conv1.weight.dtype))
         s = None
@@ -255,6 +258,8 @@ class Backbone(nn.Module):
                 keep.append(s if (vv and s is not None) else x)
         pooled, _ = v._pool(x)
         glob = pooled @ v.proj if v.proj is not None else pooled
+        if raw:
+            return VisualFeatures(glob, [t[:, 1:] for t in keep])
         patches = []
         for t in keep:
             t = v.ln_post(t[:, 1:])

@@ -167,6 +167,18 @@ class KAnoCLIP(nn.Module):
         self.register_buffer("global_logit_scale", backbone.clip.logit_scale.detach().exp().clamp(max=100.0).clone(), persistent=False)
         self.to(backbone.device)
 
+    method = "kanoclip"
+    uses_knowledge = True
+
+    @property
+    def feature_spec(self) -> dict:
+        """What the feature cache stores for this model: CLIP-VV (or Q-K) tokens through ln_post and proj."""
+        return {"vv": self.cfg.use_vv, "tokens": "projected"}
+
+    @property
+    def patch_dim(self) -> int:
+        return self.backbone.embed_dim
+
     # -- parameters -------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}

@@ -47,14 +47,18 @@ def cache_key(model: KAnoCLIP, samples: list[Sample]) -> str:
     for s in samples:
         st = os.stat(s.image_path)
         files.append([s.image_path, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"weights": backbone_fingerprint(model), "image_size": bb.image_size, "stages": bb.stages,
-                       "vv_start": bb.vv_start, "vv": model.cfg.use_vv, "files": files}, sort_keys=True)
+    spec = model.feature_spec
+    key = {"weights": backbone_fingerprint(model), "image_size": bb.image_size, "stages": bb.stages,
+           "vv_start": bb.vv_start, "vv": spec["vv"], "files": files}
+    if spec["tokens"] != "projected":  # (projected tokens keep the key they had before raw ones existed)
+        key["tokens"] = spec["tokens"]
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 @dataclass
 class FeatureStore:
-    """global_feature (N, E) and patch tokens (N, S, L, E), fp16, as tensors or memmaps."""
+    """global_feature (N, E) and patch tokens (N, S, L, D), fp16, as tensors or memmaps (D: the model's patch_dim)."""
 
     global_feature: np.ndarray | torch.Tensor
     patches: np.ndarray | torch.Tensor
@@ -71,7 +75,7 @@ class FeatureStore:
 
 def estimate_bytes(model: KAnoCLIP, n: int) -> int:
     bb = model.backbone
-    return n * (len(bb.stages) * bb.grid * bb.grid + 1) * bb.embed_dim * 2
+    return n * (len(bb.stages) * bb.grid * bb.grid * model.patch_dim + bb.embed_dim) * 2
 
 
 def _available_memory() -> int:
@@ -110,13 +114,13 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
     """
     dist = dist or Dist(device)
     bb = model.backbone
-    n, s, l, e = len(samples), len(bb.stages), bb.grid * bb.grid, bb.embed_dim
-    shapes = {"global.npy": [n, e], "patches.npy": [n, s, l, e]}
+    n, s, l, e, d = len(samples), len(bb.stages), bb.grid * bb.grid, bb.embed_dim, model.patch_dim
+    shapes = {"global.npy": [n, e], "patches.npy": [n, s, l, d]}
     if mode != "disk":
         if dist.world > 1:
             raise ValueError("several processes share the feature cache through disk mode, got memory mode")
         glob = torch.empty(n, e, dtype=torch.float16)
-        patches = torch.empty(n, s, l, e, dtype=torch.float16)
+        patches = torch.empty(n, s, l, d, dtype=torch.float16)
         _encode(model, samples, list(range(n)), device, batch_size, workers, progress, glob, patches)
         return FeatureStore(glob, patches, "memory", n)
 

@@ -153,16 +153,22 @@ def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, names: 
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None):
-    """Rebuild the model of a finished run. Returns (KAnoCLIP, config dict)."""
-    from kanoclip import KAnoCLIP, ModelConfig, build_backbone
+    """Rebuild the model of a finished run (KAnoCLIP or the trained peer its config.json names). Returns (model, config dict)."""
+    from kanoclip import TRAINED_METHODS, build_backbone, build_model, model_config
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise KanoError(f"run directory {run_dir} must contain {WEIGHTS} (training not finished?), got no such file")
+    method = cfg.get("method", "kanoclip")  # runs made before the peers existed are KAnoCLIP runs
+    if method not in TRAINED_METHODS:
+        raise KanoError(f"{run_dir / CONFIG}: method must be one of {', '.join(TRAINED_METHODS)}, got {method!r}")
     bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"], vv_start=cfg["vv_start"])
-    model = KAnoCLIP(bb, ModelConfig(**cfg["model"]))
+    try:
+        model = build_model(method, bb, model_config(method, cfg["model"]))
+    except (TypeError, ValueError) as exc:
+        raise KanoError(f"{run_dir / CONFIG}: \"model\" must hold {method}'s model config, got {exc}") from None
     try:
         model.load_trainable_state_dict(load_file(str(weights), device=str(bb.device)))
     except ValueError as exc:

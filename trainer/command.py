@@ -58,7 +58,7 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
         cfg = TrainConfig.from_sources(str(config_file) if config_file else None, overrides)
     main = _is_main()
     if main:
-        ui.err.print(f"training {cfg.backbone} on {cfg.data} -> {cfg.out}")
+        ui.err.print(f"training {cfg.method} on {cfg.backbone} with {cfg.data} -> {cfg.out}")
     try:
         with _TermAsInterrupt():
             result = run_train(cfg, resume=resume, progress=ui.progress_factory, log=ui.out.print,

@@ -20,6 +20,7 @@ CACHE_MODES = ("auto", "memory", "disk", "off")
 
 @dataclass
 class TrainConfig:
+    method: str = "kanoclip"                          # kanoclip | aprilgan | anomalyclip (kanoclip/registry.py)
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
     backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336
@@ -51,6 +52,18 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if not self.data:
             raise ValueError("data must be KIND:PATH of the auxiliary dataset, got nothing")
+        from kanoclip.registry import TRAINED_METHODS
+
+        if self.method not in TRAINED_METHODS:
+            raise ValueError(f"method must be one of {', '.join(TRAINED_METHODS)}, got {self.method!r}")
+        if self.method != "kanoclip":
+            changed = [f.name for f in fields(ModelConfig) if getattr(self.model, f.name) != getattr(ModelConfig(), f.name)]
+            if changed:
+                raise ValueError(f"KAnoCLIP's model options ({', '.join(changed)}) apply to method kanoclip only; "
+                                 f"{self.method} runs with its published settings, got them with method {self.method}")
+            if self.knowledge_sources is not None:
+                raise ValueError(f"knowledge_sources apply to method kanoclip only ({self.method} uses no knowledge base), "
+                                 f"got {self.knowledge_sources} with method {self.method}")
         for name in ("epochs", "batch_size", "seed", "workers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):

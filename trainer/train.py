@@ -15,7 +15,7 @@ import torch
 
 from anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
 from kano.errors import KanoError
-from kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast, build_backbone
+from kanoclip import VisualFeatures, backbone_autocast, build_backbone, build_model
 from knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
@@ -80,7 +80,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
-    a, b = _flat(saved), _flat(now)
+    a, b = _flat({"method": "kanoclip", **saved}), _flat(now)  # runs from before --method are KAnoCLIP runs
     keys = sorted((set(a) | set(b)) - set(RESUME_MAY_CHANGE))
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -178,25 +178,30 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     if not samples:
         raise KanoError(f"{cfg.data} must have {cfg.split} images for {', '.join(classes)}, got none")
     labels = torch.tensor([s.label for s in samples], dtype=torch.float32)
-    store = KnowledgeStore(cfg.kb, create=False, read_only=True)  # no write lock: works while the KB is open elsewhere
+    uses_kb = cfg.method == "kanoclip"  # the peers (April-GAN, AnomalyCLIP) use no knowledge base
+    store = KnowledgeStore(cfg.kb, create=False, read_only=True) if uses_kb else None  # no write lock: works while the KB is open elsewhere
 
     phase["now"] = "while building the model"
     bb = build_backbone(cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages, vv_start=cfg.vv_start)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
-    model = KAnoCLIP(bb, cfg.model)
-    # rank 0 encodes and caches the knowledge texts first; the others then read them from the cache
-    if dist.main:
-        folder_vectors, kinfo = knowledge_vectors(model, store, classes, cfg.knowledge_sources)
-    dist.barrier()
-    if not dist.main:
-        folder_vectors, kinfo = knowledge_vectors(model, store, classes, cfg.knowledge_sources)
-    if dist.main and cfg.model.use_knpl and (warning := fallback_warning(kinfo)):
-        log(warning)
-    names = {c: cfg.model.prompt_class or prompt_name(c) for c in classes}
-    grouped: dict[str, list[torch.Tensor]] = {}
-    for c, v in folder_vectors.items():  # folders sharing a prompt word (pcb1..pcb4) share one w̄ᵏ
-        grouped.setdefault(names[c], []).append(v)
-    knowledge = {k: torch.stack(v).mean(0) for k, v in grouped.items()}
+    model = build_model(cfg.method, bb, cfg.model if uses_kb else None)
+    names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
+    knowledge: dict[str, torch.Tensor] | None = None
+    kb_info = None
+    if uses_kb:
+        # rank 0 encodes and caches the knowledge texts first; the others then read them from the cache
+        if dist.main:
+            folder_vectors, kinfo = knowledge_vectors(model, store, classes, cfg.knowledge_sources)
+        dist.barrier()
+        if not dist.main:
+            folder_vectors, kinfo = knowledge_vectors(model, store, classes, cfg.knowledge_sources)
+        if dist.main and cfg.model.use_knpl and (warning := fallback_warning(kinfo)):
+            log(warning)
+        grouped: dict[str, list[torch.Tensor]] = {}
+        for c, v in folder_vectors.items():  # folders sharing a prompt word (pcb1..pcb4) share one w̄ᵏ
+            grouped.setdefault(names[c], []).append(v)
+        knowledge = {k: torch.stack(v).mean(0) for k, v in grouped.items()}
+        kb_info = {"path": str(Path(cfg.kb).resolve()), "digest": store.digest(), **kinfo}
     sample_names = [names[s.class_name] for s in samples]
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -212,8 +217,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
 
     config = {
         "kano_version": ckpt.library_versions()["kano"], "backbone": cfg.backbone, "image_size": bb.image_size, "stages": bb.stages,
-        "vv_start": bb.vv_start, "model": cfg.model.to_dict(), "train": cfg.to_dict(),
-        "kb": {"path": str(Path(cfg.kb).resolve()), "digest": store.digest(), **kinfo}, "train_classes": classes,
+        "vv_start": bb.vv_start, "method": cfg.method, "model": model.cfg.to_dict(),
+        "model_used": model.describe() if hasattr(model, "describe") else {}, "train": cfg.to_dict(),
+        "kb": kb_info, "train_classes": classes,
         "prompt_names": names, "data": cfg.data, "n_samples": len(samples), "git_commit": ckpt.git_commit(), "seed": cfg.seed,
         "versions": ckpt.library_versions(), "world_size": dist.world, "threshold": None, "status": "training",
     }
@@ -262,7 +268,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
             stats = [0.0] * len(keys)
             if len(idx):
                 out = model.forward_features(features(idx), [sample_names[i] for i in idx.tolist()], bb.image_size)
-                terms = model.loss(out, masks[idx].to(device).float(), labels[idx].to(device), knowledge if cfg.model.use_knpl else None)
+                terms = model.loss(out, masks[idx].to(device).float(), labels[idx].to(device),
+                                   knowledge if uses_kb and cfg.model.use_knpl else None)
                 terms["total"].backward()
                 stats = [float(terms[k].detach()) for k in keys]
             _, stats = dist.reduce_step(train_params, len(idx), stats)
