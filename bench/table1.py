@@ -1,0 +1,233 @@
+"""The paper's Table 1 in the micro world: every method of one harness on the same unseen target classes.
+
+    OMP_NUM_THREADS=2 python bench/table1.py --out /tmp/table1 --seeds 0,1
+
+Data as `kano demo` makes it (anomaly_data/world.py): the trained methods (KAnoCLIP, April-GAN, AnomalyCLIP) learn on
+the auxiliary classes (seen defect kinds only) and are evaluated zero-shot on the disjoint target classes (every
+kind, the held-out ones included), on the micro-CLIP. All trained methods get the same budget: 8 epochs, batch 8,
+Adam 1e-3, betas (0.5, 0.999) (AnomalyCLIP's and April-GAN's optimiser; their epoch counts, 15 and 3/15, are not
+used, so that the comparison is at equal cost). Beside them: the untrained model, the zero-shot CLIP methods, the
+retrieval memory of the auxiliary features, the zero-parameter detectors (per image) and the transductive methods
+(which see the whole test set of a class: marked "transductive"), including MuSc and the `--mutual` fusion of each
+trained method when those exist in this checkout.
+
+Writes into --out: results.json (every number, per seed, per class and per group of defect kinds, with what produced
+it), table1.md (per class image / pixel AUROC in the paper's layout, best per row in bold; seed 0 for trained
+methods) and summary.md (class means, mean ± sd over seeds, all / seen / held-out kinds, AUPRO). Resumable: a
+finished entry in results.json is not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TRAINED = (("kanoclip", "KAnoCLIP"), ("aprilgan", "April-GAN"), ("anomalyclip", "AnomalyCLIP"))
+ZERO_SHOT = (("clip", "CLIP"), ("clip-ac", "CLIP-AC"), ("winclip", "WinCLIP"))
+FLOORS = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
+TRANSDUCTIVE = ("mutual", "musc", "musc_randconv")
+
+
+def prepare(out: Path, seed: int = 0):
+    """The demo's data and knowledge base. -> (aux spec, target spec, kb path)."""
+    import demo
+    from anomaly_data import synthesize_world
+    from kb_builder import command as kb_command
+
+    aux, target = out / "data" / "aux", out / "data" / "target"
+    if not (aux / "meta.json").is_file():
+        synthesize_world(aux, "aux", seed=seed, size=demo.DEMO_SIZE, n_good=9, n_per_defect=4)
+    if not (target / "meta.json").is_file():
+        synthesize_world(target, "target", seed=seed + 1, size=demo.DEMO_SIZE, n_good=8, n_per_defect=2)
+    kb = out / "kb.duckdb"
+    if not kb.is_file():
+        kb_command.build(classes=",".join(demo.AUX_CLASSES), kb=kb, llm="builtin", vqa="none", images={}, data=None, n_llm=5,
+                         m_vqa=1, llm_base_url=None, vqa_base_url=None, temperature=0.7, vqa_temperature=0.2, concurrency=1,
+                         retries=0, backoff=1.0, timeout=60.0, seed=seed, dry_run=False)
+    return f"mvtec:{aux}", f"mvtec:{target}", kb
+
+
+def train_run(method: str, seed: int, aux: str, kb: Path, out: Path, epochs: int, backbone: str) -> Path:
+    import demo
+    from trainer import TrainConfig, train
+
+    run_dir = out / "runs" / f"{method}_s{seed}"
+    if not (run_dir / "weights.safetensors").is_file():
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        model = demo.DEMO_MODEL if method == "kanoclip" else {}
+        cfg = TrainConfig(method=method, kb=str(kb), data=aux, backbone=backbone, out=str(run_dir), epochs=epochs, batch_size=8,
+                          seed=seed, cache="disk", cache_dir=str(out / "feature_cache"), image_size=demo.DEMO_SIZE, model=model)
+        train(cfg, log=lambda s: None)
+    return run_dir
+
+
+def score(model, target: str, prompt_names: dict | None = None) -> dict:
+    """-> {"classes": {class: {image_auroc, pixel_auroc}}, "groups": {all|seen|held_out: {...}}} on the target."""
+    import demo
+    from evaluator.compare import grouped_metrics, score_classes
+    from evaluator.metrics import image_auroc, pixel_auroc
+
+    scored = score_classes(model, target, prompt_names=prompt_names)
+    per_class = {c: {"image_auroc": image_auroc(torch_tensor([s.label for s in samples]), scores),
+                     "pixel_auroc": pixel_auroc(masks, maps)} for c, (samples, scores, maps, masks) in scored.items()}
+    groups = {k: v for k, v in demo.groups().items() if k in ("all", "seen", "held_out")}
+    return {"classes": per_class, "groups": grouped_metrics(scored, groups)}
+
+
+def torch_tensor(x):
+    import torch
+
+    return torch.tensor(x)
+
+
+def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
+    """(key, name, kind, seed, build) for every row; build() -> (model, prompt_names)."""
+    import torch
+
+    import demo
+    from evaluator.loading import load_model
+    from evaluator.methods import ALL_METHODS, load_method
+    from trainer.checkpoint import load_run
+
+    dev, size, bb = torch.device("cpu"), demo.DEMO_SIZE, args.backbone
+    rows = []
+    for m, name in TRAINED:
+        for s in seeds:
+            def build(m=m, s=s):
+                model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
+                return model.eval(), cfg.get("prompt_names", {})
+            rows.append((f"{m}/s{s}", name, "trained on aux", s, build))
+    rows.append(("untrained", "KAnoCLIP untrained (fixed prompts)", "untrained", None,
+                 lambda: (load_model(None, bb, size, dev)[0], {})))
+    for m, name in ZERO_SHOT:
+        rows.append((m, name, "zero-shot", None, lambda m=m: (load_method(m, None, bb, size, dev)[0], {})))
+    rows.append(("retrieval", "retrieval (aux memory)", "memory of aux", None,
+                 lambda: (load_method("retrieval", None, bb, size, dev, aux=aux)[0], {})))
+    for m in FLOORS:
+        rows.append((m, m, "per-image, 0 params", None, lambda m=m: (load_method(m, None, None, size, dev)[0], {})))
+    for m in TRANSDUCTIVE:
+        if m in ALL_METHODS:
+            needs_bb = m != "musc_randconv"
+            rows.append((m, f"{m} ({bb})" if needs_bb else m, "transductive", None,
+                         lambda m=m, needs_bb=needs_bb: (load_method(m, None, bb if needs_bb else None, size, dev)[0], {})))
+    try:
+        from kanoclip.musc import MutualFusion, MuSc  # noqa: F401  (the --mutual fusion, where this checkout has it)
+        from evaluator.methods import mutual_wrap
+    except ImportError:
+        mutual_wrap = None
+    if mutual_wrap is not None:
+        for m, name in TRAINED:
+            for s in seeds:
+                def build(m=m, s=s):
+                    model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
+                    return mutual_wrap(model.eval()), cfg.get("prompt_names", {})
+                rows.append((f"{m}+mutual/s{s}", f"{name} + mutual", "transductive", s, build))
+    return rows
+
+
+def pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def spread(vals: list) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    return f"{100 * statistics.fmean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}" if len(vals) > 1 else pct(vals[0])
+
+
+def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str:
+    rows = results["rows"]
+    # one column per method: trained ones at the first seed
+    first = seeds[0]
+    cols = [(k, r) for k, r in rows.items() if r["seed"] in (None, first)]
+    classes = sorted({c for _, r in cols for c in r["classes"]})
+    mark = lambda r: r["name"] + (" †" if r["kind"] == "transductive" else "")
+    md = [f"Table 1 in the micro world: image / pixel AUROC (%), per target class (unseen), trained methods at seed {first}; "
+          f"best per row in bold; † transductive (sees the class's whole test set). Data: {target}.", ""]
+    md.append("| class | " + " | ".join(mark(r) for _, r in cols) + " |")
+    md.append("|---" * (len(cols) + 1) + "|")
+    for c in classes + ["mean"]:
+        cells = []
+        for _, r in cols:
+            if c == "mean":
+                vals = [r["classes"][k] for k in classes if k in r["classes"]]
+                cells.append({m: statistics.fmean(v[m] for v in vals) if vals else None for m in ("image_auroc", "pixel_auroc")})
+            else:
+                cells.append(r["classes"].get(c, {"image_auroc": None, "pixel_auroc": None}))
+        best = {m: max((x[m] for x in cells if x[m] is not None), default=None) for m in ("image_auroc", "pixel_auroc")}
+        fmt = lambda x, m: ("**" + pct(x[m]) + "**") if x[m] is not None and best[m] is not None and round(100 * x[m], 1) == round(100 * best[m], 1) else pct(x[m])
+        md.append(f"| {c} | " + " | ".join(f"{fmt(x, 'image_auroc')} / {fmt(x, 'pixel_auroc')}" for x in cells) + " |")
+    (out / "table1.md").write_text("\n".join(md) + "\n")
+
+    # summary: one line per method, mean ± sd over seeds for trained ones
+    by_name: dict[str, list[dict]] = {}
+    kinds = {}
+    for r in rows.values():
+        by_name.setdefault(r["name"], []).append(r)
+        kinds[r["name"]] = r["kind"]
+    head = ["method", "kind", "img AUROC", "px AUROC", "AUPRO", "seen img / px", "held-out img / px", "seeds"]
+    sm = ["Class means (%) on the unseen target classes; trained methods mean ± sd over seeds "
+          f"{','.join(map(str, seeds))}.", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, rs in by_name.items():
+        g = lambda grp, m: spread([r["groups"][grp][m] for r in rs])
+        sm.append("| " + " | ".join([name, kinds[name], g("all", "image_auroc"), g("all", "pixel_auroc"), g("all", "aupro"),
+                                     f"{g('seen', 'image_auroc')} / {g('seen', 'pixel_auroc')}",
+                                     f"{g('held_out', 'image_auroc')} / {g('held_out', 'pixel_auroc')}",
+                                     ",".join(str(r["seed"]) for r in rs if r["seed"] is not None) or "-"]) + " |")
+    (out / "summary.md").write_text("\n".join(sm) + "\n")
+    return "\n".join(sm) + "\n\n" + "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--backbone", default="micro")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--only", help="comma-separated keys (or prefixes) of the rows to compute, e.g. aprilgan,musc")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from evaluator.report import stamp
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    aux, target, kb = prepare(out)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    t_all = time.perf_counter()
+    for key, name, kind, seed, build in entries(args, aux, target, kb, out, seeds):
+        if key in results["rows"] or (args.only and not any(key.startswith(p) for p in args.only.split(","))):
+            continue
+        t0 = time.perf_counter()
+        model, names = build()
+        row = {"name": name, "kind": kind, "seed": seed, **score(model, target, names), "seconds": round(time.perf_counter() - t0, 1)}
+        results["rows"][key] = row
+        results["produced_by"] = {"command": "bench/table1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                                  "aux": aux, "target": target, "backbone": args.backbone, "epochs": args.epochs, **stamp()}
+        path.write_text(json.dumps(results, indent=1))
+        a = row["groups"]["all"]
+        print(f"{key:28s} img {pct(a['image_auroc'])}  px {pct(a['pixel_auroc'])}  aupro {pct(a['aupro'])}  ({row['seconds']:.0f}s)",
+              flush=True)
+    print(write_tables(results, out, target, seeds))
+    print(f"total {time.perf_counter() - t_all:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
