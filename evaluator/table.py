@@ -133,12 +133,13 @@ def _value(m: dict | None, metric: str) -> float | None:
 
 def _best(values: list[float | None], group: list[bool]) -> list[bool]:
     """Which cells of one row and metric are bold: the maximum among those of the same setting (group True:
-    transductive). Compared as shown (percent, one decimal), so that two cells that read alike are both bold."""
+    transductive); a lone method of its setting has nothing to beat, so it is never bold. Compared as shown
+    (percent, one decimal), so that two cells that read alike are both bold."""
     shown = [None if v is None else round(100 * v, 1) for v in values]
     flags = [False] * len(values)
     for g in (False, True):
         vals = [s for s, t in zip(shown, group) if t == g and s is not None]
-        if vals:
+        if vals and group.count(g) >= 2:
             top = max(vals)
             flags = [f or (t == g and s == top) for f, s, t in zip(flags, shown, group)]
     return flags
@@ -209,7 +210,7 @@ def legend(t: dict) -> str:
          f"lacking a class has no mean).")
     if trans:
         s += (f" {DAGGER} transductive ({', '.join(trans)}): sees a class's whole test set at once, so it is kept "
-              f"apart: placed last and bold only among the transductive methods.")
+              f"apart: placed last and bold only among the transductive methods (a lone one is never bold).")
     else:
         s += " Every method here is per-image (no transductive method, which would be marked " + DAGGER + ")."
     return s
@@ -228,8 +229,7 @@ def to_markdown(tables: list[dict]) -> str:
                "|---" * (len(t["methods"]) + 1) + "|"]
         for row in t["rows"]:
             cells = [_cell(v, b, ("**", "**")) for v, b in zip(row["values"], row["best"])]
-            name = "**mean**" if row["class"] == "mean" else row["class"]
-            md.append(f"| {name} | " + " | ".join(cells) + " |")
+            md.append(f"| {row['class']} | " + " | ".join(cells) + " |")  # bold is kept for the best cells
         md += ["", legend(t), "", "Columns:", ""] + [f"- {s}" for s in _sources(t)] + [""]
     return "\n".join(md)
 

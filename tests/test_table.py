@@ -61,7 +61,7 @@ def test_the_mean_row_is_the_mean_of_the_classes(three):
         assert got == pytest.approx(want)
     # image: 75.0, 80.0, 65.0 -> median_colour; pixel: 75.0, 85.0, 77.5 -> median_colour (its one class with masks)
     assert mean["best"] == [[False, False], [True, True], [False, False]]
-    assert "| **mean** | 75.0 / 75.0 | **80.0** / **85.0** | 65.0 / 77.5 |" in table.to_markdown([t])
+    assert "| mean | 75.0 / 75.0 | **80.0** / **85.0** | 65.0 / 77.5 |" in table.to_markdown([t])
 
 
 def test_a_missing_class_shows_a_dash_and_leaves_no_mean(tmp_path):
@@ -69,7 +69,7 @@ def test_a_missing_class_shows_a_dash_and_leaves_no_mean(tmp_path):
     b = _result(tmp_path / "b", "mvtec:/d", {"bottle": (0.7, 0.9)}, name="y")
     md = table.to_markdown(table.comparison_tables(table.load_results([a, b])))
     assert "| cable | **50.0** / **50.0** | - / - |" in md
-    assert "| **mean** | **70.0** / **65.0** | - / - |" in md
+    assert "| mean | **70.0** / **65.0** | - / - |" in md
 
 
 def test_two_datasets_make_two_tables_never_mixed(tmp_path):
@@ -84,16 +84,27 @@ def test_two_datasets_make_two_tables_never_mixed(tmp_path):
 
 
 def test_transductive_methods_are_marked_placed_last_and_bold_among_themselves(tmp_path):
-    m = _result(tmp_path / "m", "mvtec:/d", {"bottle": (0.99, 0.99)}, name="musc", setting="transductive", backbone="tiny")
-    a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.7, 0.8)}, name="darkness")
-    t, = table.comparison_tables(table.load_results([m, a]))
-    assert [x["label"] for x in t["methods"]] == ["darkness", "musc (tiny)"]
-    assert t["rows"][0]["best"] == [[True, True], [True, True]]          # each the best of its setting
+    m = _result(tmp_path / "m", "mvtec:/d", {"bottle": (0.99, 0.90)}, name="musc", setting="transductive", backbone="tiny")
+    a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.70, 0.80)}, name="darkness")
+    r = _result(tmp_path / "r", "mvtec:/d", {"bottle": (0.95, 0.95)}, name="musc_randconv", setting="transductive")
+    b = _result(tmp_path / "b", "mvtec:/d", {"bottle": (0.60, 0.85)}, name="brightness")
+    t, = table.comparison_tables(table.load_results([m, a, r, b]))
+    assert [x["label"] for x in t["methods"]] == ["darkness", "brightness", "musc (tiny)", "musc_randconv"]
+    # per image: darkness's 70 beats 60, brightness's 85 beats 80, whatever musc scores; transductive among themselves
+    assert t["rows"][0]["best"] == [[True, False], [False, True], [True, False], [False, True]]
     md = table.to_markdown([t])
-    assert "| class | darkness | musc (tiny)\u2020 |" in md
-    assert "\u2020 transductive (musc (tiny)): sees a class's whole test set at once" in md
+    assert "| class | darkness | brightness | musc (tiny)\u2020 | musc_randconv\u2020 |" in md
+    assert "\u2020 transductive (musc (tiny), musc_randconv): sees a class's whole test set at once" in md
     assert "in percent" in md
     assert "musc (tiny)\u2020" in table.to_html([t])
+
+
+def test_a_lone_method_of_its_setting_is_never_bold(tmp_path):
+    m = _result(tmp_path / "m", "mvtec:/d", {"bottle": (0.99, 0.99)}, name="musc", setting="transductive")
+    a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.70, 0.80)}, name="darkness")
+    t, = table.comparison_tables(table.load_results([m, a]))
+    assert all(not any(cell) for row in t["rows"] for cell in row["best"])
+    assert "**" not in table.to_markdown([t]).split("| class |")[1].split("Each cell")[0]
 
 
 def test_csv_json_and_html_hold_the_same_numbers_and_provenance(three, tmp_path):
@@ -164,7 +175,7 @@ def test_eval_method_list_end_to_end_and_in_the_browser(synth_root, tmp_path, cl
     md = (out / "comparison.md").read_text()
     assert "| class | median_colour | darkness |" in md and "| class | median_colour | darkness |" in stdout
     for cls in ("disc", "weave", "mean"):
-        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {cls} |") or ln.startswith(f"| **{cls}** |"))
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {cls} |"))
         shown = [re.sub(r"\*", "", c.strip()).split(" / ") for c in line.strip().strip("|").split("|")[1:]]
         for cell, n in zip(shown, ("median_colour", "darkness")):
             v = m[n]["mean"] if cls == "mean" else m[n]["classes"][cls]
