@@ -300,17 +300,40 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model. Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table into OUT; --backbone goes to the methods that take one). Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux)"),
     aux: Optional[str] = typer.Option(None, "--aux", help="with --method retrieval: the labelled auxiliary dataset KIND:PATH its memory is made of"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command
 
+    if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
+        eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
+                                   classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
+                                   workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
+                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux)
+        return
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
                           method=method, aux=aux)
+
+
+@app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
+def compare_cmd(
+    results: List[Path] = typer.Argument(..., help="result folders of `kano eval` (each holding metrics.json)"),
+    out: Path = typer.Option(..., "--out", help="folder: comparison.md/.csv/.json/.html (refused if it holds other results, unless --force)"),
+    metrics: str = typer.Option("image_auroc,pixel_auroc", "--metrics", show_default=True,
+                                help="comma-separated metrics per cell, of image_auroc, image_ap, image_f1_max, pixel_auroc, pixel_ap, pixel_f1_max, aupro"),
+    force: bool = typer.Option(False, "--force", help="replace other results in --out"),
+):
+    """One table per dataset: a row per class and the mean, a column per method, the best per row in bold;
+    transductive methods marked with a dagger."""
+    from evaluator import table
+
+    tables = table.compare_folders(results, out, table.parse_metrics(metrics), force=force)
+    typer.echo(table.to_markdown(tables))
+    typer.echo(f"written to {out}: comparison.md, comparison.csv, comparison.json, comparison.html")
 
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")

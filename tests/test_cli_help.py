@@ -17,7 +17,7 @@ def _command(*path):
     return cmd
 
 
-@pytest.mark.parametrize("path", [(), ("eval",), ("predict",)])
+@pytest.mark.parametrize("path", [(), ("eval",), ("predict",), ("compare",)])
 def test_every_option_has_help_and_defaults_show(path, cli):
     cmd = _command(*path)
     code, out, err = cli(*path, "--help")
