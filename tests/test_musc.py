@@ -92,14 +92,16 @@ def test_lnamd_rejects_a_non_square_grid_and_an_even_degree():
 
 def test_msm_interval_average_by_hand():
     e1, e2 = np.array([1.0, 0.0]), np.array([0.0, 1.0])
-    # 3 images x 4 patches x 2 dims; image 2 holds one odd patch (-e1)
-    z = np.stack([np.stack([e1, e2, e1, e2]), np.stack([e1, e1, e2, e2]), np.stack([e1, e2, e2, -e1])])
+    # 3 images x 4 patches x 2 dims; image 1 is all e1, image 2 holds one odd patch (-e1)
+    z = np.stack([np.stack([e1, e2, e1, e2]), np.stack([e1, e1, e1, e1]), np.stack([e1, e2, e2, -e1])])
     got = M.msm(torch.tensor(z, dtype=torch.float32)).numpy()
-    # -e1's nearest patch is e2 in both other images: distance sqrt(2); floor(0.3 * 2) = 0 -> 1 image kept
+    # floor(0.3 * 2) = 0 -> 1 image kept, the closer one. -e1: nearest is e2 in image 0 (sqrt 2), e1 in image 1 (2)
     assert got[2, 3] == pytest.approx(math.sqrt(2), abs=1e-6)
     assert got[0, 0] == pytest.approx(0.0, abs=1e-6) and got[2, 0] == pytest.approx(0.0, abs=1e-6)
-    # image 0's e2 patch: 0 to image 1 (has e2), 0 to image 2 (has e2)
+    # image 0's e2 patch: sqrt(2) to image 1 (only e1), 0 to image 2 (has e2) -> 0
     assert got[0, 1] == pytest.approx(0.0, abs=1e-6)
+    # image 1's e1 patches: 0 to both others
+    assert np.allclose(got[1], 0.0, atol=1e-6)
 
 
 def test_msm_keeps_the_lowest_30_percent_of_the_other_images():
@@ -110,7 +112,10 @@ def test_msm_keeps_the_lowest_30_percent_of_the_other_images():
     np.testing.assert_allclose(got, np_msm(z), atol=1e-5)  # 10 other images: the 3 closest
     # the interval matters: the mean over all 10 images differs from the lowest 3
     assert not np.allclose(got, np_msm(z, fraction=1.0), atol=1e-3)
-    assert M.interval_count(10) == (0, 3) and M.interval_count(2) == (0, 1) and M.interval_count(3) == (0, 1)
+    # the public code floors: 7 others -> floor(2.1) = 2 images, 5 -> 1, 20 -> 6; fewer than 4 -> at least 1
+    z8 = z[:8]
+    np.testing.assert_allclose(M.msm(torch.tensor(z8, dtype=torch.float32)).numpy(), np_msm(z8), atol=1e-5)
+    assert [M.interval_count(k) for k in (2, 3, 5, 7, 10, 20)] == [(0, 1), (0, 1), (0, 1), (0, 2), (0, 3), (0, 6)]
 
 
 def test_msm_averaged_over_degrees_and_stages():
