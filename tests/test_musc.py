@@ -250,3 +250,12 @@ def test_cli_eval_mutual_fuses_with_musc(synth_root, tmp_path, cli, args):
 def test_cli_eval_mutual_bad_input(synth_root, tmp_path, cli, args, message):
     code, out, err = cli("eval", *args, "--mutual", "--image-size", "64", "--data", f"mvtec:{synth_root}", "--out", tmp_path / "e")
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "musc"], "--method musc needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)"),
+    (["--method", "musc", "--backbone", "tiny", "--run", "some/run"], "give --backbone SPEC, not --run, got --run some/run"),
+])
+def test_cli_eval_musc_bad_input(synth_root, tmp_path, cli, args, message):
+    code, out, err = cli("eval", *args, "--data", f"mvtec:{synth_root}", "--out", tmp_path / "e")
+    assert code == 2 and message in err and "Traceback" not in err, err
