@@ -283,7 +283,7 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of clip, clip-ac, winclip or musc"),
+                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of clip, clip-ac, winclip, musc, mutual or retrieval"),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
@@ -300,13 +300,16 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table into OUT; --backbone goes to the methods that take one). Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table into OUT; --backbone goes to the methods that take one). Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (full MuSc, ICLR 2024, with --backbone), mutual (its simple mutual-scoring floor, with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux). Trained methods (kanoclip, aprilgan, anomalyclip): --run of a `kano train --method` run"),
     aux: Optional[str] = typer.Option(None, "--aux", help="with --method retrieval: the labelled auxiliary dataset KIND:PATH its memory is made of"),
+    mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method clip, clip-ac, winclip, retrieval"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
+        if mutual:
+            raise KanoError(f"--mutual must go with one --method (run the fused method on its own), got --method {method}")
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                                    workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
@@ -316,7 +319,7 @@ def eval_cmd(
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
-                          method=method, aux=aux)
+                          method=method, aux=aux, mutual=mutual)
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")

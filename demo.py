@@ -19,7 +19,7 @@ DEMO_SIZE = 96           # image side for data, training and evaluation (the mic
 # A narrower Bi-CMCI bottleneck than the default 128 keeps the demo within minutes on two CPU cores.
 DEMO_MODEL = {"bica_dim": 64, "bica_heads": 2}
 PER_IMAGE_BASELINES = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
-TRANSDUCTIVE_BASELINES = ("musc", "musc_randconv")
+TRANSDUCTIVE_BASELINES = ("mutual", "musc_randconv")
 ZERO_SHOT = (("clip-ac", "CLIP-AC (zero-shot)"), ("winclip", "WinCLIP (zero-shot)"))
 
 
@@ -87,8 +87,8 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
         for m in PER_IMAGE_BASELINES:
             entries.append({"name": m, "kind": "per-image, 0 params", "model": load_baseline(m, None, None, DEMO_SIZE, dev)[0]})
         for m in TRANSDUCTIVE_BASELINES:
-            bb = backbone if m == "musc" else None
-            name = f"musc ({backbone})" if m == "musc" else m
+            bb = backbone if m == "mutual" else None
+            name = f"mutual ({backbone})" if m == "mutual" else m
             entries.append({"name": name, "kind": "transductive", "model": load_baseline(m, None, bb, DEMO_SIZE, dev)[0]})
         about = {"command": "kano demo", "seed": seed, "backbone": backbone, "epochs": epochs, "image_size": DEMO_SIZE,
                  "aux": {"classes": list(AUX_CLASSES), "n_good": n_aux_good, "n_per_defect": n_aux_defect},

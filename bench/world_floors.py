@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--n-good", type=int, default=8)
     ap.add_argument("--n-defect", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--methods", default=",".join(m for m in METHODS if m != "musc"))
-    ap.add_argument("--backbone", default=None, help="also run musc on this backbone")
+    ap.add_argument("--methods", default=",".join(m for m in METHODS if m != "mutual"))
+    ap.add_argument("--backbone", default=None, help="also run mutual on this backbone")
     ap.add_argument("--data", default=None, help="an existing MVTec-layout folder instead of a fresh target set")
     a = ap.parse_args()
     groups = {**DEFECT_GROUPS, "seen": SEEN_DEFECTS, "held_out": HELD_OUT_DEFECTS, "all": SEEN_DEFECTS + HELD_OUT_DEFECTS}
@@ -55,11 +55,11 @@ def main() -> None:
         root = Path(a.data) if a.data else synthesize_world(Path(tmp) / "target", "target", seed=a.seed, size=a.size,
                                                             n_good=a.n_good, n_per_defect=a.n_defect)
         ds = load_dataset(f"mvtec:{root}")
-        methods = a.methods.split(",") + (["musc"] if a.backbone else [])
+        methods = a.methods.split(",") + (["mutual"] if a.backbone else [])
         rows = []
         for m in methods:
             t0 = time.perf_counter()
-            model, _ = load_baseline(m, None, a.backbone if m == "musc" else None, None, torch.device("cpu"))
+            model, _ = load_baseline(m, None, a.backbone if m == "mutual" else None, None, torch.device("cpu"))
             size = model.backbone.image_size
             scores, maps, masks, samples = [], [], [], []
             for c in ds.classes:

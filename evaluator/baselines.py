@@ -11,11 +11,11 @@ Per-image methods look at one image alone:
 - self_similarity_randconv: the same on the feature grid of an untrained, seeded random conv net.
 
 Transductive methods see the whole test set of a class at once (MuSc, ICLR 2024, in its simplest
-form): each patch is scored by its distance to the nearest patch of every OTHER test image of the
-class, averaged over the closest 30 % of those images (so that other images' defects do not hide
-it); no labels are used, but the score of an image depends on the others.
+form; the full MuSc is `--method musc`, kanoclip/musc.py): each patch is scored by its distance to the
+nearest patch of every OTHER test image of the class, averaged over the closest 30 % of those images
+(so that other images' defects do not hide it); no labels are used, but the score of an image depends on the others.
 
-- musc: on the frozen backbone's patch tokens (any backbone spec: tiny, micro, a real CLIP).
+- mutual: on the frozen backbone's patch tokens (any backbone spec: tiny, micro, a real CLIP).
 - musc_randconv: on the random conv net's features.
 
 Every map is blurred with sigma = 4 px (as the model's maps) and the image score is its maximum.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from kano.errors import KanoError
 
 PER_IMAGE = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
-TRANSDUCTIVE = ("musc", "musc_randconv")
+TRANSDUCTIVE = ("mutual", "musc_randconv")
 METHODS = PER_IMAGE + TRANSDUCTIVE
 SIGMA = 4.0
 RANDCONV_SEED = 1234
@@ -163,7 +163,7 @@ class ZeroParameterDetector(nn.Module):
     """A baseline behind the model interface `evaluator.run_inference` expects.
 
     backbone.image_size / mean / std set how images are prepared: pixel methods see RGB in [0, 1]
-    (mean 0, std 1) at `image_size`; musc sees the backbone's own normalisation and size. A
+    (mean 0, std 1) at `image_size`; mutual sees the backbone's own normalisation and size. A
     transductive method must receive one class's whole test set as one batch (`transductive` is True;
     `evaluate_method` arranges it).
     """
@@ -172,11 +172,11 @@ class ZeroParameterDetector(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise KanoError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-        if method == "musc" and backbone is None:
-            raise KanoError("--method musc needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
+        if method == "mutual" and backbone is None:
+            raise KanoError("--method mutual needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
         self.method, self.transductive = method, method in TRANSDUCTIVE
-        self.feature_net = backbone if method == "musc" else None
-        if method == "musc":
+        self.feature_net = backbone if method == "mutual" else None
+        if method == "mutual":
             self.backbone = SimpleNamespace(image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, device=backbone.device)
         else:
             if image_size < 32 or image_size % 4:
@@ -210,7 +210,7 @@ class ZeroParameterDetector(nn.Module):
             else:  # RMS of unit vectors is ||a-b|| / sqrt(D); rescale to a cosine distance / 2 in [0, 1]
                 sc = self_similarity_scores(tokens, gh, gw, exclude=4) * math.sqrt(tokens.shape[-1]) / 2
             return F.interpolate(sc.view(n, 1, gh, gw), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        # musc on the frozen backbone: mean over its stages of the mutual scores of the Q-K patch tokens
+        # mutual on the frozen backbone: mean over its stages of the mutual scores of the Q-K patch tokens
         feats = self.feature_net(images, vv=False)
         maps = []
         for t in feats.patch_tokens:
@@ -228,9 +228,9 @@ def method_info(method: str, backbone: str | None, image_size: int) -> dict:
     """What metrics.json records under "method"."""
     from evaluator.report import baseline_method
 
-    return baseline_method(method, backbone if method == "musc" else None,
+    return baseline_method(method, backbone if method == "mutual" else None,
                            setting="transductive" if method in TRANSDUCTIVE else "per-image",
-                           parameters="none (zero-parameter)" if method != "musc" else "frozen backbone, no training",
+                           parameters="none (zero-parameter)" if method != "mutual" else "frozen backbone, no training",
                            image_size=image_size)
 
 
@@ -241,14 +241,14 @@ def load_baseline(method: str, run, backbone: str | None, image_size: int | None
     if method not in METHODS:
         raise KanoError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     bb = None
-    if method == "musc":
+    if method == "mutual":
         if not backbone:
-            raise KanoError("--method musc needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
+            raise KanoError("--method mutual needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
         from kanoclip import build_backbone
 
         bb = build_backbone(backbone, image_size=image_size, device=device)
     elif backbone:
-        raise KanoError(f"--backbone is used by --method musc, retrieval and the zero-shot methods (clip, clip-ac, winclip) only, got --method {method} with --backbone {backbone}")
+        raise KanoError(f"--backbone is used by --method mutual, musc, retrieval and the zero-shot methods (clip, clip-ac, winclip) only, got --method {method} with --backbone {backbone}")
     model = ZeroParameterDetector(method, image_size or 128, bb, device).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {},
                    "method": method_info(method, backbone, model.backbone.image_size)}

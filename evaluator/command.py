@@ -38,7 +38,7 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
-             method: str | None = None, aux: str | None = None) -> dict:
+             method: str | None = None, aux: str | None = None, mutual: bool = False) -> dict:
     from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from evaluator.evaluate import table_rows
 
@@ -54,6 +54,10 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
         described = _method(run, backbone, info)
+    if mutual:
+        from evaluator.methods import with_mutual
+
+        model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"))
     thr = threshold if threshold is not None else info["threshold"]
     result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
                       progress=ui.progress_factory("evaluating"), method=described, threshold=thr, force=force,
@@ -62,6 +66,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
     what = f"{described['setting']} {described['kind']} {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
+    what += " + MuSc (--mutual)" if mutual else ""
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
@@ -107,7 +112,7 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
                else "fewer than two")
         raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of {', '.join(ALL_METHODS)}), "
                         f"got {methods!r} ({why})")
-    with_backbone = ("musc", *ZERO_SHOT_METHODS, *MEMORY_METHODS)
+    with_backbone = ("musc", "mutual", *ZERO_SHOT_METHODS, *MEMORY_METHODS)
     if not backbone and any(m in with_backbone for m in names):
         raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(m for m in names if m in with_backbone)}")
     if aux and not any(m in MEMORY_METHODS for m in names):

@@ -91,6 +91,12 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     samples = dataset.samples("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
+    if getattr(model, "transductive", False):  # checked before anything is written: each image is scored against the others
+        counts = {c: sum(s.class_name == c for s in samples) for c in classes}
+        few = {c: k for c, k in counts.items() if k < 2}
+        if few:
+            raise KanoError("each class must hold at least 2 test images for a transductive method (it scores every test image "
+                            f"against the others), got {', '.join(f'{k} in {c}' for c, k in few.items())}")
     out_dir = Path(out_dir)
     image_size = model.backbone.image_size
     identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",

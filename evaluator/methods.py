@@ -1,7 +1,9 @@
 """`kano eval --method NAME`: the one place that routes a method name to its detector.
 
-- zero-parameter baselines (`evaluator/baselines.py`): median_colour ... musc_randconv;
-- zero-shot CLIP methods (`kanoclip/winclip.py`): clip, clip-ac, winclip, on a frozen `--backbone`.
+- zero-parameter baselines (`evaluator/baselines.py`): median_colour ... mutual, musc_randconv;
+- zero-shot CLIP methods (`kanoclip/winclip.py`): clip, clip-ac, winclip, on a frozen `--backbone`;
+- full MuSc (`kanoclip/musc.py`): musc, transductive, on a frozen `--backbone`;
+- `with_mutual`: `kano eval --mutual`, any per-image method with a backbone fused with MuSc on that backbone.
 
 `load_method(method, run, backbone, image_size, device)` -> (model, info), the same info keys as
 `evaluator.loading.load_model`; info["method"] is what metrics.json records as provenance "method".
@@ -17,7 +19,10 @@ from kanoclip.winclip import ZERO_SHOT_METHODS
 from .baselines import METHODS as BASELINE_METHODS
 
 MEMORY_METHODS = ("retrieval",)
-ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS
+TRANSDUCTIVE_METHODS = ("musc",)
+ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS + TRANSDUCTIVE_METHODS
+MUSC_SOURCE = ("Li et al., MuSc (ICLR 2024): LNAMD, MSM and RsCIN with the public code's defaults "
+               "(github.com/xrli-U/MuSc); departures in kanoclip/musc.py")
 
 # Where each zero-shot method comes from (the module docstring of kanoclip/winclip.py has the details).
 ZERO_SHOT_SOURCES = {
@@ -123,10 +128,49 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
 
 
+def musc_info(model, backbone: str) -> dict:
+    """The provenance "method" of a built MuSc model."""
+    return {"kind": "zero-shot", "name": "musc", "backbone": backbone, "setting": "transductive",
+            "parameters": "frozen backbone, no training", "source": MUSC_SOURCE, "image_size": model.backbone.image_size,
+            "constants": model.constants()}
+
+
+def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu"):
+    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC`."""
+    if run:
+        raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
+    if not backbone:
+        raise KanoError("--method musc needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
+    from kanoclip import build_backbone
+    from kanoclip.musc import MuSc
+
+    model = MuSc(build_backbone(backbone, image_size=image_size, device=device)).eval()
+    return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": musc_info(model, backbone)}
+
+
+def with_mutual(model, described: dict, what: str):
+    """`kano eval --mutual`: -> (MutualFusion of `model` and MuSc on model's own frozen backbone, its provenance).
+    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x")."""
+    from kanoclip.backbone import Backbone
+    from kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
+
+    if getattr(model, "transductive", False):
+        raise KanoError(f"--mutual must go with a per-image method (--run, --backbone, or --method clip, clip-ac, winclip, "
+                        f"retrieval), got {what}, which is already transductive")
+    if not isinstance(getattr(model, "backbone", None), Backbone):
+        raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, --backbone, or --method clip, "
+                        f"clip-ac, winclip, retrieval), got {what}, which has none")
+    musc = MuSc(model.backbone).eval()
+    spec = described.get("backbone") or model.backbone.spec
+    info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
+            "musc": musc_info(musc, spec)}
+    return MutualFusion(model, musc).eval(), info
+
+
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False):
-    """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method or the
-    retrieval memory (which needs `aux`)."""
+    """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method, MuSc or
+    the retrieval memory (which needs `aux`)."""
     if method not in ALL_METHODS:
         raise KanoError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
     if aux and method not in MEMORY_METHODS:
@@ -135,6 +179,8 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
         return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
     if method in ZERO_SHOT_METHODS:
         return load_zero_shot(method, run, backbone, image_size, device)
+    if method in TRANSDUCTIVE_METHODS:
+        return load_musc(run, backbone, image_size, device)
     from .baselines import load_baseline
 
     return load_baseline(method, run, backbone, image_size, device)

@@ -105,19 +105,19 @@ def test_cli_eval_method_writes_metrics_with_the_method(synth_root, tmp_path, cl
     assert "per-image baseline median_colour" in out
 
 
-def test_cli_eval_musc_is_transductive_on_a_backbone(synth_root, tmp_path, cli):
-    code, out, err = cli("eval", "--method", "musc", "--backbone", "tiny", "--image-size", "64", "--data", f"mvtec:{synth_root}",
+def test_cli_eval_mutual_is_transductive_on_a_backbone(synth_root, tmp_path, cli):
+    code, out, err = cli("eval", "--method", "mutual", "--backbone", "tiny", "--image-size", "64", "--data", f"mvtec:{synth_root}",
                          "--out", tmp_path / "e", "--classes", "disc")
     assert code == 0, err
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert m["provenance"]["method"] == {"name": "musc", "kind": "baseline", "setting": "transductive",
+    assert m["provenance"]["method"] == {"name": "mutual", "kind": "baseline", "setting": "transductive",
                                          "parameters": "frozen backbone, no training", "backbone": "tiny", "image_size": 64}
 
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "bogus"], "--method must be one of median_colour, darkness"),
-    (["--method", "musc"], "--method musc needs --backbone"),
-    (["--method", "darkness", "--backbone", "tiny"], "--backbone is used by --method musc, retrieval and the zero-shot methods"),
+    (["--method", "mutual"], "--method mutual needs --backbone"),
+    (["--method", "darkness", "--backbone", "tiny"], "--backbone is used by --method mutual, musc, retrieval and the zero-shot methods"),
     (["--method", "darkness", "--image-size", "30"], "multiple of 4 and >= 32, got 30"),
 ])
 def test_cli_eval_method_bad_input(synth_root, tmp_path, cli, args, message):

@@ -53,7 +53,7 @@ def test_cli_eval_zero_shot_bad_input(synth_root, tmp_path, cli, args, message):
     code, out, err = cli("eval", "--data", f"mvtec:{synth_root}", "--out", tmp_path / "e", *args)
     assert code == 2 and message in err and "Traceback" not in err, err
     if args[1] == "winclipp":
-        assert "clip, clip-ac, winclip, retrieval, got 'winclipp'" in err
+        assert "clip, clip-ac, winclip, retrieval, musc, got 'winclipp'" in err
 
 
 def test_winclip_runs_on_the_smallest_grid_its_windows_fit():
