@@ -302,14 +302,16 @@ def eval_cmd(
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
     method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table into OUT; --backbone goes to the methods that take one). Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (full MuSc, ICLR 2024, with --backbone), mutual (its simple mutual-scoring floor, with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux). Trained methods (kanoclip, aprilgan, anomalyclip): --run of a `kano train --method` run"),
     aux: Optional[str] = typer.Option(None, "--aux", help="with --method retrieval: the labelled auxiliary dataset KIND:PATH its memory is made of"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --method winclip: WinCLIP+, few-shot, with this many normal reference images per class (the first K of each class's train split of --data, sorted by path); 0: zero-shot"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method clip, clip-ac, winclip, retrieval"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual:
-            raise KanoError(f"--mutual must go with one --method (run the fused method on its own), got --method {method}")
+        if mutual or k_shot:
+            flag = "--mutual" if mutual else "--k-shot"
+            raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                                    workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
@@ -319,7 +321,7 @@ def eval_cmd(
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
-                          method=method, aux=aux, mutual=mutual)
+                          method=method, aux=aux, mutual=mutual, k_shot=k_shot)
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")

@@ -120,18 +120,14 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
             needs_bb = m != "musc_randconv"
             rows.append((m, f"{m} ({bb})" if needs_bb else m, "transductive", None,
                          lambda m=m, needs_bb=needs_bb: (load_method(m, None, bb if needs_bb else None, size, dev)[0], {})))
-    try:
-        from kanoclip.musc import MutualFusion, MuSc  # noqa: F401  (the --mutual fusion, where this checkout has it)
-        from evaluator.methods import mutual_wrap
-    except ImportError:
-        mutual_wrap = None
-    if mutual_wrap is not None:
-        for m, name in TRAINED:
-            for s in seeds:
-                def build(m=m, s=s):
-                    model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
-                    return mutual_wrap(model.eval()), cfg.get("prompt_names", {})
-                rows.append((f"{m}+mutual/s{s}", f"{name} + mutual", "transductive", s, build))
+    from evaluator.methods import with_mutual
+
+    for m, name in TRAINED:  # `kano eval --run R --mutual`: the run's map and score averaged with MuSc's
+        for s in seeds:
+            def build(m=m, s=s):
+                model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
+                return with_mutual(model.eval(), {}, f"--run {m}")[0], cfg.get("prompt_names", {})
+            rows.append((f"{m}+mutual/s{s}", f"{name} + MuSc (--mutual)", "transductive", s, build))
     return rows
 
 

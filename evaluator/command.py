@@ -38,7 +38,7 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
-             method: str | None = None, aux: str | None = None, mutual: bool = False) -> dict:
+             method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0) -> dict:
     from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from evaluator.evaluate import table_rows
 
@@ -49,7 +49,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     if method:
         from evaluator.methods import load_method
 
-        model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks)
+        model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
+                                  k_shot=k_shot, data=data, classes=classes)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)

@@ -30,6 +30,8 @@ def score_classes(model, data: str, classes: list[str] | None = None, batch_size
         cs = ds.samples("test", [cls])
         name = (prompt_names or {}).get(cls) or prompt_name(cls)
         bs = len(cs) if getattr(model, "transductive", False) else batch_size
+        if hasattr(model, "begin_class"):  # per-class state, e.g. WinCLIP+'s reference images
+            model.begin_class(cls, name)
         out[cls] = (cs, *run_inference(model, cs, [name] * len(cs), bs, device))
     return out
 

@@ -117,6 +117,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
             bs = max(1, len(cs)) if getattr(model, "transductive", False) else batch_size
+            if hasattr(model, "begin_class"):  # per-class state, e.g. WinCLIP+'s reference images
+                model.begin_class(cls, names_map[cls])
             scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance)
             labels = torch.tensor([s.label for s in cs])
             with_masks = dataset.has_masks(cls)

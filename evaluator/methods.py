@@ -59,8 +59,14 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
     return info
 
 
-def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu"):
-    """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`."""
+def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
+                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None):
+    """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`; k_shot > 0
+    (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`."""
+    if k_shot and method != "winclip":
+        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
+    if k_shot < 0:
+        raise KanoError(f"--k-shot must be an integer >= 0 (0: zero-shot), got {k_shot}")
     if method not in ZERO_SHOT_METHODS:
         raise KanoError(f"zero-shot --method must be one of {', '.join(ZERO_SHOT_METHODS)}, got {method!r}")
     if run:
@@ -78,8 +84,34 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
                             f"(its largest window), i.e. >= {largest * bb.patch_size} px with {bb.patch_size} px patches; "
                             f"got {bb.image_size} px -> {bb.grid} x {bb.grid}")
     model = build_zero_shot(method, bb)
-    return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {},
-                   "method": zero_shot_info(model, method, backbone)}
+    info = zero_shot_info(model, method, backbone)
+    if k_shot:
+        model.reference_images, files = reference_images(data, k_shot, bb, classes)
+        info.update(name="winclip+", setting="few-shot", k_shot=k_shot, references=files,
+                    source="Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images per class (the first "
+                           "k of each class's train split, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
+                    parameters="frozen backbone, no training; a memory of k normal images per class")
+    return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
+
+
+def reference_images(data: str | None, k: int, bb, classes: list[str] | None = None) -> tuple[dict, dict]:
+    """WinCLIP+'s references: the first k normal images (sorted by path) of each class's TRAIN split of `data`
+    (never its test images). -> ({class: (k, 3, S, S) normalised}, {class: [file names]})."""
+    from anomaly_data import SampleDataset, load_dataset, raise_batch_errors
+
+    if not data:
+        raise KanoError("--k-shot needs --data KIND:PATH with a train split of normal images per class")
+    ds = load_dataset(data)
+    images, files = {}, {}
+    for cls in classes or ds.classes:
+        train = sorted((s for s in ds.samples("train", [cls]) if s.label == 0), key=lambda s: s.image_path)
+        if len(train) < k:
+            raise KanoError(f"--k-shot {k} needs {k} normal train images of class {cls} in {data}, got {len(train)}")
+        batch = [SampleDataset(train[:k], bb.image_size, bb.mean, bb.std)[i] for i in range(k)]
+        raise_batch_errors({"error": [b["error"] for b in batch]})
+        images[cls] = __import__("torch").stack([b["image"] for b in batch])
+        files[cls] = [s.image_path for s in train[:k]]
+    return images, files
 
 
 def load_retrieval(run, backbone: str | None, image_size: int | None, device: torch.device | str, aux: str | None,
@@ -168,7 +200,8 @@ def with_mutual(model, described: dict, what: str):
 
 
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-                aux: str | None = None, allow_missing_masks: bool = False):
+                aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
+                classes: list[str] | None = None):
     """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method, MuSc or
     the retrieval memory (which needs `aux`)."""
     if method not in ALL_METHODS:
@@ -178,7 +211,9 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
     if method == "retrieval":
         return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
     if method in ZERO_SHOT_METHODS:
-        return load_zero_shot(method, run, backbone, image_size, device)
+        return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes)
+    if k_shot:
+        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
     if method in TRANSDUCTIVE_METHODS:
         return load_musc(run, backbone, image_size, device)
     from .baselines import load_baseline

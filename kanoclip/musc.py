@@ -127,17 +127,8 @@ def rscin(scores: torch.Tensor, class_tokens: torch.Tensor, k_list=RSCIN_K) -> t
 def stage_features(backbone, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """images (N, 3, S, S) normalised -> (class tokens (N, E) = encode_image, [(N, L, W) per stage]): the Q-K
     stream's residual tokens after each of `backbone.stages` (no ln_post, no proj), class token dropped."""
-    v = backbone.clip.visual
-    x = v._embeds(images.to(v.conv1.weight.dtype))
-    batch_first = getattr(v.transformer, "batch_first", True)
-    keep = []
-    for i, blk in enumerate(backbone.blocks, 1):
-        x = blk(x) if batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
-        if i in backbone.stages:
-            keep.append(x[:, 1:].float())
-    pooled, _ = v._pool(x)
-    glob = pooled @ v.proj if v.proj is not None else pooled
-    return glob.float(), keep
+    feats = backbone(images, vv=False, raw=True)
+    return feats.global_feature.float(), [t.float() for t in feats.patch_tokens]
 
 
 class MuScResult(NamedTuple):
@@ -193,6 +184,10 @@ class MutualFusion(nn.Module):
         super().__init__()
         self.model, self.musc = model, musc
         self.backbone = model.backbone  # images are prepared for the method; MuSc shares its backbone
+
+    def begin_class(self, folder_class: str, prompt_class: str) -> None:
+        if hasattr(self.model, "begin_class"):  # e.g. WinCLIP+'s per-class references
+            self.model.begin_class(folder_class, prompt_class)
 
     def forward(self, images: torch.Tensor, class_names: list[str]) -> MuScResult:
         a = self.model(images, class_names).inference()

@@ -36,7 +36,13 @@ From anomalib's `WinClipModel` (2.7.0; its code read for these facts, none copie
   within their window (the symptom matches anomalib issue #2571: near-identical window embeddings). Kano encodes
   each window as the paper says; tests/test_winclip.py compares against anomalib with only that call made
   batch-first, and everything else is anomalib's own code.
-WinCLIP+ (few-shot reference memory) is not implemented.
+WinCLIP+ (the same paper, few-shot): k normal reference images per class, set with `set_reference(class, images)`.
+From the paper: a memory of the references' window embeddings at each scale and of their patch tokens; each test
+window / patch scores (1 - its best cosine similarity to that memory) / 2 (eq. 4, visual association); window
+scores aggregated harmonically per scale; the few-shot map is the mean of the patch-level map and the per-scale
+maps; the final map is the mean of the zero-shot and few-shot maps, the image score the mean of the zero-shot
+score and the few-shot map's maximum. From anomalib: the patch tokens are the last block's through ln_post,
+WITHOUT proj (open_clip's `output_tokens`); the memory pools every location of every reference image.
 """
 
 from __future__ import annotations
@@ -190,6 +196,45 @@ class WinCLIP(nn.Module):
                 raise ValueError(f"window scales must be <= the patch grid {g}, got {k}")
         self._windows = [window_indices(g, g, k, self.cfg.stride) for k in self.cfg.scales]
 
+        self._refs: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def _encode(self, images: torch.Tensor):
+        """images (N, 3, S, S) -> (tokens after the positional embedding (N, 1+L, W), global embedding (N, E),
+        last-block patch tokens through ln_post (N, L, W))."""
+        v = self.backbone.clip.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)                                               # (N, L, W)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        tokens = torch.cat([cls, x], 1) + v.positional_embedding.to(x.dtype)          # (N, 1+L, W)
+        full = v.transformer(v.ln_pre(tokens))
+        pooled, _ = v._pool(full)
+        glob = pooled @ v.proj if v.proj is not None else pooled
+        return tokens, glob, v.ln_post(full[:, 1:])
+
+    @torch.no_grad()
+    def set_reference(self, class_name: str, images: torch.Tensor) -> None:
+        """WinCLIP+: the k normal reference images (k, 3, S, S) of one prompt class; the memory holds their patch
+        tokens (k*L, W) and, per scale, their window embeddings (k*n_windows, E), unit-normalised."""
+        tokens, _, patches = self._encode(images)
+        windows = [F.normalize(self._encode_windows(tokens, w).flatten(0, 1), dim=-1) for w in self._windows]
+        self._refs[class_name] = (F.normalize(patches.flatten(0, 1), dim=-1), windows)
+
+    def begin_class(self, folder_class: str, prompt_class: str) -> None:
+        """The evaluator's per-class hook: WinCLIP+ swaps in that class's references (`reference_images`, a dict
+        folder class -> (k, 3, S, S) tensor; folders sharing a prompt word keep their own references)."""
+        refs = getattr(self, "reference_images", None)
+        if refs is None:
+            return
+        if folder_class not in refs:
+            raise ValueError(f"WinCLIP+ needs reference images for class {folder_class}, got them for {', '.join(sorted(refs))}")
+        self._refs = {}
+        self.set_reference(prompt_class, refs[folder_class].to(self.backbone.device))
+
+    @staticmethod
+    def association(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """WinCLIP eq. 4: (1 - max cosine similarity to the memory) / 2. emb (M, D), memory (R, D) unit -> (M,)."""
+        return (1 - F.normalize(emb, dim=-1) @ memory.T).amin(-1) / 2
+
     def _encode_windows(self, tokens: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """tokens (N, 1+L, W) after the positional embedding -> window embeddings (N, n_windows, E)."""
         v = self.backbone.clip.visual
@@ -210,25 +255,34 @@ class WinCLIP(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, class_names: list[str]) -> ZeroShotOutput:
         """images (N, 3, S, S) -> ZeroShotOutput; stage_maps (N, 1 + #scales, g, g): image scale, then each window scale."""
-        v = self.backbone.clip.visual
         classes = sorted(set(class_names))
         text = self.text(classes)[[classes.index(c) for c in class_names]]            # (N, 2, E)
         scale = 1.0 / self.cfg.temperature
-        x = v.conv1(images.to(v.conv1.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)                                               # (N, L, W)
-        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        tokens = torch.cat([cls, x], 1) + v.positional_embedding.to(x.dtype)          # (N, 1+L, W)
-        full = v.transformer(v.ln_pre(tokens))
-        pooled, _ = v._pool(full)
-        glob = pooled @ v.proj if v.proj is not None else pooled
+        tokens, glob, patches = self._encode(images)
         image_score = _class_prob(glob, text, scale)                                  # (N,)
         g = self.backbone.grid
         maps = [image_score.view(-1, 1).expand(-1, g * g)]
-        for windows in self._windows:
-            probs = _class_prob(self._encode_windows(tokens, windows), text, scale)    # (N, n_windows)
+        window_embs = [self._encode_windows(tokens, windows) for windows in self._windows]
+        for windows, emb in zip(self._windows, window_embs):
+            probs = _class_prob(emb, text, scale)                                      # (N, n_windows)
             maps.append(harmonic_aggregate(probs, windows, g * g))
         stack = torch.stack(maps, 1)                                                   # (N, K, g*g)
         fused = len(maps) / (1.0 / stack).sum(1)                                       # harmonic mean over scales
+        if self._refs:  # WinCLIP+: every image of the batch needs its class's references
+            missing = sorted(set(class_names) - set(self._refs))
+            if missing:
+                raise ValueError(f"WinCLIP+ needs reference images for every class, got none for {', '.join(missing)}")
+            few = torch.zeros_like(fused)
+            for c in classes:
+                i = torch.tensor([j for j, name in enumerate(class_names) if name == c], device=fused.device)
+                mem_patches, mem_windows = self._refs[c]
+                parts = [self.association(patches[i].flatten(0, 1), mem_patches).view(len(i), -1)]
+                for windows, emb, mem in zip(self._windows, window_embs, mem_windows):
+                    vas = self.association(emb[i].flatten(0, 1), mem).view(len(i), -1)
+                    parts.append(harmonic_aggregate(vas, windows, g * g))
+                few[i] = torch.stack(parts, 1).mean(1)
+            fused = (fused + few) / 2
+            image_score = (image_score + few.amax(1)) / 2
         amap = F.interpolate(fused.view(-1, 1, g, g), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return ZeroShotOutput(image_score, amap, stack.view(-1, len(maps), g, g))
 

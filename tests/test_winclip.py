@@ -68,7 +68,8 @@ def test_winclip_window_embedding_is_a_separate_forward(tiny_backbone):
 
 @pytest.mark.skipif(not ANOMALIB_PY.is_file() and os.environ.get("KANO_REQUIRE_ANOMALIB") != "1",
                     reason=f"anomalib's side venv is absent ({ANOMALIB_PY}); .ci/run prepares it (set KANO_REQUIRE_ANOMALIB=1 to fail instead)")
-def test_winclip_equals_anomalib_on_shared_random_weights(tmp_path):
+@pytest.mark.parametrize("k_shot", [0, 2])
+def test_winclip_equals_anomalib_on_shared_random_weights(tmp_path, k_shot):
     import open_clip
     from safetensors.torch import load_file, save_file
 
@@ -83,18 +84,65 @@ def test_winclip_equals_anomalib_on_shared_random_weights(tmp_path):
     images = torch.randn(3, 3, 80, 80)
     save_file({"images": images}, str(tmp_path / "images.safetensors"))
     out = tmp_path / "ref.safetensors"
+    refs = torch.randn(k_shot, 3, 80, 80)
+    extra = []
+    if k_shot:  # WinCLIP+: k normal reference images
+        save_file({"images": refs}, str(tmp_path / "refs.safetensors"))
+        extra = [str(tmp_path / "refs.safetensors")]
     proc = subprocess.run([str(ANOMALIB_PY), str(Path(__file__).parent / "anomalib_winclip_ref.py"), str(cfg), str(weights),
-                           str(tmp_path / "images.safetensors"), "bottle", str(out)], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "images.safetensors"), "bottle", str(out), *extra], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = load_file(str(out))
 
     bb = build_backbone(f"{NAME}:{weights}")
-    res = WinCLIP(bb).eval()(images, ["bottle"] * 3).inference()
+    model = WinCLIP(bb).eval()
+    if k_shot:
+        model.set_reference("bottle", refs)
+    res = model(images, ["bottle"] * 3).inference()
     d_score = (res.image_score - ref["pred_score"]).abs().max().item()
     d_map = (res.anomaly_map - ref["anomaly_map"]).abs().max().item()
     d_unadapted = (res.anomaly_map - ref["anomaly_map_unadapted"]).abs().max().item()
     print(f"\nWinCLIP vs anomalib: max |score diff| {d_score:.2e}, max |map diff| {d_map:.2e}; "
           f"vs anomalib as released (windows attend across windows) {d_unadapted:.2e}")
     assert d_score <= 1e-4 and d_map <= 1e-4
+    if k_shot:  # the references changed the result: the few-shot path ran on both sides
+        zero = WinCLIP(bb).eval()(images, ["bottle"] * 3).inference()
+        assert (zero.anomaly_map - res.anomaly_map).abs().max().item() > 1e-3
+        assert (zero.image_score - res.image_score).abs().max().item() > 1e-4
     # the maps carry information at this size: not constant, so equality is not trivial
     assert (ref["anomaly_map"].amax() - ref["anomaly_map"].amin()).item() > 1e-3
+
+
+def test_winclip_plus_visual_association_by_hand():
+    """WinCLIP eq. 4: (1 - the best cosine similarity to the reference memory) / 2."""
+    memory = torch.nn.functional.normalize(torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]), dim=-1)
+    got = WinCLIP.association(torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]), memory)
+    assert got.tolist() == pytest.approx([(1 - 2 ** -0.5) / 2, 0.0, 0.5], abs=1e-6)
+
+
+def test_cli_winclip_plus_takes_its_references_from_the_train_split(synth_root, tmp_path, cli):
+    out = tmp_path / "wplus"
+    code, stdout, err = cli("eval", "--method", "winclip", "--k-shot", "1", "--backbone", "tiny", "--image-size", "64",
+                            "--data", f"mvtec:{synth_root}", "--out", out, "--n-overlays", "0")
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    prov = m["provenance"]["method"]
+    assert prov["name"] == "winclip+" and prov["setting"] == "few-shot" and prov["k_shot"] == 1
+    assert all(len(v) == 1 and "/train/good/" in v[0] for v in prov["references"].values())
+    assert set(prov["references"]) == {"disc", "weave"}
+    zero = tmp_path / "zero"
+    assert cli("eval", "--method", "winclip", "--backbone", "tiny", "--image-size", "64", "--data", f"mvtec:{synth_root}",
+               "--out", zero, "--n-overlays", "0")[0] == 0
+    z = json.loads((zero / "metrics.json").read_text())
+    assert z["mean"]["pixel_auroc"] != m["mean"]["pixel_auroc"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--method", "clip", "--k-shot", "1"], "--k-shot is used by --method winclip only (WinCLIP+), got --method clip"),
+    (["--method", "winclip", "--k-shot", "3"], "--k-shot 3 needs 3 normal train images of class disc"),
+])
+def test_cli_winclip_plus_bad_input(args, expected, synth_root, tmp_path, cli):
+    code, out, err = cli("eval", *args, "--backbone", "tiny", "--image-size", "64", "--data", f"mvtec:{synth_root}",
+                         "--out", tmp_path / "x")
+    assert code == 2 and expected in " ".join((out + err).split()) and "Traceback" not in err
