@@ -50,7 +50,7 @@ def synth_class(root: Path, n_images: int) -> str:
 def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp: Path, device: torch.device) -> tuple[float, float]:
     from anomaly_data import SampleDataset, load_dataset, prompt_name
     from evaluator import evaluate, load_model
-    from evaluator.evaluate import _amp, default_workers
+    from evaluator.evaluate import default_workers
 
     data = synth_class(tmp / f"data_{spec}", n_images)
     model, _ = load_model(None, spec, 224, device)
@@ -62,7 +62,7 @@ def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp:
 
     def model_only() -> float:
         t = time.perf_counter()
-        with torch.inference_mode(), _amp(device):
+        with torch.inference_mode():  # the model sets its own backbone precision
             for i in range(0, n, batch_size):
                 res = model(images[i:i + batch_size], names[i:i + batch_size]).inference()
                 res.image_score.float().cpu(), res.anomaly_map.float().cpu()

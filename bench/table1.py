@@ -150,7 +150,8 @@ def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str
     classes = sorted({c for _, r in cols for c in r["classes"]})
     mark = lambda r: r["name"] + (" †" if r["kind"] == "transductive" else "")
     md = [f"Table 1 in the micro world: image / pixel AUROC (%), per target class (unseen), trained methods at seed {first}; "
-          f"best per row in bold; † transductive (sees the class's whole test set). Data: {target}.", ""]
+          f"best per row in bold, among per-image methods and apart among † transductive ones (they see the class's whole "
+          f"test set). Data: {target}.", ""]
     md.append("| class | " + " | ".join(mark(r) for _, r in cols) + " |")
     md.append("|---" * (len(cols) + 1) + "|")
     for c in classes + ["mean"]:
@@ -161,9 +162,13 @@ def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str
                 cells.append({m: statistics.fmean(v[m] for v in vals) if vals else None for m in ("image_auroc", "pixel_auroc")})
             else:
                 cells.append(r["classes"].get(c, {"image_auroc": None, "pixel_auroc": None}))
-        best = {m: max((x[m] for x in cells if x[m] is not None), default=None) for m in ("image_auroc", "pixel_auroc")}
-        fmt = lambda x, m: ("**" + pct(x[m]) + "**") if x[m] is not None and best[m] is not None and round(100 * x[m], 1) == round(100 * best[m], 1) else pct(x[m])
-        md.append(f"| {c} | " + " | ".join(f"{fmt(x, 'image_auroc')} / {fmt(x, 'pixel_auroc')}" for x in cells) + " |")
+        # best in bold among the per-image methods, and apart among the transductive ones (they see more)
+        trans = [r["kind"] == "transductive" for _, r in cols]
+        best = {(t, m): max((x[m] for x, tt in zip(cells, trans) if tt == t and x[m] is not None), default=None)
+                for t in (False, True) for m in ("image_auroc", "pixel_auroc")}
+        bold = lambda x, t, m: x[m] is not None and best[t, m] is not None and pct(x[m]) == pct(best[t, m])
+        fmt = lambda x, t, m: f"**{pct(x[m])}**" if bold(x, t, m) else pct(x[m])
+        md.append(f"| {c} | " + " | ".join(f"{fmt(x, t, 'image_auroc')} / {fmt(x, t, 'pixel_auroc')}" for x, t in zip(cells, trans)) + " |")
     (out / "table1.md").write_text("\n".join(md) + "\n")
 
     # summary: one line per method, mean ± sd over seeds for trained ones

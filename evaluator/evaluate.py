@@ -134,7 +134,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
                 pic = panel(load_image(s.image_path), maps[i].numpy(), mask=masks[i].numpy() if with_masks else None,
                             name=f"{cls} / {s.defect} / {Path(s.image_path).name}", score=float(scores[i]), threshold=threshold,
                             label=s.label)
-                pic.save(outputs.inside(out_dir, out_dir / rel))
+                pic.save(outputs.inside(out_dir, out_dir / rel), compress_level=1)  # fast zlib: the panels are many, the bytes cheap
                 written.append(rel)
                 details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
                                            "score": float(scores[i]), "label": s.label})

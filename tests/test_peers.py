@@ -243,6 +243,17 @@ def test_cli_trains_and_evaluates_a_peer_without_a_knowledge_base(method, name, 
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["provenance"]["method"]["name"] == name and metrics["provenance"]["method"]["method"] == method
     assert 0 <= metrics["mean"]["pixel_auroc"] <= 1
+    if method == "anomalyclip":  # the fusion with MuSc and prediction read the run like any other
+        code, out, err = cli("eval", "--run", run, "--mutual", "--data", f"mvtec:{synth_root}", "--out", tmp_path / "fused",
+                             "--n-overlays", "0")
+        assert code == 0, err
+        fused = json.loads((tmp_path / "fused" / "metrics.json").read_text())["provenance"]["method"]
+        assert fused["name"] == name and fused["mutual"] is True and fused["setting"] == "transductive"
+        image = sorted((synth_root / "disc" / "test").rglob("*.png"))[0]
+        code, out, err = cli("predict", str(image), "--class", "disc", "--run", run, "--out", tmp_path / "pred")
+        assert code == 0, err
+        rec = json.loads((tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()[0])
+        assert 0 <= rec["score"] <= 1 and rec["anomalous"] in (True, False)
     code, out, err = cli("train", "--method", method, "--data", f"mvtec:{synth_root}", "--backbone", "tiny", "--image-size", "64",
                          "--epochs", "3", "--batch-size", "4", "--out", run, "--cache", "memory", "--resume")
     assert code == 0, err
