@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, VisualFeatures, grid_hw
 from .losses import dice_loss, focal_loss
-from .model import InferenceBatch, backbone_autocast, full_precision
+from .model import FrozenBackboneModel, InferenceBatch, backbone_autocast, full_precision
 from .prompts import TextTower
 
 APRILGAN_NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -89,31 +89,10 @@ class PeerOutput(NamedTuple):
         return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
 
 
-class TrainablePeer(nn.Module):
+class TrainablePeer(FrozenBackboneModel):
     """What the trainer needs of any trained method beside KAnoCLIP: frozen backbone, trainable state, forward."""
 
     method = ""
-    uses_knowledge = False
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
-        expected = {k for k, p in own.items() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"checkpoint must hold exactly the trainable parameters; missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                if own[k].shape != v.shape:
-                    raise ValueError(f"parameter {k} must have shape {tuple(own[k].shape)}, got {tuple(v.shape)}")
-                own[k].copy_(v)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.train(False)
-        return self
 
     def forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None = None) -> PeerOutput:
         """From (cached) visual features to maps and scores, in float32 whatever the caller's autocast."""

@@ -137,7 +137,32 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y.squeeze(1)
 
 
-class KAnoCLIP(nn.Module):
+class FrozenBackboneModel(nn.Module):
+    """What every trained method shares (KAnoCLIP and the peers): a frozen `self.backbone`, always in eval mode,
+    and a state that is only the trainable parameters (what a run's weights.safetensors holds)."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        expected = {k for k, p in own.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"checkpoint must hold exactly the trainable parameters; missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if own[k].shape != v.shape:
+                    raise ValueError(f"parameter {k} must have shape {tuple(own[k].shape)}, got {tuple(v.shape)}")
+                own[k].copy_(v)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.train(False)
+        return self
+
+
+class KAnoCLIP(FrozenBackboneModel):
     """Frozen CLIP-VV backbone + KnPL prompts + Bi-CMCI + Conv-Adapter.
 
     Image score: eq. 12 adds a probability to a map maximum; we report their mean,
@@ -168,7 +193,6 @@ class KAnoCLIP(nn.Module):
         self.to(backbone.device)
 
     method = "kanoclip"
-    uses_knowledge = True
 
     @property
     def feature_spec(self) -> dict:
@@ -178,27 +202,6 @@ class KAnoCLIP(nn.Module):
     @property
     def patch_dim(self) -> int:
         return self.backbone.embed_dim
-
-    # -- parameters -------------------------------------------------------------------------
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
-        expected = {k for k, p in own.items() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"checkpoint must hold exactly the trainable parameters; missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                if own[k].shape != v.shape:
-                    raise ValueError(f"parameter {k} must have shape {tuple(own[k].shape)}, got {tuple(v.shape)}")
-                own[k].copy_(v)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.train(False)
-        return self
 
     # -- forward ----------------------------------------------------------------------------
     @torch.no_grad()
