@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,11 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(0, min(8, cores - 1))
+
+
+def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path) -> None:
+    pic = panel(load_image(sample.image_path), amap, mask=mask, name=name, score=score, threshold=threshold, label=sample.label)
+    pic.save(outputs.inside(out_dir, path), compress_level=1)  # fast zlib: the panels are many, the bytes cheap
 
 
 def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int | None = None,
@@ -113,6 +119,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     per_class: dict[str, dict] = {}
     details: dict = {"threshold": threshold, "classes": {}, "gallery": []}
     written: list[str] = []
+    jobs: list[tuple] = []
     try:
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
@@ -131,13 +138,14 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), threshold, n_overlays):
                 s = cs[i]
                 rel = f"overlays/{names[id(s)]}.png"
-                pic = panel(load_image(s.image_path), maps[i].numpy(), mask=masks[i].numpy() if with_masks else None,
-                            name=f"{cls} / {s.defect} / {Path(s.image_path).name}", score=float(scores[i]), threshold=threshold,
-                            label=s.label)
-                pic.save(outputs.inside(out_dir, out_dir / rel), compress_level=1)  # fast zlib: the panels are many, the bytes cheap
+                jobs.append((s, maps[i].numpy().copy(), masks[i].numpy().copy() if with_masks else None,
+                             f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel))
                 written.append(rel)
                 details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
                                            "score": float(scores[i]), "label": s.label})
+        # overlays after every metric, drawn in worker threads (decoding, colouring and zlib release the GIL)
+        with ThreadPoolExecutor(max_workers=max(1, default_workers() if workers is None else workers)) as pool:
+            list(pool.map(lambda job: _draw(out_dir, threshold, *job), jobs))
     finally:
         close()
     mean = {}

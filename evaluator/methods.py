@@ -87,7 +87,7 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
     info = zero_shot_info(model, method, backbone)
     if k_shot:
         model.reference_images, files = reference_images(data, k_shot, bb, classes)
-        info.update(name="winclip+", setting="few-shot", k_shot=k_shot, references=files,
+        info.update(name="winclip+", kind="few-shot", setting="few-shot", k_shot=k_shot, references=files,
                     source="Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images per class (the first "
                            "k of each class's train split, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
                     parameters="frozen backbone, no training; a memory of k normal images per class")
