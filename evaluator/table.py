@@ -208,11 +208,15 @@ def legend(t: dict) -> str:
          f"(ties as shown are all bold). mean: unweighted over the classes of the table, recomputed here; "
          f"-: no value (the method lacks the class, or the class has no masks for pixel metrics; a method "
          f"lacking a class has no mean).")
+    few = [m["label"] for m in t["methods"] if (m.get("method") or {}).get("setting") == "few-shot"]
+    if few:
+        s += f" Few-shot ({', '.join(few)}): also sees k normal training images of each class."
     if trans:
         s += (f" {DAGGER} transductive ({', '.join(trans)}): sees a class's whole test set at once, so it is kept "
               f"apart: placed last and bold only among the transductive methods (a lone one is never bold).")
     else:
-        s += " Every method here is per-image (no transductive method, which would be marked " + DAGGER + ")."
+        s += (" Every method here scores one test image at a time (no transductive method, which would be marked "
+              + DAGGER + ").")
     return s
 
 
