@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,17 +24,52 @@ from .visualize import panel
 
 def default_workers() -> int:
     """DataLoader processes when --workers is not given: one per usable core but one (the main process runs
-    the model), at most 8 (decoding a batch is far cheaper than the model's forward pass)."""
+    the model), at most 8; none on two cores or fewer, where a decoding process takes a core from the model
+    (measured with bench/bench_eval.py: 0.63x of the model alone with one process, 0.71x with the main
+    process's prefetch thread) and `run_inference` decodes one batch ahead in a thread instead."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    return 0 if cores <= 2 else min(8, cores - 1)
 
 
 def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path) -> None:
     pic = panel(load_image(sample.image_path), amap, mask=mask, name=name, score=score, threshold=threshold, label=sample.label)
     pic.save(outputs.inside(out_dir, path), compress_level=1)  # fast zlib: the panels are many, the bytes cheap
+
+
+def _prefetch(batches, depth: int = 2):
+    """Iterate `batches` one step ahead in a thread: with --workers 0 the next batch is decoded (PIL and torch
+    release the GIL) while the model runs on this one, without a second process competing for the cores."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def fill():
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # raised again in the consumer, where it belongs
+            q.put(exc)
+        q.put(done)
+
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    try:
+        while (b := q.get()) is not done:
+            if isinstance(b, BaseException):
+                raise b
+            yield b
+    finally:
+        stop.set()
 
 
 def run_inference(model, samples, names: list[str], batch_size: int, device: torch.device, workers: int | None = None,
@@ -42,7 +79,8 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
 
     An unreadable image raises KanoError, unless `errors` is given: then its message is stored there under
     the sample's index, its score is NaN and its map zeros, and the others go on. Images are decoded and
-    resized in `workers` processes (None: default_workers()); pinned memory on CUDA."""
+    resized in `workers` processes (None: default_workers()), or, with 0, one batch ahead in a thread; pinned
+    memory on CUDA."""
     bb = model.backbone
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
     workers = default_workers() if workers is None else workers
@@ -55,7 +93,7 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
     # KAnoCLIP.forward runs the backbone in `backbone_autocast` (the precision the training cache used) and
     # everything after it in float32, so no autocast here
     with torch.inference_mode():
-        for batch in loader:
+        for batch in (loader if workers else _prefetch(loader)):
             if errors is None:
                 raise_batch_errors(batch)
             res = model(batch["image"].to(device, non_blocking=True), [names[i] for i in batch["index"].tolist()]).inference()
@@ -119,7 +157,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     per_class: dict[str, dict] = {}
     details: dict = {"threshold": threshold, "classes": {}, "gallery": []}
     written: list[str] = []
-    jobs: list[tuple] = []
+    pool = ThreadPoolExecutor(max_workers=1)
+    drawing: list = []
     try:
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
@@ -129,24 +168,27 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance)
             labels = torch.tensor([s.label for s in cs])
             with_masks = dataset.has_masks(cls)
+            # the gallery is drawn in a thread while the metrics are computed (PIL, zlib and numpy's sort release
+            # the GIL): its panels need only the scores
+            for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), threshold, n_overlays):
+                s = cs[i]
+                rel = f"overlays/{names[id(s)]}.png"
+                drawing.append(pool.submit(_draw, out_dir, threshold, s, maps[i].numpy().copy(),
+                                           masks[i].numpy().copy() if with_masks else None,
+                                           f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel))
+                written.append(rel)
+                details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
+                                           "score": float(scores[i]), "label": s.label})
             mdev = device if device.type == "cuda" else torch.device("cpu")  # metrics on the GPU when there is one
             per_class[cls] = all_metrics(labels, scores, masks.to(mdev) if with_masks else None, maps.to(mdev) if with_masks else None)
             per_class[cls]["n_images"] = len(cs)
             per_class[cls]["n_anomalous"] = int(labels.sum())
             details["classes"][cls] = {"labels": labels.tolist(), "scores": scores.tolist(), "defects": [s.defect for s in cs],
                                        "images": [s.image_path for s in cs]}
-            for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), threshold, n_overlays):
-                s = cs[i]
-                rel = f"overlays/{names[id(s)]}.png"
-                jobs.append((s, maps[i].numpy().copy(), masks[i].numpy().copy() if with_masks else None,
-                             f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel))
-                written.append(rel)
-                details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
-                                           "score": float(scores[i]), "label": s.label})
-        # overlays after every metric, drawn in worker threads (decoding, colouring and zlib release the GIL)
-        with ThreadPoolExecutor(max_workers=max(1, default_workers() if workers is None else workers)) as pool:
-            list(pool.map(lambda job: _draw(out_dir, threshold, *job), jobs))
+        for f in drawing:
+            f.result()  # an error drawing a panel is raised here
     finally:
+        pool.shutdown(wait=True)
         close()
     mean = {}
     for k in METRIC_KEYS:
