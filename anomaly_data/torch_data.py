@@ -18,9 +18,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def image_to_tensor(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """(3, size, size) float tensor, bicubic squash resize, normalised."""
-    arr = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    return (t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    arr = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / np.float32(255.0)
+    # in numpy on the channel-last array, then one contiguous copy: a tenth of the time of torch ops on the
+    # permuted view (which also competed for the model's threads), and the same float32 operations
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:

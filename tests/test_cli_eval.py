@@ -91,3 +91,36 @@ def test_data_synth_and_meta_commands(tmp_path, cli):
     assert code == 0 and json.loads((tmp_path / "meta.json").read_text())["test"]["disc"]
     code, out, err = cli("data", "synth", "--out", tmp_path / "t", "--classes", "unicorn")
     assert code == 2 and "synthetic class must be one of" in err
+
+
+def test_prefetch_keeps_order_raises_where_the_consumer_is_and_stops_when_abandoned():
+    import threading
+    import time
+
+    from evaluator.evaluate import _prefetch
+
+    assert list(_prefetch(iter(range(7)))) == list(range(7))
+
+    def broken():
+        yield 1
+        raise ValueError("bad batch")
+
+    it = _prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(it)
+    made = []
+
+    def endless():
+        for i in range(10**9):
+            made.append(i)
+            yield i
+
+    before = threading.active_count()
+    gen = _prefetch(endless())
+    assert next(gen) == 0
+    gen.close()  # the consumer stops early (an error, Ctrl-C): the filling thread must stop too
+    time.sleep(0.5)
+    n = len(made)
+    time.sleep(0.3)
+    assert len(made) == n and n < 10 and threading.active_count() <= before
