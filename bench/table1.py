@@ -8,8 +8,8 @@ kind, the held-out ones included), on the micro-CLIP. All trained methods get th
 Adam 1e-3, betas (0.5, 0.999) (AnomalyCLIP's and April-GAN's optimiser; their epoch counts, 15 and 3/15, are not
 used, so that the comparison is at equal cost). Beside them: the untrained model, the zero-shot CLIP methods, the
 retrieval memory of the auxiliary features, the zero-parameter detectors (per image) and the transductive methods
-(which see the whole test set of a class: marked "transductive"), including MuSc and the `--mutual` fusion of each
-trained method when those exist in this checkout.
+(which see the whole test set of a class: marked "transductive"): `mutual`, full MuSc, `musc_randconv` and the
+`--mutual` fusion of each trained method with MuSc.
 
 Writes into --out: results.json (every number, per seed, per class and per group of defect kinds, with what produced
 it), table1.md (per class image / pixel AUROC in the paper's layout, best per row in bold; seed 0 for trained
