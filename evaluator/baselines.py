@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kano.errors import KanoError
+from kanoclip.model import InferenceBatch
 
 PER_IMAGE = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
 TRANSDUCTIVE = ("mutual", "musc_randconv")
@@ -152,13 +153,6 @@ def mutual_scores(tokens: torch.Tensor, fraction: float = 0.3) -> torch.Tensor:
     return out
 
 
-class BaselineResult(SimpleNamespace):
-    def inference(self):
-        from kanoclip.model import InferenceBatch
-
-        return InferenceBatch(self.image_score, self.anomaly_map, self.anomaly_map[:, None])
-
-
 class ZeroParameterDetector(nn.Module):
     """A baseline behind the model interface `evaluator.run_inference` expects.
 
@@ -219,9 +213,10 @@ class ZeroParameterDetector(nn.Module):
             maps.append(F.interpolate(sc.view(n, 1, gh, gw), size=(h, w), mode="bilinear", align_corners=False)[:, 0])
         return torch.stack(maps).mean(0)
 
-    def forward(self, images: torch.Tensor, class_names: list[str]) -> BaselineResult:
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> InferenceBatch:
+        """-> image score = the map's maximum, the map, and the map again as the one stage map."""
         amap = _blur(self.raw_map(images)).clamp(0, 1)
-        return BaselineResult(image_score=amap.flatten(1).amax(1), anomaly_map=amap)
+        return InferenceBatch(amap.flatten(1).amax(1), amap, amap[:, None])
 
 
 def method_info(method: str, backbone: str | None, image_size: int) -> dict:

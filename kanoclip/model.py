@@ -76,6 +76,10 @@ class InferenceBatch(NamedTuple):
     anomaly_map: torch.Tensor
     stage_maps: torch.Tensor
 
+    def inference(self) -> "InferenceBatch":
+        """Every model's output answers `.inference()`; a method whose output is the contract returns this."""
+        return self
+
 
 class ModelOutput(NamedTuple):
     image_score: torch.Tensor      # (N,)  (p_global + max M) / 2

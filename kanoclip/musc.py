@@ -37,13 +37,14 @@ scores are all equal gets RsCIN scores of 0 (the public code divides by zero).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kano.errors import KanoError
+
+from .model import InferenceBatch
 
 R_LIST = (1, 3, 5)
 INTERVAL = (0.0, 0.3)
@@ -131,21 +132,9 @@ def stage_features(backbone, images: torch.Tensor) -> tuple[torch.Tensor, list[t
     return feats.global_feature.float(), [t.float() for t in feats.patch_tokens]
 
 
-class MuScResult(NamedTuple):
-    """image_score (N,), anomaly_map (N, S, S), stage_maps (N, n_stages, g, g), all in [0, 1]."""
-
-    image_score: torch.Tensor
-    anomaly_map: torch.Tensor
-    stage_maps: torch.Tensor
-
-    def inference(self):
-        from .model import InferenceBatch
-
-        return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
-
-
 class MuSc(nn.Module):
-    """Full MuSc on a frozen `Backbone`. forward(images (N, 3, S, S), class_names) -> MuScResult, where the N
+    """Full MuSc on a frozen `Backbone`. forward(images (N, 3, S, S), class_names) -> InferenceBatch (stage_maps (N, n_stages, g, g),
+    all in [0, 1]), where the N
     images are ONE class's whole test set (`transductive`: evaluate_method passes them as one batch).
     The map is the mean over stages and degrees of MSM / 2, upsampled; the image score is RsCIN of its max."""
 
@@ -160,7 +149,7 @@ class MuSc(nn.Module):
         return {"r_list": list(self.r_list), "interval": list(self.interval), "rscin_k": list(self.k_list),
                 "stages": list(self.backbone.stages), "layer_norm_eps": LAYER_NORM_EPS}
 
-    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> MuScResult:
+    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
         n, _, h, w = images.shape
         if n < 2:
             raise KanoError(f"transductive methods need at least 2 test images per class, got {n}")
@@ -170,12 +159,12 @@ class MuSc(nn.Module):
         stage_maps = per_stage.view(n, -1, g, g).clamp(0, 1)
         amap = F.interpolate(stage_maps.mean(1, keepdim=True), size=(h, w), mode="bilinear", align_corners=True)[:, 0]
         score = rscin(amap.flatten(1).amax(1), glob, self.k_list)
-        return MuScResult(score.to(images.device), amap.clamp(0, 1), stage_maps)
+        return InferenceBatch(score.to(images.device), amap.clamp(0, 1), stage_maps)
 
 
 class MutualFusion(nn.Module):
     """Kano's own addition, not from a paper: a per-image method fused with MuSc on the same frozen backbone.
-    forward(images (N, 3, S, S), class_names) -> MuScResult with map = (method map + MuSc map) / 2 and
+    forward(images (N, 3, S, S), class_names) -> InferenceBatch with map = (method map + MuSc map) / 2 and
     image score = (method score + MuSc score) / 2; stage_maps are MuSc's. Transductive, as MuSc."""
 
     transductive = True
@@ -189,7 +178,7 @@ class MutualFusion(nn.Module):
         if hasattr(self.model, "begin_class"):  # e.g. WinCLIP+'s per-class references
             self.model.begin_class(folder_class, prompt_class)
 
-    def forward(self, images: torch.Tensor, class_names: list[str]) -> MuScResult:
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> InferenceBatch:
         a = self.model(images, class_names).inference()
         b = self.musc(images, class_names).inference()
         bmap = b.anomaly_map
@@ -197,4 +186,4 @@ class MutualFusion(nn.Module):
             bmap = F.interpolate(bmap[:, None], size=a.anomaly_map.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
         amap = (a.anomaly_map.float() + bmap.float()) / 2
         score = (a.image_score.float() + b.image_score.float()) / 2
-        return MuScResult(score, amap, b.stage_maps)
+        return InferenceBatch(score, amap, b.stage_maps)

@@ -22,7 +22,6 @@ stage kept (a seeded random subset) so that scoring stays a matrix product.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -59,18 +58,9 @@ def retrieval_probability(queries: torch.Tensor, normal: torch.Tensor, abnormal:
     return torch.stack([s_n, s_a], -1).div(temperature).softmax(-1)[..., 1]
 
 
-class RetrievalOutput(NamedTuple):
-    image_score: torch.Tensor   # (N,)
-    anomaly_map: torch.Tensor   # (N, S, S)
-    stage_maps: torch.Tensor    # (N, stages, h, w): per-stage P(abnormal) on the patch grid
-
-    def inference(self) -> InferenceBatch:
-        return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
-
-
 class PatchRetrieval(nn.Module):
     """Frozen backbone + labelled feature memories (buffers, not parameters). forward(images (N, 3, S, S),
-    class names) -> RetrievalOutput; class names are accepted for the evaluator's interface and unused."""
+    class names) -> InferenceBatch (stage_maps: per-stage P(abnormal) on the patch grid); class names are accepted for the evaluator's interface and unused."""
 
     def __init__(self, backbone: Backbone, normal_patches: list[torch.Tensor], abnormal_patches: list[torch.Tensor],
                  normal_images: torch.Tensor, abnormal_images: torch.Tensor, cfg: RetrievalConfig | None = None):
@@ -90,7 +80,7 @@ class PatchRetrieval(nn.Module):
         self.n_stages = len(normal_patches)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> RetrievalOutput:
+    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
         c = self.cfg
         feats = self.backbone(images)
         n, size = images.shape[0], images.shape[-1]
@@ -105,7 +95,7 @@ class PatchRetrieval(nn.Module):
         up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         amap = gaussian_blur(up, c.sigma)
         g = retrieval_probability(feats.global_feature, self.normal_images, self.abnormal_images, c.k, c.temperature)
-        return RetrievalOutput((g + amap.flatten(1).amax(1)) / 2, amap, stages)
+        return InferenceBatch((g + amap.flatten(1).amax(1)) / 2, amap, stages)
 
 
 @torch.no_grad()

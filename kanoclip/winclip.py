@@ -48,7 +48,6 @@ WITHOUT proj (open_clip's `output_tokens`); the memory pools every location of e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -78,15 +77,6 @@ def winclip_prompts(class_name: str) -> tuple[list[str], list[str]]:
     normal = [t.format(s.format(class_name)) for s in WINCLIP_NORMAL_STATES for t in WINCLIP_TEMPLATES]
     anomalous = [t.format(s.format(class_name)) for s in WINCLIP_ANOMALOUS_STATES for t in WINCLIP_TEMPLATES]
     return normal, anomalous
-
-
-class ZeroShotOutput(NamedTuple):
-    image_score: torch.Tensor      # (N,)  anomalous probability of the whole image
-    anomaly_map: torch.Tensor      # (N, S, S)
-    stage_maps: torch.Tensor       # (N, K, h, w): per-scale maps on the patch grid (K = 1 for CLIP / CLIP-AC)
-
-    def inference(self) -> InferenceBatch:
-        return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
 
 
 class _TextCache(nn.Module):
@@ -133,8 +123,9 @@ class CLIPZeroShot(nn.Module):
         self.scale = float(backbone.clip.logit_scale.detach().exp().clamp(max=100.0))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str]) -> ZeroShotOutput:
-        """images (N, 3, S, S) -> ZeroShotOutput; anomaly_map from the last block's patch tokens."""
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> InferenceBatch:
+        """images (N, 3, S, S) -> InferenceBatch: image_score (N,) anomalous probability of the whole image,
+        anomaly_map (N, S, S) from the last block's patch tokens, stage_maps (N, 1, h, w)."""
         classes = sorted(set(class_names))
         text = self.text(classes)[[classes.index(c) for c in class_names]]           # (N, 2, E)
         feats = self.backbone(images, vv=False)
@@ -142,7 +133,7 @@ class CLIPZeroShot(nn.Module):
         h, w = grid_hw(feats.patch_tokens[-1].shape[1])
         grid = _class_prob(feats.patch_tokens[-1], text, self.scale).view(-1, 1, h, w)
         amap = F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return ZeroShotOutput(image_score, amap, grid)
+        return InferenceBatch(image_score, amap, grid)
 
 
 @dataclass
@@ -253,8 +244,8 @@ class WinCLIP(nn.Module):
         return torch.cat(out, 1)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str]) -> ZeroShotOutput:
-        """images (N, 3, S, S) -> ZeroShotOutput; stage_maps (N, 1 + #scales, g, g): image scale, then each window scale."""
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> InferenceBatch:
+        """images (N, 3, S, S) -> InferenceBatch; stage_maps (N, 1 + #scales, g, g): image scale, then each window scale."""
         classes = sorted(set(class_names))
         text = self.text(classes)[[classes.index(c) for c in class_names]]            # (N, 2, E)
         scale = 1.0 / self.cfg.temperature
@@ -284,7 +275,7 @@ class WinCLIP(nn.Module):
             fused = (fused + few) / 2
             image_score = (image_score + few.amax(1)) / 2
         amap = F.interpolate(fused.view(-1, 1, g, g), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return ZeroShotOutput(image_score, amap, stack.view(-1, len(maps), g, g))
+        return InferenceBatch(image_score, amap, stack.view(-1, len(maps), g, g))
 
 
 ZERO_SHOT_METHODS = ("clip", "clip-ac", "winclip")
