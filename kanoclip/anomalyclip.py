@@ -36,7 +36,7 @@ from .aprilgan import PeerOutput, TrainablePeer
 from .backbone import Backbone, VisualFeatures, grid_hw
 from .losses import dice_loss, focal_loss
 from .model import gaussian_blur
-from .prompts import PLACEHOLDER, tokenize
+from .prompts import PLACEHOLDER, TextTower, tokenize
 
 
 @dataclass
@@ -76,8 +76,7 @@ class AnomalyCLIP(TrainablePeer):
         c = self.cfg = cfg or AnomalyCLIPConfig()
         self.backbone = backbone
         clip = backbone.clip
-        if getattr(clip, "text_pool_type", "argmax") != "argmax":
-            raise KanoError(f"text tower pooling must be 'argmax' (OpenAI-style CLIP), got {clip.text_pool_type!r}")
+        self.tower = TextTower(clip)
         # a text encoder shallower than `depth` (the micro and tiny CLIPs) carries tokens in all its blocks
         self.depth = min(c.depth, len(clip.transformer.resblocks))
         width = clip.token_embedding.weight.shape[1]
@@ -104,25 +103,21 @@ class AnomalyCLIP(TrainablePeer):
         """images (N, 3, S, S) -> global (N, E) and DPAM patch tokens, one (N, L, E) per stage."""
         return self.backbone(images, vv=True)
 
+    def _insert_deep(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Before text block i (1 <= i < depth): positions 1..t_n_ctx take this block's own learnable tokens,
+        replacing what the previous block wrote there."""
+        if not 1 <= i < self.depth:
+            return x
+        deep = self.deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :1], deep, x[:, 1 + self.cfg.t_n_ctx:]], dim=1)
+
     def text_features(self) -> torch.Tensor:
         """(2, E): the normal and abnormal prompt features, normalised (differentiable in the learnable tokens)."""
-        clip, c = self.backbone.clip, self.cfg
         with torch.no_grad():
-            emb = clip.token_embedding(self.tokens)                                          # (2, T, W)
+            emb = self.tower.embed(self.tokens)                                              # (2, T, W)
         ctx = torch.stack([self.ctx_normal, self.ctx_abnormal]).to(emb.dtype)
-        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + c.n_ctx:]], dim=1)
-        x = x + clip.positional_embedding.to(x.dtype)
-        nld = getattr(clip.transformer, "batch_first", True)
-        for i, block in enumerate(clip.transformer.resblocks):
-            if 1 <= i < self.depth:  # positions 1..t_n_ctx: this block's own learnable tokens replace the previous output
-                deep = self.deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :1], deep, x[:, 1 + c.t_n_ctx:]], dim=1)
-            x = block(x, attn_mask=clip.attn_mask) if nld else block(x.transpose(0, 1), attn_mask=clip.attn_mask).transpose(0, 1)
-        x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self.tokens.argmax(dim=-1)]
-        proj = clip.text_projection
-        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return F.normalize(x.float(), dim=-1)
+        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.cfg.n_ctx:]], dim=1)
+        return F.normalize(self.tower(x, self.tokens, before_block=self._insert_deep).float(), dim=-1)
 
     def _forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int) -> PeerOutput:
         c = self.cfg
@@ -140,7 +135,7 @@ class AnomalyCLIP(TrainablePeer):
         anomaly_map = gaussian_blur(torch.stack(maps, 1).mean(1), c.sigma)
         g_logits = F.normalize(feats.global_feature, dim=-1) @ text.T / c.temperature
         g_prob = g_logits.softmax(-1)[:, 1]
-        return PeerOutput(g_prob, anomaly_map, torch.stack(grids, 1), torch.stack(probs, 1), g_logits, g_prob)
+        return PeerOutput(g_prob, anomaly_map, torch.stack(grids, 1), torch.stack(probs, 1), g_logits)
 
     def _loss(self, out: PeerOutput, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg

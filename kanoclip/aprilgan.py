@@ -82,8 +82,7 @@ class PeerOutput(NamedTuple):
     anomaly_map: torch.Tensor      # (N, H, W) in [0, 1]
     stage_maps: torch.Tensor       # (N, S, h, w) abnormal probability per stage on the patch grid
     stage_probs: torch.Tensor      # (N, S, 2, H, W) upsampled {normal, abnormal} probabilities, what the losses see
-    global_logits: torch.Tensor    # (N, 2) image-level logits
-    global_prob: torch.Tensor      # (N,) softmax(global_logits)[:, 1]
+    global_logits: torch.Tensor    # (N, 2) image-level logits; image_score is their softmax's abnormal entry
 
     def inference(self) -> InferenceBatch:
         return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
@@ -167,7 +166,7 @@ class AprilGAN(TrainablePeer):
         anomaly_map = stage_probs[:, :, 1].mean(1)
         g_logits = scale * torch.einsum("nd,nkd->nk", F.normalize(feats.global_feature, dim=-1), text)
         g_prob = g_logits.softmax(-1)[:, 1]
-        return PeerOutput(g_prob, anomaly_map, torch.stack(grids, 1), stage_probs, g_logits, g_prob)
+        return PeerOutput(g_prob, anomaly_map, torch.stack(grids, 1), stage_probs, g_logits)
 
     def _loss(self, out: PeerOutput, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         local = sum(focal_loss(out.stage_probs[:, s, 1], masks, self.cfg.focal_gamma) + dice_loss(out.stage_probs[:, s, 1], masks)

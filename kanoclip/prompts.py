@@ -34,11 +34,20 @@ class TextTower(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip[0].token_embedding(tokens)
 
-    def forward(self, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """embeds (P, T, W), tokens (P, T) -> text features (P, E), not normalised."""
+    def forward(self, embeds: torch.Tensor, tokens: torch.Tensor, before_block=None) -> torch.Tensor:
+        """embeds (P, T, W), tokens (P, T) -> text features (P, E), not normalised.
+
+        before_block(i, x) -> x, when given, rewrites the (P, T, W) input of text block i (0-based) before it runs:
+        AnomalyCLIP's learnable tokens inside the encoder."""
         m = self.clip[0]
         x = embeds + m.positional_embedding.to(embeds.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        if before_block is None:
+            x = m.transformer(x, attn_mask=m.attn_mask)
+        else:
+            nld = getattr(m.transformer, "batch_first", True)
+            for i, block in enumerate(m.transformer.resblocks):
+                x = before_block(i, x)
+                x = block(x, attn_mask=m.attn_mask) if nld else block(x.transpose(0, 1), attn_mask=m.attn_mask).transpose(0, 1)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         proj = m.text_projection
