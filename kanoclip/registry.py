@@ -9,11 +9,6 @@ from .model import KAnoCLIP, ModelConfig
 
 TRAINED_METHODS = ("kanoclip", "aprilgan", "anomalyclip")
 DISPLAY_NAMES = {"kanoclip": "KAnoCLIP", "aprilgan": "April-GAN", "anomalyclip": "AnomalyCLIP"}
-SOURCES = {
-    "kanoclip": "Li et al., KAnoCLIP (the paper this tool implements); kanoclip/model.py",
-    "aprilgan": "Chen et al., April-GAN / VAND 2023 (arXiv 2305.17382) and its public code; kanoclip/aprilgan.py",
-    "anomalyclip": "Zhou et al., AnomalyCLIP (ICLR 2024) and its public code; kanoclip/anomalyclip.py",
-}
 _CONFIGS = {"kanoclip": ModelConfig, "aprilgan": AprilGANConfig, "anomalyclip": AnomalyCLIPConfig}
 _MODELS = {"kanoclip": KAnoCLIP, "aprilgan": AprilGAN, "anomalyclip": AnomalyCLIP}
 
