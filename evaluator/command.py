@@ -103,7 +103,7 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one (musc, retrieval, the zero-shot CLIP methods), --aux to retrieval."""
-    from evaluator.methods import ALL_METHODS, MEMORY_METHODS, ZERO_SHOT_METHODS
+    from evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
     from evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
     names = [m.strip() for m in methods.split(",")]
@@ -113,9 +113,8 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
                else "fewer than two")
         raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of {', '.join(ALL_METHODS)}), "
                         f"got {methods!r} ({why})")
-    with_backbone = ("musc", "mutual", *ZERO_SHOT_METHODS, *MEMORY_METHODS)
-    if not backbone and any(m in with_backbone for m in names):
-        raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(m for m in names if m in with_backbone)}")
+    if not backbone and any(m in BACKBONE_METHODS for m in names):
+        raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(m for m in names if m in BACKBONE_METHODS)}")
     if aux and not any(m in MEMORY_METHODS for m in names):
         raise KanoError(f"--aux is used by --method retrieval only, got --method {methods} with --aux {aux}")
     out = Path(out)
@@ -123,7 +122,7 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     identity = {"results": [str(d.resolve()) for d in dirs], "metrics": list(DEFAULT_METRICS)}
     claim_out(out, identity, force)  # before the first evaluation: a refused OUT costs nothing
     for n, d in zip(names, dirs):
-        evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in with_backbone else None,
+        evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in BACKBONE_METHODS else None,
                  aux=aux if n in MEMORY_METHODS else None, **common)
     tables = comparison_tables(load_results(dirs), DEFAULT_METRICS)
     write_comparison(tables, out, identity, claimed=True)

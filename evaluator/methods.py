@@ -21,6 +21,7 @@ from .baselines import METHODS as BASELINE_METHODS
 MEMORY_METHODS = ("retrieval",)
 TRANSDUCTIVE_METHODS = ("musc",)
 ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS + TRANSDUCTIVE_METHODS
+BACKBONE_METHODS = ("mutual", *TRANSDUCTIVE_METHODS, *ZERO_SHOT_METHODS, *MEMORY_METHODS)  # the ones --backbone feeds
 MUSC_SOURCE = ("Li et al., MuSc (ICLR 2024): LNAMD, MSM and RsCIN with the public code's defaults "
                "(github.com/xrli-U/MuSc); departures in kanoclip/musc.py")
 
@@ -109,7 +110,7 @@ def reference_images(data: str | None, k: int, bb, classes: list[str] | None = N
             raise KanoError(f"--k-shot {k} needs {k} normal train images of class {cls} in {data}, got {len(train)}")
         batch = [SampleDataset(train[:k], bb.image_size, bb.mean, bb.std)[i] for i in range(k)]
         raise_batch_errors({"error": [b["error"] for b in batch]})
-        images[cls] = __import__("torch").stack([b["image"] for b in batch])
+        images[cls] = torch.stack([b["image"] for b in batch])
         files[cls] = [s.image_path for s in train[:k]]
     return images, files
 
@@ -208,12 +209,12 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
         raise KanoError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
     if aux and method not in MEMORY_METHODS:
         raise KanoError(f"--aux is used by --method retrieval only, got --method {method} with --aux {aux}")
+    if k_shot and method != "winclip":
+        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
     if method == "retrieval":
         return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
     if method in ZERO_SHOT_METHODS:
         return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes)
-    if k_shot:
-        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
     if method in TRANSDUCTIVE_METHODS:
         return load_musc(run, backbone, image_size, device)
     from .baselines import load_baseline
