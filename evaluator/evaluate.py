@@ -46,23 +46,26 @@ def _prefetch(batches, depth: int = 2):
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:  # False once the consumer is gone: nothing may block on a queue nobody reads
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def fill():
         try:
             for b in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(b):
                     return
         except BaseException as exc:  # raised again in the consumer, where it belongs
-            q.put(exc)
-        q.put(done)
+            put(exc)
+            return
+        put(done)
 
-    t = threading.Thread(target=fill, daemon=True)
-    t.start()
+    threading.Thread(target=fill, daemon=True).start()
     try:
         while (b := q.get()) is not done:
             if isinstance(b, BaseException):
