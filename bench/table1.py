@@ -143,33 +143,20 @@ def spread(vals: list) -> str:
 
 
 def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str:
+    from evaluator.table import comparison_tables, to_markdown
+
     rows = results["rows"]
     # one column per method: trained ones at the first seed
     first = seeds[0]
     cols = [(k, r) for k, r in rows.items() if r["seed"] in (None, first)]
-    classes = sorted({c for _, r in cols for c in r["classes"]})
-    mark = lambda r: r["name"] + (" †" if r["kind"] == "transductive" else "")
-    md = [f"Table 1 in the micro world: image / pixel AUROC (%), per target class (unseen), trained methods at seed {first}; "
-          f"best per row in bold, among per-image methods and apart among † transductive ones (they see the class's whole "
-          f"test set). Data: {target}.", ""]
-    md.append("| class | " + " | ".join(mark(r) for _, r in cols) + " |")
-    md.append("|---" * (len(cols) + 1) + "|")
-    for c in classes + ["mean"]:
-        cells = []
-        for _, r in cols:
-            if c == "mean":
-                vals = [r["classes"][k] for k in classes if k in r["classes"]]
-                cells.append({m: statistics.fmean(v[m] for v in vals) if vals else None for m in ("image_auroc", "pixel_auroc")})
-            else:
-                cells.append(r["classes"].get(c, {"image_auroc": None, "pixel_auroc": None}))
-        # best in bold among the per-image methods, and apart among the transductive ones (they see more)
-        trans = [r["kind"] == "transductive" for _, r in cols]
-        best = {(t, m): max((x[m] for x, tt in zip(cells, trans) if tt == t and x[m] is not None), default=None)
-                for t in (False, True) for m in ("image_auroc", "pixel_auroc")}
-        bold = lambda x, t, m: x[m] is not None and best[t, m] is not None and pct(x[m]) == pct(best[t, m])
-        fmt = lambda x, t, m: f"**{pct(x[m])}**" if bold(x, t, m) else pct(x[m])
-        md.append(f"| {c} | " + " | ".join(f"{fmt(x, t, 'image_auroc')} / {fmt(x, t, 'pixel_auroc')}" for x, t in zip(cells, trans)) + " |")
-    (out / "table1.md").write_text("\n".join(md) + "\n")
+    # the per-class layout, best in bold per setting and the mean row: `kano compare`'s own tables
+    records = [{"dir": key, "data": target, "dataset": target, "classes": r["classes"], "provenance": {},
+                "method": {"name": r["name"], "kind": r["kind"],
+                           "setting": "transductive" if r["kind"] == "transductive" else "per-image"}} for key, r in cols]
+    head = (f"Table 1 in the micro world: image / pixel AUROC (%), per target class (unseen), trained methods at seed "
+            f"{first}. Data: {target}.\n\n")
+    md = head + to_markdown(comparison_tables(records))
+    (out / "table1.md").write_text(md)
 
     # summary: one line per method, mean ± sd over seeds for trained ones
     by_name: dict[str, list[dict]] = {}
@@ -187,7 +174,7 @@ def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str
                                      f"{g('held_out', 'image_auroc')} / {g('held_out', 'pixel_auroc')}",
                                      ",".join(str(r["seed"]) for r in rs if r["seed"] is not None) or "-"]) + " |")
     (out / "summary.md").write_text("\n".join(sm) + "\n")
-    return "\n".join(sm) + "\n\n" + "\n".join(md) + "\n"
+    return "\n".join(sm) + "\n\n" + md
 
 
 def main(argv=None) -> int:
