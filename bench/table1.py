@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ablations import build_kb, fmt  # noqa: E402  (the same knowledge base and mean ± sd as the ablation table)
 
 TRAINED = (("kanoclip", "KAnoCLIP"), ("aprilgan", "April-GAN"), ("anomalyclip", "AnomalyCLIP"))
 ZERO_SHOT = (("clip", "CLIP"), ("clip-ac", "CLIP-AC"), ("winclip", "WinCLIP"))
@@ -39,7 +41,6 @@ def prepare(out: Path, seed: int = 0):
     """The demo's data and knowledge base. -> (aux spec, target spec, kb path)."""
     import demo
     from anomaly_data import synthesize_world
-    from kb_builder import command as kb_command
 
     aux, target = out / "data" / "aux", out / "data" / "target"
     if not (aux / "meta.json").is_file():
@@ -47,10 +48,7 @@ def prepare(out: Path, seed: int = 0):
     if not (target / "meta.json").is_file():
         synthesize_world(target, "target", seed=seed + 1, size=demo.DEMO_SIZE, n_good=8, n_per_defect=2)
     kb = out / "kb.duckdb"
-    if not kb.is_file():
-        kb_command.build(classes=",".join(demo.AUX_CLASSES), kb=kb, llm="builtin", vqa="none", images={}, data=None, n_llm=5,
-                         m_vqa=1, llm_base_url=None, vqa_base_url=None, temperature=0.7, vqa_temperature=0.2, concurrency=1,
-                         retries=0, backoff=1.0, timeout=60.0, seed=seed, dry_run=False)
+    build_kb(kb, list(demo.AUX_CLASSES))
     return f"mvtec:{aux}", f"mvtec:{target}", kb
 
 
@@ -136,10 +134,8 @@ def pct(v) -> str:
 
 
 def spread(vals: list) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    return f"{100 * statistics.fmean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}" if len(vals) > 1 else pct(vals[0])
+    """mean ± sd in percent of the values that exist (ablations.fmt)."""
+    return fmt([v for v in vals if v is not None])
 
 
 def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str:
