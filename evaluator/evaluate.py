@@ -19,7 +19,7 @@ from kano.errors import KanoError
 
 from . import outputs, report
 from .metrics import METRIC_KEYS, all_metrics
-from .visualize import panel
+from .visualize import panel, save_png
 
 
 def default_workers() -> int:
@@ -36,7 +36,7 @@ def default_workers() -> int:
 
 def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path) -> None:
     pic = panel(load_image(sample.image_path), amap, mask=mask, name=name, score=score, threshold=threshold, label=sample.label)
-    pic.save(outputs.inside(out_dir, path), compress_level=1)  # fast zlib: the panels are many, the bytes cheap
+    save_png(pic, outputs.inside(out_dir, path))  # fast: the panels are many, the bytes cheap
 
 
 def _prefetch(batches, depth: int = 2):
@@ -160,7 +160,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     per_class: dict[str, dict] = {}
     details: dict = {"threshold": threshold, "classes": {}, "gallery": []}
     written: list[str] = []
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = ThreadPoolExecutor(max_workers=2)  # two panels at once: PIL, zlib and numpy release the GIL
     drawing: list = []
     try:
         for cls in classes:

@@ -6,10 +6,13 @@ scores in float32 (no float64 copy of every pixel).
 
 One sort serves every ranking metric of a set (`ranking_metrics`, `pixel_metrics`): each float32 score
 is mapped to an order-preserving 32-bit integer and packed with the pixel's label (or its ground-truth
-region id, for AUPRO) into one int64 key; a single sort of these keys (numpy's SIMD sort on the CPU,
-torch's on the GPU) yields, at every distinct threshold, the number of pixels above it, the positives
-above it and the region weights above it. AUROC is then the trapezoid of the ROC curve computed in
-integers (exact), AP and F1-max follow scikit-learn's definitions over distinct thresholds.
+region id, for AUPRO) into one int64 key, and the keys are sorted once (numpy's SIMD sort on the CPU,
+torch's on the GPU). Every metric here changes only where positives enter the ranking (between two such
+thresholds only negatives are added), so after the sort only the positives are visited: at each distinct
+positive score, a binary search in the sorted keys gives the pixels above it, the negatives above and
+tied, and the region weights above. AUROC is the Mann-Whitney count in integers (exact); AP and F1-max
+follow scikit-learn's definitions over distinct thresholds; the PRO curve is the same polyline as over
+every threshold, without its collinear points. The work beyond the sort is O(P log n) for P positives.
 """
 
 from __future__ import annotations
@@ -41,15 +44,16 @@ def _flat(labels, scores) -> tuple[torch.Tensor, torch.Tensor]:
     return y, s
 
 
-CHUNK = 1 << 22  # elements per step of the boundary scan: bounds the work memory beyond the sorted keys
-
-
 class Curves(NamedTuple):
-    """At every distinct threshold t, descending (G entries): pixels with score >= t, positives with
-    score >= t (int64), and the sum of region weights of the pixels with score >= t (float64, or None)."""
+    """The ranking curves at the thresholds where recall changes: the distinct scores of the positives,
+    descending (K entries). above: pixels with score >= t; pos_above: positives with score >= t;
+    neg_gt: negatives with score > t (int64); weight_above: the sum of region weights of the positives with
+    score >= t (float64, or None). Between two such thresholds only negatives enter, so every metric here
+    (AUROC, AP, F1-max, the PRO curve) follows from these K points exactly."""
 
     above: torch.Tensor
     pos_above: torch.Tensor
+    neg_gt: torch.Tensor
     weight_above: torch.Tensor | None
     n: int
     n_pos: int
@@ -69,59 +73,70 @@ def _sort(k: torch.Tensor) -> torch.Tensor:
 
 def _curves(scores: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None = None) -> Curves:
     """One ascending sort of (score, id) pairs. scores (n,) float32/float64, ids (n,) int64 >= 0 with 0 =
-    negative (a label, or a region id for AUPRO); weights (R+1,) per id, summed over pixels above each threshold."""
+    negative (a label, or a region id for AUPRO); weights (R+1,) per id, summed over positives above each
+    threshold. After the sort only the P positives are visited (a binary search each into the sorted
+    pixels), so the cost beyond the sort is O(P log n), not O(n)."""
     n = scores.numel()
     if n == 0:
         raise ValueError("scores must not be empty, got 0 elements")
+    low = 0xFFFFFFFF
     if scores.dtype == torch.float32 and int(ids.max()) < 2**31:
-        ks = _sort((_order_key(scores) << 32) | ids)
-        key_of = lambda a, b: ks[a:b] >> 32
-        id_of = lambda idx: ks[idx] & 0xFFFFFFFF
-        pos_idx = torch.nonzero((ks & 0xFFFFFFFF) != 0).squeeze(1)
-    else:  # float64 scores (image level, small): the same curves from a sort with indices
-        sv, order = torch.sort(scores, stable=True)
+        ks = _sort((_order_key(scores) << 32) | ids)                      # ties: negatives (id 0) first
+        pos_idx = torch.nonzero((ks & low) != 0).squeeze(1)
+        pk = ks[pos_idx] >> 32                                            # the positives' score keys, ascending
+        first = torch.ones_like(pk, dtype=torch.bool)
+        first[1:] = pk[1:] != pk[:-1]
+        u = pk[first]                                                     # (K,) distinct positive scores, ascending
+        lt = torch.searchsorted(ks, u << 32)                              # pixels with score < u
+        le = torch.searchsorted(ks, (u << 32) | low, right=True)          # pixels with score <= u
+        pos_ids = ks[pos_idx] & low
+    else:  # float64 scores (image level, small): the same from a sort with indices
+        sv, order = torch.sort(scores)
         sid = ids[order]
-        key_of = lambda a, b: sv[a:b]
-        id_of = lambda idx: sid[idx]
         pos_idx = torch.nonzero(sid != 0).squeeze(1)
-    starts = [torch.zeros(1, dtype=torch.int64, device=scores.device)]
-    for a in range(1, n, CHUNK):  # group starts: positions whose score differs from the previous one
-        b = min(n, a + CHUNK)
-        starts.append(torch.nonzero(key_of(a, b) != key_of(a - 1, b - 1)).squeeze(1) + a)
-    start = torch.cat(starts)                                            # (G,) ascending thresholds
-    pos_before = torch.searchsorted(pos_idx, start)                      # positives strictly below each group
+        pk = sv[pos_idx]
+        first = torch.ones_like(pk, dtype=torch.bool)
+        first[1:] = pk[1:] != pk[:-1]
+        u = pk[first]
+        lt = torch.searchsorted(sv, u)
+        le = torch.searchsorted(sv, u, right=True)
+        pos_ids = sid[pos_idx]
     n_pos = pos_idx.numel()
-    above = (n - start).flip(0)
-    pos_above = (n_pos - pos_before).flip(0)
+    if n_pos == 0:
+        z = torch.zeros(0, dtype=torch.int64, device=scores.device)
+        return Curves(z, z, z, None if weights is None else z.double(), n, 0)
+    pos_lt = torch.nonzero(first).squeeze(1)                               # positives with score < u
+    pos_le = torch.cat([pos_lt[1:], pos_lt.new_tensor([n_pos])])           # positives with score <= u
     weight_above = None
     if weights is not None:
-        w = weights.to(torch.float64)[id_of(pos_idx)]                    # weights of the positive pixels, in sorted order
+        w = weights.to(torch.float64)[pos_ids]                             # weights of the positives, ascending score
         cw = torch.cat([w.new_zeros(1), torch.cumsum(w, 0)])
-        weight_above = (cw[-1] - cw[pos_before]).flip(0)
-    return Curves(above, pos_above, weight_above, n, n_pos)
+        weight_above = (cw[-1] - cw[pos_lt]).flip(0)
+    return Curves((n - lt).flip(0), (n_pos - pos_lt).flip(0), ((n - le) - (n_pos - pos_le)).flip(0), weight_above, n, n_pos)
 
 
 def _auroc(c: Curves) -> float:
-    """Trapezoid under the ROC curve in integers: Σ Δfp·(tp + tp_prev) / (2·P·N), exact."""
+    """Mann-Whitney in integers: each positive wins against the negatives below it and half against those it
+    ties; 2U = Σ_groups pos_eq · (neg_lt + neg_le); AUROC = 2U / (2·P·N), exact (= the ROC trapezoid)."""
     n_neg = c.n - c.n_pos
     if c.n_pos == 0 or n_neg == 0:
         return float("nan")
-    tp, fp = c.pos_above, c.above - c.pos_above
-    zero = tp.new_zeros(1)
-    d_fp = fp - torch.cat([zero, fp[:-1]])
-    area2 = int((d_fp * (tp + torch.cat([zero, tp[:-1]]))).sum())
+    neg_ge = c.above - c.pos_above                                         # negatives with score >= t
+    pos_eq = c.pos_above - torch.cat([c.pos_above.new_zeros(1), c.pos_above[:-1]])
+    area2 = int((pos_eq * ((n_neg - neg_ge) + (n_neg - c.neg_gt))).sum())
     return area2 / (2 * c.n_pos * n_neg)
 
 
 def _ap_f1(c: Curves) -> tuple[float, float]:
-    """AP = Σ (R_n - R_{n-1}) P_n over distinct thresholds (scikit-learn's), and the maximum F1."""
+    """AP = Σ (R_n - R_{n-1}) P_n over distinct thresholds (scikit-learn's; thresholds where no positive enters
+    add nothing), and the maximum F1 (reached where positives enter: between, only negatives are added)."""
     if c.n_pos == 0:
         return float("nan"), float("nan")
     tp, pp = c.pos_above.double(), c.above.double()
     precision, recall = tp / pp, tp / c.n_pos
     prev = torch.cat([recall.new_zeros(1), recall[:-1]])
     ap = float(((recall - prev) * precision).sum())
-    f1 = 2 * tp / (pp + c.n_pos)  # = 2PR / (P + R), 0 where tp = 0
+    f1 = 2 * tp / (pp + c.n_pos)  # = 2PR / (P + R)
     return ap, float(f1.max())
 
 
@@ -164,8 +179,11 @@ def _regions(masks: np.ndarray) -> np.ndarray:
     out = np.zeros(masks.shape, dtype=np.int32)
     offset = 0
     for i, m in enumerate(masks):
-        lab, n = ndimage.label(m > 0, structure=np.ones((3, 3), dtype=int))
-        out[i] = np.where(lab > 0, lab + offset, 0)
+        fg = m > 0
+        if not fg.any():  # most test images are normal: nothing to label
+            continue
+        n = ndimage.label(fg, structure=np.ones((3, 3), dtype=int), output=out[i])
+        out[i][fg] += offset
         offset += n
     return out
 
@@ -183,20 +201,28 @@ def _region_curves(masks, maps) -> Curves | None:
     if n_regions == 0:
         return None
     r = torch.from_numpy(regions.reshape(-1)).to(s.device).to(torch.int64)
-    sizes = torch.bincount(r, minlength=n_regions + 1).double()
+    sizes = torch.bincount(r[r > 0], minlength=n_regions + 1).double()  # the anomalous pixels only: few
     inv = 1.0 / (sizes * n_regions)
     inv[0] = 0.0
     return _curves(s, r, inv)
 
 
 def _aupro_from(c: Curves, fpr_limit: float) -> float:
+    """Area under (FPR, PRO) up to fpr_limit / fpr_limit. The curve over every distinct threshold has, between
+    two thresholds where positives enter, only horizontal steps (negatives enter, PRO stays), so its
+    vertices are (0, 0), then per positive threshold (FPR just above it, the previous PRO) and (FPR at it,
+    its PRO), then (1, the last PRO): the same polyline, without its collinear points."""
     n_normal = c.n - c.n_pos
     if n_normal == 0:
         return float("nan")
-    fpr = (c.above - c.pos_above).double() / n_normal
+    k = c.above.numel()
+    before, at = c.neg_gt.double() / n_normal, (c.above - c.pos_above).double() / n_normal
     pro = c.weight_above
-    fpr, pro = torch.cat([fpr.new_zeros(1), fpr]), torch.cat([pro.new_zeros(1), pro])
-    fpr_np, pro_np = fpr.cpu().numpy(), pro.cpu().numpy()
+    fpr = torch.stack([before, at], 1).reshape(-1)                          # (2K,) fb_1, f_1, fb_2, f_2, ...
+    prev = torch.cat([pro.new_zeros(1), pro[:-1]])
+    pv = torch.stack([prev, pro], 1).reshape(-1)
+    fpr_np = np.concatenate([[0.0], fpr.cpu().numpy(), [1.0]])
+    pro_np = np.concatenate([[0.0], pv.cpu().numpy(), [float(pro[-1]) if k else 0.0]])
     keep = fpr_np <= fpr_limit
     x, yv = fpr_np[keep], pro_np[keep]
     if x[-1] < fpr_limit:  # interpolate the curve at the limit

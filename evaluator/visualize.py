@@ -11,6 +11,10 @@ title holds the image's name, its score, the threshold and the decision (and, in
 
 from __future__ import annotations
 
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -55,10 +59,12 @@ def contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return m & ~inner
 
 
-def overlay(image: Image.Image, amap: np.ndarray, level: float = OVERLAY_LEVEL, mask: np.ndarray | None = None) -> Image.Image:
+def overlay(image: Image.Image, amap: np.ndarray, level: float = OVERLAY_LEVEL, mask: np.ndarray | None = None,
+            colors: np.ndarray | None = None) -> Image.Image:
     """The map over the image at the map's size: the photo in grey; where the map is >= level its colour,
     more opaque the higher it is (alpha 0.45 at the level up to 0.9 at the top of the scale); below the
-    level nothing. The ground-truth outline (mask at the map's size) in CONTOUR."""
+    level nothing. The ground-truth outline (mask at the map's size) in CONTOUR. colors: colorize(amap), when
+    the caller has it already."""
     h, w = amap.shape
     grey = np.asarray(image.convert("L").resize((w, h), Image.BILINEAR), dtype=np.float32)
     base = np.repeat(grey[..., None], 3, -1)
@@ -66,7 +72,7 @@ def overlay(image: Image.Image, amap: np.ndarray, level: float = OVERLAY_LEVEL, 
     m = np.nan_to_num(np.asarray(amap, dtype=np.float32))
     t = np.clip((m - level) / max(hi - level, 1e-6), 0, 1)
     alpha = np.where(m >= level, 0.45 + 0.45 * t, 0.0)[..., None]
-    out = base * (1 - alpha) + colorize(m).astype(np.float32) * alpha
+    out = base * (1 - alpha) + (colorize(m) if colors is None else colors).astype(np.float32) * alpha
     if mask is not None:
         out[contour(mask, max(1, round(min(h, w) / 128)))] = CONTOUR
     return Image.fromarray(np.round(out).astype(np.uint8))
@@ -129,13 +135,14 @@ def panel(image: Image.Image, amap: np.ndarray, *, mask: np.ndarray | None = Non
     img = image.convert("RGB").resize((cw, ch), Image.BILINEAR)
     m = resize_map(amap, (cw, ch))
     gt = None if mask is None else np.asarray(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).resize((cw, ch), Image.NEAREST)) > 127
-    heat = colorize(m)
+    colors = colorize(m)
+    heat = colors.copy()
     if gt is not None:
         heat[contour(gt, 2)] = CONTOUR
     parts = [("image", img)]
     if gt is not None:
         parts.append(("ground truth", Image.fromarray(gt.astype(np.uint8) * 255).convert("RGB")))
-    parts += [("anomaly map", Image.fromarray(heat)), (f"map >= {level:.2f} over image", overlay(img, m, level, gt))]
+    parts += [("anomaly map", Image.fromarray(heat)), (f"map >= {level:.2f} over image", overlay(img, m, level, gt, colors))]
     title_font, label_font = _font(14), _font(12)
     gap, top, label_h = 8, 44, 18
     bar = colorbar(ch, level, threshold)
@@ -159,3 +166,21 @@ def map_to_png16(amap: np.ndarray) -> Image.Image:
     lo, hi = SCALE
     v = np.clip((np.nan_to_num(np.asarray(amap, dtype=np.float64)) - lo) / (hi - lo), 0, 1)
     return Image.fromarray(np.round(v * 65535).astype(np.uint16))
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write an 8-bit RGB image as a PNG: filter type 0 (None) on every row and zlib level 1. Pillow's encoder
+    tries its adaptive filters on each row, which takes about twice as long at level 1 for a panel, whose
+    flat white and map areas compress well without them; a gallery draws many panels per class."""
+    a = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    h, w = a.shape[:2]
+    rows = np.empty((h, 1 + 3 * w), dtype=np.uint8)
+    rows[:, 0] = 0                                         # each scanline starts with its filter type
+    rows[:, 1:] = a.reshape(h, 3 * w)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)   # 8 bits, colour type 2 (RGB), deflate, filter set 0, no interlace
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+                           + chunk(b"IEND", b""))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomaly_data import load_image, load_mask
@@ -132,3 +133,20 @@ def test_pixel_limit_is_a_clear_error(tmp_path, monkeypatch):
         load_image(tmp_path / "small.png")
     monkeypatch.setenv("KANO_MAX_PIXELS", "200000000")  # above PIL's own bomb limit: ours decides
     assert load_image(tmp_path / "small.png").size == (40, 30)
+
+
+def test_image_to_tensor_is_the_clip_normalisation_by_hand():
+    from anomaly_data import image_to_tensor, mask_to_tensor
+
+    img = Image.fromarray(np.array([[[0, 128, 255], [10, 20, 30]], [[255, 255, 255], [1, 2, 3]]], np.uint8))
+    mean, std = (0.5, 0.25, 0.125), (0.5, 0.25, 2.0)
+    t = image_to_tensor(img, 2, mean, std)                 # 2 -> 2: the resize keeps every pixel
+    assert t.shape == (3, 2, 2) and t.dtype == torch.float32
+    # channel 0 at (0, 0): (0/255 - 0.5)/0.5 = -1; channel 1 at (0, 0): (128/255 - 0.25)/0.25; channel 2 at (1, 0): (255/255 - 0.125)/2
+    assert t[0, 0, 0].item() == -1.0
+    assert t[1, 0, 0].item() == pytest.approx((128 / 255 - 0.25) / 0.25, abs=1e-6)
+    assert t[2, 1, 0].item() == pytest.approx((1 - 0.125) / 2, abs=1e-6)
+    assert t[0, 0, 1].item() == pytest.approx((10 / 255 - 0.5) / 0.5, abs=1e-6)
+    assert torch.equal(mask_to_tensor(np.zeros((5, 7), np.uint8), 4), torch.zeros(4, 4))
+    m = mask_to_tensor(np.eye(4, dtype=np.uint8), 4)
+    assert torch.equal(m, torch.eye(4))

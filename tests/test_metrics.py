@@ -103,20 +103,29 @@ def test_nan_scores_are_rejected():
         image_auroc([0, 1], [0.1, float("nan")])
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_running_sums_across_tie_groups(monkeypatch, chunk):
-    import evaluator.metrics as em
-
-    monkeypatch.setattr(em, "CHUNK", chunk)
-    y, s = CASES[1]
-    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-9)
-    assert f1_max(y, s) == pytest.approx(sk_f1_max(y, s), abs=1e-9)
+@pytest.mark.parametrize("case", ["ties", "top_and_bottom", "one_positive", "all_distinct"])
+def test_positive_thresholds_only_across_tie_groups(case):
+    """The curves are evaluated only where positives enter: ties of positives with negatives, positives at the
+    highest and lowest score, a single positive, and runs of negatives between positive thresholds."""
     r = np.random.default_rng(4)
     masks = np.zeros((3, 20, 20), np.uint8)
     masks[0, 3:9, 3:9] = 1
     masks[2, 10:18, 12:14] = 1
-    maps = np.round(r.random((3, 20, 20)) + masks * 0.3, 1).astype(np.float32)
+    maps = {"ties": np.round(r.random((3, 20, 20)) + masks * 0.3, 1),
+            "top_and_bottom": r.random((3, 20, 20)),
+            "one_positive": r.random((3, 20, 20)),
+            "all_distinct": r.random((3, 20, 20)) + masks * 0.2}[case].astype(np.float32)
+    if case == "top_and_bottom":
+        maps[0, 3, 3], maps[2, 10, 12] = 5.0, -5.0      # a positive above every pixel, one below every pixel
+    if case == "one_positive":
+        masks = np.zeros_like(masks)
+        masks[1, 7, 7] = 1
+    for scores in (maps, maps.astype(np.float64)):      # packed keys and the sort with indices
+        y, s = masks.ravel(), scores.ravel()
+        rm = ranking_metrics(y, s)
+        assert (rm["auroc"], rm["ap"], rm["f1_max"]) == pytest.approx(sk_three(y, s), abs=1e-9)
     assert aupro(masks, maps) == pytest.approx(reference_aupro(masks, maps), abs=1e-6)
+    assert aupro(masks, maps, fpr_limit=0.05) == pytest.approx(reference_aupro(masks, maps, 0.05), abs=1e-6)
 
 
 def sk_three(y, s):
@@ -164,14 +173,3 @@ def test_one_sort_hand_computed():
     # F1 at >=3: 2*1/(1+2) = 2/3; at >=2: 2*2/(3+2) = 4/5; at >=1: 2*2/(4+2) = 2/3 -> 4/5.
     r = ranking_metrics([1, 0, 1, 0], np.array([3, 2, 2, 1], np.float32))
     assert r == {"auroc": 3.5 / 4, "ap": pytest.approx(5 / 6, abs=1e-15), "f1_max": pytest.approx(4 / 5, abs=1e-15)}
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_one_sort_tie_groups_across_chunks(monkeypatch, chunk):
-    import evaluator.metrics as em
-
-    monkeypatch.setattr(em, "CHUNK", chunk)
-    y, s = CASES[1]
-    r = ranking_metrics(y, s.astype(np.float32))
-    auc, ap, f1 = sk_three(y, s.astype(np.float32))
-    assert (r["auroc"], r["ap"], r["f1_max"]) == pytest.approx((auc, ap, f1), abs=1e-9)

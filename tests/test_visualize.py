@@ -72,3 +72,15 @@ def test_title_states_score_threshold_and_decision():
     assert V.decision(0.356, None)[0] == "score 0.356 (no threshold: no decision)"
     assert V.decision(0.356, 0.303)[1] != V.decision(0.210, 0.303)[1]          # red vs green
     assert V.OVERLAY_LEVEL == 0.5
+
+
+def test_save_png_is_lossless_and_a_valid_png(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)   # odd sizes: no row padding
+    V.save_png(Image.fromarray(a), tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        im.verify()                                        # chunk CRCs and structure
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (53, 37)
+        assert np.array_equal(np.asarray(im), a)
+    V.save_png(Image.fromarray(a[..., 0]), tmp_path / "g.png")                  # grey input is written as RGB
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png"))[..., 1], a[..., 0])
