@@ -289,7 +289,7 @@ def eval_cmd(
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     workers: Optional[int] = typer.Option(None, "--workers",
-                                          help="image-decoding processes (>= 0; 0: in the main process, one batch ahead in a thread)  [default: usable CPU cores - 1, at most 8; 0 on two cores or fewer]"),
+                                          help="image-decoding processes (>= 0; 0: in the main process: on the CPU the batches run in parallel streams, one per torch thread (at most 4), each decoding its own images)  [default: usable CPU cores - 1, at most 8; 0 on two cores or fewer]"),
     image_size: Optional[int] = typer.Option(None, "--image-size",
                                              help="with --backbone only  [default: 518 for ViT-L-14-336, else the model's own]"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),

@@ -7,9 +7,12 @@
    `kano eval` makes (evaluator.evaluate: DataLoader with the default --workers, decoding and resizing in
    worker processes, the model, exact metrics, overlays, reports) and, separately, the same model runs
    alone on the same images already decoded, resized and normalised into one tensor (forward + copy of
-   scores and maps to the CPU). Random weights (the untrained zero-shot model) at 224 px. One warm-up of
-   each, then `--repeats` rounds in alternating order (model first, then pipeline first, ...); the
-   median images/s of each and their ratio are printed.
+   scores and maps to the CPU), once as torch runs it by default (one forward at a time, all intra-op
+   threads) and once split over the parallel single-thread streams `kano eval` uses on the CPU with
+   --workers 0 (evaluator.evaluate.cpu_streams; 2 on two cores). Random weights (the untrained zero-shot
+   model) at 224 px. One warm-up of each, then `--repeats` rounds, each of the three first in turn; the
+   median images/s of each and the pipeline's ratio to both model references are printed: the first is
+   the issue's yardstick, the second what decoding, metrics, overlays and reports cost on their own.
 2. Metrics. Pixel AUROC, AP and F1-max of `--px-images` maps of `--px-size`² (fp16-rounded, so with many
    ties) by Kano's one-sort `pixel_metrics` against scikit-learn's three calls (roc_auc_score,
    average_precision_score, precision_recall_curve for F1-max); the largest absolute difference is printed.
@@ -50,7 +53,7 @@ def synth_class(root: Path, n_images: int) -> str:
 def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp: Path, device: torch.device) -> tuple[float, float]:
     from anomaly_data import SampleDataset, load_dataset, prompt_name
     from evaluator import evaluate, load_model
-    from evaluator.evaluate import default_workers
+    from evaluator.evaluate import cpu_streams, default_workers
 
     data = synth_class(tmp / f"data_{spec}", n_images)
     model, _ = load_model(None, spec, 224, device)
@@ -68,20 +71,45 @@ def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp:
                 res.image_score.float().cpu(), res.anomaly_map.float().cpu()
         return n / (time.perf_counter() - t)
 
+    def model_streams() -> float:
+        # the same model split over the parallel single-thread streams that `kano eval` itself uses on the CPU
+        # (evaluator.evaluate.cpu_streams), on the preloaded tensors: the pipeline's ratio against this says
+        # what decoding, metrics, overlays and reports cost, apart from the scheduling gain
+        from concurrent.futures import ThreadPoolExecutor
+
+        starts = list(range(0, n, batch_size))
+        k = cpu_streams(device, 0, len(starts), model)
+        threads = torch.get_num_threads()
+
+        def one(i):
+            with torch.inference_mode():
+                res = model(images[i:i + batch_size], names[i:i + batch_size]).inference()
+                res.image_score.float().cpu(), res.anomaly_map.float().cpu()
+
+        t = time.perf_counter()
+        torch.set_num_threads(max(1, threads // k))
+        try:
+            with ThreadPoolExecutor(k) as pool:
+                list(pool.map(one, starts))
+        finally:
+            torch.set_num_threads(threads)
+        return n / (time.perf_counter() - t)
+
     def pipeline() -> float:
         t = time.perf_counter()
         evaluate(model, data, tmp / f"out_{spec}", ["disc"], batch_size=batch_size, device=device)
         return n / (time.perf_counter() - t)
 
-    model_only(), pipeline()  # warm-up: allocator, tokenizer and prompt caches, first worker start
-    rates = {"model": [], "pipeline": []}
+    model_only(), model_streams(), pipeline()  # warm-up: allocator, tokenizer and prompt caches, first worker start
+    fns = [("model", model_only), ("streams", model_streams), ("pipeline", pipeline)]
+    rates = {name: [] for name, _ in fns}
     for r in range(repeats):
-        order = (("model", model_only), ("pipeline", pipeline)) if r % 2 == 0 else (("pipeline", pipeline), ("model", model_only))
-        for name, fn in order:
+        for name, fn in fns[r % 3:] + fns[:r % 3]:  # each one first in turn
             rates[name].append(fn())
-    m, p = statistics.median(rates["model"]), statistics.median(rates["pipeline"])
-    print(f"{spec:>22} {n:>6} {default_workers():>7} {m:>12.1f} {p:>14.1f} {p / m:>7.2f}   "
-          f"model {' '.join(f'{x:.1f}' for x in rates['model'])} | pipeline {' '.join(f'{x:.1f}' for x in rates['pipeline'])}")
+    m, ms, p = (statistics.median(rates[k]) for k in ("model", "streams", "pipeline"))
+    k = cpu_streams(device, 0, -(-n // batch_size), model)
+    print(f"{spec:>22} {n:>6} {default_workers():>7} {k:>7} {m:>12.1f} {ms:>14.1f} {p:>14.1f} {p / m:>7.2f} {p / ms:>9.2f}   "
+          + " | ".join(f"{name} {' '.join(f'{x:.1f}' for x in rates[name])}" for name, _ in fns))
     return m, p
 
 
@@ -130,7 +158,7 @@ def bench_metrics(n_images: int, size: int, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbones", nargs="+", default=["tiny", "ViT-B-16-quickgelu"])
-    ap.add_argument("--images", type=int, nargs="+", default=[64, 8], help="images per backbone (one value, or one per backbone)")
+    ap.add_argument("--images", type=int, nargs="+", default=[64, 16], help="images per backbone (one value, or one per backbone)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--px-images", type=int, default=40)
@@ -142,7 +170,9 @@ def main() -> None:
     device = torch.device(a.device)
     print(f"{load()}; torch threads {torch.get_num_threads()}; model on {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"{'backbone':>22} {'images':>6} {'workers':>7} {'model img/s':>12} {'pipeline img/s':>14} {'ratio':>7}   (each round)")
+    print(f"{'backbone':>22} {'images':>6} {'workers':>7} {'streams':>7} {'model img/s':>12} {'model streams':>14} "
+          f"{'pipeline img/s':>14} {'ratio':>7} {'ratio vs':>9}   (each round)")
+    print(f"{'':>22} {'':>6} {'':>7} {'':>7} {'':>12} {'img/s':>14} {'':>14} {'':>7} {'streams':>9}")
     with tempfile.TemporaryDirectory(prefix="kano-bench-eval-") as tmp:
         for spec, n in zip(a.backbones, counts):
             bench_pipeline(spec, n, a.repeats, a.batch_size, Path(tmp), device)

@@ -124,3 +124,60 @@ def test_prefetch_keeps_order_raises_where_the_consumer_is_and_stops_when_abando
     n = len(made)
     time.sleep(0.3)
     assert len(made) == n and n < 10 and threading.active_count() <= before
+
+
+def test_cpu_streams_give_the_one_stream_results_in_order_and_give_the_threads_back(hazelnut_root, tmp_path):
+    """With --workers 0 on the CPU the batches run in parallel streams (evaluator.evaluate.cpu_streams), each
+    decoding its own images: same scores, maps and masks as one stream, in sample order, errors where they
+    belong, torch's thread count as it was afterwards, an error included."""
+    import dataclasses
+    import threading
+
+    import torch
+
+    from anomaly_data import load_dataset
+    from evaluator import load_model
+    from evaluator.evaluate import cpu_streams, run_inference
+    from kano.errors import KanoError
+
+    model, _ = load_model(None, "tiny", 64, torch.device("cpu"))
+    samples = load_dataset(f"mvtec:{hazelnut_root}").samples("test")
+    names = ["hazelnut"] * len(samples)
+    cpu = torch.device("cpu")
+    callers = set()
+    forward = model.forward
+
+    def recording(*a, **k):
+        callers.add(threading.get_ident())
+        return forward(*a, **k)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu_streams(cpu, 0, 4, model) == 1
+        one = run_inference(model, samples, names, 3, cpu, workers=0)
+        torch.set_num_threads(2)
+        assert cpu_streams(cpu, 0, 4, model) == 2 and cpu_streams(cpu, 1, 4, model) == 1 and cpu_streams(cpu, 0, 1, model) == 1
+        assert cpu_streams(torch.device("cuda"), 0, 4, model) == 1
+        model.forward = recording
+        two = run_inference(model, samples, names, 3, cpu, workers=0)
+        assert len(callers) == 2 and threading.get_ident() not in callers      # two streams, neither the caller
+        assert torch.get_num_threads() == 2
+        assert torch.equal(one[2], two[2]) and one[2].sum() > 0                 # masks: the same pixels, in order
+        assert torch.allclose(one[0], two[0], atol=1e-5) and torch.allclose(one[1], two[1], atol=1e-5)
+        assert len(set(one[0].tolist())) == len(samples)                        # distinct scores: order is checked
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"not a png")
+        broken = list(samples)
+        broken[4] = dataclasses.replace(samples[4], image_path=str(bad), mask_path=None)
+        with pytest.raises(KanoError, match="broken.png"):
+            run_inference(model, broken, names, 3, cpu, workers=0)
+        assert torch.get_num_threads() == 2
+        errors = {}
+        part = run_inference(model, broken, names, 3, cpu, workers=0, errors=errors)
+        assert list(errors) == [4] and "broken.png" in errors[4] and torch.isnan(part[0][4])
+        keep = [i for i in range(len(samples)) if i != 4]
+        assert torch.allclose(part[0][keep], one[0][keep], atol=1e-5) and torch.get_num_threads() == 2
+    finally:
+        model.forward = forward
+        torch.set_num_threads(before)

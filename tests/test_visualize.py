@@ -84,3 +84,26 @@ def test_save_png_is_lossless_and_a_valid_png(tmp_path):
         assert np.array_equal(np.asarray(im), a)
     V.save_png(Image.fromarray(a[..., 0]), tmp_path / "g.png")                  # grey input is written as RGB
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png"))[..., 1], a[..., 0])
+
+
+def test_colorize_is_the_stops_interpolated_by_hand():
+    # the 'inferno'-like stops written out here, interpolated per channel in float64: the table lookup must
+    # stay within one 8-bit level of it everywhere, hit the end stops exactly and clip outside the scale
+    stops = [(0.00, (0, 0, 4)), (0.13, (31, 12, 72)), (0.25, (85, 15, 109)), (0.38, (136, 34, 106)), (0.50, (186, 54, 85)),
+             (0.63, (227, 89, 51)), (0.75, (249, 140, 10)), (0.88, (249, 201, 50)), (1.00, (252, 255, 164))]
+
+    def by_hand(x):
+        x = min(max(x, 0.0), 1.0)
+        for (x0, c0), (x1, c1) in zip(stops, stops[1:]):
+            if x <= x1:
+                f = (x - x0) / (x1 - x0)
+                return [a + f * (b - a) for a, b in zip(c0, c1)]
+
+    xs = np.concatenate([np.random.default_rng(1).random(3000), [s for s, _ in stops], [-0.5, 1.5]]).astype(np.float32)
+    got = V.colorize(xs.reshape(1, -1))[0].astype(int)
+    want = np.array([by_hand(float(x)) for x in xs])
+    assert np.abs(got - want).max() <= 1.0 + 1e-9
+    assert got[3000].tolist() == [0, 0, 4] and got[3008].tolist() == [252, 255, 164]
+    assert got[-2].tolist() == [0, 0, 4] and got[-1].tolist() == [252, 255, 164]
+    assert V.colorize(np.array([[np.nan]]))[0, 0].tolist() == [0, 0, 4]
+    assert V.colorize(np.zeros((5, 7))).shape == (5, 7, 3)
