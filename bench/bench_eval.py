@@ -53,7 +53,7 @@ def synth_class(root: Path, n_images: int) -> str:
 def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp: Path, device: torch.device) -> tuple[float, float]:
     from anomaly_data import SampleDataset, load_dataset, prompt_name
     from evaluator import evaluate, load_model
-    from evaluator.evaluate import cpu_streams, default_workers
+    from evaluator.evaluate import cpu_streams, default_workers, in_streams
 
     data = synth_class(tmp / f"data_{spec}", n_images)
     model, _ = load_model(None, spec, 224, device)
@@ -71,28 +71,20 @@ def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp:
                 res.image_score.float().cpu(), res.anomaly_map.float().cpu()
         return n / (time.perf_counter() - t)
 
+    starts = list(range(0, n, batch_size))
+    k = cpu_streams(device, 0, len(starts), model)
+
     def model_streams() -> float:
         # the same model split over the parallel single-thread streams that `kano eval` itself uses on the CPU
-        # (evaluator.evaluate.cpu_streams), on the preloaded tensors: the pipeline's ratio against this says
-        # what decoding, metrics, overlays and reports cost, apart from the scheduling gain
-        from concurrent.futures import ThreadPoolExecutor
-
-        starts = list(range(0, n, batch_size))
-        k = cpu_streams(device, 0, len(starts), model)
-        threads = torch.get_num_threads()
-
+        # (evaluator.evaluate.cpu_streams, in_streams), on the preloaded tensors: the pipeline's ratio against
+        # this says what decoding, metrics, overlays and reports cost, apart from the scheduling gain
         def one(i):
-            with torch.inference_mode():
-                res = model(images[i:i + batch_size], names[i:i + batch_size]).inference()
-                res.image_score.float().cpu(), res.anomaly_map.float().cpu()
+            res = model(images[i:i + batch_size], names[i:i + batch_size]).inference()
+            return res.image_score.float().cpu(), res.anomaly_map.float().cpu()
 
         t = time.perf_counter()
-        torch.set_num_threads(max(1, threads // k))
-        try:
-            with ThreadPoolExecutor(k) as pool:
-                list(pool.map(one, starts))
-        finally:
-            torch.set_num_threads(threads)
+        for _ in in_streams(starts, k, one):
+            pass
         return n / (time.perf_counter() - t)
 
     def pipeline() -> float:
@@ -107,7 +99,6 @@ def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp:
         for name, fn in fns[r % 3:] + fns[:r % 3]:  # each one first in turn
             rates[name].append(fn())
     m, ms, p = (statistics.median(rates[k]) for k in ("model", "streams", "pipeline"))
-    k = cpu_streams(device, 0, -(-n // batch_size), model)
     print(f"{spec:>22} {n:>6} {default_workers():>7} {k:>7} {m:>12.1f} {ms:>14.1f} {p:>14.1f} {p / m:>7.2f} {p / ms:>9.2f}   "
           + " | ".join(f"{name} {' '.join(f'{x:.1f}' for x in rates[name])}" for name, _ in fns))
     return m, p

@@ -87,24 +87,23 @@ def cpu_streams(device: torch.device, workers: int, n_batches: int, model) -> in
     return max(1, min(torch.get_num_threads(), n_batches, 4))
 
 
-def _in_streams(ds, batch_size: int, streams: int, step: Callable):
-    """Yield step(collated batch) for the batches of `ds` in order, `streams` batches decoded and run at
-    once in threads, each thread with its share of torch's intra-op threads (restored afterwards)."""
-    chunks = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+def in_streams(items: list, streams: int, fn: Callable):
+    """Yield fn(item) for `items` in order, `streams` of them at once in threads, under inference mode, each
+    thread with its share of torch's intra-op threads (the count is restored afterwards)."""
     threads = torch.get_num_threads()
 
-    def job(ix: list[int]):
+    def job(item):
         with torch.inference_mode():  # thread-local, like grad mode: each stream enters its own
-            return step(default_collate([ds[i] for i in ix]))
+            return fn(item)
 
     torch.set_num_threads(max(1, threads // streams))
     pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="kano-stream")
     try:
-        futures = [pool.submit(job, ix) for ix in chunks]  # FIFO: the streams take batches 0, 1, then 2, 3, ...
+        futures = [pool.submit(job, item) for item in items]  # FIFO: the streams take items 0, 1, then 2, 3, ...
         for f in futures:
             yield f.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C or an error: at most the running batches finish
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C or an error: at most the running items finish
         torch.set_num_threads(threads)
 
 
@@ -134,7 +133,8 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
 
     streams = cpu_streams(device, workers, n_batches, model)
     if streams > 1:
-        outs = _in_streams(ds, batch_size, streams, step)
+        chunks = [range(i, min(i + batch_size, len(ds))) for i in range(0, len(ds), batch_size)]
+        outs = in_streams(chunks, streams, lambda ix: step(default_collate([ds[i] for i in ix])))  # each stream decodes its own
     else:
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
                             persistent_workers=False)

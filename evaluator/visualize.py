@@ -49,8 +49,8 @@ def _colour_table() -> np.ndarray:
 
 def colorize(m: np.ndarray) -> np.ndarray:
     """(H, W) values on SCALE -> (H, W, 3) uint8; values outside the scale are clipped to its ends, NaN is
-    the bottom. One table lookup (within one colour level of interpolating the stops per pixel, and 20x
-    faster: a gallery colours two maps per panel)."""
+    the bottom. One table lookup (within one colour level of interpolating the stops per pixel, and about
+    5x faster: 1.5 ms against 8 ms for a 224² map; a gallery colours one map per panel)."""
     lo, hi = SCALE
     m = np.clip((np.nan_to_num(np.asarray(m, dtype=np.float32)) - lo) / (hi - lo), 0, 1)
     return _colour_table()[np.rint(m * _LEVELS).astype(np.int32)]
