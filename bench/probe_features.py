@@ -7,7 +7,8 @@ L2-normalised and concatenated; a patch is a defect when >= 20 % of it is in the
 target patch, upsamples the patch scores bilinearly to the image and prints the mean over target classes
 of image AUROC (max of the map) and pixel AUROC. `--context` appends, per stage, each patch's distance to
 its 3 nearest patches outside its 3x3 neighbourhood (self-similarity on the backbone's features).
-`--tokens pixels` probes the raw 8x8 pixel patches instead. This is the ceiling check the README quotes:
+`--tokens pixels` probes the raw 8x8 pixel patches instead; `--image-size S` runs the backbone at S px (a finer
+grid: position embeddings interpolated as in training at any size). This is the ceiling check the README quotes:
 if a probe on the frozen features cannot find the defects, no head trained on them will.
 """
 
@@ -65,12 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--target", required=True, help="target folder (MVTec layout)")
     ap.add_argument("--tokens", choices=("vv", "qk", "pixels"), default="vv")
     ap.add_argument("--context", action="store_true")
+    ap.add_argument("--image-size", type=int, default=None, help="backbone input size (default: its own, 96 for micro)")
     ap.add_argument("--C", type=float, default=1.0, help="inverse regularisation strength")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    bb = build_backbone(args.backbone, device="cpu")
+    bb = build_backbone(args.backbone, image_size=args.image_size, device="cpu")
     xa, ma, _ = features(bb, args.aux, args.tokens, args.context)
     xt, mt, st = features(bb, args.target, args.tokens, args.context)
     g, size = int(round(xa.shape[1] ** 0.5)), bb.image_size
