@@ -157,7 +157,14 @@ def _create_clip(name: str, pretrained: str | None, image_size: int | None):
         if cached:
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-            return open_clip.create_model(name, pretrained=cached, force_preprocess_cfg=pp, **kwargs)
+            try:
+                return open_clip.create_model(name, pretrained=cached, force_preprocess_cfg=pp, **kwargs)
+            except Exception as exc:  # an interrupted download or a damaged disk leaves a file that does not load
+                raise KanoError(
+                    f"cached weights for {name} (pretrained {pretrained!r}) must be a complete weights file, got "
+                    f"{type(exc).__name__}: {_words(str(exc), 160)} reading {cached}. Delete that file and download "
+                    f"it again (python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\") "
+                    f"or pass a local file: --backbone {name}:/path/to/open_clip_model.safetensors") from None
         from huggingface_hub import constants
 
         if constants.HF_HUB_OFFLINE:

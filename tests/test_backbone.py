@@ -105,6 +105,22 @@ def test_unavailable_weights_and_bad_specs_are_clear(spec, message, monkeypatch)
         build_backbone(spec)
 
 
+def test_damaged_cached_weights_are_named(tmp_path, monkeypatch):
+    """A truncated file in the Hub cache (an interrupted download) is a clear error naming it, not a traceback."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    bad = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
+    bad.write_bytes(b"\x08\x00")                                     # a header length and nothing else
+    with pytest.raises(KanoError, match="must be a complete weights file") as info:
+        build_backbone("ViT-B-16-quickgelu:openai")
+    assert str(bad) in str(info.value) and "Delete that file" in str(info.value)
+
+
 def test_local_weights_file(tmp_path):
     import open_clip
     from safetensors.torch import save_file

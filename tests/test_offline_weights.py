@@ -76,6 +76,9 @@ def test_cached_weights_are_found_without_the_network(tmp_path, monkeypatch):
 
     from kanoclip.backbone import _weight_source
 
+    # a private cache: an entry left in the session's shared one would make later in-process lookups find an
+    # empty "weights" file (tests/test_backbone.py's "must be in the cache" case then read it and failed)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = constants.HF_HUB_CACHE + "/models--timm--vit_base_patch16_clip_224.openai"
     os.makedirs(repo + "/refs", exist_ok=True)
     os.makedirs(repo + "/snapshots/abc123", exist_ok=True)
