@@ -5,7 +5,8 @@
 Fits a class-balanced logistic regression on the patch tokens of the auxiliary images (the four stages,
 L2-normalised and concatenated; a patch is a defect when >= 20 % of it is in the mask), scores every
 target patch, upsamples the patch scores bilinearly to the image and prints the mean over target classes
-of image AUROC (max of the map) and pixel AUROC. `--context` appends, per stage, each patch's distance to
+of image AUROC (max of the map) and pixel AUROC, then the image-level ceiling: a logistic regression on each
+image's mean- or max-pooled patch tokens (good vs defective), auxiliary -> target. `--context` appends, per stage, each patch's distance to
 its 3 nearest patches outside its 3x3 neighbourhood (self-similarity on the backbone's features).
 `--tokens pixels` probes the raw 8x8 pixel patches instead; `--image-size S` runs the backbone at S px (a finer
 grid: position embeddings interpolated as in training at any size). This is the ceiling check the README quotes:
@@ -27,10 +28,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def features(bb, root: str, tokens: str, context: bool):
-    from anomaly_data import SampleDataset, load_dataset
+def load_samples(root: str):
+    from anomaly_data import load_dataset
 
-    samples = load_dataset(f"mvtec:{root}").samples("test")
+    return load_dataset(f"mvtec:{root}").samples("test")
+
+
+def features(bb, root: str, tokens: str, context: bool):
+    from anomaly_data import SampleDataset
+
+    samples = load_samples(root)
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
     xs, ms = [], []
     with torch.inference_mode():
@@ -85,9 +92,19 @@ def main(argv=None) -> int:
         idx = [i for i, s in enumerate(st) if s.class_name == c]
         img.append(roc_auc_score([st[i].label for i in idx], maps[idx].reshape(len(idx), -1).max(1)))
         pix.append(roc_auc_score(mt[idx].numpy().reshape(-1) > 0.5, maps[idx].reshape(-1)))
+    # the image-level ceiling: a logistic regression on each image's pooled patch tokens, auxiliary -> target
+    la = np.array([s.label for s in load_samples(args.aux)])
+    lt = np.array([s.label for s in st])
+    pooled = {}
+    for name, pool in (("mean", lambda x: x.mean(1)), ("max", lambda x: x.max(1))):
+        s2 = LogisticRegression(C=args.C, max_iter=500, class_weight="balanced").fit(pool(xa), la).decision_function(pool(xt))
+        pooled[name] = np.mean([roc_auc_score(lt[[i for i, s in enumerate(st) if s.class_name == c]],
+                                              s2[[i for i, s in enumerate(st) if s.class_name == c]])
+                                for c in sorted({s.class_name for s in st})])
     print(f"{args.backbone} {args.tokens}{' + context' if args.context else ''}: probe image AUROC {100 * np.mean(img):.1f}, "
           f"pixel AUROC {100 * np.mean(pix):.1f} over {len(img)} target classes ({len(ya)} auxiliary patches, "
-          f"{100 * ya.mean():.1f} % defect; {time.perf_counter() - t0:.0f} s)")
+          f"{100 * ya.mean():.1f} % defect; {time.perf_counter() - t0:.0f} s); image-level probe on pooled tokens: "
+          f"mean-pooled {100 * pooled['mean']:.1f}, max-pooled {100 * pooled['max']:.1f} image AUROC")
     return 0
 
 
