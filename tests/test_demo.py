@@ -73,8 +73,8 @@ def test_the_micro_clip_learned_something_from_its_captions(demo_run):
     assert untrained["image_auroc"] >= 0.55, untrained
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 11 open: on the micro-CLIP the trained run does not yet beat the zero-parameter "
-                   "detectors (README, The demo, gives the measured table)")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 11 (blocked): on the micro-CLIP the trained run does not beat the zero-parameter "
+                   "detectors (README, The demo, gives the measured table and the frozen features' ceiling)")
 def test_trained_run_beats_every_zero_parameter_detector_and_the_untrained_baseline(demo_run):
     out, _ = demo_run
     comp = json.loads((out / "eval" / "comparison.json").read_text())
