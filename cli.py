@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from kano.errors import KanoError
+from kano.errors import KanoError, os_error_message
 
 # The dataset kinds of anomaly_data.READERS, spelled out so that `--help` needs no torch import
 # (tests/test_cli_help.py checks that this list equals READERS).
@@ -386,6 +386,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted: finished work is saved; run the same command again to resume", err=True)
         sys.exit(130)
+    except OSError as exc:  # the disk or the file system said no: a folder that cannot be made, a full disk, no permission
+        typer.secho(f"error: {os_error_message(exc)}", fg="red", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

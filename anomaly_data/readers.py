@@ -104,8 +104,31 @@ class Dataset:
             out = [s for s in out if s.class_name in classes]
         return out
 
+    def split_classes(self, split: str, classes: list[str] | None = None,
+                      warn: Callable[[str], None] | None = None) -> tuple[list[str], list[Sample]]:
+        """The classes to use and their `split` samples. A class with no image in that split (its folders there
+        empty) is an error when the caller named it in `classes`, and is skipped with a warning otherwise."""
+        chosen = list(classes) if classes else self.classes
+        samples = self.samples(split, chosen)
+        have = {s.class_name for s in samples}
+        empty = [c for c in chosen if c not in have]
+        if empty and classes and have:
+            raise KanoError(f"each class asked for must hold {split} images in {self.kind}:{self.root}, "
+                            f"got none for {', '.join(empty)}")
+        if empty and have:
+            (warn or _stderr_warning)(f"warning: skipping {', '.join(empty)} in {self.kind}:{self.root}: "
+                                      f"no {split} images (empty folders)")
+            chosen = [c for c in chosen if c in have]
+        return chosen, samples
+
     def has_masks(self, class_name: str) -> bool:
         return any(s.mask_path for s in self._samples if s.class_name == class_name and s.label == 1)
+
+
+def _stderr_warning(text: str) -> None:
+    from kano import ui
+
+    ui.err.print(text)
 
 
 def _dirs(p: Path) -> list[Path]:

@@ -177,8 +177,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
         raise KanoError(f"threshold must be in [0, 1], got {threshold}")
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
     dataset = load_dataset(data, missing_masks="warn" if allow_missing_masks else "error")
-    classes = classes or dataset.classes
-    samples = dataset.samples("test", classes)
+    classes, samples = dataset.split_classes("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
     if getattr(model, "transductive", False):  # checked before anything is written: each image is scored against the others

@@ -286,6 +286,8 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
       another file written by that script. Offline: the weights are package data.
     """
     spec = (spec or "").strip()
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise KanoError(f"image_size must be a positive integer (leave it unset for the backbone's default), got {image_size!r}")
     if spec == "micro" or spec.startswith("micro:"):
         from . import micro_clip
 

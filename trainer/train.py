@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import sys
@@ -85,19 +84,22 @@ def config_differences(saved: dict, now: dict) -> list[str]:
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the trainable tensors (sorted names, float32 bytes): equal digests, equal weights."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+weights_digest = ckpt.weights_digest  # one definition: load_run checks a run's file against it
 
 
 def _run_state(run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]) -> int:
     """Check what `run_dir` holds against --resume; -> the number of finished epochs to continue from."""
     if run_dir.exists() and not run_dir.is_dir():
         raise KanoError(f"--out must be a directory (a new one, or a run to --resume), got an existing file {run_dir}")
+    from evaluator.outputs import MANIFEST  # what eval and predict write into their folders
+
+    if (run_dir / MANIFEST).is_file():  # a run written among another command's results would mix the two
+        try:
+            other = json.loads((run_dir / MANIFEST).read_text()).get("command", "?")
+        except (OSError, ValueError, AttributeError):
+            other = "?"
+        raise KanoError(f"--out {run_dir} must be a new folder or a run to --resume, got the results of `kano {other}`; "
+                        "pass another --out")
     has_config = (run_dir / ckpt.CONFIG).is_file()
     saved = ckpt.read_config(run_dir) if has_config else None
     done = ckpt.read_checkpoint_epoch(run_dir)
@@ -173,8 +175,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     device = dist.device
     phase["now"] = "while loading the data"
     dataset = load_dataset(cfg.data, missing_masks="warn" if allow_missing_masks else "error")
-    classes = cfg.classes or dataset.classes
-    samples = dataset.samples(cfg.split, classes)
+    classes, samples = dataset.split_classes(cfg.split, cfg.classes, warn)
     if not samples:
         raise KanoError(f"{cfg.data} must have {cfg.split} images for {', '.join(classes)}, got none")
     labels = torch.tensor([s.label for s in samples], dtype=torch.float32)
