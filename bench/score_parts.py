@@ -25,20 +25,27 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def parts(model, data: str, prompt_names: dict) -> dict[str, float]:
-    from anomaly_data import SampleDataset, load_dataset, prompt_name
-    from evaluator.metrics import image_auroc, pixel_metrics
+def class_batches(data: str, backbone):
+    """Per class of `data`: (class, images (N, 3, S, S), masks (N, S, S), labels (N,)), each class as one batch."""
+    from anomaly_data import SampleDataset, load_dataset
 
     ds_all = load_dataset(data)
-    rows = []
     for cls in ds_all.classes:
         samples = ds_all.samples("test", [cls])
-        ds = SampleDataset(samples, model.backbone.image_size, model.backbone.mean, model.backbone.std)
+        ds = SampleDataset(samples, backbone.image_size, backbone.mean, backbone.std)
         items = [ds[i] for i in range(len(ds))]
-        x, masks = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
-        labels = torch.tensor([s.label for s in samples])
+        yield (cls, torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]),
+               torch.tensor([s.label for s in samples]))
+
+
+def parts(model, data: str, prompt_names: dict) -> dict[str, float]:
+    from anomaly_data import prompt_name
+    from evaluator.metrics import image_auroc, pixel_metrics
+
+    rows = []
+    for cls, x, masks, labels in class_batches(data, model.backbone):
         with torch.inference_mode():
-            o = model(x, [prompt_names.get(cls) or prompt_name(cls)] * len(ds))
+            o = model(x, [prompt_names.get(cls) or prompt_name(cls)] * len(x))
         peak = o.anomaly_map.flatten(1).max(1).values
         rows.append((image_auroc(labels, o.global_prob), image_auroc(labels, peak), image_auroc(labels, o.image_score),
                      pixel_metrics(masks, o.anomaly_map, with_aupro=False)["pixel_auroc"] if masks.any() else float("nan")))
@@ -48,20 +55,13 @@ def parts(model, data: str, prompt_names: dict) -> dict[str, float]:
 
 def musc_parts(spec: str, data: str) -> dict[str, float]:
     """Class-mean % of full MuSc: image AUROC of max M alone and of RsCIN(max M) (its image score), pixel AUROC."""
-    from anomaly_data import SampleDataset, load_dataset
     from evaluator.metrics import image_auroc, pixel_metrics
     from kanoclip import build_backbone
     from kanoclip.musc import MuSc
 
     model = MuSc(build_backbone(spec)).eval()
-    ds_all = load_dataset(data)
     rows = []
-    for cls in ds_all.classes:
-        samples = ds_all.samples("test", [cls])
-        ds = SampleDataset(samples, model.backbone.image_size, model.backbone.mean, model.backbone.std)
-        items = [ds[i] for i in range(len(ds))]
-        x, masks = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
-        labels = torch.tensor([s.label for s in samples])
+    for _, x, masks, labels in class_batches(data, model.backbone):
         with torch.inference_mode():
             o = model(x)
         rows.append((image_auroc(labels, o.anomaly_map.flatten(1).max(1).values), image_auroc(labels, o.image_score),

@@ -73,6 +73,18 @@ def _differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def read_manifest(out_dir: Path) -> dict | None:
+    """What a folder's MANIFEST says produced it: None when there is none, {} when it cannot be read as an object."""
+    mf = Path(out_dir) / MANIFEST
+    if not mf.is_file():
+        return None
+    try:
+        got = json.loads(mf.read_text())
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def claim(out_dir: Path, command: str, identity: dict, force: bool = False) -> None:
     """Make `out_dir` ready for the results of `command` with `identity` (JSON-able), or refuse.
 
@@ -82,13 +94,7 @@ def claim(out_dir: Path, command: str, identity: dict, force: bool = False) -> N
     if out_dir.exists() and not out_dir.is_dir():
         raise KanoError(f"--out must be a folder, got an existing file: {out_dir}")
     identity = json.loads(json.dumps(identity, default=str))
-    old = None
-    mf = out_dir / MANIFEST
-    if mf.is_file():
-        try:
-            old = json.loads(mf.read_text())
-        except (OSError, ValueError):
-            old = {}
+    old = read_manifest(out_dir)
     present = [n for n in OWNED_FILES if (out_dir / n).exists()] + [n for n in OWNED_DIRS if (out_dir / n).is_dir() and any((out_dir / n).iterdir())]
     if old is not None or present:
         same = old is not None and old.get("command") == command and old.get("identity") == identity

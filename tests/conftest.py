@@ -66,6 +66,23 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_run(synth_root, tmp_path_factory) -> Path:
+    """A finished tiny KAnoCLIP run (1 epoch on synth_root); its knowledge base is run.parent / "kb.duckdb".
+    Tests that damage or edit it work on a copy."""
+    from kb_builder import BuildConfig, build_knowledge_base
+    from knowledge_store import KnowledgeStore
+    from trainer import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("trained")
+    kb = base / "kb.duckdb"
+    build_knowledge_base(KnowledgeStore(kb), BuildConfig(classes=["disc", "weave"]), None, None)
+    run = base / "run"
+    train(TrainConfig(kb=str(kb), data=f"mvtec:{synth_root}", backbone="tiny", out=str(run), epochs=1, batch_size=4, image_size=96,
+                      cache="memory"), log=lambda s: None)
+    return run
+
+
+@pytest.fixture(scope="session")
 def hazelnut_root(tmp_path_factory) -> Path:
     """../shared's real hazelnut photos (repo copy), placed as a class folder of an MVTec-layout root."""
     root = tmp_path_factory.mktemp("mvtec")

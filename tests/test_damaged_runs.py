@@ -9,21 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-@pytest.fixture(scope="module")
-def run(synth_root, tmp_path_factory):
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
-    from trainer import TrainConfig, train
-
-    base = tmp_path_factory.mktemp("damaged")
-    kb = base / "kb.duckdb"
-    build_knowledge_base(KnowledgeStore(kb), BuildConfig(classes=["disc", "weave"]), None, None)
-    out = base / "run"
-    train(TrainConfig(kb=str(kb), data=f"mvtec:{synth_root}", backbone="tiny", out=str(out), epochs=1, batch_size=4,
-                      image_size=64, cache="memory"), log=lambda m: None)
-    return out
-
-
 def _copy(run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(run, dst)
@@ -46,15 +31,15 @@ def _eval(cli, run, synth_root, out, *extra):
     return cli("eval", "--run", run, "--data", f"mvtec:{synth_root}", "--out", out, "--n-overlays", "0", *extra)
 
 
-def test_the_undamaged_run_scores(run, synth_root, tmp_path, cli):
-    code, out, err = _predict(cli, run, synth_root, tmp_path / "p")
+def test_the_undamaged_run_scores(trained_run, synth_root, tmp_path, cli):
+    code, out, err = _predict(cli, trained_run, synth_root, tmp_path / "p")
     assert code == 0, err
     assert all(isinstance(json.loads(l)["score"], float) for l in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
-def test_a_damaged_weights_file_is_named(run, synth_root, tmp_path, cli, damage):
-    r = _copy(run, tmp_path)
+def test_a_damaged_weights_file_is_named(trained_run, synth_root, tmp_path, cli, damage):
+    r = _copy(trained_run, tmp_path)
     w = r / "weights.safetensors"
     data = w.read_bytes()
     w.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": bytes(range(256)) * (len(data) // 256)}[damage])
@@ -63,8 +48,8 @@ def test_a_damaged_weights_file_is_named(run, synth_root, tmp_path, cli, damage)
     assert not (tmp_path / "p" / "predictions.jsonl").exists()
 
 
-def test_weights_changed_after_training_are_refused(run, synth_root, tmp_path, cli):
-    r = _copy(run, tmp_path)
+def test_weights_changed_after_training_are_refused(trained_run, synth_root, tmp_path, cli):
+    r = _copy(trained_run, tmp_path)
     w = r / "weights.safetensors"
     tensors = load_file(str(w))
     name = sorted(tensors)[0]
@@ -75,8 +60,8 @@ def test_weights_changed_after_training_are_refused(run, synth_root, tmp_path, c
     _clean_error(code, err, str(w), "must hold the weights recorded in its config.json", f"digest {want[:16]}...")
 
 
-def test_non_finite_weights_are_refused_even_without_a_recorded_digest(run, synth_root, tmp_path, cli):
-    r = _copy(run, tmp_path)
+def test_non_finite_weights_are_refused_even_without_a_recorded_digest(trained_run, synth_root, tmp_path, cli):
+    r = _copy(trained_run, tmp_path)
     cfg = json.loads((r / "config.json").read_text())
     del cfg["ranks"]  # a run written before the digest was recorded
     (r / "config.json").write_text(json.dumps(cfg))
@@ -95,8 +80,8 @@ def test_non_finite_weights_are_refused_even_without_a_recorded_digest(run, synt
     (lambda c: c.pop("backbone"), ["must have the keys backbone, image_size, stages, vv_start, model", "got none for backbone"]),
     (lambda c: (c.pop("stages"), c.pop("model")), ["got none for stages, model"]),
 ])
-def test_an_edited_config_is_named(run, synth_root, tmp_path, cli, edit, needles):
-    r = _copy(run, tmp_path)
+def test_an_edited_config_is_named(trained_run, synth_root, tmp_path, cli, edit, needles):
+    r = _copy(trained_run, tmp_path)
     cfg = json.loads((r / "config.json").read_text())
     edit(cfg)
     (r / "config.json").write_text(json.dumps(cfg))
@@ -111,23 +96,23 @@ def test_eval_image_size_must_be_positive(synth_root, tmp_path, cli, size):
     assert not (tmp_path / "e").exists()
 
 
-def test_out_under_a_file_is_named_and_the_file_kept(run, synth_root, tmp_path, cli):
+def test_out_under_a_file_is_named_and_the_file_kept(trained_run, synth_root, tmp_path, cli):
     f = tmp_path / "precious.txt"
     f.write_text("keep me")
-    for code, out, err in (_predict(cli, run, synth_root, f / "sub"), _eval(cli, run, synth_root, f / "sub"),
+    for code, out, err in (_predict(cli, trained_run, synth_root, f / "sub"), _eval(cli, trained_run, synth_root, f / "sub"),
                            cli("data", "synth", "--out", f / "sub", "--classes", "disc", "--size", "64", "--n-good", "1",
                                "--n-defect", "1", "--defects", "hole")):
         _clean_error(code, err, str(f / "sub"), "must be under a folder", "a part of that path is a file")
     assert f.read_text() == "keep me"
 
 
-def test_train_refuses_a_folder_of_eval_results(run, synth_root, tmp_path, cli):
-    code, out, err = _eval(cli, run, synth_root, tmp_path / "res")
+def test_train_refuses_a_folder_of_eval_results(trained_run, synth_root, tmp_path, cli):
+    code, out, err = _eval(cli, trained_run, synth_root, tmp_path / "res")
     assert code == 0, err
     before = sorted(p.relative_to(tmp_path / "res") for p in (tmp_path / "res").rglob("*"))
-    kb = run.parent / "kb.duckdb"
+    kb = trained_run.parent / "kb.duckdb"
     code, out, err = cli("train", "--kb", kb, "--data", f"mvtec:{synth_root}", "--backbone", "tiny", "--out", tmp_path / "res",
-                         "--epochs", "1", "--image-size", "64", "--cache", "memory")
+                         "--epochs", "1", "--image-size", "96", "--cache", "memory")
     _clean_error(code, err, str(tmp_path / "res"), "must be a new folder or a run to --resume, got the results of `kano eval`")
     assert sorted(p.relative_to(tmp_path / "res") for p in (tmp_path / "res").rglob("*")) == before
 

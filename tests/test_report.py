@@ -105,21 +105,6 @@ def test_metrics_say_what_produced_them_baseline(eval_out):
     assert html.index("baseline clip-ac") < html.index("Metrics per class")          # in the heading, before the table
 
 
-@pytest.fixture(scope="module")
-def trained_run(synth_root, tmp_path_factory):
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
-    from trainer import TrainConfig, train
-
-    base = tmp_path_factory.mktemp("prov")
-    kb = base / "kb.duckdb"
-    build_knowledge_base(KnowledgeStore(kb), BuildConfig(classes=["disc", "weave"]), None, None)
-    run = base / "run"
-    train(TrainConfig(kb=str(kb), data=f"mvtec:{synth_root}", backbone="tiny", out=str(run), epochs=1, batch_size=4, image_size=96,
-                      cache="memory"), log=lambda s: None)
-    return run
-
-
 def test_metrics_say_what_produced_them_trained_run(trained_run, synth_root, tmp_path, cli):
     out = tmp_path / "e"
     code, _, err = cli("eval", "--run", trained_run, "--data", f"mvtec:{synth_root}", "--out", out, "--classes", "disc")

@@ -84,22 +84,16 @@ def config_differences(saved: dict, now: dict) -> list[str]:
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-weights_digest = ckpt.weights_digest  # one definition: load_run checks a run's file against it
-
-
 def _run_state(run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]) -> int:
     """Check what `run_dir` holds against --resume; -> the number of finished epochs to continue from."""
     if run_dir.exists() and not run_dir.is_dir():
         raise KanoError(f"--out must be a directory (a new one, or a run to --resume), got an existing file {run_dir}")
-    from evaluator.outputs import MANIFEST  # what eval and predict write into their folders
+    from evaluator.outputs import read_manifest  # what eval and predict write into their folders
 
-    if (run_dir / MANIFEST).is_file():  # a run written among another command's results would mix the two
-        try:
-            other = json.loads((run_dir / MANIFEST).read_text()).get("command", "?")
-        except (OSError, ValueError, AttributeError):
-            other = "?"
-        raise KanoError(f"--out {run_dir} must be a new folder or a run to --resume, got the results of `kano {other}`; "
-                        "pass another --out")
+    results = read_manifest(run_dir)
+    if results is not None:  # a run written among another command's results would mix the two
+        raise KanoError(f"--out {run_dir} must be a new folder or a run to --resume, got the results of "
+                        f"`kano {results.get('command', '?')}`; pass another --out")
     has_config = (run_dir / ckpt.CONFIG).is_file()
     saved = ckpt.read_config(run_dir) if has_config else None
     done = ckpt.read_checkpoint_epoch(run_dir)
@@ -308,7 +302,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     scores_t = dist.all_sum(scores_t)
     threshold = _f1_threshold(labels, scores_t)
     state = model.trainable_state_dict()
-    ranks = [{"rank": r, "weights_sha256": d} for r, d in enumerate(dist.gather(weights_digest(state)))]
+    ranks = [{"rank": r, "weights_sha256": d} for r, d in enumerate(dist.gather(ckpt.weights_digest(state)))]
     encoded = dist.gather(feats.encoded if feats else 0)
     if dist.main:
         phase["now"] = "while saving the run"
