@@ -37,8 +37,8 @@ METRICS = (("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", 
 def prepare_data(out: Path, seed: int) -> tuple[str, dict[str, str], list[str]]:
     """The world's auxiliary classes (seen defect kinds) and its target classes, split into the defect kinds
     the auxiliary data shows and the kinds held out of it. Returns (aux spec, {target name: spec}, aux classes)."""
-    from anomaly_data.synth import synthesize_world
-    from anomaly_data.world import HELD_OUT_DEFECTS, SEEN_DEFECTS, WORLD_AUX
+    from kano.anomaly_data.synth import synthesize_world
+    from kano.anomaly_data.world import HELD_OUT_DEFECTS, SEEN_DEFECTS, WORLD_AUX
 
     aux = out / "data" / "aux"
     if not (aux / "meta.json").is_file():
@@ -53,7 +53,7 @@ def prepare_data(out: Path, seed: int) -> tuple[str, dict[str, str], list[str]]:
 
 
 def build_kb(kb: Path, classes: list[str]) -> None:
-    from kb_builder import command as kb_command
+    from kano.kb_builder import command as kb_command
 
     if kb.is_file():
         return
@@ -65,7 +65,7 @@ def build_kb(kb: Path, classes: list[str]) -> None:
 
 
 def evaluate(model, target: str, out: Path, prompt_names: dict) -> dict:
-    from evaluator import evaluate as run_eval
+    from kano.evaluator import evaluate as run_eval
 
     res = run_eval(model, target, out, None, 16, 0, model.backbone.device, prompt_names, n_overlays=0)
     return res["mean"]
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from anomaly_data import load_dataset
-    from evaluator import load_model
-    from trainer import TrainConfig, train
-    from trainer.checkpoint import load_run
+    from kano.anomaly_data import load_dataset
+    from kano.evaluator import load_model
+    from kano.trainer import TrainConfig, train
+    from kano.trainer.checkpoint import load_run
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

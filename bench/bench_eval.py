@@ -42,7 +42,7 @@ def load() -> str:
 
 
 def synth_class(root: Path, n_images: int) -> str:
-    from anomaly_data import synthesize
+    from kano.anomaly_data import synthesize
 
     per = max(1, (n_images // 2) // 3)
     synthesize(root, ["disc"], seed=0, size=256, n_train=0, n_good=n_images - 3 * per, n_per_defect=per,
@@ -51,9 +51,9 @@ def synth_class(root: Path, n_images: int) -> str:
 
 
 def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp: Path, device: torch.device) -> tuple[float, float]:
-    from anomaly_data import SampleDataset, load_dataset, prompt_name
-    from evaluator import evaluate, load_model
-    from evaluator.evaluate import cpu_streams, default_workers, in_streams
+    from kano.anomaly_data import SampleDataset, load_dataset, prompt_name
+    from kano.evaluator import evaluate, load_model
+    from kano.evaluator.evaluate import cpu_streams, default_workers, in_streams
 
     data = synth_class(tmp / f"data_{spec}", n_images)
     model, _ = load_model(None, spec, 224, device)
@@ -107,7 +107,7 @@ def bench_pipeline(spec: str, n_images: int, repeats: int, batch_size: int, tmp:
 def bench_metrics(n_images: int, size: int, repeats: int) -> None:
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-    from evaluator.metrics import pixel_metrics
+    from kano.evaluator.metrics import pixel_metrics
 
     r = np.random.default_rng(0)
     masks = np.zeros((n_images, size, size), np.uint8)

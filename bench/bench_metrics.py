@@ -19,7 +19,7 @@ from _repeat import alternate, paired_ratio, spread
 def main() -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from evaluator.metrics import average_precision, pixel_auroc
+    from kano.evaluator.metrics import average_precision, pixel_auroc
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100)

@@ -17,7 +17,7 @@ from _repeat import alternate, paired_ratio, spread
 
 
 def main() -> None:
-    from kanoclip import KAnoCLIP, build_backbone
+    from kano.kanoclip import KAnoCLIP, build_backbone
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="ViT-L-14-336-quickgelu")

@@ -19,10 +19,10 @@ from _repeat import spread
 
 
 def main() -> None:
-    from anomaly_data import synthesize
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
-    from trainer import TrainConfig, train
+    from kano.anomaly_data import synthesize
+    from kano.kb_builder import BuildConfig, build_knowledge_base
+    from kano.knowledge_store import KnowledgeStore
+    from kano.trainer import TrainConfig, train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="ViT-B-16-quickgelu")

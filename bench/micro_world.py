@@ -98,11 +98,11 @@ def check_disjoint() -> None:
     import json
     from pathlib import Path
 
-    from anomaly_data import synth
+    from kano.anomaly_data import synth
 
     legacy = getattr(synth, "LEGACY_CLASSES", synth.TEXTURES + synth.OBJECTS)
     try:
-        from anomaly_data.world import WORLD_TARGET
+        from kano.anomaly_data.world import WORLD_TARGET
     except ImportError:  # before the world's classes exist
         WORLD_TARGET = ()
     pack = json.loads((Path(__file__).resolve().parent.parent / "kb_builder" / "builtin_pack.json").read_text())
@@ -547,7 +547,7 @@ WORLD_PHRASES = {
 
 def world_sample(seed: int, index: int, size: int = 96, p_defect: float = 0.5):
     """One captioned image of a world auxiliary class: the same tuple as `sample`."""
-    from anomaly_data import world
+    from kano.anomaly_data import world
 
     r = _rng(seed, "world", index)
     cls = world.WORLD_AUX[r.integers(len(world.WORLD_AUX))]

@@ -159,7 +159,7 @@ def zero_shot(bb, model, size: int, seed: int = 0) -> dict:
     anomaly_data/synth.py and the world's target classes (anomaly_data/world.py), every defect kind."""
     import open_clip
 
-    from anomaly_data import synth
+    from kano.anomaly_data import synth
 
     tmp = Path(tempfile.mkdtemp(prefix="micro-zs-"))
     legacy = getattr(synth, "LEGACY_CLASSES", synth.TEXTURES + synth.OBJECTS)
@@ -167,7 +167,7 @@ def zero_shot(bb, model, size: int, seed: int = 0) -> dict:
     sets = {"legacy synth classes": synth.synthesize(tmp / "legacy", list(legacy), seed=seed + 5, size=224, n_train=0, n_good=6,
                                                      n_per_defect=2, defects=tuple(legacy_defects))}
     try:
-        from anomaly_data.synth import synthesize_world
+        from kano.anomaly_data.synth import synthesize_world
 
         sets["world target classes"] = synthesize_world(tmp / "world", split="target", seed=seed + 5, size=128, n_good=8, n_per_defect=2)
     except ImportError:
@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     import open_clip
     from safetensors.torch import save_file
 
-    from kanoclip import micro_clip
-    from kanoclip.backbone import Backbone
+    from kano.kanoclip import micro_clip
+    from kano.kanoclip.backbone import Backbone
 
     out = Path(args.out)
     name = micro_clip.register()

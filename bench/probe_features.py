@@ -29,13 +29,13 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def load_samples(root: str):
-    from anomaly_data import load_dataset
+    from kano.anomaly_data import load_dataset
 
     return load_dataset(f"mvtec:{root}").samples("test")
 
 
 def features(bb, root: str, tokens: str, context: bool):
-    from anomaly_data import SampleDataset
+    from kano.anomaly_data import SampleDataset
 
     samples = load_samples(root)
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from kanoclip import build_backbone
+    from kano.kanoclip import build_backbone
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="micro")

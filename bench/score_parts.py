@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 def class_batches(data: str, backbone):
     """Per class of `data`: (class, images (N, 3, S, S), masks (N, S, S), labels (N,)), each class as one batch."""
-    from anomaly_data import SampleDataset, load_dataset
+    from kano.anomaly_data import SampleDataset, load_dataset
 
     ds_all = load_dataset(data)
     for cls in ds_all.classes:
@@ -39,8 +39,8 @@ def class_batches(data: str, backbone):
 
 
 def parts(model, data: str, prompt_names: dict) -> dict[str, float]:
-    from anomaly_data import prompt_name
-    from evaluator.metrics import image_auroc, pixel_metrics
+    from kano.anomaly_data import prompt_name
+    from kano.evaluator.metrics import image_auroc, pixel_metrics
 
     rows = []
     for cls, x, masks, labels in class_batches(data, model.backbone):
@@ -55,9 +55,9 @@ def parts(model, data: str, prompt_names: dict) -> dict[str, float]:
 
 def musc_parts(spec: str, data: str) -> dict[str, float]:
     """Class-mean % of full MuSc: image AUROC of max M alone and of RsCIN(max M) (its image score), pixel AUROC."""
-    from evaluator.metrics import image_auroc, pixel_metrics
-    from kanoclip import build_backbone
-    from kanoclip.musc import MuSc
+    from kano.evaluator.metrics import image_auroc, pixel_metrics
+    from kano.kanoclip import build_backbone
+    from kano.kanoclip.musc import MuSc
 
     model = MuSc(build_backbone(spec)).eval()
     rows = []
@@ -71,7 +71,7 @@ def musc_parts(spec: str, data: str) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    from evaluator import load_model
+    from kano.evaluator import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="an MVTec-layout folder")

@@ -39,8 +39,8 @@ TRANSDUCTIVE = ("mutual", "musc", "musc_randconv")
 
 def prepare(out: Path, seed: int = 0):
     """The demo's data and knowledge base. -> (aux spec, target spec, kb path)."""
-    import demo
-    from anomaly_data import synthesize_world
+    from kano import demo
+    from kano.anomaly_data import synthesize_world
 
     aux, target = out / "data" / "aux", out / "data" / "target"
     if not (aux / "meta.json").is_file():
@@ -53,8 +53,8 @@ def prepare(out: Path, seed: int = 0):
 
 
 def train_run(method: str, seed: int, aux: str, kb: Path, out: Path, epochs: int, backbone: str) -> Path:
-    import demo
-    from trainer import TrainConfig, train
+    from kano import demo
+    from kano.trainer import TrainConfig, train
 
     run_dir = out / "runs" / f"{method}_s{seed}"
     if not (run_dir / "weights.safetensors").is_file():
@@ -71,9 +71,9 @@ def train_run(method: str, seed: int, aux: str, kb: Path, out: Path, epochs: int
 
 def score(model, target: str, prompt_names: dict | None = None) -> dict:
     """-> {"classes": {class: {image_auroc, pixel_auroc}}, "groups": {all|seen|held_out: {...}}} on the target."""
-    import demo
-    from evaluator.compare import grouped_metrics, score_classes
-    from evaluator.metrics import image_auroc, pixel_auroc
+    from kano import demo
+    from kano.evaluator.compare import grouped_metrics, score_classes
+    from kano.evaluator.metrics import image_auroc, pixel_auroc
 
     scored = score_classes(model, target, prompt_names=prompt_names)
     per_class = {c: {"image_auroc": image_auroc(torch_tensor([s.label for s in samples]), scores),
@@ -92,10 +92,10 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
     """(key, name, kind, seed, build) for every row; build() -> (model, prompt_names)."""
     import torch
 
-    import demo
-    from evaluator.loading import load_model
-    from evaluator.methods import ALL_METHODS, load_method
-    from trainer.checkpoint import load_run
+    from kano import demo
+    from kano.evaluator.loading import load_model
+    from kano.evaluator.methods import ALL_METHODS, load_method
+    from kano.trainer.checkpoint import load_run
 
     dev, size, bb = torch.device("cpu"), demo.DEMO_SIZE, args.backbone
     rows = []
@@ -118,7 +118,7 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
             needs_bb = m != "musc_randconv"
             rows.append((m, f"{m} ({bb})" if needs_bb else m, "transductive", None,
                          lambda m=m, needs_bb=needs_bb: (load_method(m, None, bb if needs_bb else None, size, dev)[0], {})))
-    from evaluator.methods import with_mutual
+    from kano.evaluator.methods import with_mutual
 
     for m, name in TRAINED:  # `kano eval --run R --mutual`: the run's map and score averaged with MuSc's
         for s in seeds:
@@ -139,7 +139,7 @@ def spread(vals: list) -> str:
 
 
 def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str:
-    from evaluator.table import comparison_tables, to_markdown
+    from kano.evaluator.table import comparison_tables, to_markdown
 
     rows = results["rows"]
     # one column per method: trained ones at the first seed
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from evaluator.report import stamp
+    from kano.evaluator.report import stamp
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -19,7 +19,7 @@ import torch
 
 
 def group_metrics(samples, scores, maps, masks, groups: dict[str, tuple[str, ...]]) -> dict[str, tuple[float, float]]:
-    from evaluator.metrics import image_auroc, pixel_auroc
+    from kano.evaluator.metrics import image_auroc, pixel_auroc
 
     out = {}
     classes = sorted({s.class_name for s in samples})
@@ -37,9 +37,9 @@ def group_metrics(samples, scores, maps, masks, groups: dict[str, tuple[str, ...
 
 
 def main() -> None:
-    from anomaly_data import SampleDataset, load_dataset, synthesize_world
-    from anomaly_data.world import DEFECT_GROUPS, HELD_OUT_DEFECTS, SEEN_DEFECTS
-    from evaluator.baselines import METHODS, load_baseline
+    from kano.anomaly_data import SampleDataset, load_dataset, synthesize_world
+    from kano.anomaly_data.world import DEFECT_GROUPS, HELD_OUT_DEFECTS, SEEN_DEFECTS
+    from kano.evaluator.baselines import METHODS, load_baseline
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=128)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kano.errors import KanoError
-from kanoclip.model import InferenceBatch
+from kano.kanoclip.model import InferenceBatch
 
 PER_IMAGE = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
 TRANSDUCTIVE = ("mutual", "musc_randconv")
@@ -44,7 +44,7 @@ _SQRT3 = math.sqrt(3.0)
 
 
 def _blur(x: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
-    from kanoclip.model import gaussian_blur
+    from kano.kanoclip.model import gaussian_blur
 
     return gaussian_blur(x, sigma) if sigma > 0 else x
 
@@ -221,7 +221,7 @@ class ZeroParameterDetector(nn.Module):
 
 def method_info(method: str, backbone: str | None, image_size: int) -> dict:
     """What metrics.json records under "method"."""
-    from evaluator.report import baseline_method
+    from kano.evaluator.report import baseline_method
 
     return baseline_method(method, backbone if method == "mutual" else None,
                            setting="transductive" if method in TRANSDUCTIVE else "per-image",
@@ -239,7 +239,7 @@ def load_baseline(method: str, run, backbone: str | None, image_size: int | None
     if method == "mutual":
         if not backbone:
             raise KanoError("--method mutual needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
-        from kanoclip import build_backbone
+        from kano.kanoclip import build_backbone
 
         bb = build_backbone(backbone, image_size=image_size, device=device)
     elif backbone:

@@ -11,13 +11,13 @@ from kano.errors import KanoError
 
 
 def _device(name: str | None) -> torch.device:
-    from trainer.train import resolve_device
+    from kano.trainer.train import resolve_device
 
     return resolve_device(name)
 
 
 def _method(run, backbone, info) -> dict:
-    from evaluator.report import baseline_method, trained_method
+    from kano.evaluator.report import baseline_method, trained_method
 
     if run:
         return trained_method(run, info["config"])
@@ -39,15 +39,15 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0) -> dict:
-    from evaluator import METRIC_KEYS, evaluate as run_eval, load_model
-    from evaluator.evaluate import table_rows
+    from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
+    from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
     dev = _device(device)
     if aux and not method:
         raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
     if method:
-        from evaluator.methods import load_method
+        from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
                                   k_shot=k_shot, data=data, classes=classes)
@@ -56,7 +56,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
         described = _method(run, backbone, info)
     if mutual:
-        from evaluator.methods import with_mutual
+        from kano.evaluator.methods import with_mutual
 
         model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"))
     thr = threshold if threshold is not None else info["threshold"]
@@ -74,7 +74,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
 
 def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False) -> list[dict]:
-    from evaluator import load_model, predict as run_predict
+    from kano.evaluator import load_model, predict as run_predict
 
     check_common(batch_size, workers, threshold)
     dev = _device(device)
@@ -103,8 +103,8 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one (musc, retrieval, the zero-shot CLIP methods), --aux to retrieval."""
-    from evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
-    from evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
+    from kano.evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
+    from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
     names = [m.strip() for m in methods.split(",")]
     bad = [m for m in names if m not in ALL_METHODS]

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from anomaly_data import load_dataset, prompt_name
+from kano.anomaly_data import load_dataset, prompt_name
 
 from .evaluate import run_inference
 from .metrics import aupro, image_auroc, pixel_auroc

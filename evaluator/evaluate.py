@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from anomaly_data import SampleDataset, load_dataset, load_image, prompt_name, raise_batch_errors
+from kano.anomaly_data import SampleDataset, load_dataset, load_image, prompt_name, raise_batch_errors
 from kano.errors import KanoError
 
 from . import outputs, report

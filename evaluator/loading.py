@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kano.errors import KanoError
-from kanoclip import KAnoCLIP, ModelConfig, build_backbone
+from kano.kanoclip import KAnoCLIP, ModelConfig, build_backbone
 
 
 def load_model(run: str | None, backbone: str | None, image_size: int | None = None, device: torch.device | str = "cpu"):
@@ -13,7 +13,7 @@ def load_model(run: str | None, backbone: str | None, image_size: int | None = N
     if bool(run) == bool(backbone):
         raise KanoError("give exactly one of --run RUN_DIR (a trained model) or --backbone SPEC (the untrained baseline)")
     if run:
-        from trainer.checkpoint import load_run
+        from kano.trainer.checkpoint import load_run
 
         model, cfg = load_run(run, device)
         return model, {"run": str(run), "backbone": cfg["backbone"], "threshold": cfg.get("threshold"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kano.errors import KanoError
-from kanoclip.winclip import ZERO_SHOT_METHODS
+from kano.kanoclip.winclip import ZERO_SHOT_METHODS
 
 from .baselines import METHODS as BASELINE_METHODS
 
@@ -38,7 +38,7 @@ ZERO_SHOT_SOURCES = {
 
 def zero_shot_info(model, method: str, backbone: str) -> dict:
     """The provenance "method" of a built zero-shot model (CLIPZeroShot or WinCLIP)."""
-    from kanoclip import winclip as W
+    from kano.kanoclip import winclip as W
 
     info = {"kind": "zero-shot", "name": method, "backbone": backbone, "setting": "per-image",
             "parameters": "frozen backbone, no training", "source": ZERO_SHOT_SOURCES[method],
@@ -74,8 +74,8 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
         raise KanoError(f"--method {method} evaluates a zero-shot method on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
         raise KanoError(f"--method {method} needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
-    from kanoclip import build_backbone
-    from kanoclip.winclip import WinCLIPConfig, build_zero_shot
+    from kano.kanoclip import build_backbone
+    from kano.kanoclip.winclip import WinCLIPConfig, build_zero_shot
 
     bb = build_backbone(backbone, image_size=image_size, device=device)
     if method == "winclip":
@@ -98,7 +98,7 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
 def reference_images(data: str | None, k: int, bb, classes: list[str] | None = None) -> tuple[dict, dict]:
     """WinCLIP+'s references: the first k normal images (sorted by path) of each class's TRAIN split of `data`
     (never its test images). -> ({class: (k, 3, S, S) normalised}, {class: [file names]})."""
-    from anomaly_data import SampleDataset, load_dataset, raise_batch_errors
+    from kano.anomaly_data import SampleDataset, load_dataset, raise_batch_errors
 
     if not data:
         raise KanoError("--k-shot needs --data KIND:PATH with a train split of normal images per class")
@@ -127,9 +127,9 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
         raise KanoError("--method retrieval needs --aux KIND:PATH: the labelled auxiliary data its memory is made of")
     from torch.utils.data import DataLoader
 
-    from anomaly_data import SampleDataset, load_dataset, raise_batch_errors
-    from kanoclip import build_backbone
-    from kanoclip.retrieval import PatchRetrieval, RetrievalConfig, build_memory
+    from kano.anomaly_data import SampleDataset, load_dataset, raise_batch_errors
+    from kano.kanoclip import build_backbone
+    from kano.kanoclip.retrieval import PatchRetrieval, RetrievalConfig, build_memory
 
     ds = load_dataset(aux, missing_masks="warn" if allow_missing_masks else "error")
     samples = ds.samples("test")
@@ -174,8 +174,8 @@ def load_musc(run, backbone: str | None, image_size: int | None, device: torch.d
         raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
         raise KanoError("--method musc needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
-    from kanoclip import build_backbone
-    from kanoclip.musc import MuSc
+    from kano.kanoclip import build_backbone
+    from kano.kanoclip.musc import MuSc
 
     model = MuSc(build_backbone(backbone, image_size=image_size, device=device)).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": musc_info(model, backbone)}
@@ -184,8 +184,8 @@ def load_musc(run, backbone: str | None, image_size: int | None, device: torch.d
 def with_mutual(model, described: dict, what: str):
     """`kano eval --mutual`: -> (MutualFusion of `model` and MuSc on model's own frozen backbone, its provenance).
     `what` names the method in errors (e.g. "--method median_colour", "--run runs/x")."""
-    from kanoclip.backbone import Backbone
-    from kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
+    from kano.kanoclip.backbone import Backbone
+    from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
     if getattr(model, "transductive", False):
         raise KanoError(f"--mutual must go with a per-image method (--run, --backbone, or --method clip, clip-ac, winclip, "

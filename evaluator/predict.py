@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from anomaly_data import Sample, image_size, is_image_path, list_images, load_image, prompt_name
+from kano.anomaly_data import Sample, image_size, is_image_path, list_images, load_image, prompt_name
 from kano.errors import KanoError
 
 from . import outputs, report

@@ -43,7 +43,7 @@ def file_sha256(path: Path) -> str:
 
 def trained_method(run_dir: str | Path, config: dict) -> dict:
     """The method description of a trained run: its path and the SHA-256 of its config.json."""
-    from kanoclip.registry import DISPLAY_NAMES
+    from kano.kanoclip.registry import DISPLAY_NAMES
 
     run_dir = Path(run_dir)
     method = config.get("method", "kanoclip")
@@ -58,7 +58,7 @@ def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
 
 
 def _git_commit() -> str | None:
-    from trainer.checkpoint import git_commit
+    from kano.trainer.checkpoint import git_commit
 
     return git_commit()
 

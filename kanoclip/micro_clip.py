@@ -23,7 +23,7 @@ VOCAB = 49408
 
 
 def package_dir() -> Path:
-    return Path(str(resources.files("kanoclip").joinpath("micro")))
+    return Path(str(resources.files("kano.kanoclip").joinpath("micro")))
 
 
 @lru_cache(maxsize=1)

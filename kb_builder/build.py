@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from kano.errors import KanoError
-from knowledge_store import CallRecord, Description, KnowledgeStore
+from kano.knowledge_store import CallRecord, Description, KnowledgeStore
 
 from .builtin import builtin_descriptions
 from .prompts import clean_vqa_reply, is_refusal, llm_prompt, parse_descriptions, vqa_prompt
@@ -57,7 +57,7 @@ class BuildConfig:
             raise KanoError(f"--max-rounds must be >= 1, got {self.max_rounds}")
         # one folder given twice (or a file reached by two spellings) is one image
         self.images = {c: list({p.resolve(): p for p in reversed(list(ps))}.values())[::-1] for c, ps in self.images.items()}
-        from anomaly_data.names import prompt_name
+        from kano.anomaly_data.names import prompt_name
 
         self.prompt_words = {c: self.prompt_words.get(c) or prompt_name(c) for c in self.classes}
         if self.n_llm < 1 or self.m_vqa < 0:

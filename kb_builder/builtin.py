@@ -9,7 +9,7 @@ from importlib import resources
 
 @lru_cache(maxsize=1)
 def _pack() -> dict:
-    return json.loads(resources.files("kb_builder").joinpath("builtin_pack.json").read_text())
+    return json.loads(resources.files("kano.kb_builder").joinpath("builtin_pack.json").read_text())
 
 
 def builtin_classes() -> list[str]:

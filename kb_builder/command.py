@@ -34,9 +34,9 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
     """Returns the exit code: 0 when every class has what was asked, 1 when something is still missing."""
     import tempfile
 
-    from kb_builder import BuildConfig, build_knowledge_base, make_provider
-    from kb_builder.providers import parse_spec, scrub
-    from knowledge_store import KnowledgeStore
+    from kano.kb_builder import BuildConfig, build_knowledge_base, make_provider
+    from kano.kb_builder.providers import parse_spec, scrub
+    from kano.knowledge_store import KnowledgeStore
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()]
     wants_vqa = parse_spec(vqa)[0] not in ("none", "builtin")  # builtin: BuildConfig says why not
@@ -47,7 +47,7 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
         raise KanoError("--images and --data name images for VQA: add --vqa PROVIDER:MODEL (e.g. openai:llama3.2-vision), "
                         "got --vqa none")
     if data:
-        from anomaly_data import load_dataset
+        from kano.anomaly_data import load_dataset
 
         ds = load_dataset(data, missing_masks="ignore")  # VQA reads the images only
         unknown = sorted(set(class_list) - set(ds.classes))
@@ -103,7 +103,7 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
 
 
 def print_stats(kb: Path, as_json: bool) -> None:
-    from knowledge_store import stats
+    from kano.knowledge_store import stats
 
     s = stats(kb)
     if as_json:
@@ -129,7 +129,7 @@ def print_stats(kb: Path, as_json: bool) -> None:
 
 def _wording_note(classes: list[str]) -> str | None:
     """A note for KBs holding classes whose prompt word differs from the folder name (pcb1 -> printed circuit board)."""
-    from anomaly_data.names import prompt_name
+    from kano.anomaly_data.names import prompt_name
 
     renamed = [f"{c} -> {prompt_name(c)!r}" for c in classes if prompt_name(c) != c]
     if not renamed:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from knowledge_store import normalise_text
+from kano.knowledge_store import normalise_text
 
 # §2.2.1, verbatim: the LLM is asked once per class for n descriptions.
 LLM_TEMPLATE = "Q: Describe what an abnormal image of class ({class_name}) looks like?"

@@ -21,7 +21,8 @@ DATA = Path(__file__).parent / "data"
 # install still maps to the source), and stays bound there when pytest adds the root again later.
 _saved = list(sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-for _mod in ("kano", "cli", "demo", "knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator"):
+for _mod in ("kano", "kano.cli", "kano.demo", "kano.knowledge_store", "kano.kb_builder", "kano.kanoclip", "kano.anomaly_data",
+             "kano.trainer", "kano.evaluator"):
     __import__(_mod)
 sys.path[:] = _saved
 KANO = str(Path(sys.executable).parent / "kano")  # the installed entry point, for subprocess tests
@@ -29,7 +30,7 @@ KANO = str(Path(sys.executable).parent / "kano")  # the installed entry point, f
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the real `kano` entry point in-process; returns (exit code, stdout, stderr)."""
-    from cli import main
+    from kano.cli import main
 
     old = sys.argv
     sys.argv = ["kano", *map(str, args)]
@@ -51,14 +52,14 @@ def cli(capsys):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from kanoclip import build_backbone
+    from kano.kanoclip import build_backbone
 
     return build_backbone("tiny")
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    from anomaly_data import synthesize
+    from kano.anomaly_data import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, ["disc", "weave"], seed=3, size=128, n_train=1, n_good=3, n_per_defect=2, defects=("hole", "stain"))
@@ -69,9 +70,9 @@ def synth_root(tmp_path_factory) -> Path:
 def trained_run(synth_root, tmp_path_factory) -> Path:
     """A finished tiny KAnoCLIP run (1 epoch on synth_root); its knowledge base is run.parent / "kb.duckdb".
     Tests that damage or edit it work on a copy."""
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
-    from trainer import TrainConfig, train
+    from kano.kb_builder import BuildConfig, build_knowledge_base
+    from kano.knowledge_store import KnowledgeStore
+    from kano.trainer import TrainConfig, train
 
     base = tmp_path_factory.mktemp("trained")
     kb = base / "kb.duckdb"

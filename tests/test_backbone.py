@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kano.errors import KanoError
-from kanoclip import build_backbone
+from kano.kanoclip import build_backbone
 
 
 def reference_clip_vv(bb, images):
@@ -59,7 +59,7 @@ def test_clip_vv_matches_independent_transcription(spec, size):
 
 
 def test_defaults_for_the_papers_backbone_and_stage_spread():
-    from kanoclip import spread_stages
+    from kano.kanoclip import spread_stages
 
     assert spread_stages(24) == [6, 12, 18, 24]
     assert spread_stages(12) == [3, 6, 9, 12]

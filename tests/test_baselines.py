@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from evaluator import baselines as B
+from kano.evaluator import baselines as B
 
 
 def _det(method, size=32):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluator.metrics import METRIC_KEYS
+from kano.evaluator.metrics import METRIC_KEYS
 
 
 def test_eval_untrained_backbone_on_real_photos(hazelnut_root, tmp_path, cli):
@@ -97,7 +97,7 @@ def test_prefetch_keeps_order_raises_where_the_consumer_is_and_stops_when_abando
     import threading
     import time
 
-    from evaluator.evaluate import _prefetch
+    from kano.evaluator.evaluate import _prefetch
 
     assert list(_prefetch(iter(range(7)))) == list(range(7))
 
@@ -135,9 +135,9 @@ def test_cpu_streams_give_the_one_stream_results_in_order_and_give_the_threads_b
 
     import torch
 
-    from anomaly_data import load_dataset
-    from evaluator import load_model
-    from evaluator.evaluate import cpu_streams, run_inference
+    from kano.anomaly_data import load_dataset
+    from kano.evaluator import load_model
+    from kano.evaluator.evaluate import cpu_streams, run_inference
     from kano.errors import KanoError
 
     model, _ = load_model(None, "tiny", 64, torch.device("cpu"))

@@ -5,12 +5,11 @@ import click
 import pytest
 import typer
 
-from anomaly_data import READERS
+from kano.anomaly_data import READERS
 
 
 def _command(*path):
-    import cli
-
+    from kano import cli
     cmd = typer.main.get_command(cli.app)
     for p in path:
         cmd = cmd.commands[p]
@@ -31,8 +30,7 @@ def test_every_option_has_help_and_defaults_show(path, cli):
 
 
 def test_data_help_lists_every_kind(cli):
-    import cli as cli_module
-
+    import kano.cli as cli_module
     assert [k.strip() for k in cli_module.DATA_KINDS.split(",")] == list(READERS)
     for args in (("eval", "--help"), ("--help",)):
         code, out, _ = cli(*args)

@@ -31,7 +31,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_end_to_end_on_unseen_classes(demo_run):
     out, stdout = demo_run
-    from demo import AUX_CLASSES, TARGET_CLASSES
+    from kano.demo import AUX_CLASSES, TARGET_CLASSES
 
     m = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(m["classes"]) == set(TARGET_CLASSES) and not set(TARGET_CLASSES) & set(AUX_CLASSES)
@@ -40,14 +40,14 @@ def test_demo_end_to_end_on_unseen_classes(demo_run):
     assert (out / "run" / "weights.safetensors").is_file() and list((out / "eval" / "overlays").glob("*.png"))
     assert "demo finished" in stdout and "transductive" in stdout
     held_out = {p.name for p in (out / "data" / "target").glob("*/test/*")} - {p.name for p in (out / "data" / "aux").glob("*/test/*")}
-    from anomaly_data.world import HELD_OUT_DEFECTS
+    from kano.anomaly_data.world import HELD_OUT_DEFECTS
 
     assert held_out == set(HELD_OUT_DEFECTS)  # the kinds held out of training reach the target only
 
 
 def test_the_table_holds_every_floor_labelled_and_says_what_produced_it(demo_run):
     out, stdout = demo_run
-    from demo import PER_IMAGE_BASELINES
+    from kano.demo import PER_IMAGE_BASELINES
 
     comp = json.loads((out / "eval" / "comparison.json").read_text())
     kinds = [r["kind"] for r in comp["rows"]]

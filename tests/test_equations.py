@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from kanoclip import (BiCA, ConvAdapter, DeformableSelfAttention, KAnoCLIP, LinearHead, ModelConfig, PromptLearner, TextTower,
+from kano.kanoclip import (BiCA, ConvAdapter, DeformableSelfAttention, KAnoCLIP, LinearHead, ModelConfig, PromptLearner, TextTower,
                       VisualFeatures, kd_loss, knowledge_vector, local_loss, global_loss, tokenize)
-from kanoclip.prompts import FixedPrompts
+from kano.kanoclip.prompts import FixedPrompts
 
 MAP_T = 1 / 0.07  # the patch-text temperature (CLIP's initial one, fixed)
 

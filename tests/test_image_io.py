@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly_data import load_image, load_mask
-from anomaly_data.io import MAX_PIXELS_DEFAULT, image_size, max_pixels
+from kano.anomaly_data import load_image, load_mask
+from kano.anomaly_data.io import MAX_PIXELS_DEFAULT, image_size, max_pixels
 from kano.errors import KanoError
 
 PHOTO = Path(__file__).parent / "data" / "hazelnut_toy" / "test" / "colour" / "00.jpg"
@@ -136,7 +136,7 @@ def test_pixel_limit_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_image_to_tensor_is_the_clip_normalisation_by_hand():
-    from anomaly_data import image_to_tensor, mask_to_tensor
+    from kano.anomaly_data import image_to_tensor, mask_to_tensor
 
     img = Image.fromarray(np.array([[[0, 128, 255], [10, 20, 30]], [[255, 255, 255], [1, 2, 3]]], np.uint8))
     mean, std = (0.5, 0.25, 0.125), (0.5, 0.25, 2.0)

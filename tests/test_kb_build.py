@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from knowledge_store import KnowledgeStore, normalise_text
+from kano.knowledge_store import KnowledgeStore, normalise_text
 from tests.conftest import KANO
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
@@ -180,7 +180,7 @@ def test_builtin_pack_and_generic_fallback(tmp_path, cli):
 
 
 def test_builtin_pack_covers_the_papers_datasets():
-    from kb_builder import builtin_classes, builtin_descriptions
+    from kano.kb_builder import builtin_classes, builtin_descriptions
 
     classes = set(builtin_classes())
     mvtec = {"bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",

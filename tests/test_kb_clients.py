@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from knowledge_store import KnowledgeStore, migrate
+from kano.knowledge_store import KnowledgeStore, migrate
 from tests.fake_openai import FakeOpenAI
 
 DUCKDB11 = os.environ.get("KANO_DUCKDB11_PYTHON")  # .ci/run: a venv holding duckdb==1.1.3

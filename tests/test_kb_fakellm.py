@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from knowledge_store import KnowledgeStore
+from kano.knowledge_store import KnowledgeStore
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 KEY = "sk-fakellm-SECRET-42"

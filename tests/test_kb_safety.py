@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from knowledge_store import KnowledgeStore
+from kano.knowledge_store import KnowledgeStore
 from tests.conftest import KANO
 from tests.fake_openai import FakeOpenAI
 

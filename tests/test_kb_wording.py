@@ -7,8 +7,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from kb_builder import BuildConfig, build_knowledge_base, make_provider
-from knowledge_store import KnowledgeStore
+from kano.kb_builder import BuildConfig, build_knowledge_base, make_provider
+from kano.knowledge_store import KnowledgeStore
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 KEY = "sk-test-wording-0123456789"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kano.errors import KanoError
-from kanoclip import KAnoCLIP, tokenize
-from knowledge_store import Description, KnowledgeStore
-from trainer import TrainConfig
-from trainer.knowledge import fallback_warning, knowledge_vectors
+from kano.kanoclip import KAnoCLIP, tokenize
+from kano.knowledge_store import Description, KnowledgeStore
+from kano.trainer import TrainConfig
+from kano.trainer.knowledge import fallback_warning, knowledge_vectors
 
 TEXTS = {
     ("bottle", "llm"): ["a bottle with a cracked glass neck", "a bottle whose rim is chipped away"],

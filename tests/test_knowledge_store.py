@@ -4,7 +4,7 @@ import duckdb
 import pytest
 
 from kano.errors import KanoError
-from knowledge_store import (SCHEMA_VERSION, CallRecord, Description, KnowledgeStore, export, import_jsonl, migrate, run_sql,
+from kano.knowledge_store import (SCHEMA_VERSION, CallRecord, Description, KnowledgeStore, export, import_jsonl, migrate, run_sql,
                              schema_version, stats, upgrade)
 
 

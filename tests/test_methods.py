@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kanoclip import build_backbone
-from kanoclip.winclip import WINCLIP_TEMPLATES, build_zero_shot
+from kano.kanoclip import build_backbone
+from kano.kanoclip.winclip import WINCLIP_TEMPLATES, build_zero_shot
 
 
 def _provenance_method(out_dir):

@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from evaluator.metrics import (aupro, aupro_200, average_precision, f1_max, image_auroc, pixel_auroc, pixel_metrics,
+from kano.evaluator.metrics import (aupro, aupro_200, average_precision, f1_max, image_auroc, pixel_auroc, pixel_metrics,
                                ranking_metrics)
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from kano.errors import KanoError
-from kanoclip import build_backbone
+from kano.kanoclip import build_backbone
 
-MICRO_DIR = Path(str(resources.files("kanoclip").joinpath("micro")))
+MICRO_DIR = Path(str(resources.files("kano.kanoclip").joinpath("micro")))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_text_tower_tells_flawless_from_damaged_on_unseen_classes(micro, tmp_pat
     bench/micro_world.py): p(damaged) from two captions must rank defective images above normal ones."""
     import open_clip
 
-    from anomaly_data import synthesize
+    from kano.anomaly_data import synthesize
 
     root = synthesize(tmp_path / "d", ["disc", "weave"], seed=11, size=192, n_train=0, n_good=6, n_per_defect=3,
                       defects=("hole", "stain"))
@@ -83,7 +83,7 @@ def test_other_weights_file_and_bad_file(tmp_path, micro):
 
 
 def test_language_free_control(tiny_backbone):
-    from kanoclip import KAnoCLIP, ModelConfig
+    from kano.kanoclip import KAnoCLIP, ModelConfig
 
     with pytest.raises(ValueError, match="use_knpl must be False"):
         ModelConfig(text_free=True)

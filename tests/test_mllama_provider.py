@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kano.errors import KanoError
-from knowledge_store import KnowledgeStore
+from kano.knowledge_store import KnowledgeStore
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 
@@ -53,7 +53,7 @@ def mllama_dir(tmp_path_factory):
 
 
 def test_provider_generates_from_a_saved_tiny_mllama(mllama_dir):
-    from kb_builder import TransformersVisionProvider
+    from kano.kb_builder import TransformersVisionProvider
 
     p = TransformersVisionProvider(str(mllama_dir))
     buf = io.BytesIO()
@@ -81,7 +81,7 @@ def test_kb_build_with_the_transformers_provider(mllama_dir, tmp_path, cli):
 
 
 def test_four_bit_needs_cuda_and_says_so():
-    from kb_builder import TransformersVisionProvider
+    from kano.kb_builder import TransformersVisionProvider
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from kanoclip import (KAnoCLIP, ModelConfig, PromptLearner, TextTower, build_backbone, dice_loss, focal_loss, gaussian_blur,
+from kano.kanoclip import (KAnoCLIP, ModelConfig, PromptLearner, TextTower, build_backbone, dice_loss, focal_loss, gaussian_blur,
                       kd_loss, tokenize)
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from evaluator.metrics import METRIC_KEYS
-from kanoclip import build_backbone
-from kanoclip import musc as M
+from kano.evaluator.metrics import METRIC_KEYS
+from kano.kanoclip import build_backbone
+from kano.kanoclip import musc as M
 
 
 # ---- numpy references, from the equations (loops, no pooling or top-k helpers) ----
@@ -181,7 +181,7 @@ def test_musc_module_shapes_range_and_transductive(bb32):
 
 
 def test_mutual_fusion_is_the_mean_of_the_two_parts(bb32):
-    from kanoclip.winclip import build_zero_shot
+    from kano.kanoclip.winclip import build_zero_shot
 
     torch.manual_seed(1)
     x = torch.randn(3, 3, 32, 32)
@@ -219,7 +219,7 @@ def test_cli_eval_musc(synth_root, tmp_path, cli):
 
 
 def test_cli_eval_musc_refuses_a_class_with_one_test_image(tmp_path, cli):
-    from anomaly_data import synthesize
+    from kano.anomaly_data import synthesize
 
     root = synthesize(tmp_path / "one", ["disc"], seed=3, size=64, n_train=1, n_good=1, n_per_defect=0, defects=("hole",))
     code, out, err = cli("eval", "--method", "musc", "--backbone", "tiny", "--image-size", "64", "--data", f"mvtec:{root}",

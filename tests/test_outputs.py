@@ -64,7 +64,7 @@ def test_names_from_meta_json_are_safe_unique_and_stay_under_out(hazelnut_root, 
 
 
 def test_safe_name_and_unique_names():
-    from evaluator.outputs import safe_name, unique_names
+    from kano.evaluator.outputs import safe_name, unique_names
 
     assert safe_name("../../../x") == "x" and safe_name("a/b c") == "a_b_c" and safe_name("..") == "item"
     assert safe_name(".hidden") == "hidden" and len(safe_name("y" * 500)) == 80

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from kanoclip import VisualFeatures, build_backbone
-from kanoclip.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
-from kanoclip.aprilgan import APRILGAN_ABNORMAL_STATES, APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES, AprilGAN, aprilgan_prompts
+from kano.kanoclip import VisualFeatures, build_backbone
+from kano.kanoclip.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
+from kano.kanoclip.aprilgan import APRILGAN_ABNORMAL_STATES, APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES, AprilGAN, aprilgan_prompts
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +261,9 @@ def test_cli_trains_and_evaluates_a_peer_without_a_knowledge_base(method, name, 
 
 
 def test_aprilgan_cache_holds_raw_width_tokens_under_its_own_key(synth_root, tmp_path):
-    from anomaly_data import load_dataset
-    from kanoclip import KAnoCLIP
-    from trainer.cache import build_feature_store, cache_key
+    from kano.anomaly_data import load_dataset
+    from kano.kanoclip import KAnoCLIP
+    from kano.trainer.cache import build_feature_store, cache_key
 
     bb = build_backbone("tiny", image_size=32)
     samples = load_dataset(f"mvtec:{synth_root}").samples("test")[:3]
@@ -271,7 +271,7 @@ def test_aprilgan_cache_holds_raw_width_tokens_under_its_own_key(synth_root, tmp
     assert cache_key(peer, samples) != cache_key(ours, samples)
     store = build_feature_store(peer, samples, "disk", tmp_path, torch.device("cpu"), 2)
     assert store.patches.shape == (3, 4, 16, bb.width) and store.global_feature.shape == (3, bb.embed_dim)
-    images = torch.stack([__import__("anomaly_data").SampleDataset(samples, 32, bb.mean, bb.std)[i]["image"] for i in range(3)])
+    images = torch.stack([__import__("kano.anomaly_data", fromlist=["x"]).SampleDataset(samples, 32, bb.mean, bb.std)[i]["image"] for i in range(3)])
     raw = bb(images, vv=False, raw=True)
     assert torch.allclose(torch.as_tensor(np.asarray(store.patches[:, 0])).float(), raw.patch_tokens[0], atol=2e-2)
 

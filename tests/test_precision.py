@@ -8,8 +8,8 @@ comes after the backbone must not notice.
 import pytest
 import torch
 
-from anomaly_data import load_dataset
-from kanoclip import KAnoCLIP, ModelConfig, VisualFeatures, backbone_autocast, build_backbone
+from kano.anomaly_data import load_dataset
+from kano.kanoclip import KAnoCLIP, ModelConfig, VisualFeatures, backbone_autocast, build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def setup(synth_root):
 
 
 def _features(model, samples) -> VisualFeatures:
-    from anomaly_data import SampleDataset
+    from kano.anomaly_data import SampleDataset
 
     bb = model.backbone
     ds = SampleDataset(samples, bb.image_size, bb.mean, bb.std)
@@ -67,7 +67,7 @@ def test_losses_are_float32_under_autocast(setup):
 
 def test_a_cpu_run_with_backbone_autocast_forced_on_keeps_every_distinct_value(setup, monkeypatch):
     """The must-show: evaluation with the backbone in bf16 has as many distinct map values and scores as without."""
-    from evaluator.evaluate import run_inference
+    from kano.evaluator.evaluate import run_inference
 
     model, samples = setup
     names = [s.class_name for s in samples]

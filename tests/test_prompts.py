@@ -1,4 +1,4 @@
-from kb_builder import LLM_TEMPLATE, VQA_TEMPLATE, clean_vqa_reply, is_refusal, llm_prompt, parse_descriptions, vqa_prompt
+from kano.kb_builder import LLM_TEMPLATE, VQA_TEMPLATE, clean_vqa_reply, is_refusal, llm_prompt, parse_descriptions, vqa_prompt
 
 
 def test_templates_are_the_papers_verbatim():

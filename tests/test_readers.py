@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly_data import load_dataset, load_image, load_mask, prompt_name, synthesize, write_meta
+from kano.anomaly_data import load_dataset, load_image, load_mask, prompt_name, synthesize, write_meta
 from kano.errors import KanoError
 
 
@@ -414,8 +414,8 @@ def test_hf_bad_label_is_a_clear_error(tmp_path, cli):
 def test_train_refuses_a_missing_mask_unless_allowed(synth_root, tmp_path, cli):
     import shutil
 
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
+    from kano.kb_builder import BuildConfig, build_knowledge_base
+    from kano.knowledge_store import KnowledgeStore
 
     root = tmp_path / "synth"
     shutil.copytree(synth_root, root)

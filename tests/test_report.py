@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 
 import kano
-from evaluator.metrics import METRIC_KEYS
+from kano.evaluator.metrics import METRIC_KEYS
 from tests.browser import check_page, no_external_references, screenshot
 
 
 @pytest.fixture(scope="module")
 def eval_out(hazelnut_root, tmp_path_factory):
     """One `kano eval` (its library call) of the untrained tiny baseline on the real hazelnut photos."""
-    from evaluator import command
+    from kano.evaluator import command
 
     out = tmp_path_factory.mktemp("report") / "eval"
     command.evaluate(data=f"mvtec:{hazelnut_root}", run=None, backbone="tiny", out=out, classes=None, batch_size=8, workers=0,
@@ -124,7 +124,7 @@ def test_metrics_say_what_produced_them_trained_run(trained_run, synth_root, tmp
 def test_provenance_takes_any_method_description():
     import time
 
-    from evaluator.report import provenance
+    from kano.evaluator.report import provenance
 
     p = provenance({"kind": "baseline", "name": "median-colour"}, None, time.time() - 2.0, "mvtec:/x")
     assert p["method"]["name"] == "median-colour" and p["data"] == "mvtec:/x" and 2.0 <= p["elapsed_s"] < 60

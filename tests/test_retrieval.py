@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kanoclip.retrieval import PatchRetrieval, RetrievalConfig, build_memory, retrieval_probability
+from kano.kanoclip.retrieval import PatchRetrieval, RetrievalConfig, build_memory, retrieval_probability
 
 
 def test_retrieval_probability_by_hand():
@@ -33,8 +33,8 @@ def test_memory_of_the_images_themselves_finds_their_defects(tiny_backbone, synt
     A swapped normal/abnormal rule or a memory built from the wrong patches fails this."""
     from torch.utils.data import DataLoader
 
-    from anomaly_data import SampleDataset, load_dataset
-    from evaluator.metrics import pixel_metrics
+    from kano.anomaly_data import SampleDataset, load_dataset
+    from kano.evaluator.metrics import pixel_metrics
 
     bb = tiny_backbone
     samples = load_dataset(f"mvtec:{synth_root}").samples("test", ["disc"])
@@ -67,7 +67,7 @@ def test_cli_eval_retrieval_records_its_memory(synth_root, tmp_path, cli):
 
 def test_cli_eval_retrieval_bad_input(synth_root, tmp_path, cli):
     good_only = tmp_path / "good_only"
-    from anomaly_data import synthesize
+    from kano.anomaly_data import synthesize
 
     synthesize(good_only, ["disc"], seed=1, size=64, n_train=1, n_good=2, n_per_defect=0, defects=("hole",))
     base = ["eval", "--data", f"mvtec:{synth_root}", "--out", tmp_path / "e"]

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from evaluator import table
+from kano.evaluator import table
 from tests.browser import check_page, no_external_references
 
 

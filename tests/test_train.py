@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from kano.errors import KanoError
-from kanoclip import Backbone
-from trainer import TrainConfig, train
+from kano.kanoclip import Backbone
+from kano.trainer import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def kb(synth_root, tmp_path_factory):
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
+    from kano.kb_builder import BuildConfig, build_knowledge_base
+    from kano.knowledge_store import KnowledgeStore
 
     path = tmp_path_factory.mktemp("kb") / "kb.duckdb"
     build_knowledge_base(KnowledgeStore(path), BuildConfig(classes=["disc", "weave"]), None, None)
@@ -119,7 +119,7 @@ def test_text_features_are_cached_in_the_kb(kb, synth_root, tmp_path):
 
 
 def test_missing_descriptions_name_the_command(synth_root, tmp_path):
-    from knowledge_store import KnowledgeStore
+    from kano.knowledge_store import KnowledgeStore
 
     empty = tmp_path / "empty.duckdb"
     KnowledgeStore(empty)

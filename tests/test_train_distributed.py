@@ -25,8 +25,8 @@ def _digest(path: Path) -> str:
 
 
 def test_torchrun_two_processes_train_one_run(synth_root, tmp_path, cli):
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
+    from kano.kb_builder import BuildConfig, build_knowledge_base
+    from kano.knowledge_store import KnowledgeStore
 
     kb = tmp_path / "kb.duckdb"
     build_knowledge_base(KnowledgeStore(kb), BuildConfig(classes=["disc", "weave"]), None, None)

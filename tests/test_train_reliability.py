@@ -19,9 +19,9 @@ from tests.conftest import KANO
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A dataset big enough that encoding it takes a moment, and its knowledge base."""
-    from anomaly_data import synthesize
-    from kb_builder import BuildConfig, build_knowledge_base
-    from knowledge_store import KnowledgeStore
+    from kano.anomaly_data import synthesize
+    from kano.kb_builder import BuildConfig, build_knowledge_base
+    from kano.knowledge_store import KnowledgeStore
 
     root = tmp_path_factory.mktemp("rel")
     synthesize(root / "data", ["disc", "weave"], seed=5, size=128, n_train=1, n_good=6, n_per_defect=3, defects=("hole", "stain"))
@@ -267,7 +267,7 @@ def test_out_naming_an_existing_file_is_refused(world, tmp_path, cli):
 def test_train_help_shows_defaults_and_every_option_has_help():
     import typer.main
 
-    from cli import app
+    from kano.cli import app
 
     proc = subprocess.run([KANO, "train", "--help"], env={**_env(), "COLUMNS": "200"}, capture_output=True, text=True, timeout=60)
     text = " ".join(proc.stdout.replace("│", " ").split())

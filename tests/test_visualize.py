@@ -4,7 +4,7 @@ decision in the title, and an overlay that shows only the high part of the map."
 import numpy as np
 from PIL import Image
 
-from evaluator import visualize as V
+from kano.evaluator import visualize as V
 
 SIZE, GAP, TOP, LABEL_H = 224, 8, 44, 18   # the panel layout: cell size, gap, title band, caption band
 

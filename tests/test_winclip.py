@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kanoclip import build_backbone
-from kanoclip.winclip import WinCLIP, build_zero_shot, harmonic_aggregate, window_indices, winclip_prompts
+from kano.kanoclip import build_backbone
+from kano.kanoclip.winclip import WinCLIP, build_zero_shot, harmonic_aggregate, window_indices, winclip_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 ANOMALIB_PY = Path(os.environ.get("KANO_ANOMALIB_PYTHON", ROOT / ".venv-anomalib" / "bin" / "python"))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from anomaly_data import world as W
-from anomaly_data import synthesize, synthesize_world
+from kano.anomaly_data import world as W
+from kano.anomaly_data import synthesize, synthesize_world
 
 
 def test_class_and_defect_lists_are_disjoint_and_complete():

@@ -8,8 +8,8 @@ Your own tree is never edited. A mutant is "killed" when the tests fail, "surviv
     .venv/bin/python tools/mutate.py --only M1,M7    # some
     .venv/bin/python tools/mutate.py --list
 
-The copy is imported ahead of any installed (or editable) Kano: a directory of links to its packages
-goes first on PYTHONPATH (tests/conftest.py drops only the copy's root from sys.path). A baseline run
+The copy is imported ahead of any installed (or editable) Kano: a directory of links laid out as the
+installed `kano` package goes first on PYTHONPATH (tests/conftest.py drops only the copy's root from sys.path). A baseline run
 without a mutant must pass, and the script checks that the imported kanoclip is the copy's.
 """
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["kano", "knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator", "cli.py", "demo.py"]
+PACKAGES = ["knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator"]  # installed as kano.NAME
 MODEL_TESTS = ["tests/test_equations.py", "tests/test_model.py", "tests/test_backbone.py"]
 BACKBONE_TESTS = ["tests/test_backbone.py", "tests/test_equations.py", "tests/test_model.py"]
 KNOWLEDGE_TESTS = ["tests/test_knowledge.py"]
@@ -176,9 +176,12 @@ def prepare(tmp: Path) -> tuple[Path, Path]:
     tree = tmp / "tree"
     shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "runs", "demo_out"))
     links = tmp / "site"
-    links.mkdir()
+    pkg = links / "kano"  # the installed layout, kano/ with the top-level folders inside, as links into the copy
+    pkg.mkdir(parents=True)
+    for item in (tree / "kano").iterdir():
+        (pkg / item.name).symlink_to(item)
     for name in PACKAGES:
-        (links / name).symlink_to(tree / name)
+        (pkg / name).symlink_to(tree / name)
     return tree, links
 
 
@@ -220,7 +223,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kano-mutate-") as td:
         tree, links = prepare(Path(td))
         env = dict(os.environ, PYTHONPATH=str(links))
-        where = subprocess.run([sys.executable, "-c", "import kanoclip, trainer; print(kanoclip.__file__, trainer.__file__)"],
+        where = subprocess.run([sys.executable, "-c", "import kano.kanoclip as k, kano.trainer as t; print(k.__file__, t.__file__)"],
                                cwd=tree, env=env, capture_output=True, text=True).stdout.split()
         if not where or not all(w.startswith(td) for w in where):
             sys.exit(f"the copy must be what Python imports, got {where}")

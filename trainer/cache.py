@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from anomaly_data import Sample, SampleDataset, raise_batch_errors
+from kano.anomaly_data import Sample, SampleDataset, raise_batch_errors
 from kano.errors import KanoError
-from kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
+from kano.kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
 
 from .checkpoint import _umask
 from .distributed import Dist

@@ -188,7 +188,7 @@ def _read_weights(weights: Path, cfg: dict) -> dict[str, torch.Tensor]:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None):
     """Rebuild the model of a finished run (KAnoCLIP or the trained peer its config.json names). Returns (model, config dict)."""
-    from kanoclip import TRAINED_METHODS, build_backbone, build_model, model_config
+    from kano.kanoclip import TRAINED_METHODS, build_backbone, build_model, model_config
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)

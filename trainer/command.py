@@ -46,9 +46,9 @@ class _TermAsInterrupt:
 
 
 def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool = False) -> dict:
-    from trainer import TrainConfig, train as run_train
-    from trainer.checkpoint import read_config
-    from trainer.train import TrainInterrupted
+    from kano.trainer import TrainConfig, train as run_train
+    from kano.trainer.checkpoint import read_config
+    from kano.trainer.train import TrainInterrupted
 
     if resume and overrides.get("out") and config_file is None and (Path(overrides["out"]) / "config.json").is_file():
         saved = read_config(Path(overrides["out"])).get("train", {})

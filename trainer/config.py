@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from kano.errors import KanoError
-from kanoclip import ModelConfig
+from kano.kanoclip import ModelConfig
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
 
@@ -52,7 +52,7 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if not self.data:
             raise ValueError("data must be KIND:PATH of the auxiliary dataset, got nothing")
-        from kanoclip.registry import TRAINED_METHODS
+        from kano.kanoclip.registry import TRAINED_METHODS
 
         if self.method not in TRAINED_METHODS:
             raise ValueError(f"method must be one of {', '.join(TRAINED_METHODS)}, got {self.method!r}")

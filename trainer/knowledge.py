@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from kano.errors import KanoError
-from kanoclip import KAnoCLIP, knowledge_vector
-from knowledge_store import KnowledgeStore
+from kano.kanoclip import KAnoCLIP, knowledge_vector
+from kano.knowledge_store import KnowledgeStore
 
 from .cache import backbone_fingerprint
 

@@ -12,10 +12,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
+from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
 from kano.errors import KanoError
-from kanoclip import VisualFeatures, backbone_autocast, build_backbone, build_model
-from knowledge_store import KnowledgeStore
+from kano.kanoclip import VisualFeatures, backbone_autocast, build_backbone, build_model
+from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
@@ -88,7 +88,7 @@ def _run_state(run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str
     """Check what `run_dir` holds against --resume; -> the number of finished epochs to continue from."""
     if run_dir.exists() and not run_dir.is_dir():
         raise KanoError(f"--out must be a directory (a new one, or a run to --resume), got an existing file {run_dir}")
-    from evaluator.outputs import read_manifest  # what eval and predict write into their folders
+    from kano.evaluator.outputs import read_manifest  # what eval and predict write into their folders
 
     results = read_manifest(run_dir)
     if results is not None:  # a run written among another command's results would mix the two

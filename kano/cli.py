@@ -49,7 +49,7 @@ app.add_typer(data_app, name="data")
 
 
 def _parse_images(items: List[str]) -> dict[str, list[Path]]:
-    from anomaly_data.io import list_images
+    from kano.anomaly_data.io import list_images
 
     out: dict[str, list[Path]] = {}
     for item in items:
@@ -87,7 +87,7 @@ def kb_build(
                               "(default), or refuse at once"),
 ):
     """Ask the LLM (per class) and the VQA model (per image) for anomaly descriptions."""
-    from kb_builder import command as kb_command
+    from kano.kb_builder import command as kb_command
 
     code = kb_command.build(classes=classes, kb=kb, llm=llm, vqa=vqa, images=_parse_images(images), data=data, n_llm=n_llm,
                             m_vqa=m_vqa, llm_base_url=llm_base_url, vqa_base_url=vqa_base_url, temperature=temperature,
@@ -104,7 +104,7 @@ def kb_sql(
 ):
     """Query the knowledge base with SQL (read-only)."""
     from kano import ui
-    from knowledge_store import run_sql
+    from kano.knowledge_store import run_sql
 
     if fmt not in ("table", "csv", "json"):
         raise KanoError(f"--format must be one of table, csv, json, got {fmt!r}")
@@ -124,7 +124,7 @@ def kb_sql(
 @kb_app.command("stats")
 def kb_stats(kb: Path = typer.Option(Path("kb.duckdb"), "--kb"), as_json: bool = typer.Option(False, "--json")):
     """Descriptions per class and source, tokens, estimated cost, failures."""
-    from kb_builder import command as kb_command
+    from kano.kb_builder import command as kb_command
 
     kb_command.print_stats(kb, as_json)
 
@@ -132,7 +132,7 @@ def kb_stats(kb: Path = typer.Option(Path("kb.duckdb"), "--kb"), as_json: bool =
 @kb_app.command("upgrade")
 def kb_upgrade(kb: Path = typer.Option(Path("kb.duckdb"), "--kb")):
     """Apply pending schema migrations to a knowledge base written by an older Kano (nothing else changes)."""
-    from knowledge_store import upgrade
+    from kano.knowledge_store import upgrade
 
     before, after = upgrade(kb)
     typer.echo(f"{kb}: schema version {before} -> {after}" if after != before else f"{kb}: schema version {after}, up to date")
@@ -141,7 +141,7 @@ def kb_upgrade(kb: Path = typer.Option(Path("kb.duckdb"), "--kb")):
 @kb_app.command("export")
 def kb_export(out: Path = typer.Argument(..., help="file.jsonl or file.parquet"), kb: Path = typer.Option(Path("kb.duckdb"), "--kb")):
     """Export descriptions (with provider and model) to JSONL or Parquet."""
-    from knowledge_store import export
+    from kano.knowledge_store import export
 
     n = export(kb, out)
     typer.echo(f"exported {n} descriptions to {out}")
@@ -152,7 +152,7 @@ def kb_import(src: Path = typer.Argument(..., help="file.jsonl or file.parquet w
               kb: Path = typer.Option(Path("kb.duckdb"), "--kb"),
               create: bool = typer.Option(False, "--create", help="start a new knowledge base if --kb does not exist")):
     """Import descriptions from JSONL or Parquet (source 'import'); existing ones are skipped."""
-    from knowledge_store import import_descriptions
+    from kano.knowledge_store import import_descriptions
 
     added, skipped = import_descriptions(kb, src, create=create)
     typer.echo(f"imported {added} descriptions into {kb} ({skipped} already present)")
@@ -172,7 +172,7 @@ def data_synth(
     force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
 ):
     """Write procedural textures/objects with exact-mask defects (deterministic)."""
-    from anomaly_data import synthesize, synthesize_world
+    from kano.anomaly_data import synthesize, synthesize_world
 
     cls = [c.strip() for c in classes.split(",")] if classes else None
     kinds = tuple(d.strip() for d in defects.split(",")) if defects else None
@@ -187,14 +187,14 @@ def data_synth(
 @data_app.command("meta")
 def data_meta(spec: str = typer.Argument(..., help="KIND:PATH"), out: Optional[Path] = typer.Option(None, "--out")):
     """Write the peers' meta.json for a dataset read from KIND:PATH."""
-    from anomaly_data import load_dataset, write_meta
+    from kano.anomaly_data import load_dataset, write_meta
 
     path = write_meta(load_dataset(spec, missing_masks="warn"), out)
     typer.echo(f"wrote {path}")
 
 
 def _train_defaults():
-    from trainer import TrainConfig
+    from kano.trainer import TrainConfig
 
     try:
         return TrainConfig(data="_")
@@ -266,7 +266,7 @@ def train_cmd(
 
     Several processes train one run: torchrun --nproc_per_node N --no-python kano train ... (gloo on CPU, NCCL on CUDA).
     """
-    from trainer import command as train_command
+    from kano.trainer import command as train_command
 
     train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
         method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
@@ -306,7 +306,7 @@ def eval_cmd(
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method clip, clip-ac, winclip, retrieval"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
-    from evaluator import command as eval_command
+    from kano.evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
         if mutual or k_shot:
@@ -334,7 +334,7 @@ def compare_cmd(
 ):
     """One table per dataset: a row per class and the mean, a column per method, the best per row in bold;
     transductive methods marked with a dagger."""
-    from evaluator import table
+    from kano.evaluator import table
 
     tables = table.compare_folders(results, out, table.parse_metrics(metrics), force=force)
     typer.echo(table.to_markdown(tables))
@@ -360,7 +360,7 @@ def predict_cmd(
     """Score images: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
 
     Exit code 1 when some image could not be read (its record says why; the others are written)."""
-    from evaluator import command as eval_command
+    from kano.evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force)
@@ -372,8 +372,7 @@ def demo_cmd(out: Path = typer.Option(Path("demo_out"), "--out"), epochs: int = 
              backbone: Optional[str] = typer.Option(None, "--backbone", help="default: the demo's backbone (demo.DEMO_BACKBONE)"),
              baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="also score the untrained baseline, the zero-parameter detectors and the transductive floor")):
     """Offline end to end in the synthetic world: train on its auxiliary classes, evaluate zero-shot on unseen ones beside the baselines."""
-    import demo
-
+    from kano import demo
     demo.run(out, epochs=epochs, seed=seed, backbone=backbone or demo.DEMO_BACKBONE, baselines=baselines)
 
 

@@ -24,7 +24,7 @@ ZERO_SHOT = (("clip-ac", "CLIP-AC (zero-shot)"), ("winclip", "WinCLIP (zero-shot
 
 
 def _classes():
-    from anomaly_data.world import WORLD_AUX, WORLD_TARGET
+    from kano.anomaly_data.world import WORLD_AUX, WORLD_TARGET
 
     return WORLD_AUX, WORLD_TARGET
 
@@ -33,7 +33,7 @@ AUX_CLASSES, TARGET_CLASSES = _classes()
 
 
 def groups() -> dict:
-    from anomaly_data.world import DEFECT_GROUPS, HELD_OUT_DEFECTS, SEEN_DEFECTS
+    from kano.anomaly_data.world import DEFECT_GROUPS, HELD_OUT_DEFECTS, SEEN_DEFECTS
 
     return {"all": None, "seen": SEEN_DEFECTS, "held_out": HELD_OUT_DEFECTS, **DEFECT_GROUPS}
 
@@ -42,14 +42,14 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
         n_aux_good: int = 9, n_aux_defect: int = 4, baselines: bool = True) -> dict:
     import torch
 
-    from anomaly_data import synthesize_world
-    from evaluator import command as eval_command
-    from evaluator.baselines import load_baseline
-    from evaluator.methods import load_method
-    from evaluator.compare import compare
-    from evaluator.loading import load_model
-    from kb_builder import command as kb_command
-    from trainer import command as train_command
+    from kano.anomaly_data import synthesize_world
+    from kano.evaluator import command as eval_command
+    from kano.evaluator.baselines import load_baseline
+    from kano.evaluator.methods import load_method
+    from kano.evaluator.compare import compare
+    from kano.evaluator.loading import load_model
+    from kano.kb_builder import command as kb_command
+    from kano.trainer import command as train_command
 
     t0 = time.perf_counter()
     out = Path(out)
