@@ -170,12 +170,25 @@ def data_synth(
     n_defect: int = typer.Option(3, "--n-defect", help="images per defect kind per class"),
     defects: Optional[str] = typer.Option(None, "--defects", help="comma-separated kinds (default: every kind that applies to each class); see anomaly_data.DEFECTS"),
     force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="a folder of your normal photos (or a class folder: its train/good): "
+                                            "defects are synthesised on them (CutPaste, scar, DRAEM texture, colour, scratch, smear, "
+                                            "missing; --size is then the longest side kept); --classes names the class"),
+    foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
+                                   "or a folder of masks, one per photo by stem; defects land only there"),
 ):
-    """Write procedural textures/objects with exact-mask defects (deterministic)."""
+    """Write procedural textures/objects with exact-mask defects (deterministic), or defects on your own photos (--from)."""
     from kano.anomaly_data import synthesize, synthesize_world
 
     cls = [c.strip() for c in classes.split(",")] if classes else None
     kinds = tuple(d.strip() for d in defects.split(",")) if defects else None
+    if from_dir is not None:
+        from kano.anomaly_data.photo_defects import describe, synthesize_from_photos
+
+        if world is not None or (cls and len(cls) > 1):
+            raise KanoError(f"--from takes one class name in --classes and no --world, got --classes {classes} --world {world}")
+        typer.echo(describe(synthesize_from_photos(from_dir, out, cls[0] if cls else None, seed=seed, max_side=size,
+                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force)))
+        return
     if world is not None:
         synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
                          defects=kinds, force=force)
