@@ -121,12 +121,17 @@ def load_calibration(run_dir: str | os.PathLike) -> dict | None:
     return cal
 
 
-def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, required: bool = False) -> float | None:
+def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sha256: str | None = None, *,
+                         required: bool = False) -> float | None:
     """The class's calibrated image threshold, or None when the run has no calibration (or, unless `required`,
-    none for this class). required=True: a class missing from an existing calibration is an error."""
+    none for this class). required=True: a class missing from an existing calibration is an error.
+    weights_sha256: the digest of the weights in use, when the caller holds them (checked as well)."""
     cal = load_calibration(run_dir)
     if cal is None:
         return None
+    if weights_sha256 is not None and cal["run_weights_sha256"] != weights_sha256:
+        raise KanoError(f"{Path(run_dir) / CALIBRATION_FILE} must be made for the weights in use (sha256 {weights_sha256[:16]}...), "
+                        f"got a calibration made for {str(cal['run_weights_sha256'])[:16]}...: run `kano calibrate` again")
     entry = cal["classes"].get(class_name)
     if entry is None:
         if required:
