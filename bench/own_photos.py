@@ -108,6 +108,11 @@ def main() -> None:
     dirs = ([ev / f"kanoclip_seed{s}" for s in seeds] + [ev / "untrained"] + [ev / "zero_shot" / m for m in ZERO_SHOT.split(",")]
             + [ev / "floors" / m for m in FLOORS.split(",")] + [ev / "transductive" / m for m in TRANSDUCTIVE.split(",")])
     kano("compare", *dirs, "--out", out / "comparison", "--metrics", "image_auroc,pixel_auroc,aupro", "--force")
+    spread = [f"Trained KAnoCLIP over seeds {args.seeds} (mean, max - min):"]
+    for key, name in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
+        vals = [100 * json.loads((ev / f"kanoclip_seed{s}" / "metrics.json").read_text())["mean"][key] for s in seeds]
+        spread.append(f"- {name}: {', '.join(f'{v:.1f}' for v in vals)} (mean {sum(vals) / len(vals):.1f}, spread {max(vals) - min(vals):.1f})")
+    print("\n".join(["", *spread]))
     lines = [f"Decisions on the real test images ({cls}: test/good normal, the other test folders defective):", ""]
     for s, run in trained:
         cal = json.loads((run / "calibration.json").read_text())["classes"][cls]
