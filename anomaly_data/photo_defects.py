@@ -37,7 +37,8 @@ Foreground (`foreground=`):
 - "auto": distance of each pixel's colour from the border colour (median of a frame 4 % of the short side
   wide), smoothed (Gaussian, sigma 1 % of the short side), thresholded by Otsu's method, holes filled, the
   largest connected part kept. Suits an object photographed on a plain background. When that part covers
-  less than 5 % or more than 95 % of the photo (a texture, or no contrast to the border), the whole photo is
+  less than 5 % or more than 95 % of the photo, or its median pixel is not farther from the border colour than
+  twice the border's own spread (90th percentile) plus 10 (a texture, or no contrast), the whole photo is
   the foreground and the photo is listed in the returned summary's "whole_image_foreground".
 - "none": the whole photo (textures, surfaces filling the frame).
 - a folder of masks: one per photo, paired by stem (NNN.png, NNN_mask.png, ...), any nonzero pixel is object.
@@ -66,6 +67,7 @@ MIN_SIDE = 64          # below this the smallest defects (scars 2 px wide, blobs
 MIN_CHANGED = 0.0015   # a defect image must change at least this share of the photo (retries, then an error)
 AUTO_FG_RANGE = (0.05, 0.95)  # an automatic foreground outside this share of the photo is not trusted
 TRIES = 25
+OBJECT_CONTRAST = 10.0  # RGB distance an object's median pixel must lie beyond twice the border's 90th-percentile spread
 
 
 @dataclass
@@ -128,14 +130,16 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def auto_foreground(rgb: np.ndarray) -> np.ndarray | None:
-    """(H, W) bool object estimate of an (H, W, 3) uint8 photo (see the module docstring), or None when it covers
-    less than 5 % or more than 95 % of the photo."""
+    """(H, W) bool object estimate of an (H, W, 3) uint8 photo (see the module docstring), or None when no object
+    stands out (too small, too large, or no clearer from the border colour than the border varies)."""
     h, w = rgb.shape[:2]
     b = max(1, round(0.04 * min(h, w)))
     img = rgb.astype(np.float64)
     frame = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3), img[:, :b].reshape(-1, 3), img[:, -b:].reshape(-1, 3)])
-    dist = np.linalg.norm(img - np.median(frame, axis=0), axis=2)
-    dist = ndimage.gaussian_filter(dist, sigma=max(1.0, 0.01 * min(h, w)))
+    centre = np.median(frame, axis=0)
+    raw = np.linalg.norm(img - centre, axis=2)
+    spread = float(np.percentile(np.linalg.norm(frame - centre, axis=1), 90))
+    dist = ndimage.gaussian_filter(raw, sigma=max(1.0, 0.01 * min(h, w)))
     top = float(dist.max())
     if top <= 1e-9:
         return None
@@ -147,7 +151,9 @@ def auto_foreground(rgb: np.ndarray) -> np.ndarray | None:
     sizes = ndimage.sum(fg, labels, index=np.arange(1, n + 1))
     fg = labels == (int(np.argmax(sizes)) + 1)
     share = fg.mean()
-    return fg if AUTO_FG_RANGE[0] <= share <= AUTO_FG_RANGE[1] else None
+    # an object must stand out from the background by more than the background's own variation
+    stands_out = float(np.median(raw[fg])) > 2 * spread + OBJECT_CONTRAST
+    return fg if stands_out and AUTO_FG_RANGE[0] <= share <= AUTO_FG_RANGE[1] else None
 
 
 # ---------------------------------------------------------------- shapes and noise

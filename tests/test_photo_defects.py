@@ -144,3 +144,16 @@ def test_cli_from_class_folder(tmp_path, cli):
     assert code == 0, err
     assert "class bolt, 28 normal photos" in out
     assert sorted(p.name for p in (tmp_path / "out" / "bolt" / "test").iterdir()) == ["colour", "good", "scratch"]
+
+
+def test_texture_photos_fall_back_to_the_whole_photo(tmp_path, cli):
+    """Noise filling the frame has no object against its border: the whole photo is the foreground, and the
+    command says so."""
+    src = tmp_path / "cloth"
+    src.mkdir()
+    r = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(r.integers(90, 110, (80, 80, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    code, out, err = cli("data", "synth", "--from", src, "--out", tmp_path / "out", "--defects", "colour", "--n-defect", "3")
+    assert code == 0, err
+    assert "no object found against the border colour in 2 photo(s) (0.png, 1.png)" in out
