@@ -204,7 +204,7 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
                         "rank": k, "data_sha256": data_sha256(files), "class_word": word}
         rows += [(cls, Path(f).name, float(v), float(p)) for f, v, p in zip(files, s, peaks)]
         log(f"{cls}: n={len(files)}, rank k={k}: image threshold {thr:.6f} (score {t:.6f} and below is normal), "
-            f"pixel threshold {pthr:.6f}, class word {word!r}")
+            f"pixel threshold {pthr:.4g}, class word {word!r}")
     old = _previous(run_dir, a, log)
     cal = {"format": FORMAT, "run_weights_sha256": digest, "alarm_rate": a,
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
