@@ -1,4 +1,4 @@
-"""The KB file and other clients (issue 13 items 5/6): DuckDB 1.1 opens it under any name, and training
+"""The KB file and other clients: DuckDB 1.1 opens it under any name, and training
 reads it while another process has it open read-only."""
 
 import json

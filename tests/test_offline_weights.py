@@ -1,4 +1,4 @@
-"""A pretrained tag missing from the cache fails fast and cleanly offline (issue 13, item 5).
+"""A pretrained tag missing from the cache fails fast and cleanly offline.
 
 Real processes with a private, empty Hugging Face cache; "no network" is a real endpoint that refuses
 connections or one that accepts and never answers (a loopback socket that is never read)."""

@@ -1,5 +1,5 @@
-"""report.html and predict's index.html in a real headless browser; provenance in every result (issue 13,
-items 2 and 4). Screenshots are saved under each test's tmp dir."""
+"""report.html and predict's index.html in a real headless browser; provenance in every result.
+Screenshots are saved under each test's tmp dir."""
 
 import datetime as dt
 import hashlib

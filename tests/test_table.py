@@ -1,4 +1,4 @@
-"""`kano compare` and `kano eval --method a,b,c` (issue 14): one table per dataset in the KAnoCLIP paper's layout,
+"""`kano compare` and `kano eval --method a,b,c`: one table per dataset in the KAnoCLIP paper's layout,
 from hand-made metrics.json files with known numbers, and once end to end on the zero-parameter methods."""
 
 import csv

@@ -1,4 +1,4 @@
-"""Several processes are one run (issue 9, item 4): a real `torchrun` with two gloo processes on CPU."""
+"""Several processes are one run: a real `torchrun` with two gloo processes on CPU."""
 
 import hashlib
 import json

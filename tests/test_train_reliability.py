@@ -1,5 +1,5 @@
-"""`kano train` under concurrency, damage and interruption (issue 12 items 1, 2, 8, 9), its input checks and help
-(issue 12's traceback list, issue 13 item 9). Real processes, real signals, real files."""
+"""`kano train` under concurrency, damage and interruption, its input checks and help.
+Real processes, real signals, real files."""
 
 import json
 import os
@@ -263,7 +263,7 @@ def test_out_naming_an_existing_file_is_refused(world, tmp_path, cli):
     assert (tmp_path / "f").read_text() == "keep me"
 
 
-# -- issue 13 item 9: help -----------------------------------------------------------------------------------------------
+# -- help -----------------------------------------------------------------------------------------------
 def test_train_help_shows_defaults_and_every_option_has_help():
     import typer.main
 
