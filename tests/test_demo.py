@@ -12,6 +12,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the full demo: data, training and every method, minutes
+
 MARGIN_AUROC = 0.05    # image and pixel AUROC over every per-image zero-parameter detector
 MARGIN_AUPRO = 0.03    # AUPRO over the same detectors
 MARGIN_UNTRAINED = 0.03  # over CLIP-AC on the same backbone, each of the three metrics

@@ -14,6 +14,8 @@ import pytest
 from kano.knowledge_store import KnowledgeStore, migrate
 from tests.fake_openai import FakeOpenAI
 
+pytestmark = pytest.mark.slow  # a side venv with duckdb 1.1 and a second process holding the KB
+
 DUCKDB11 = os.environ.get("KANO_DUCKDB11_PYTHON")  # .ci/run: a venv holding duckdb==1.1.3
 
 READ_ALL = """

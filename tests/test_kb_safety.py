@@ -61,6 +61,7 @@ def counts(kb: Path) -> dict:
 
 # ---- two builds at once, repeated inputs, identical images ---------------------------------
 
+@pytest.mark.slow
 def test_two_builds_at_once_store_and_bill_everything_once(tmp_path):
     folder = image_folder(tmp_path, n=4, identical=1)  # 5 files, 4 distinct contents
     kb = tmp_path / "kb.duckdb"
@@ -120,6 +121,7 @@ duckdb.connect = lambda *a, **k: _Con(_connect(*a, **k))
 '''
 
 
+@pytest.mark.slow
 def test_a_build_killed_between_a_call_and_its_descriptions_leaves_no_call_without_them(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -222,6 +224,7 @@ def test_kb_sql_refuses_every_write_and_file_access_and_still_answers_select(tmp
 
 # ---- --timeout bounds the whole request -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_timeout_bounds_a_trickling_reply(tmp_path):
     kb = tmp_path / "kb.duckdb"
     with FakeOpenAI(trickle_s=0.1) as srv:  # a reply of ~600 bytes at 10 bytes/s: about a minute

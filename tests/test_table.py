@@ -165,6 +165,7 @@ def test_eval_method_list_refuses_bad_names_before_anything_runs(methods, messag
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_eval_method_list_end_to_end_and_in_the_browser(synth_root, tmp_path, cli):
     out = tmp_path / "x"
     code, stdout, err = cli("eval", "--method", "median_colour,darkness", "--data", f"mvtec:{synth_root}", "--out", out,

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import KANO
+
+pytestmark = pytest.mark.slow  # two torchrun processes
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
