@@ -127,7 +127,6 @@ def pristine(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage", [_overwrite, _truncate, _garbage_header, _empty], ids=["overwritten", "truncated", "garbage", "empty"])
-@pytest.mark.slow
 def test_a_damaged_cache_file_is_rebuilt_with_a_warning(world, pristine, tmp_path, damage, cli):
     import hashlib
     import shutil
