@@ -160,3 +160,12 @@ def test_bad_input(run_copy, held_out, synth_root, tmp_path, cli):
     (run_copy / "calibration.json").write_text(json.dumps(cal))
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 2 and "must be made for this run's weights" in err and "got a calibration made for 0000000000000000" in err
+
+
+def test_a_damaged_calibration_file_is_named(run_copy, held_out, tmp_path, cli):
+    (run_copy / "calibration.json").write_text(json.dumps({"classes": {"disc": {"image_threshold": 0.5}}}))
+    code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
+    assert code == 2 and "calibration.json must be a calibration of format 1" in err and "got format None" in err
+    (run_copy / "calibration.json").write_text("{not json")
+    code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
+    assert code == 2 and "must be the JSON file `kano calibrate` writes" in err
