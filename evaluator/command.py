@@ -79,8 +79,10 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
-    what = (described.get("setting") if described.get("setting") == described["kind"] else f"{described['setting']} {described['kind']}")
-    what = f"{what} {described['name']}" if method else ("run " + str(run) if run else "untrained " + backbone)
+    if method:  # setting, kind and name, each word once ("few-shot winclip+", "per-image zero-shot clip")
+        what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), described["kind"]) if w), described["name"]])
+    else:
+        what = "run " + str(run) if run else "untrained " + backbone
     what += " + MuSc (--mutual)" if mutual else ""
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     for u in result["unreadable"]:
