@@ -56,6 +56,10 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
         described = _method(run, backbone, info)
+        if k_shot or reference:  # April-GAN's few-shot memory on the run or the untrained model
+            from kano.evaluator.methods import with_patch_memory
+
+            model, described = with_patch_memory(model, described, k_shot, data, reference, classes)
     if mutual:
         from kano.evaluator.methods import with_mutual
 
@@ -63,8 +67,6 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     from kano.anomaly_data.names import known_words, parse_class_words, unknown_word_warning
     from kano.api import resolve_threshold, weights_sha256
 
-    if reference and not method:
-        raise KanoError(f"--reference must go with --method winclip (WinCLIP+), got --reference {reference} without --method")
     words = parse_class_words(class_words)
     if described.get("kind") != "baseline":  # the floors use no prompts
         known = known_words(info["prompt_names"])
@@ -104,14 +106,15 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
             raise KanoError(f"--method {method} runs a method that needs no training: give --backbone SPEC, not --run, got --run {run}")
         return Detector.zero_shot(method, backbone, references=reference, k_shot=k_shot, threshold=threshold, device=device,
                                   batch_size=batch_size)
-    if reference or k_shot:
-        raise KanoError("--reference and --k-shot must go with --method NAME (e.g. --method winclip), got no --method")
+    if reference and not k_shot or k_shot and not reference:
+        raise KanoError(f"--reference DIR and --k-shot K >= 1 go together, got {'--reference ' + str(reference) if reference else '--k-shot ' + str(k_shot)} alone")
     if run:
-        return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size)
+        return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size, references=reference, k_shot=k_shot)
     from kano.evaluator import load_model
 
     model, info = load_model(None, backbone, None, _device(device))
-    return Detector(model, _method(None, backbone, info), threshold=threshold, batch_size=batch_size)
+    return Detector.with_references(model, _method(None, backbone, info), reference, k_shot, threshold=threshold,
+                                    batch_size=batch_size)
 
 
 def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,

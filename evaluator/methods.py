@@ -150,6 +150,36 @@ def reference_folder(folder, k: int, bb) -> tuple[torch.Tensor, list[str]]:
     return _reference_tensor(samples, bb), [s.image_path for s in samples]
 
 
+def with_patch_memory(model, described: dict, k_shot: int, data: str | None = None, references=None,
+                      classes: list[str] | None = None):
+    """K-shot mode for a per-image model with a CLIP backbone (a trained run, the untrained model): April-GAN's
+    memory of normal patches (kanoclip/fewshot.py). References: the first k images of `references` (a folder)
+    for every class, else of each class's train split of `data`. -> (PatchMemory, its provenance)."""
+    from kano.kanoclip.backbone import Backbone
+    from kano.kanoclip.fewshot import FEWSHOT_SOURCE, PatchMemory
+
+    if k_shot < 1:
+        raise KanoError(f"--k-shot must be an integer >= 1 for the K-shot mode, got {k_shot}")
+    if getattr(model, "transductive", False) or not isinstance(getattr(model, "backbone", None), Backbone):
+        raise KanoError(f"--k-shot must go with a per-image model on a CLIP backbone (--run, --backbone, or --method winclip), "
+                        f"got {described.get('name')}")
+    bb = model.backbone
+    wrapped = PatchMemory(model).eval()
+    if references:
+        refs, ref_files = reference_folder(references, k_shot, bb)
+        from kano.anomaly_data import load_dataset
+
+        names = classes or (list(load_dataset(data).classes) if data else [])
+        wrapped.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
+    else:
+        wrapped.reference_images, files = reference_images(data, k_shot, bb, classes)
+    where = str(references) if references else "each class's train split"
+    info = {**described, "setting": "few-shot", "k_shot": k_shot, "references": files,
+            "few_shot": {"rule": f"April-GAN memory of the first {k_shot} images of {where}, sorted by path",
+                         "source": FEWSHOT_SOURCE, "stages": list(bb.stages)}}
+    return wrapped, info
+
+
 def load_retrieval(run, backbone: str | None, image_size: int | None, device: torch.device | str, aux: str | None,
                    batch_size: int = 16, allow_missing_masks: bool = False):
     """-> (PatchRetrieval, info) for `kano eval --method retrieval --backbone SPEC --aux KIND:PATH`: the memory

@@ -162,16 +162,36 @@ class Detector:
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
-    def load(cls, run: str | Path, *, threshold: float | None = None, device: str | None = None, batch_size: int = 8) -> "Detector":
-        """A trained run (`kano train --out RUN`): KAnoCLIP, April-GAN or AnomalyCLIP."""
+    def load(cls, run: str | Path, *, threshold: float | None = None, device: str | None = None, batch_size: int = 8,
+             references: str | Path | None = None, k_shot: int = 0) -> "Detector":
+        """A trained run (`kano train --out RUN`): KAnoCLIP, April-GAN or AnomalyCLIP. With `references` (a folder
+        of normal images) and `k_shot` K: April-GAN's few-shot memory of the folder's first K images, sorted by
+        path (kanoclip/fewshot.py)."""
         from kano.evaluator.command import _device
         from kano.evaluator.loading import load_model
         from kano.evaluator.report import trained_method
 
         model, info = load_model(str(run), None, None, _device(device))
         cfg = info["config"]
-        return cls(model, trained_method(run, cfg), run_dir=run, run_threshold=info["threshold"], run_words=info["prompt_names"],
-                   weights_sha256=weights_sha256(cfg), threshold=threshold, batch_size=batch_size)
+        det = cls.with_references(model, trained_method(run, cfg), references, k_shot, threshold=threshold, batch_size=batch_size)
+        det.run_dir, det.run_threshold, det.run_words = Path(run), info["threshold"], dict(info["prompt_names"])
+        det.weights_sha256 = weights_sha256(cfg)
+        return det
+
+    @classmethod
+    def with_references(cls, model, method: dict, references: str | Path | None, k_shot: int, **kw) -> "Detector":
+        """`model` as it is, or, with references and k_shot, wrapped in April-GAN's few-shot patch memory."""
+        if not references and not k_shot:
+            return cls(model, method, **kw)
+        if not references or k_shot < 1:
+            raise KanoError(f"references (a folder of normal images) and k_shot >= 1 go together, got references={references} "
+                            f"and k_shot={k_shot}")
+        from kano.evaluator.methods import reference_folder, with_patch_memory
+
+        refs = reference_folder(references, k_shot, model.backbone)
+        wrapped, described = with_patch_memory(model, method, k_shot, references=references, classes=["*"])
+        described["references"] = refs[1]
+        return cls(wrapped, described, references=refs, **kw)
 
     @classmethod
     def zero_shot(cls, method: str = "winclip", backbone: str = "micro", *, references: str | Path | None = None,
