@@ -267,7 +267,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     if not per_class:
         raise KanoError(f"{data} must hold readable test images, got none readable: {unreadable[0]['error']}")
     result = {"dataset": data, "classes": per_class, "mean": mean, "unreadable": unreadable,
-              "provenance": report.provenance(method, image_size, started, data)}
+              "provenance": {**report.provenance(method, image_size, started, data), "class_words": names_map}}
     details["unreadable"] = unreadable
 
     written += report.write_reports(result, out_dir, details)

@@ -121,7 +121,7 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
             rec.update(score=None, anomalous=None, error=f"image {f} is too large to draw in memory")
         records.append(rec)
     header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": threshold_source,
-              "provenance": report.provenance(method, model.backbone.image_size, started, None)}
+              "provenance": {**report.provenance(method, model.backbone.image_size, started, None), "class_words": {class_name: word}}}
     with open(out_dir / "predictions.jsonl", "w") as jl:
         for rec in records:
             jl.write(json.dumps({k: v for k, v in rec.items() if k != "rel"}) + "\n")

@@ -96,6 +96,8 @@ def describe_method(method: dict) -> str:
 def provenance_lines(p: dict) -> list[tuple[str, str]]:
     commit = p.get("git_commit")
     rows = [("method", describe_method(p.get("method", {})))] + ([("data", str(p["data"]))] if p.get("data") else [])
+    if p.get("class_words"):  # the [class] word of the prompts, per class: it changes the scores
+        rows.append(("class words", ", ".join(f"{c} -> {w!r}" for c, w in p["class_words"].items())))
     return rows + [
             ("image size", f"{p['image_size']} px" if p.get("image_size") else "-"),
             ("Kano", f"{p.get('kano_version')} (git commit {commit[:12] if commit else 'unknown: not run from a git checkout'})"),

@@ -151,6 +151,8 @@ def test_eval_records_the_threshold_given_everywhere(tmp_path, trained_run, synt
     for cls in ("disc", "weave"):
         assert (m["classes"][cls]["threshold"], m["classes"][cls]["threshold_source"]) == (0.52, "command line")
     assert m["classes"]["disc"]["class_word"] == "round disc" and m["classes"]["weave"]["class_word"] == "weave"
+    assert m["provenance"]["class_words"] == {"disc": "round disc", "weave": "weave"}
+    assert "class words: disc -> 'round disc', weave -> 'weave'" in (out / "metrics.md").read_text()
     assert "threshold" not in m["provenance"]["method"]  # the run's own lives under run_threshold
     ident = json.loads((out / "kano_outputs.json").read_text())["identity"]
     assert ident["thresholds"]["disc"] == {"threshold": 0.52, "source": "command line"}
