@@ -74,14 +74,15 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
     files = collect_images(inputs)
     out_dir = Path(out_dir)
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
-    identity = {"method": method, "class": class_name, "threshold": threshold, "inputs": [str(f.resolve()) for f in files],
+    word = prompt or class_word(class_name)
+    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold,
+                "threshold_source": threshold_source, "inputs": [str(f.resolve()) for f in files],
                 "image_size": model.backbone.image_size}
     outputs.claim(out_dir, "predict", identity, force)
     (out_dir / "maps").mkdir(exist_ok=True)
     (out_dir / "panels").mkdir(exist_ok=True)
     names = outputs.unique_names([[f.stem, *reversed(f.resolve().parent.parts[-4:])] for f in files])
     samples = [Sample(str(f.resolve()), None, class_name, "unknown", 0) for f in files]
-    word = prompt or class_word(class_name)
     prompts = [word] * len(samples)
     errors: dict[int, str] = {}
     advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)

@@ -189,7 +189,7 @@ class Detector:
         from kano.evaluator.methods import reference_folder, with_patch_memory
 
         refs = reference_folder(references, k_shot, model.backbone)
-        wrapped, described = with_patch_memory(model, method, k_shot, references=references, classes=["*"])
+        wrapped, described = with_patch_memory(model, method, k_shot, references=references)
         described["references"] = refs[1]
         return cls(wrapped, described, references=refs, **kw)
 

@@ -183,6 +183,8 @@ def test_predict_records_threshold_source_and_class_word(tmp_path, trained_run, 
     rec = json.loads((out / "predictions.jsonl").read_text())
     assert (rec["threshold"], rec["threshold_source"], rec["class_word"]) == (0.3, "command line", "flat disc")
     assert rec["anomalous"] == (rec["score"] >= 0.3)
+    ident = json.loads((out / "kano_outputs.json").read_text())["identity"]
+    assert (ident["threshold"], ident["threshold_source"], ident["class_word"]) == (0.3, "command line", "flat disc")
     html = (out / "index.html").read_text()
     assert "0.300 (given on the command line (--threshold))" in html and "flat disc" in html
 
@@ -197,13 +199,13 @@ def test_a_misspelt_class_word_warns_with_the_closest_names(tmp_path, cli):
     assert code == 0 and "warning" not in err
 
 
-def test_predict_refuses_transductive_methods_and_references_without_a_method(tmp_path, cli):
+def test_predict_refuses_transductive_methods_and_references_without_k(tmp_path, cli):
     img = HAZEL / "test" / "good" / "04.jpg"
     code, _, err = cli("predict", img, "--method", "mutual", "--backbone", "tiny", "--class", "hazelnut", "--out", tmp_path / "p")
     assert code == 2 and "transductive" in err and "Traceback" not in err
-    code, _, err = cli("predict", img, "--backbone", "tiny", "--reference", HAZEL / "train" / "good", "--k-shot", "2",
-                       "--class", "hazelnut", "--out", tmp_path / "q")
-    assert code == 2 and "must go with --method" in " ".join(err.split())
+    code, _, err = cli("predict", img, "--backbone", "tiny", "--reference", HAZEL / "train" / "good", "--class", "hazelnut",
+                       "--out", tmp_path / "q")
+    assert code == 2 and "--reference DIR and --k-shot K >= 1 go together" in " ".join(err.split())
 
 
 def _corrupt_copy(tmp_path: Path) -> Path:
