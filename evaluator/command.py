@@ -87,6 +87,9 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         what = "run " + str(run) if run else "untrained " + backbone
     what += " + MuSc (--mutual)" if mutual else ""
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
+    for cls, m in result["classes"].items():
+        t = m["threshold"]
+        ui.out.print(f"decision threshold: {'-' if t is None else f'{t:.6f}'} from the {m['threshold_source'] or 'none'} (class {cls})")
     for u in result["unreadable"]:
         ui.err.print(f"not scored (left out of the metrics): {u['error']}", markup=False)
     if result["unreadable"]:
@@ -138,7 +141,7 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     if threshold is None:
         ui.err.print("no threshold (no --threshold, no calibration and none in the run): scores only")
     else:
-        ui.err.print(f"threshold {threshold:.4f} (from the {source})")
+        ui.out.print(f"decision threshold: {threshold:.6f} from the {source}")
     failed = [r for r in records if r["error"]]
     for r in failed:
         ui.err.print(f"not scored: {r['error']}")

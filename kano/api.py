@@ -19,7 +19,6 @@ the run's own, calibrated on its auxiliary data at training (source "run") > non
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from PIL import Image
 
 from kano.errors import KanoError
 
-CALIBRATION_FILE = "calibration.json"
 THRESHOLD_SOURCES = ("command line", "calibration", "run")
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -58,39 +56,6 @@ class Result:
     image: str | None = None
 
 
-def load_calibration(run_dir: str | Path) -> dict | None:
-    """RUN/calibration.json (written by `kano calibrate`) or None when the run has none."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        cal = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise KanoError(f"{path} must be the JSON file `kano calibrate` writes, got an unreadable file ({exc})") from None
-    if not isinstance(cal, dict) or not isinstance(cal.get("classes"), dict):
-        raise KanoError(f"{path} must hold a \"classes\" object (as `kano calibrate` writes it), got {type(cal).__name__}")
-    return cal
-
-
-def calibrated_threshold(run_dir: str | Path, class_name: str, weights_sha256: str | None = None) -> float | None:
-    """The class's calibrated image threshold from RUN/calibration.json; None when the run or the class has none.
-    A calibration made for other weights (its run_weights_sha256 differs from `weights_sha256`) is an error."""
-    cal = load_calibration(run_dir)
-    if cal is None:
-        return None
-    made_for = cal.get("run_weights_sha256")
-    if weights_sha256 and made_for and made_for != weights_sha256:
-        raise KanoError(f"{Path(run_dir) / CALIBRATION_FILE} must be made for this run's weights (sha256 {weights_sha256[:16]}...), "
-                        f"got one made for {str(made_for)[:16]}...: run `kano calibrate` again")
-    entry = cal["classes"].get(class_name)
-    if entry is None:
-        return None
-    t = entry.get("image_threshold") if isinstance(entry, dict) else None
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-        raise KanoError(f"{Path(run_dir) / CALIBRATION_FILE}: classes.{class_name}.image_threshold must be a number in [0, 1], got {t!r}")
-    return float(t)
-
-
 def weights_sha256(config: dict | None) -> str | None:
     """The weights' digest `kano train` recorded in a run's config.json (None for runs without one)."""
     ranks = (config or {}).get("ranks")
@@ -100,13 +65,16 @@ def weights_sha256(config: dict | None) -> str | None:
 
 def resolve_threshold(given: float | None, run_dir: str | Path | None, class_name: str, run_threshold: float | None,
                       weights_sha256: str | None = None) -> tuple[float | None, str | None]:
-    """-> (threshold, source): command line > RUN/calibration.json for the class > the run's > (None, None)."""
+    """-> (threshold, source): command line > RUN/calibration.json for the class (evaluator.calibrate; a class
+    missing from an existing calibration is an error) > the run's > (None, None)."""
     if given is not None:
         if isinstance(given, bool) or not 0.0 <= given <= 1.0:
             raise KanoError(f"threshold must be a number in [0, 1] (scores are in [0, 1]), got {given}")
         return float(given), "command line"
     if run_dir is not None:
-        t = calibrated_threshold(run_dir, class_name, weights_sha256)
+        from kano.evaluator.calibrate import calibrated_threshold
+
+        t = calibrated_threshold(run_dir, class_name, weights_sha256, required=True)
         if t is not None:
             return t, "calibration"
     if run_threshold is not None:

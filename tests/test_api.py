@@ -94,14 +94,16 @@ def test_threshold_order_command_line_then_calibration_then_run(tmp_path, traine
     assert (kano.Detector.load(run)(img, class_name="disc").threshold_source, ) == ("run",)
     _calibrate(run, {"disc": 0.37})
     det = kano.Detector.load(run)
-    r_disc, r_weave = det(img, class_name="disc"), det(img, class_name="weave")
+    r_disc = det(img, class_name="disc")
     assert (r_disc.threshold, r_disc.threshold_source) == (0.37, "calibration")
-    assert (r_weave.threshold, r_weave.threshold_source) == (run_thr, "run")        # no calibration for weave
     assert r_disc.anomalous == (r_disc.score >= 0.37)
+    with pytest.raises(KanoError, match="class must be one of the classes calibrated"):  # weave is not calibrated
+        det(img, class_name="weave")
+    assert kano.Detector.load(run, threshold=0.4)(img, class_name="weave").threshold == 0.4
     r = kano.Detector.load(run, threshold=0.52)(img, class_name="disc")
     assert (r.threshold, r.threshold_source, r.anomalous) == (0.52, "command line", r.score >= 0.52)
     _calibrate(run, {"disc": 0.37}, sha="0" * 64)
-    with pytest.raises(KanoError, match="must be made for this run's weights"):
+    with pytest.raises(KanoError, match="must be made for this run's weights"):  # a calibration of other weights
         kano.Detector.load(run)(img, class_name="disc")
 
 
@@ -165,13 +167,14 @@ def test_eval_records_the_threshold_given_everywhere(tmp_path, trained_run, synt
 def test_eval_uses_each_class_calibrated_threshold(tmp_path, trained_run, synth_root, cli):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    _calibrate(run, {"disc": 0.11})
-    run_thr = json.loads((run / "config.json").read_text())["threshold"]
+    _calibrate(run, {"disc": 0.11, "weave": 0.23})
     out = tmp_path / "ev"
-    assert cli("eval", "--run", run, "--data", f"mvtec:{synth_root}", "--out", out, "--n-overlays", "0")[0] == 0
+    code, stdout, err = cli("eval", "--run", run, "--data", f"mvtec:{synth_root}", "--out", out, "--n-overlays", "0")
+    assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert (m["classes"]["disc"]["threshold"], m["classes"]["disc"]["threshold_source"]) == (0.11, "calibration")
-    assert (m["classes"]["weave"]["threshold"], m["classes"]["weave"]["threshold_source"]) == (run_thr, "run")
+    assert (m["classes"]["weave"]["threshold"], m["classes"]["weave"]["threshold_source"]) == (0.23, "calibration")
+    assert "decision threshold: 0.230000 from the calibration (class weave)" in stdout
 
 
 def test_predict_records_threshold_source_and_class_word(tmp_path, trained_run, cli):
