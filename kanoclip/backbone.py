@@ -303,8 +303,8 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
       another file written by that script. Offline: the weights are package data.
 
     pos_resize: how pretrained position embeddings are resampled to the image size's grid (kanoclip/pos_embed.py
-    MODES); None keeps each loader's own (open_clip: bicubic-antialias at build; micro: bicubic), which runs made
-    before the setting existed used. Random weights (tiny, no PRETRAINED) have no grid to resample.
+    MODES); None keeps each loader's own (open_clip: bicubic-antialias at build; micro: bicubic), which runs without
+    a recorded pos_resize were made with. Random weights (tiny, no PRETRAINED) have no grid to resample.
     """
     spec = (spec or "").strip()
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):

@@ -130,8 +130,8 @@ def build(weights: str | None = None, image_size: int | None = None, pos_resize:
     native = model.visual.image_size
     native = int(native[0] if isinstance(native, (tuple, list)) else native)
     if image_size and image_size != native:
-        # another image size: resample the positional grid (kanoclip/pos_embed.py; bicubic without antialias
-        # is what micro runs made before the setting existed used)
+        # another image size: resample the positional grid (kanoclip/pos_embed.py); unset, bicubic without
+        # antialias, which runs without a recorded pos_resize were made with
         from .pos_embed import resize_visual
 
         resize_visual(model.visual, image_size, pos_resize or "bicubic")

@@ -210,7 +210,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if cfg.get("pos_resize") is not None and cfg["pos_resize"] not in MODES:
         raise KanoError(f"{run_dir / CONFIG}: pos_resize must be one of {', '.join(MODES)} (or absent), got {cfg['pos_resize']!r}")
     tensors = _read_weights(weights, cfg)
-    # runs made before pos_resize was recorded: None rebuilds them as they were made (each loader's own resize)
+    # a run without a recorded pos_resize: None rebuilds it with each loader's own resize, as it was made
     bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"],
                         vv_start=cfg["vv_start"], pos_resize=cfg.get("pos_resize"))
     try:
