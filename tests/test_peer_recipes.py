@@ -277,3 +277,33 @@ def test_cli_eval_musc_on_visa_uses_and_records_its_windows(synth_root, tmp_path
     code, out, err = cli("eval", "--method", "median_colour", "--data", f"visa:{visa}", "--out", tmp_path / "bad",
                          "--rscin-windows", "1,8,9")
     assert code == 2 and "--rscin-windows is used by --method musc and --mutual only" in err, err
+
+
+# ---- through the CLI ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_train_sets_stages_vv_start_and_resize_apart(synth_root, tmp_path, cli):
+    from kano.trainer.checkpoint import load_run
+
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--method", "anomalyclip", "--data", f"mvtec:{synth_root}", "--classes", "disc",
+                         "--backbone", "tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--out", run,
+                         "--cache", "off", "--stages", "2,4", "--vv-start", "2", "--pos-resize", "bicubic")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["stages"], config["vv_start"], config["pos_resize"]) == ([2, 4], 2, "bicubic")
+    assert config["train"]["vv_start"] == 2 and config["train"]["pos_resize"] == "bicubic"
+    model, _ = load_run(run)
+    assert (model.backbone.stages, model.backbone.vv_start, model.backbone.pos_resize) == ([2, 4], 2, "bicubic")
+    # a run whose config.json has no pos_resize loads with the loader's own resize (open_clip's)
+    del config["pos_resize"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert load_run(run)[0].backbone.pos_resize == "bicubic-antialias"
+    config["pos_resize"] = "nearest"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="pos_resize must be one of bicubic-antialias, bilinear, bicubic \\(or absent\\), got 'nearest'"):
+        load_run(run)
+    code, out, err = cli("train", "--method", "anomalyclip", "--data", f"mvtec:{synth_root}", "--backbone", "tiny",
+                         "--out", tmp_path / "bad", "--pos-resize", "nearest")
+    assert code == 2 and "pos_resize must be one of bicubic-antialias, bilinear, bicubic, got 'nearest'" in err, err
+    assert not (tmp_path / "bad").exists()
