@@ -166,6 +166,9 @@ def test_anomalyclip_published_layers_are_block_24_with_vv_from_block_6():
     assert (bb.stages, bb.vv_start, bb.pos_resize) == ([4], 1, "bilinear")
     bb = method_backbone("anomalyclip", "tiny", image_size=32, stages=[2, 4], vv_start=2, pos_resize="bicubic")
     assert (bb.stages, bb.vv_start, bb.pos_resize) == ([2, 4], 2, "bicubic")
+    with pytest.raises(Exception, match="V-V start must be at or before the last stage 2 .*got vv_start 3"):
+        method_backbone("anomalyclip", "tiny", image_size=32, stages=[1, 2], vv_start=3)
+    assert method_backbone("aprilgan", "tiny", image_size=32, stages=[1, 2], vv_start=3).vv_start == 3  # no V-V path
 
 
 def test_anomalyclip_loss_on_its_single_published_stage_is_ce_plus_four_times_local():

@@ -178,7 +178,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
 
     phase["now"] = "while building the model"
     bb = method_backbone(cfg.method, cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages,
-                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize)
+                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=cfg.model.use_vv)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = build_model(cfg.method, bb, cfg.model if uses_kb else None)
     names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
