@@ -31,6 +31,9 @@ Constants and their sources (MuSc public code: github.com/xrli-U/MuSc):
 - the map is the mean MSM distance itself (in [0, 2]: Euclidean distance between unit vectors), as the public
   code reports it (`map_scale` 1); `kano eval --mutual` fuses MuSc at `map_scale` 0.5 so that both halves of its
   mean are in [0, 1];
+- position embeddings at another grid than the weights' resampled bicubically without antialias, as its vendored
+  open_clip does (models/backbone/open_clip/model.py `resize_pos_embed`; `kano eval --method musc` builds its
+  backbone with pos_resize "bicubic", kanoclip/pos_embed.py);
 - negative class-token similarities enter RsCIN as they are (the public code does not clamp them; CLIP class
   tokens are in practice all positively correlated). `clamp_negative=True` counts them as 0.
 
