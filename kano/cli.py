@@ -48,14 +48,14 @@ app.add_typer(kb_app, name="kb")
 app.add_typer(data_app, name="data")
 
 
-def _parse_images(items: List[str]) -> dict[str, list[Path]]:
+def _parse_images(items: List[str], flag: str = "--images") -> dict[str, list[Path]]:
     from kano.anomaly_data.io import list_images
 
     out: dict[str, list[Path]] = {}
     for item in items:
         cls, sep, folder = item.partition("=")
         if not sep or not cls or not folder:
-            raise KanoError(f"--images must be CLASS=DIR, got {item!r}")
+            raise KanoError(f"{flag} must be CLASS=DIR, got {item!r}")
         out.setdefault(cls, []).extend(list_images(Path(folder)))
     return out
 
@@ -170,12 +170,25 @@ def data_synth(
     n_defect: int = typer.Option(3, "--n-defect", help="images per defect kind per class"),
     defects: Optional[str] = typer.Option(None, "--defects", help="comma-separated kinds (default: every kind that applies to each class); see anomaly_data.DEFECTS"),
     force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="a folder of your normal photos (or a class folder: its train/good): "
+                                            "defects are synthesised on them (CutPaste, scar, DRAEM texture, colour, scratch, smear, "
+                                            "missing; --size is then the longest side kept); --classes names the class"),
+    foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
+                                   "or a folder of masks, one per photo by stem; defects land only there"),
 ):
-    """Write procedural textures/objects with exact-mask defects (deterministic)."""
+    """Write procedural textures/objects with exact-mask defects (deterministic), or defects on your own photos (--from)."""
     from kano.anomaly_data import synthesize, synthesize_world
 
     cls = [c.strip() for c in classes.split(",")] if classes else None
     kinds = tuple(d.strip() for d in defects.split(",")) if defects else None
+    if from_dir is not None:
+        from kano.anomaly_data.photo_defects import describe, synthesize_from_photos
+
+        if world is not None or (cls and len(cls) > 1):
+            raise KanoError(f"--from takes one class name in --classes and no --world, got --classes {classes} --world {world}")
+        typer.echo(describe(synthesize_from_photos(from_dir, out, cls[0] if cls else None, seed=seed, max_side=size,
+                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force)))
+        return
     if world is not None:
         synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
                          defects=kinds, force=force)
@@ -372,6 +385,28 @@ def predict_cmd(
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force)
+
+
+@app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
+def calibrate_cmd(
+    run: Path = typer.Option(..., "--run", help="a trained run directory (kano train --out); calibration.json is written into it"),
+    normal: List[str] = typer.Option(..., "--normal", help="CLASS=DIR: normal images of CLASS the run never trained on (repeatable)"),
+    alarm_rate: float = typer.Option(..., "--alarm-rate", help="A in (0, 1): the share of new normal images you accept to flag; "
+                                     "needs at least 1/A - 1 images per class (A=0.1: 9)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write each image's score (calibration_scores.csv) and a copy of the calibration here"),
+    batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
+):
+    """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
+    normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
+    from kano import ui
+    from kano.evaluator import calibrate
+    from kano.evaluator.command import check_common
+
+    check_common(batch_size)
+    cal = calibrate.calibrate(run, _parse_images(normal, "--normal"), alarm_rate, batch_size=batch_size, device=device,
+                              progress=ui.progress_factory("calibrating"), log=typer.echo, out=out)
+    typer.echo(f"wrote {run / calibrate.CALIBRATION_FILE} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))})")
 
 
 @app.command("demo")
