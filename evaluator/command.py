@@ -39,7 +39,8 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
-             reference=None, class_words: str | None = None, strict: bool = False) -> dict:
+             reference=None, class_words: str | None = None, strict: bool = False,
+             rscin_windows: list[int] | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
@@ -47,11 +48,14 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     dev = _device(device)
     if aux and not method:
         raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
+    if rscin_windows and not (mutual or method == "musc"):
+        raise KanoError(f"--rscin-windows is used by --method musc and --mutual only, got it with "
+                        f"{'--method ' + method if method else '--run' if run else '--backbone'} and no --mutual")
     if method:
         from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
-                                  k_shot=k_shot, data=data, classes=classes, references=reference)
+                                  k_shot=k_shot, data=data, classes=classes, references=reference, rscin_windows=rscin_windows)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -63,7 +67,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     if mutual:
         from kano.evaluator.methods import with_mutual
 
-        model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"))
+        model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"),
+                                       data=data, rscin_windows=rscin_windows)
     from kano.anomaly_data.names import known_words, parse_class_words, unknown_word_warning
     from kano.api import resolve_threshold, weights_sha256
 

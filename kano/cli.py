@@ -223,13 +223,13 @@ def _d(value) -> str:
     return f" (default: {value})"
 
 
-def _int_list(name: str, raw: Optional[str]) -> Optional[list[int]]:
+def _int_list(name: str, raw: Optional[str], what: str = "block numbers (e.g. 6,12,18,24)") -> Optional[list[int]]:
     if raw is None:
         return None
     try:
         return [int(x) for x in raw.split(",") if x.strip()]
     except ValueError:
-        raise KanoError(f"{name} must be comma-separated block numbers (e.g. 6,12,18,24), got {raw!r}") from None
+        raise KanoError(f"{name} must be comma-separated {what}, got {raw!r}") from None
 
 
 @app.command("train")
@@ -252,7 +252,13 @@ def train_cmd(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels (default: 518 for ViT-L-14-336, "
                                              "else the model's own)"),
     stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated 1-based blocks whose patch tokens make maps "
-                                         "(default: 6,12,18,24 for 24 blocks, spread evenly otherwise)"),
+                                         "(default: the method's published ones: 6,12,18,24 for 24 blocks, spread evenly "
+                                         "otherwise; anomalyclip: the last block, 24)"),
+    vv_start: Optional[int] = typer.Option(None, "--vv-start", help="first block of the V-V path, set apart from --stages "
+                                           "(default: the method's published one, block 6 of 24)"),
+    pos_resize: Optional[str] = typer.Option(None, "--pos-resize", help="how pretrained position embeddings are resampled to "
+                                             "the image size: bicubic-antialias (open_clip), bilinear (AnomalyCLIP's code), "
+                                             "bicubic (MuSc's code) (default: the method's authors' own; kanoclip: bilinear)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data" + _d(_TD.epochs if _TD else 15)),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process)" + _d(_TD.batch_size if _TD else 8)),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate" + _d(_TD.lr if _TD else 1e-3)),
@@ -284,7 +290,7 @@ def train_cmd(
     train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
         method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
-        stages=_int_list("--stages", stages), epochs=epochs, batch_size=batch_size, lr=lr,
+        stages=_int_list("--stages", stages), vv_start=vv_start, pos_resize=pos_resize, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
         use_knpl=False if (no_knpl or text_free) else None, text_free=True if text_free else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
@@ -320,13 +326,14 @@ def eval_cmd(
     reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
     strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),
+    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help="with --method musc or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual or k_shot:
-            flag = "--mutual" if mutual else "--k-shot"
+        if mutual or k_shot or rscin_windows:
+            flag = "--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows"
             raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
@@ -338,7 +345,7 @@ def eval_cmd(
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
                           method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
-                          strict=strict)
+                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
