@@ -73,29 +73,61 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     return result
 
 
-def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False) -> list[dict]:
+def _dist(device: str | None):
+    """The launch's processes (torchrun / accelerate launch set WORLD_SIZE); one process otherwise."""
+    from kano.trainer.distributed import Dist
+
+    return Dist.from_env(device, _device)
+
+
+# rows printed in the terminal; all of them are in the result file
+PRINT_ROWS = 20
+
+
+def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,
+            maps: bool = True, panels: bool = True, fmt: str = "jsonl", resume: bool = False) -> list[dict]:
     from kano.evaluator import load_model, predict as run_predict
 
     check_common(batch_size, workers, threshold)
-    dev = _device(device)
-    model, info = load_model(str(run) if run else None, backbone, None, dev)
-    if threshold is None:
-        threshold = info["threshold"]
-    prompt = info["prompt_names"].get(class_name)
-    records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, dev, prompt,
-                          progress=ui.progress_factory("scoring"), method=_method(run, backbone, info), force=force, workers=workers)
-    ui.print_table(f"predictions ({class_name})", ["image", "score", "anomalous"],
-                   [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
-                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
+    dist = _dist(device)
+    try:
+        model, info = load_model(str(run) if run else None, backbone, None, dist.device)
+        if threshold is None:
+            threshold = info["threshold"]
+        prompt = info["prompt_names"].get(class_name)
+        rows = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, dist.device, prompt,
+                           progress=ui.progress_factory("scoring"), method=_method(run, backbone, info), force=force, workers=workers,
+                           maps=maps, panels=panels, fmt=fmt, resume=resume, dist=dist if dist.world > 1 else None,
+                           prompts=info["prompt_names"])
+    finally:
+        dist.close()
+    if not dist.main:
+        return rows
+    s = rows.summary
+    shown = []
+    for r in rows:
+        if len(shown) == PRINT_ROWS:
+            break
+        shown.append(r)
+    ui.print_table(f"predictions ({class_name})" + ("" if s["images"] <= PRINT_ROWS else f", the first {PRINT_ROWS} of {s['images']}"),
+                   ["image", "score", "anomalous"],
+                   [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
+                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in shown])
     if threshold is None:
         ui.err.print("no threshold (untrained backbone and no --threshold): scores only")
-    failed = [r for r in records if r["error"]]
-    for r in failed:
-        ui.err.print(f"not scored: {r['error']}")
-    ui.out.print(f"written to {out}: index.html, predictions.jsonl, panels/, maps/ (npy and 16-bit png)")
-    if failed:
+    errors = 0
+    for r in rows:
+        if r["error"]:
+            errors += 1
+            if errors <= PRINT_ROWS:
+                ui.err.print(f"not scored: {r['error']}")
+    ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
+    files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
+    files += (["maps/ (npy and 16-bit png)"] if maps else []) + (["panels/"] if panels else [])
+    ui.out.print(f"written to {out}: {', '.join(files)}")
+    if s["errors"]:
         raise SystemExit(1)
-    return records
+    return rows
 
 
 def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | None = None, aux: str | None = None,

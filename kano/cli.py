@@ -343,8 +343,10 @@ def compare_cmd(
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files and/or folders of images"),
-    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); the prompts' class word"),
+    inputs: List[str] = typer.Argument(..., help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
+                                                 "manifests with a 'path' column (and optionally 'class')"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="what the images show (e.g. bottle); the prompts' class word "
+                                                                  "(needed unless a manifest's 'class' column names each image's)"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
                                            help="instead of --run: the untrained zero-shot baseline on MODEL[:PRETRAINED] or tiny"),
@@ -356,14 +358,22 @@ def predict_cmd(
     workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="write each image's map (npy, 16-bit png); --no-maps for large runs"),
+    panels: bool = typer.Option(True, "--panels/--no-panels", help="draw each image's panel; --no-panels for large runs"),
+    fmt: str = typer.Option("jsonl", "--format", show_default=True, help="result file: jsonl (predictions.jsonl), or parquet (also predictions.parquet)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out (refused if its options differ); "
+                                                        "running the same command again does the same"),
 ):
-    """Score images: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
+    """Score images as a stream: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
 
-    Exit code 1 when some image could not be read (its record says why; the others are written)."""
+    Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
+    torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
+    Exit code 1 when some image could not be read (its row says why; the others are written)."""
     from kano.evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
-                         batch_size=batch_size, device=device, workers=workers, force=force)
+                         batch_size=batch_size, device=device, workers=workers, force=force, maps=maps, panels=panels, fmt=fmt,
+                         resume=resume)
 
 
 @app.command("demo")
