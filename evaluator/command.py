@@ -43,7 +43,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
-    dev = _device(device)
+    dist = _dist(device)
+    dev = dist.device
     if aux and not method:
         raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
     if method:
@@ -60,9 +61,14 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
         model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"))
     thr = threshold if threshold is not None else info["threshold"]
-    result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
-                      progress=ui.progress_factory("evaluating"), method=described, threshold=thr, force=force,
-                      allow_missing_masks=allow_missing_masks)
+    try:
+        result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
+                          progress=ui.progress_factory("evaluating"), method=described, threshold=thr, force=force,
+                          allow_missing_masks=allow_missing_masks, dist=dist if dist.world > 1 else None)
+    finally:
+        dist.close()
+    if not dist.main:
+        return result
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]

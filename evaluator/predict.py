@@ -41,7 +41,7 @@ from kano.anomaly_data import Sample, image_size, load_image, prompt_name
 from kano.errors import KanoError
 
 from . import outputs, records, report
-from .evaluate import cpu_streams, run_inference
+from .evaluate import cpu_streams, gather, run_inference
 from .stream import batch_sizes, iter_inputs, shard_batches, shard_size
 from .visualize import map_to_png16, panel, resize_map
 
@@ -166,11 +166,7 @@ def _sync(dist, failed: str | None) -> None:
         if failed:
             raise KanoError(failed)
         return
-    try:
-        got = dist.gather(failed)
-    except RuntimeError as exc:  # gloo/NCCL: a peer's connection closed (killed, out of memory)
-        raise KanoError(f"a process of this {dist.world}-process job stopped before finishing its share ({exc}); the rows "
-                        "scored so far are saved: run the same launch again to resume") from None
+    got = gather(dist, failed)
     bad = [f"process {r}: {e}" for r, e in enumerate(got) if e]
     if bad:
         raise KanoError("; ".join(bad))
@@ -218,8 +214,9 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     part = result if world == 1 else out_dir / "parts" / f"rank{rank}-of-{world}.jsonl"
     names = None
     if maps or panels:
-        (out_dir / "maps").mkdir(exist_ok=True)
-        (out_dir / "panels").mkdir(exist_ok=True)
+        for sub, wanted in (("maps", maps), ("panels", panels)):
+            if wanted:
+                (out_dir / sub).mkdir(exist_ok=True)
         names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in iter_inputs(inputs)])
     failed = None
     if state != "done":
