@@ -91,13 +91,16 @@ PRINT_ROWS = 20
 
 
 def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,
-            maps: bool = True, panels: bool = True, fmt: str = "jsonl", resume: bool = False) -> list[dict]:
+            maps: bool = True, panels: bool = True, fmt: str = "jsonl", resume: bool = False, image_size: int | None = None) -> list[dict]:
     from kano.evaluator import load_model, predict as run_predict
 
     check_common(batch_size, workers, threshold)
+    if image_size is not None and (image_size < 1 or run):
+        raise KanoError(f"--image-size must be an integer >= 1 with --backbone (a run uses its own), got {image_size}"
+                        + (f" with --run {run}" if run else ""))
     dist = _dist(device)
     try:
-        model, info = load_model(str(run) if run else None, backbone, None, dist.device)
+        model, info = load_model(str(run) if run else None, backbone, image_size, dist.device)
         if threshold is None:
             threshold = info["threshold"]
         prompt = info["prompt_names"].get(class_name)

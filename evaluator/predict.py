@@ -4,8 +4,10 @@ Inputs (evaluator.stream): image files, folders, glob patterns, text files of pa
 with a `path` column (and optionally `class`), read as they go. Images are scored in batches and each
 batch's rows are appended to the result file at once, flushed and fsync'ed (evaluator.records), so memory
 stays flat however many images there are, and a kill loses at most the batches in flight (one per CPU
-stream). Running the same command again (or with --resume) continues after the last whole row: the rows
-already written are checked against the inputs (same images, same order) and none is scored twice.
+stream). Running the same command again (or with --resume) continues after the last whole batch: the rows
+already written are checked against the inputs (same images, same order), the rows of a batch cut short are
+dropped and scored again with it, so none is scored twice or skipped and the rows are those of a run that was
+never interrupted.
 
 Files in OUT (see evaluator.outputs for when an existing OUT is accepted):
 - predictions.jsonl: one row per input image, in input order (an unreadable or missing image gets a row
@@ -221,7 +223,11 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     failed = None
     if state != "done":
         part.parent.mkdir(parents=True, exist_ok=True)
-        done = records.repair(part)
+        # whole batches only: the images of a batch cut short are scored again in the same batch as before, so the
+        # rows are the bits an uninterrupted run writes (a batch's composition moves the last bits of its scores)
+        done = records.repair(part) // batch_size * batch_size
+        if part.exists():
+            records.keep_rows(part, done)
         todo = shard_size(total, batch_size, world, rank) - done
         streams = cpu_streams(device, workers, 4, model)
         per_round = GPU_ROUND if (device.type != "cpu" or workers) else streams

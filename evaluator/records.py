@@ -21,7 +21,7 @@ RESULT = "predictions.jsonl"
 PARQUET = "predictions.parquet"
 SUMMARY = "summary.json"
 # the columns of predictions.parquet: the fields every row has, then the files written when maps or panels are asked for
-PARQUET_COLUMNS = (("image", "string"), ("class", "string"), ("score", "float64"), ("anomalous", "bool"),
+PARQUET_COLUMNS = (("image", "string"), ("class", "string"), ("score", "float64"), ("anomalous", "bool_"),
                    ("threshold", "float64"), ("error", "string"), ("map_npy", "string"), ("map_png", "string"),
                    ("panel_png", "string"), ("map_max", "float64"))
 _CHUNK = 1 << 20
@@ -53,6 +53,19 @@ def repair(path: Path) -> int:
             f.truncate(last_newline + 1)
             os.fsync(f.fileno())
     return rows
+
+
+def keep_rows(path: Path, n: int) -> None:
+    """Cut `path` after its first n whole rows."""
+    offset, seen = 0, 0
+    with open(path, "r+b") as f:
+        while seen < n and (line := f.readline()):
+            if not line.endswith(b"\n"):
+                break
+            offset += len(line)
+            seen += 1
+        f.truncate(offset)
+        os.fsync(f.fileno())
 
 
 class RowWriter:
@@ -165,7 +178,7 @@ def to_parquet(src: Path, dest: Path, rows_per_group: int = 65536) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise KanoError("--format parquet needs pyarrow, got it not installed: pip install 'pyarrow>=14'") from None
+        raise KanoError("--format parquet needs pyarrow, got it not installed: pip install 'pyarrow>=15'") from None
     schema = pa.schema([(name, getattr(pa, typ)()) for name, typ in PARQUET_COLUMNS])
     tmp = Path(dest).with_name(Path(dest).name + ".tmp")
     with pq.ParquetWriter(tmp, schema) as w:

@@ -61,7 +61,7 @@ def _parquet(p: Path) -> Iterator[tuple[str, str | None]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise KanoError(f"a Parquet manifest ({p}) needs pyarrow, got it not installed: pip install 'pyarrow>=14'") from None
+        raise KanoError(f"a Parquet manifest ({p}) needs pyarrow, got it not installed: pip install 'pyarrow>=15'") from None
     pf = pq.ParquetFile(p)
     names = pf.schema_arrow.names
     if PATH_COLUMN not in names:

@@ -358,6 +358,8 @@ def predict_cmd(
     workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels with --backbone (default: the "
+                                                                       "backbone's); a run uses its own"),
     maps: bool = typer.Option(True, "--maps/--no-maps", help="write each image's map (npy, 16-bit png); --no-maps for large runs"),
     panels: bool = typer.Option(True, "--panels/--no-panels", help="draw each image's panel; --no-panels for large runs"),
     fmt: str = typer.Option("jsonl", "--format", show_default=True, help="result file: jsonl (predictions.jsonl), or parquet (also predictions.parquet)"),
@@ -373,7 +375,7 @@ def predict_cmd(
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force, maps=maps, panels=panels, fmt=fmt,
-                         resume=resume)
+                         resume=resume, image_size=image_size)
 
 
 @app.command("demo")
