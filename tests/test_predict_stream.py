@@ -32,6 +32,7 @@ def _rows(out):
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_lists_manifests_and_globs_name_the_same_images(tmp_path, cli):
     paths = _images(tmp_path / "img", 5)
     (tmp_path / "list.txt").write_text("# the five\n" + "\n".join(f"img/{p.name}" for p in paths) + "\n\n")
