@@ -3,8 +3,8 @@
 An input is an image file, a folder of images (sorted, not recursive), a glob pattern (sorted matches that
 are images), a text file of paths (one a line; blank lines and lines starting with '#' skipped), or a
 manifest: CSV (header row) or Parquet with a `path` column and optionally a `class` column. Relative paths
-in a text file or manifest are relative to the file's folder. Nothing is opened here: an image that is
-missing or unreadable becomes an error row when it is scored.
+in a text file or manifest are relative to the file's folder; each must end in an image suffix. No image is
+opened here: one that is missing or unreadable becomes an error row when it is scored.
 
 Sharding: the inputs, in order, are cut into batches of `batch_size`; batch k goes to process k % world.
 Every process then scores whole batches of the same images a single process would have put together, so
@@ -19,7 +19,7 @@ import glob
 from pathlib import Path
 from typing import Iterator
 
-from kano.anomaly_data import is_image_path, list_images
+from kano.anomaly_data import IMAGE_EXTS, is_image_path, list_images
 from kano.errors import KanoError
 
 TEXT_LISTS = (".txt", ".lst")
@@ -33,12 +33,19 @@ def _near(base: Path, raw: str) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
+def _image_path(p: Path, where: str, raw: str) -> str:
+    """raw checked to name an image file by its suffix (whether it exists is found out when it is scored)."""
+    if not is_image_path(Path(raw)):
+        raise KanoError(f"{p} {where} must be an image file path ({', '.join(IMAGE_EXTS)}), got {raw[:200]!r}")
+    return _near(p.parent, raw)
+
+
 def _text_list(p: Path) -> Iterator[tuple[str, str | None]]:
     with open(p, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if line and not line.startswith("#"):
-                yield _near(p.parent, line), None
+                yield _image_path(p, f"line {n}", line), None
 
 
 def _columns_error(p: Path, columns) -> KanoError:
@@ -54,7 +61,7 @@ def _csv(p: Path) -> Iterator[tuple[str, str | None]]:
         for n, row in enumerate(reader, 2):
             if not (row.get(PATH_COLUMN) or "").strip():
                 raise KanoError(f"manifest {p} line {n} must give a path, got an empty '{PATH_COLUMN}'")
-            yield _near(p.parent, row[PATH_COLUMN].strip()), (row.get(CLASS_COLUMN) or "").strip() or None
+            yield _image_path(p, f"line {n}", row[PATH_COLUMN].strip()), (row.get(CLASS_COLUMN) or "").strip() or None
 
 
 def _parquet(p: Path) -> Iterator[tuple[str, str | None]]:
@@ -73,7 +80,7 @@ def _parquet(p: Path) -> Iterator[tuple[str, str | None]]:
         for raw, cls in zip(paths, classes):
             if not raw:
                 raise KanoError(f"manifest {p} must give a path in every row, got an empty '{PATH_COLUMN}'")
-            yield _near(p.parent, str(raw)), (str(cls) if cls else None)
+            yield _image_path(p, "row", str(raw)), (str(cls) if cls else None)
 
 
 def iter_inputs(inputs: list[str]) -> Iterator[tuple[str, str | None]]:

@@ -73,6 +73,10 @@ def test_manifest_without_a_path_column_is_refused_before_anything_is_written(tm
     (tmp_path / "n.csv").write_text("path\nimg/0000.png\n")
     code, _, err = cli("predict", tmp_path / "n.csv", *FAST, "--out", tmp_path / "out")             # no class anywhere
     assert code == 2 and "must have a class: give --class" in err
+    (tmp_path / "notes.txt").write_text("img/0000.png\nsee the other list\n")                # prose is not a list of images
+    code, _, err = cli("predict", tmp_path / "notes.txt", "--class", "nut", *FAST, "--out", tmp_path / "out")
+    assert code == 2 and "notes.txt line 2 must be an image file path (.png, .jpg" in err and "got 'see the other list'" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_file_mid_run_is_an_error_row_and_the_run_goes_on(tmp_path, cli):
