@@ -168,8 +168,21 @@ def musc_info(model, backbone: str) -> dict:
             "constants": model.constants()}
 
 
-def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu"):
-    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC`."""
+def musc_windows(data: str | None, windows: list[int] | None) -> dict:
+    """MuSc's RsCIN windows for `--data KIND:PATH`: the published ones for its kind, or `windows` (--rscin-windows)."""
+    from kano.anomaly_data.readers import parse_data_spec
+    from kano.kanoclip.musc import rscin_windows
+
+    if windows:
+        return {"k_list": tuple(windows), "k_source": "--rscin-windows"}
+    k, source = rscin_windows(parse_data_spec(data)[0] if data else None)
+    return {"k_list": k, "k_source": source}
+
+
+def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
+              data: str | None = None, rscin_windows: list[int] | None = None):
+    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC` on `data` (KIND:PATH: its kind picks the RsCIN
+    windows unless `rscin_windows` is given)."""
     if run:
         raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
@@ -177,13 +190,16 @@ def load_musc(run, backbone: str | None, image_size: int | None, device: torch.d
     from kano.kanoclip import build_backbone
     from kano.kanoclip.musc import MuSc
 
-    model = MuSc(build_backbone(backbone, image_size=image_size, device=device)).eval()
+    # position embeddings resampled as MuSc's vendored open_clip does (kanoclip/pos_embed.py)
+    bb = build_backbone(backbone, image_size=image_size, device=device, pos_resize="bicubic")
+    model = MuSc(bb, **musc_windows(data, rscin_windows)).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": musc_info(model, backbone)}
 
 
-def with_mutual(model, described: dict, what: str):
+def with_mutual(model, described: dict, what: str, data: str | None = None, rscin_windows: list[int] | None = None):
     """`kano eval --mutual`: -> (MutualFusion of `model` and MuSc on model's own frozen backbone, its provenance).
-    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x")."""
+    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x"). MuSc's map enters at half
+    its published scale, so that both halves of the fused mean are in [0, 1] (the fusion is Kano's own)."""
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
@@ -193,7 +209,7 @@ def with_mutual(model, described: dict, what: str):
     if not isinstance(getattr(model, "backbone", None), Backbone):
         raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, --backbone, or --method clip, "
                         f"clip-ac, winclip, retrieval), got {what}, which has none")
-    musc = MuSc(model.backbone).eval()
+    musc = MuSc(model.backbone, map_scale=0.5, **musc_windows(data, rscin_windows)).eval()
     spec = described.get("backbone") or model.backbone.spec
     info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
             "musc": musc_info(musc, spec)}
@@ -202,7 +218,7 @@ def with_mutual(model, described: dict, what: str):
 
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
-                classes: list[str] | None = None):
+                classes: list[str] | None = None, rscin_windows: list[int] | None = None):
     """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method, MuSc or
     the retrieval memory (which needs `aux`)."""
     if method not in ALL_METHODS:
@@ -216,7 +232,7 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
     if method in ZERO_SHOT_METHODS:
         return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes)
     if method in TRANSDUCTIVE_METHODS:
-        return load_musc(run, backbone, image_size, device)
+        return load_musc(run, backbone, image_size, device, data=data, rscin_windows=rscin_windows)
     from .baselines import load_baseline
 
     return load_baseline(method, run, backbone, image_size, device)
