@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -143,8 +144,6 @@ def test_resume_refuses_inputs_that_changed_under_it(tmp_path, cli):
 def test_parquet_rows_and_a_capped_page(tmp_path, cli, monkeypatch):
     import pyarrow.parquet as pq
 
-    import sys
-
     monkeypatch.setattr(sys.modules["kano.evaluator.predict"], "MAX_PAGE_ROWS", 2)
     _images(tmp_path / "img", 5)
     code, _, err = cli("predict", tmp_path / "img", "--class", "nut", *FAST, "--format", "parquet", "--threshold", "0.3",
@@ -203,3 +202,22 @@ def test_sigkill_partway_then_the_same_command_scores_every_image_exactly_once(t
     rows = _rows(out)
     assert [r["image"] for r in rows] == list(map(str, paths))                            # every image once, in order
     assert [r["score"] for r in rows] == [r["score"] for r in _rows(tmp_path / "clean")]  # and as if never killed
+
+
+
+def test_the_row_writer_needs_no_torch():
+    # a torch-free runtime writes the same rows: records.py loads with torch, numpy and PIL unimportable
+    import kano.evaluator
+
+    path = os.path.join(os.path.dirname(kano.evaluator.__file__), "records.py")
+    probe = ("import sys, importlib.util\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('torch', 'numpy', 'PIL'):\n"
+             "            raise ImportError('blocked ' + name)\n"
+             "sys.meta_path.insert(0, Block())\n"
+             f"spec = importlib.util.spec_from_file_location('records', {path!r})\n"
+             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+             "print(m.decision(0.5, 0.5), m.decision(0.4, 0.5), m.decision(None, 0.5))\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.split() == ["True", "False", "None"], p.stderr[-2000:]
