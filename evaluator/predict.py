@@ -39,7 +39,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kano.anomaly_data import Sample, image_size, load_image, prompt_name
+from kano.anomaly_data import Sample, image_size, load_image
+from kano.anomaly_data.names import class_word
 from kano.errors import KanoError
 
 from . import outputs, records, report
@@ -56,6 +57,7 @@ FORMATS = ("jsonl", "parquet")
 # batches per write on a GPU or with DataLoader workers: enough to keep the loader's prefetch busy and to
 # amortise its start; on the CPU in-process a write holds one batch per stream (evaluate.cpu_streams)
 GPU_ROUND = 8
+KEPT_ON_ERROR = ("image", "class", "class_word", "threshold", "threshold_source", "name")
 
 
 def map_size(w: int, h: int, limit: int = MAX_MAP_SIDE) -> tuple[int, int]:
@@ -127,9 +129,9 @@ def _rounds(batches, per_round: int, batch_size: int):
         yield group
 
 
-def _row(out_dir: Path, path: str, cls: str, name: str | None, score: float, amap: torch.Tensor, error: str | None,
-         threshold: float | None, maps: bool, panels: bool) -> dict:
-    rec: dict = {"image": path, "class": cls, "threshold": threshold}
+def _row(out_dir: Path, path: str, cls: str, word: str, name: str | None, score: float, amap: torch.Tensor, error: str | None,
+         threshold: float | None, source: str | None, maps: bool, panels: bool) -> dict:
+    rec: dict = {"image": path, "class": cls, "class_word": word, "threshold": threshold, "threshold_source": source}
     if name is not None:
         rec["name"] = name
     try:
@@ -149,15 +151,16 @@ def _row(out_dir: Path, path: str, cls: str, name: str | None, score: float, ama
             rec.update(map_npy=str(npy), map_png=str(png), image_size=[w, h], map_size=[mw, mh],
                        map_downscaled=(mw, mh) != (w, h), map_max=float(big.max()))
         if panels:
-            pic = panel(load_image(path), amap.numpy(), name=f"{cls} / {Path(path).name}", score=s, threshold=threshold)
+            pic = panel(load_image(path), amap.numpy(), name=f"{cls} / {Path(path).name}", score=s, threshold=threshold,
+                        threshold_source=source)
             pp = out_dir / f"panels/{name}.png"
             pic.save(outputs.inside(out_dir, pp))
             rec["panel_png"] = str(pp)
     except KanoError as exc:
-        rec = {k: v for k, v in rec.items() if k in ("image", "class", "threshold", "name")}
+        rec = {k: v for k, v in rec.items() if k in KEPT_ON_ERROR}
         rec.update(score=None, anomalous=None, error=str(exc))
     except MemoryError:
-        rec = {k: v for k, v in rec.items() if k in ("image", "class", "threshold", "name")}
+        rec = {k: v for k, v in rec.items() if k in KEPT_ON_ERROR}
         rec.update(score=None, anomalous=None, error=f"image {path} is too large to draw in memory")
     return rec
 
@@ -177,11 +180,14 @@ def _sync(dist, failed: str | None) -> None:
 def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, threshold: float | None, batch_size: int = 8,
             device: torch.device | None = None, prompt: str | None = None, progress: Callable | None = None, *,
             method: dict | None = None, force: bool = False, workers: int = 0, maps: bool = True, panels: bool = True,
-            fmt: str = "jsonl", resume: bool = False, dist=None, prompts: dict | None = None) -> records.ResultRows:
+            fmt: str = "jsonl", resume: bool = False, dist=None, prompts: dict | None = None,
+            threshold_source: str | None = None) -> records.ResultRows:
     """Score images; writes the files listed in the module docstring; returns the rows (read from the result
     file when asked, with `.summary`, the counts). class_name: the class of inputs that name none (a
-    manifest's `class` column names its own); prompt: its prompt word; prompts: class -> prompt word for the
-    others (default: anomaly_data.prompt_name). dist: the launch's processes (trainer.distributed.Dist or
+    manifest's `class` column names its own); prompt: its class word (None: anomaly_data.names.class_word's
+    rule); prompts: class -> class word for a manifest's other classes (the rule fills the rest); their
+    decisions use `threshold` too. threshold_source: where `threshold` came from ("command line",
+    "calibration", "run"), recorded beside it. dist: the launch's processes (trainer.distributed.Dist or
     anything with rank, world, gather and broadcast); None: this process alone."""
     started = time.time()
     device = device or model.backbone.device
@@ -199,7 +205,9 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     if total == 0:
         raise KanoError("predict needs at least one image or folder, got none")
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
-    identity = {"method": method, "class": class_name, "threshold": threshold, "inputs": [str(Path(x).resolve()) for x in inputs],
+    word = prompt or (class_word(class_name, None, prompts) if class_name else None)
+    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": threshold_source,
+                "inputs": [str(Path(x).resolve()) for x in inputs],
                 "image_size": model.backbone.image_size, "maps": maps, "panels": panels, "format": fmt}
     if world > 1:  # the parts' layout depends on both
         identity.update(processes=world, batch_size=batch_size)
@@ -239,11 +247,12 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
                     items = [it for b in group for it in b]
                     classes = [cls or class_name for _, (_, cls) in items]
                     samples = [Sample(str(Path(p).resolve()), None, c, "unknown", 0) for (_, (p, _)), c in zip(items, classes)]
-                    words = [prompt if (c == class_name and prompt) else (prompts or {}).get(c) or prompt_name(c) for c in classes]
+                    words = [word if c == class_name else class_word(c, None, prompts) for c in classes]
                     errors: dict[int, str] = {}
                     scores, amaps, _ = run_inference(model, samples, words, batch_size, device, workers, advance, errors=errors)
-                    writer.append(_row(out_dir, p, c, names[gi] if names else None, scores[j], amaps[j], errors.get(j), threshold, maps, panels)
-                                  for j, ((gi, (p, _)), c) in enumerate(zip(items, classes)))
+                    writer.append(_row(out_dir, p, c, w, names[gi] if names else None, scores[j], amaps[j], errors.get(j), threshold,
+                                       threshold_source, maps, panels)
+                                  for j, ((gi, (p, _)), c, w) in enumerate(zip(items, classes, words)))
         except KanoError as exc:
             if world == 1:
                 raise
@@ -255,7 +264,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     if rank == 0:
         try:
             summary = _finish(out_dir, identity, world, total, batch_size, fmt, method, model.backbone.image_size, class_name,
-                              threshold, started, merge=state != "done")
+                              word, threshold, threshold_source, started, merge=state != "done")
         except KanoError as exc:
             failed = str(exc)
     if world > 1:
@@ -268,7 +277,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
 
 
 def _finish(out_dir: Path, identity: dict, world: int, total: int, batch_size: int, fmt: str, method: dict, image_size_px: int,
-            class_name: str | None, threshold: float | None, started: float, merge: bool) -> dict:
+            class_name: str | None, word: str | None, threshold: float | None, source: str | None, started: float, merge: bool) -> dict:
     """Process 0, every part complete: the one result file, the Parquet copy, the counts, the page, the manifest."""
     result = out_dir / records.RESULT
     parts = [out_dir / "parts" / f"rank{r}-of-{world}.jsonl" for r in range(world)]
@@ -287,8 +296,8 @@ def _finish(out_dir: Path, identity: dict, world: int, total: int, batch_size: i
             break
         row["rel"] = {k: str(Path(row[k]).relative_to(out_dir)) for k in ("map_npy", "map_png", "panel_png") if row.get(k)}
         first.append(row)
-    header = {"class": class_name, "threshold": threshold, "total": total, "summary": summary,
-              "provenance": report.provenance(method, image_size_px, started, None)}
+    header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source, "total": total,
+              "summary": summary, "provenance": {**report.provenance(method, image_size_px, started, None), "class_words": {class_name: word}}}
     (out_dir / "index.html").write_text(report.predict_html(first, header))
     (out_dir / records.SUMMARY).write_text(json.dumps(summary, indent=1))
     outputs.write_manifest(out_dir, "predict", json.loads(json.dumps(identity, default=str)), written)
