@@ -57,8 +57,10 @@ def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
 
 
 def _git_commit() -> str | None:
-    from kano.trainer.checkpoint import git_commit
-
+    try:
+        from kano.trainer.checkpoint import git_commit
+    except ImportError:  # an install without torch (kano[runtime]) has no trainer: the commit is unknown
+        return None
     return git_commit()
 
 
