@@ -17,8 +17,7 @@ Scoring: the exported graph (kano.deploy.runtime; no torch) with --model, or the
 The server is bound to 127.0.0.1 unless --host names another address and --public says so.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at definition time
 import base64
 import io
 import os
@@ -190,7 +189,8 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "method": scorer.method, "classes": scorer.classes, "threshold": scorer.threshold,
-                "queue": batcher.q.qsize(), "limits": {**asdict(limits), "max_pixels": pixel_limit}}
+                "queue": batcher.q.qsize(), "batches": len(batcher.batches), "largest_batch": max(batcher.batches, default=0),
+                "limits": {**asdict(limits), "max_pixels": pixel_limit}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -241,7 +241,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
             path.write_bytes(data)
             return load_image(path, pixel_limit)
         except KanoError as exc:
-            msg = str(exc).replace(str(path), "the uploaded file")
+            msg = str(exc).replace(f"image {path}", "the uploaded image").replace(str(path), "the uploaded file")
             raise HTTPError(413 if "pixels" in msg else 400, msg) from None
         finally:
             path.unlink(missing_ok=True)
@@ -303,7 +303,7 @@ def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: 
 
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Kano</title>
+<html lang="en"><head><meta charset="utf-8"><title>Kano</title><link rel="icon" href="data:,">
 <style>
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
 #drop{border:2px dashed #888;border-radius:8px;padding:2em;text-align:center;color:#555}
