@@ -138,17 +138,11 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
 def export_model(model: nn.Module, method: str, words: dict[str, str], threshold: float | None, out: Path, fmt: str = "onnx",
                  fp16: bool = False, source: dict | None = None) -> dict:
     """Write OUT (model.onnx, or model.xml + model.bin) and OUT with suffix .json; returns the sidecar dict."""
-    if fmt not in FORMATS:
-        raise KanoError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_target(fmt, out, fp16)
     if method not in EXPORTABLE:
         raise KanoError(f"method must be one of {', '.join(EXPORTABLE)}, got {method!r}"
                         + (f" ({NOT_EXPORTABLE[method]})" if method in NOT_EXPORTABLE else ""))
-    if fp16 and fmt != "openvino":
-        raise KanoError("--fp16 must go with --format openvino (the IR's compress_to_fp16), got --format onnx")
     out = Path(out)
-    want = ".onnx" if fmt == "onnx" else ".xml"
-    if out.suffix != want:
-        raise KanoError(f"--out must end in {want} for --format {fmt}, got {out}")
     _need("onnx", "export")
     if fmt == "openvino":
         _need("openvino", "export")
@@ -176,6 +170,17 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
     return sidecar
 
 
+def check_target(fmt: str, out: Path, fp16: bool) -> None:
+    """The format, the file name and --fp16 agree (checked before anything is loaded)."""
+    if fmt not in FORMATS:
+        raise KanoError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fp16 and fmt != "openvino":
+        raise KanoError("--fp16 must go with --format openvino (the IR's compress_to_fp16), got --format onnx")
+    want = ".onnx" if fmt == "onnx" else ".xml"
+    if Path(out).suffix != want:
+        raise KanoError(f"--out must end in {want} for --format {fmt}, got {out}")
+
+
 def sidecar_path(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
@@ -186,14 +191,21 @@ def write_onnx(graph: ImageSide, size: int, path: Path) -> None:
 
     n = torch.export.Dim("batch", min=1, max=4096)
     example = (torch.zeros(2, 3, size, size), torch.zeros(2, dtype=torch.long))
+    import logging
     import warnings
 
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # the exporter logs a line per folded op; the result is checked below instead
+        q.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(graph, example, input_names=["image", "class_index"],
                                  output_names=["image_score", "anomaly_map", "anomalous"],
                                  dynamic_shapes={"images": {0: n}, "class_index": {0: n}}, opset_version=OPSET,
                                  dynamo=True, external_data=False, verbose=False)
+    for q, level in zip(quiet, levels):
+        q.setLevel(level)
     prog.save(str(path), external_data=False)
     onnx.checker.check_model(str(path))
 
@@ -201,5 +213,6 @@ def write_onnx(graph: ImageSide, size: int, path: Path) -> None:
 def export(*, run: str | None, method: str | None, backbone: str | None, classes: list[str], fmt: str, out: Path,
            fp16: bool = False) -> dict:
     """`kano export`: load the source, write the graph and its sidecar; returns the sidecar dict."""
+    check_target(fmt, out, fp16)
     model, name, words, threshold, source = load_source(run, method, backbone, classes)
     return export_model(model, name, words, threshold, out, fmt, fp16, source)

@@ -108,7 +108,7 @@ class Batcher:
     def __init__(self, scorer: Scorer, limits: Limits):
         self.scorer, self.limits = scorer, limits
         self.q: queue.Queue = queue.Queue(maxsize=limits.queue_length)
-        self.batches: list[int] = []  # sizes of the batches run (the tests and /healthz read them)
+        self.n_batches, self.largest = 0, 0  # batches run and the largest (/healthz reports them)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="kano-serve-worker", daemon=True)
         self._thread.start()
@@ -142,7 +142,7 @@ class Batcher:
                 continue
             try:
                 s, m = self.scorer.score(np.stack([it[0] for it in live]), np.array([it[1] for it in live], dtype=np.int64))
-                self.batches.append(len(live))
+                self.n_batches, self.largest = self.n_batches + 1, max(self.largest, len(live))
                 for k, it in enumerate(live):
                     it[2].set_result((float(s[k]), m[k]))
             except Exception as exc:  # one failed batch answers its requests with 500, the worker goes on
@@ -189,7 +189,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "method": scorer.method, "classes": scorer.classes, "threshold": scorer.threshold,
-                "queue": batcher.q.qsize(), "batches": len(batcher.batches), "largest_batch": max(batcher.batches, default=0),
+                "queue": batcher.q.qsize(), "batches": batcher.n_batches, "largest_batch": batcher.largest,
                 "limits": {**asdict(limits), "max_pixels": pixel_limit}}
 
     @app.get("/", response_class=HTMLResponse)
