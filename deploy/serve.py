@@ -51,7 +51,12 @@ class Limits:
     def __post_init__(self):
         for k, v in asdict(self).items():
             if not v > 0:
-                raise KanoError(f"{k.replace('_', '-')} must be > 0, got {v}")
+                raise KanoError(f"{LIMIT_FLAGS[k]} must be > 0, got {v}")
+
+
+# the `kano serve` option of each limit, for messages
+LIMIT_FLAGS = {"max_upload_bytes": "--max-upload-mb", "queue_length": "--queue", "timeout_s": "--timeout", "batch": "--batch",
+               "batch_wait_ms": "--batch-wait-ms"}
 
 
 class HTTPError(Exception):
