@@ -94,7 +94,8 @@ def test_200_requests_from_16_clients_match_in_process_predict(server, trained_r
     pics = images(synth_root)
     ref = {}
     for c in CLASSES:  # in-process predict of the run itself (torch), per class
-        code, _, err = cli("predict", synth_root / c / "test", "--class", c, "--run", trained_run, "--out", tmp_path / c)
+        code, _, err = cli("predict", *sorted((synth_root / c / "test").iterdir()), "--class", c, "--run", trained_run,
+                           "--out", tmp_path / c)
         assert code == 0, err
         for line in (tmp_path / c / "predictions.jsonl").read_text().splitlines():
             r = json.loads(line)
