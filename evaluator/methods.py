@@ -27,7 +27,7 @@ MUSC_SOURCE = ("Li et al., MuSc (ICLR 2024): LNAMD, MSM and RsCIN with the publi
 
 # Where each zero-shot method comes from (the module docstring of kanoclip/winclip.py has the details).
 ZERO_SHOT_SOURCES = {
-    "clip": "Radford et al., ICML 2021: CLIP's zero-shot two-class classifier; prompts as Kano's issue 14 defines them "
+    "clip": "Radford et al., ICML 2021: CLIP's zero-shot two-class classifier; prompts as Kano defines them "
             "(the KAnoCLIP paper quotes CLIP from AnomalyCLIP's Table 1 without defining it)",
     "clip-ac": "Jeong et al., WinCLIP (CVPR 2023) Sec. 3: the CLIP-AC baseline, states 'normal/anomalous [class]' in "
                "WinCLIP's 21 templates, averaged per state",
@@ -152,7 +152,7 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
     model = PatchRetrieval(bb, cfg=cfg, **memory).eval()
     info = {"kind": "memory", "name": "retrieval", "backbone": backbone, "setting": "per-image",
             "parameters": "frozen backbone, no training; a memory of labelled auxiliary features",
-            "source": "the retrieval floor of issue 14 (MRAD-TF-style, 2026); Kano's aggregation, kanoclip/retrieval.py",
+            "source": "Kano's retrieval floor (MRAD-TF-style, 2026) and its aggregation, kanoclip/retrieval.py",
             "aux": aux, "image_size": bb.image_size, "k": cfg.k, "temperature": cfg.temperature, "sigma": cfg.sigma,
             "memory": {"normal_patches_per_stage": int(memory["normal_patches"][0].shape[0]),
                        "abnormal_patches_per_stage": [int(a.shape[0]) for a in memory["abnormal_patches"]],
