@@ -56,7 +56,11 @@ def records(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_exported_run_scores_like_the_run_without_torch(trained_run, exported, synth_root, tmp_path, cli):
+def test_exported_run_scores_like_the_run_without_torch(trained_run, synth_root, tmp_path, cli):
+    exported = tmp_path / "graph" / "model.onnx"
+    code, out, err = cli("export", "--run", trained_run, "--classes", "disc,weave", "--out", exported)
+    assert code == 0, err
+    assert "kanoclip on tiny, 96 px, classes disc, weave" in out
     side = json.loads(exported.with_suffix(".json").read_text())
     config = json.loads((trained_run / "config.json").read_text())
     assert side["threshold"] == config["threshold"] and side["method"] == "kanoclip" and side["classes"] == ["disc", "weave"]

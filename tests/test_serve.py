@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -155,8 +156,6 @@ def test_bad_uploads_get_clear_4xx_and_the_service_goes_on(server, synth_root):
 
 def test_a_full_queue_answers_503_with_retry_after(exported, synth_root, tmp_path):
     """In-process uvicorn with the real exported model, its forward pass held on an event so the queue fills."""
-    import uvicorn
-
     from kano.deploy.serve import Limits, Scorer, create_app
 
     scorer = Scorer.exported(exported, threads=1)
@@ -170,16 +169,9 @@ def test_a_full_queue_answers_503_with_retry_after(exported, synth_root, tmp_pat
 
     scorer.score = held
     app = create_app(scorer, tmp_path / "svc", Limits(queue_length=2, batch=1, batch_wait_ms=1, timeout_s=60))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    while not srv.started:
-        time.sleep(0.05)
     good, cls = images(synth_root)[0]
-    try:
-        with ThreadPoolExecutor(4) as pool:
+    with in_thread(app) as url, ThreadPoolExecutor(4) as pool:
+        try:
             first = pool.submit(post, url, good, cls)
             assert entered.wait(30)                       # the worker holds image 1
             queued = [pool.submit(post, url, good, cls) for _ in range(2)]
@@ -192,10 +184,40 @@ def test_a_full_queue_answers_503_with_retry_after(exported, synth_root, tmp_pat
             assert "queue is full (2 images waiting)" in refused.json()["error"]
             gate.set()
             assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
+        finally:
+            gate.set()
+
+
+@contextlib.contextmanager
+def in_thread(app):
+    """uvicorn serving `app` on a free loopback port in a thread of this process -> its base URL."""
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
     finally:
-        gate.set()
         srv.should_exit = True
         t.join(10)
+
+
+def test_serve_run_scores_with_the_torch_model_like_predict(trained_run, synth_root, tmp_path, cli):
+    from kano.deploy.serve import Scorer, create_app
+
+    scorer = Scorer.torch_run(trained_run)
+    assert scorer.classes == ["disc", "weave"]
+    good = sorted((synth_root / "weave" / "test" / "hole").iterdir())
+    code, _, err = cli("predict", good[0].parent, "--class", "weave", "--run", trained_run, "--out", tmp_path / "p")
+    assert code == 0, err
+    ref = [json.loads(line) for line in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
+    with in_thread(create_app(scorer, tmp_path / "svc")) as url:
+        got = [post(url, f, "weave").json() for f in good]
+    assert [round(g["score"], 6) for g in got] == [r["score"] for r in ref]
+    assert [g["anomalous"] for g in got] == [r["anomalous"] for r in ref]
 
 
 def test_serve_binds_loopback_unless_told(tmp_path, cli):
