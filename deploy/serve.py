@@ -29,6 +29,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -65,18 +66,24 @@ class HTTPError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+@dataclass
 class Scorer:
-    """What the worker calls: classes, image_size, threshold, preprocess(PIL) -> (3, S, S), score(x, idx) -> (s, m)."""
+    """What the service scores with. preprocess: PIL RGB -> (3, S, S) float32; score: (images (N, 3, S, S),
+    class_index (N,) int64) -> (image_score (N,), anomaly_map (N, S, S)); classes: the names class_index counts."""
+
+    classes: list
+    image_size: int
+    threshold: float | None
+    method: dict
+    preprocess: Callable
+    score: Callable
 
     @staticmethod
     def exported(model_path: str | Path, threads: int | None = None) -> "Scorer":
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        s = Scorer()
-        s.classes, s.image_size, s.threshold, s.method = m.classes, m.image_size, m.threshold, m.describe()
-        s.preprocess, s.score = m.preprocess, m.score
-        return s
+        return Scorer(m.classes, m.image_size, m.threshold, m.describe(), m.preprocess, m.score)
 
     @staticmethod
     def torch_run(run: str | Path, classes: list[str] | None = None) -> "Scorer":
@@ -94,17 +101,14 @@ class Scorer:
             raise KanoError(f"kano serve --run {run} needs --classes a,b (the run names no classes)")
         words = [info["prompt_names"].get(c) or prompt_name(c) for c in names]
         bb = model.backbone
-        s = Scorer()
-        s.classes, s.image_size, s.threshold, s.method = names, bb.image_size, info["threshold"], trained_method(run, info["config"])
-        s.preprocess = lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy()
 
         def score(x, idx):
             with torch.inference_mode():
                 r = model(torch.from_numpy(x), [words[i] for i in idx.tolist()]).inference()
             return r.image_score.float().numpy(), r.anomaly_map.float().numpy()
 
-        s.score = score
-        return s
+        return Scorer(names, bb.image_size, info["threshold"], trained_method(run, info["config"]),
+                      lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score)
 
 
 class Batcher:
@@ -174,7 +178,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         raise KanoError("kano serve needs FastAPI and uvicorn: pip install 'kano[serve]'") from None
     import asyncio
 
-    from kano.anomaly_data.io import load_image, max_pixels
+    from kano.anomaly_data.io import check_pixels, image_size, load_image, max_pixels
     from kano.evaluator.visualize import map_to_png16, panel
 
     limits = limits or Limits()
@@ -242,12 +246,24 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         if ext is None:
             raise HTTPError(415, f"the file must be an image ({', '.join(IMAGE_TYPES)}), got content type {ctype or 'none'!r}")
         path = uploads / f"{uuid.uuid4().hex}{ext}"  # our name, in our folder: nothing from the request reaches the path
+
+        def clean(exc: KanoError) -> str:  # the service's own paths stay out of its answers
+            return str(exc).replace(f"image {path}", "the uploaded image").replace(str(path), "the uploaded file")
+
         try:
             path.write_bytes(data)
-            return load_image(path, pixel_limit)
-        except KanoError as exc:
-            msg = str(exc).replace(f"image {path}", "the uploaded image").replace(str(path), "the uploaded file")
-            raise HTTPError(413 if "pixels" in msg else 400, msg) from None
+            try:
+                size = image_size(path)  # from the header: the pixel limit is checked before any pixel is decoded
+            except KanoError as exc:
+                raise HTTPError(400, clean(exc)) from None
+            try:
+                check_pixels(path, size, pixel_limit)
+            except KanoError as exc:
+                raise HTTPError(413, clean(exc)) from None
+            try:
+                return load_image(path, pixel_limit)
+            except KanoError as exc:
+                raise HTTPError(400, clean(exc)) from None
         finally:
             path.unlink(missing_ok=True)
 

@@ -6,7 +6,6 @@ initial values (seeded), so that an export that dropped a head or the adapter wo
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
