@@ -67,7 +67,7 @@ def test_onnx_equals_torch(method, spec, tmp_path):
     ranked = np.unique(np.concatenate([s for s, _ in refs]))
     k = int(np.argmax(np.diff(ranked)))
     threshold = float(ranked[k] + ranked[k + 1]) / 2
-    assert ranked[k + 1] - ranked[k] > 1e-3
+    assert ranked[k + 1] - ranked[k] > 2e-4  # half of it exceeds the scores' tolerance below
     side = export_model(model, method, CLASSES, threshold, tmp_path / "m.onnx")
     assert side["classes"] == list(CLASSES) and side["threshold"] == threshold and side["image_size"] == model.backbone.image_size
     exported = ExportedModel(tmp_path / "m.onnx", threads=1)
