@@ -178,7 +178,8 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         raise KanoError("kano serve needs FastAPI and uvicorn: pip install 'kano[serve]'") from None
     import asyncio
 
-    from kano.anomaly_data.io import check_pixels, image_size, load_image, max_pixels
+    from kano.anomaly_data.io import _open as io_open
+    from kano.anomaly_data.io import load_image, max_pixels
     from kano.evaluator.visualize import map_to_png16, panel
 
     limits = limits or Limits()
@@ -252,14 +253,12 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
 
         try:
             path.write_bytes(data)
-            try:
-                size = image_size(path)  # from the header: the pixel limit is checked before any pixel is decoded
-            except KanoError as exc:
-                raise HTTPError(400, clean(exc)) from None
-            try:
-                check_pixels(path, size, pixel_limit)
+            try:  # the header alone, with the pixel limit checked first (anomaly_data.io's own opening step)
+                io_open(path, "image", pixel_limit)[0].close()
             except KanoError as exc:
                 raise HTTPError(413, clean(exc)) from None
+            except Exception:  # unreadable: load_image names what is wrong (400 below)
+                pass
             try:
                 return load_image(path, pixel_limit)
             except KanoError as exc:
