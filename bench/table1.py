@@ -117,14 +117,14 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
         if m in ALL_METHODS:
             needs_bb = m != "musc_randconv"
             rows.append((m, f"{m} ({bb})" if needs_bb else m, "transductive", None,
-                         lambda m=m, needs_bb=needs_bb: (load_method(m, None, bb if needs_bb else None, size, dev)[0], {})))
+                         lambda m=m, needs_bb=needs_bb: (load_method(m, None, bb if needs_bb else None, size, dev, data=target)[0], {})))
     from kano.evaluator.methods import with_mutual
 
     for m, name in TRAINED:  # `kano eval --run R --mutual`: the run's map and score averaged with MuSc's
         for s in seeds:
             def build(m=m, s=s):
                 model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
-                return with_mutual(model.eval(), {}, f"--run {m}")[0], cfg.get("prompt_names", {})
+                return with_mutual(model.eval(), {}, f"--run {m}", data=target)[0], cfg.get("prompt_names", {})
             rows.append((f"{m}+mutual/s{s}", f"{name} + MuSc (--mutual)", "transductive", s, build))
     return rows
 

@@ -13,9 +13,9 @@ def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bo
 
     side = run_export(run=str(run) if run else None, method=method, backbone=backbone,
                       classes=[c.strip() for c in classes.split(",")], fmt=fmt, out=Path(out), fp16=fp16)
-    thr = "none" if side["threshold"] is None else f"{side['threshold']:.4f}"
+    thr = ", ".join(f"{c} {'none' if t is None else f'{t:.4f}'}" for c, t in side["thresholds"].items())
     ui.out.print(f"written {out} ({side['model_format']}, {side['precision']}) and {Path(out).with_suffix('.json')}: "
-                 f"{side['method']} on {side['backbone']}, {side['image_size']} px, classes {', '.join(side['classes'])}, threshold {thr}")
+                 f"{side['method']} on {side['backbone']}, {side['image_size']} px, classes {', '.join(side['classes'])}; thresholds {thr}")
     return side
 
 

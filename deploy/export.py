@@ -8,11 +8,13 @@ text encoder and its argmax pooling never reach the exporter. One graph per run:
              class_index  (N,) int64, the position of each image's class in the sidecar's "classes"
     outputs  image_score  (N,) float32 in [0, 1]
              anomaly_map  (N, S, S) float32 in [0, 1]
-             anomalous    (N,) bool, image_score >= the run's calibrated threshold (an initialiser; all false
-                          when the run has none)
+             anomalous    (N,) bool, image_score >= the image's class threshold (an initialiser (C,): the
+                          run's calibrated threshold per class, as `kano predict --run` resolves it; false
+                          where there is none)
 
 Beside it, NAME.json (SIDECAR_VERSION) holds what the torch-free runtime needs: the preprocessing (size, mean,
-std, resize), the classes and their prompt words, the threshold, the method and where it came from.
+std, resize), the classes and their prompt words, the thresholds and their sources, the method and where it
+came from.
 
 Exporter: torch.onnx.export with dynamo=True (torch.export + onnxscript), the exporter torch maintains; the
 TorchScript one is deprecated in torch 2.x. The graph is then checked by onnx.checker. OpenVINO IR is
@@ -59,12 +61,12 @@ class ImageSide(nn.Module):
     images (N, 3, S, S), class_index (N,) int64 -> (image_score (N,), anomaly_map (N, S, S), anomalous (N,) bool).
     text: (C, 2, E) per exported class (normal, abnormal), or (2, E) for AnomalyCLIP's class-agnostic prompts."""
 
-    def __init__(self, model: nn.Module, method: str, text: torch.Tensor, threshold: float | None):
+    def __init__(self, model: nn.Module, method: str, text: torch.Tensor, thresholds: list[float | None]):
         super().__init__()
         self.model, self.method = model, method
         self.register_buffer("text", text.detach().float().clone())
-        # no threshold: +inf, so that `anomalous` is all false; the sidecar says "threshold": null
-        self.register_buffer("threshold", torch.tensor(float("inf") if threshold is None else float(threshold)))
+        # per class; none: +inf, so that `anomalous` is false for that class (the sidecar says null)
+        self.register_buffer("threshold", torch.tensor([float("inf") if t is None else float(t) for t in thresholds]))
 
     def forward(self, images: torch.Tensor, class_index: torch.Tensor):
         if self.method == "winclip":
@@ -75,7 +77,7 @@ class ImageSide(nn.Module):
             # graph keeps that input and every exported method has the same signature
             text = self.text[class_index][0] if self.method == "anomalyclip" else self.text[class_index]
             res = self.model.score_text(feats, text, images.shape[-1])
-        return res.image_score, res.anomaly_map, res.image_score >= self.threshold
+        return res.image_score, res.anomaly_map, res.image_score >= self.threshold[class_index]
 
 
 def text_bank(model: nn.Module, method: str, words: list[str]) -> torch.Tensor:
@@ -96,8 +98,9 @@ def text_bank(model: nn.Module, method: str, words: list[str]) -> torch.Tensor:
 
 
 def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str]):
-    """-> (model in eval mode on the CPU, method name, {class: prompt word}, threshold, source description)."""
-    from kano.anomaly_data import prompt_name
+    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source)},
+    source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.api.Detector)."""
+    from kano.anomaly_data.names import class_word
 
     if not classes or any(not c.strip() for c in classes) or len(set(classes)) != len(classes):
         raise KanoError(f"--classes must be distinct, non-empty class names separated by commas, got {','.join(classes)!r}")
@@ -107,37 +110,39 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
         if method or backbone:
             raise KanoError("give --run RUN alone (its config names the method and backbone), got --run with "
                             f"{'--method' if method else '--backbone'}")
-        from kano.evaluator.loading import load_model
-        from kano.evaluator.report import trained_method
+        from kano.api import Detector
 
-        model, info = load_model(str(run), None, None, "cpu")
-        name = info["config"].get("method", "kanoclip")
-        words = {c: info["prompt_names"].get(c) or prompt_name(c) for c in classes}
-        return model, name, words, info["threshold"], trained_method(run, info["config"])
+        det = Detector.load(run, device="cpu")
+        name = det.model.method
+        return (det.model, name, {c: det.class_word(c) for c in classes}, {c: det.threshold_for(c) for c in classes},
+                det.method)
     if not backbone:
         raise KanoError("kano export needs --run RUN, or --backbone SPEC (with --method winclip, or alone for the untrained "
                         "KAnoCLIP baseline)")
     from kano.evaluator.report import baseline_method
 
-    words = {c: prompt_name(c) for c in classes}
+    words = {c: class_word(c) for c in classes}
+    none = {c: (None, None) for c in classes}
     if method in (None, "kanoclip"):
         from kano.evaluator.loading import load_model
 
         model, _ = load_model(None, backbone, None, "cpu")
-        return model, "kanoclip", words, None, baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
+        return model, "kanoclip", words, none, baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
     if method != "winclip":
         raise KanoError(f"--method must be winclip (or left out, for the untrained KAnoCLIP baseline) with --backbone, "
                         f"got {method!r}; trained methods are exported from their run with --run")
     from kano.kanoclip import build_backbone
     from kano.kanoclip.winclip import build_zero_shot
 
-    return build_zero_shot("winclip", build_backbone(backbone, device="cpu")), "winclip", words, None, \
+    return build_zero_shot("winclip", build_backbone(backbone, device="cpu")), "winclip", words, none, \
         {"kind": "zero-shot", "name": "WinCLIP", "backbone": backbone}
 
 
-def export_model(model: nn.Module, method: str, words: dict[str, str], threshold: float | None, out: Path, fmt: str = "onnx",
-                 fp16: bool = False, source: dict | None = None) -> dict:
-    """Write OUT (model.onnx, or model.xml + model.bin) and OUT with suffix .json; returns the sidecar dict."""
+def export_model(model: nn.Module, method: str, words: dict[str, str], thresholds: dict | float | None, out: Path,
+                 fmt: str = "onnx", fp16: bool = False, source: dict | None = None) -> dict:
+    """Write OUT (model.onnx, or model.xml + model.bin) and OUT with suffix .json; returns the sidecar dict.
+    words: class -> prompt word, in class_index order; thresholds: class -> (threshold, source), or one threshold
+    for every class (None: no decisions)."""
     check_target(fmt, out, fp16)
     if method not in EXPORTABLE:
         raise KanoError(f"method must be one of {', '.join(EXPORTABLE)}, got {method!r}"
@@ -149,7 +154,10 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
     bb = model.backbone
     model = model.cpu().eval()
     classes = list(words)
-    graph = ImageSide(model, method, text_bank(model, method, [words[c] for c in classes]), threshold).eval()
+    if not isinstance(thresholds, dict):
+        thresholds = {c: (thresholds, None if thresholds is None else "given") for c in classes}
+    thr = [thresholds[c][0] for c in classes]
+    graph = ImageSide(model, method, text_bank(model, method, [words[c] for c in classes]), thr).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kano-export-") as tmp:
         onnx_path = out if fmt == "onnx" else Path(tmp) / "model.onnx"
@@ -163,7 +171,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
                "image_size": bb.image_size, "mean": [float(v) for v in bb.mean], "std": [float(v) for v in bb.std],
                # anomaly_data.image_to_tensor: squash to S x S (no crop, so maps align with the image), bicubic
                "resize": "squash-bicubic", "classes": classes, "prompt_words": [words[c] for c in classes],
-               "threshold": threshold, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
+               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
                "outputs": {"image_score": ["N"], "anomaly_map": ["N", bb.image_size, bb.image_size], "anomalous": ["N"]},
                "opset": OPSET, "source": source or {}, "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -214,5 +222,5 @@ def export(*, run: str | None, method: str | None, backbone: str | None, classes
            fp16: bool = False) -> dict:
     """`kano export`: load the source, write the graph and its sidecar; returns the sidecar dict."""
     check_target(fmt, out, fp16)
-    model, name, words, threshold, source = load_source(run, method, backbone, classes)
-    return export_model(model, name, words, threshold, out, fmt, fp16, source)
+    model, name, words, thresholds, source = load_source(run, method, backbone, classes)
+    return export_model(model, name, words, thresholds, out, fmt, fp16, source)

@@ -49,13 +49,15 @@ class ExportedModel:
             raise KanoError(f"{side} must be a kano export sidecar of version {SIDECAR_VERSION}, got "
                             f"format {meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}, "
                             f"version {meta.get('version') if isinstance(meta, dict) else None!r}")
-        missing = [k for k in ("classes", "image_size", "mean", "std", "threshold", "method") if k not in meta]
+        missing = [k for k in ("classes", "prompt_words", "image_size", "mean", "std", "thresholds", "method") if k not in meta]
         if missing:
             raise KanoError(f"{side} must hold {', '.join(missing)}, got none")
         self.path, self.meta = path, meta
         self.classes: list[str] = list(meta["classes"])
         self.image_size, self.mean, self.std = int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"])
-        self.threshold: float | None = meta["threshold"]
+        self.words: dict[str, str] = dict(zip(self.classes, meta["prompt_words"]))
+        self.thresholds: dict[str, float | None] = dict(meta["thresholds"])
+        self.threshold_sources: dict[str, str | None] = dict(meta.get("threshold_sources") or {})
         self.engine = SUFFIXES[path.suffix]
         n = _threads(threads)
         if self.engine == "onnxruntime":
@@ -90,6 +92,17 @@ class ExportedModel:
                             f"(kano export --classes names them)")
         return self.classes.index(class_name)
 
+    def threshold_for(self, class_name: str, given: float | None = None) -> tuple[float | None, str | None]:
+        """-> (threshold, source): `given` (the command line) or the one exported for the class (e.g. "run,
+        exported" for the run's calibrated threshold)."""
+        if given is not None:
+            if not 0.0 <= given <= 1.0:
+                raise KanoError(f"--threshold must be a number in [0, 1] (scores are in [0, 1]), got {given}")
+            return float(given), "command line"
+        t = self.thresholds.get(class_name)
+        src = self.threshold_sources.get(class_name)
+        return t, (None if t is None else f"{src or 'export'}, exported")
+
     def preprocess(self, image) -> np.ndarray:
         """A PIL RGB image -> (3, S, S) float32 as the sidecar says."""
         return image_to_array(image, self.image_size, self.mean, self.std)
@@ -109,23 +122,22 @@ class ExportedModel:
 def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, out_dir: Path, threshold: float | None = None,
             batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None) -> list[dict]:
     """`kano predict --model`: the files and records of evaluator.predict, scored by the exported graph.
-    threshold None: the one exported with the model (the run's calibrated one, or none)."""
+    threshold None: the class's threshold exported with the model (the run's calibrated one, or none)."""
     from kano.evaluator import predict_files as pf
     from kano.evaluator import report
 
     started = time.time()
     if batch_size < 1:
         raise KanoError(f"--batch-size must be an integer >= 1, got {batch_size}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise KanoError(f"--threshold must be a number in [0, 1] (scores are in [0, 1]), got {threshold}")
     model = ExportedModel(model_path, threads)
     index = model.class_index(class_name)
-    threshold = model.threshold if threshold is None else threshold
+    threshold, source = model.threshold_for(class_name, threshold)
+    word = model.words[class_name]
     files = pf.collect_images(inputs)
     out_dir = Path(out_dir)
     method = model.describe()
-    identity = {"method": method, "class": class_name, "threshold": threshold, "inputs": [str(f.resolve()) for f in files],
-                "image_size": model.image_size}
+    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
+                "inputs": [str(f.resolve()) for f in files], "image_size": model.image_size}
     names = pf.begin(out_dir, files, identity, force)
     advance, close = progress(len(files)) if progress else (lambda k: None, lambda: None)
     records = []
@@ -144,10 +156,11 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
             for j, f in enumerate(chunk):
                 s, m = got.get(j, (None, None))
                 records.append(pf.write_record(out_dir, f, names[a + j], class_name, threshold, None if s is None else float(s), m,
-                                               errors.get(j)))
+                                               errors.get(j), word=word, threshold_source=source))
             advance(len(chunk))
     finally:
         close()
-    header = {"class": class_name, "threshold": threshold, "provenance": report.provenance(method, model.image_size, started, None)}
+    header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
+              "provenance": {**report.provenance(method, model.image_size, started, None), "class_words": {class_name: word}}}
     pf.finish(out_dir, records, header, identity)
     return records

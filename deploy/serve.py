@@ -73,7 +73,7 @@ class Scorer:
 
     classes: list
     image_size: int
-    threshold: float | None
+    thresholds: dict  # class -> threshold or None
     method: dict
     preprocess: Callable
     score: Callable
@@ -83,23 +83,23 @@ class Scorer:
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        return Scorer(m.classes, m.image_size, m.threshold, m.describe(), m.preprocess, m.score)
+        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score)
 
     @staticmethod
     def torch_run(run: str | Path, classes: list[str] | None = None) -> "Scorer":
-        """A trained run scored by its torch model (CPU); classes: the names the service accepts (default: the
-        run's prompt names, else any name)."""
+        """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
+        them (kano.api.Detector); classes: the names the service accepts (default: the run's classes)."""
         import torch
 
-        from kano.anomaly_data import image_to_tensor, prompt_name
-        from kano.evaluator import load_model
-        from kano.evaluator.report import trained_method
+        from kano.anomaly_data import image_to_tensor
+        from kano.api import Detector
 
-        model, info = load_model(str(run), None, None, "cpu")
-        names = classes or sorted(info["prompt_names"])
+        det = Detector.load(run, device="cpu")
+        model = det.model
+        names = classes or sorted(det.run_words)
         if not names:
             raise KanoError(f"kano serve --run {run} needs --classes a,b (the run names no classes)")
-        words = [info["prompt_names"].get(c) or prompt_name(c) for c in names]
+        words = [det.class_word(c) for c in names]
         bb = model.backbone
 
         def score(x, idx):
@@ -107,7 +107,7 @@ class Scorer:
                 r = model(torch.from_numpy(x), [words[i] for i in idx.tolist()]).inference()
             return r.image_score.float().numpy(), r.anomaly_map.float().numpy()
 
-        return Scorer(names, bb.image_size, info["threshold"], trained_method(run, info["config"]),
+        return Scorer(names, bb.image_size, {c: det.threshold_for(c)[0] for c in names}, det.method,
                       lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score)
 
 
@@ -198,7 +198,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "method": scorer.method, "classes": scorer.classes, "threshold": scorer.threshold,
+        return {"status": "ok", "method": scorer.method, "classes": scorer.classes, "thresholds": scorer.thresholds,
                 "queue": batcher.q.qsize(), "batches": batcher.n_batches, "largest_batch": batcher.largest,
                 "limits": {**asdict(limits), "max_pixels": pixel_limit}}
 
@@ -281,7 +281,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         except asyncio.TimeoutError:
             fut.cancel()
             raise HTTPError(504, f"the request took longer than the service's timeout of {limits.timeout_s:g} s") from None
-        thr = scorer.threshold
+        thr = scorer.thresholds.get(cls)
 
         def draw():
             return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=cls, score=score, threshold=thr))

@@ -19,6 +19,7 @@ from kano.kanoclip.winclip import ZERO_SHOT_METHODS
 from .baselines import METHODS as BASELINE_METHODS
 
 MEMORY_METHODS = ("retrieval",)
+REFERENCE_METHODS = ("winclip",)  # the methods that take normal reference images (--reference, --k-shot)
 TRANSDUCTIVE_METHODS = ("musc",)
 ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS + TRANSDUCTIVE_METHODS
 BACKBONE_METHODS = ("mutual", *TRANSDUCTIVE_METHODS, *ZERO_SHOT_METHODS, *MEMORY_METHODS)  # the ones --backbone feeds
@@ -61,11 +62,14 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
 
 
 def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None):
+                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None):
     """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`; k_shot > 0
-    (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`."""
+    (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`, or, with
+    `references` (a folder), its first k images for every class."""
     if k_shot and method != "winclip":
         raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
+    if references and not k_shot:
+        raise KanoError(f"--reference {references} needs --k-shot K >= 1 (how many of its images to use), got --k-shot 0")
     if k_shot < 0:
         raise KanoError(f"--k-shot must be an integer >= 0 (0: zero-shot), got {k_shot}")
     if method not in ZERO_SHOT_METHODS:
@@ -74,6 +78,7 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
         raise KanoError(f"--method {method} evaluates a zero-shot method on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
         raise KanoError(f"--method {method} needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
+    from kano.anomaly_data import load_dataset
     from kano.kanoclip import build_backbone
     from kano.kanoclip.winclip import WinCLIPConfig, build_zero_shot
 
@@ -86,11 +91,18 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
                             f"got {bb.image_size} px -> {bb.grid} x {bb.grid}")
     model = build_zero_shot(method, bb)
     info = zero_shot_info(model, method, backbone)
-    if k_shot:
+    if k_shot and references:  # one folder of normal images serves every class
+        refs, ref_files = reference_folder(references, k_shot, bb)
+        names = classes or (list(load_dataset(data).classes) if data else [])
+        model.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
+        model.reference_folder = refs
+    elif k_shot:
         model.reference_images, files = reference_images(data, k_shot, bb, classes)
+    if k_shot:
+        where = str(references) if references else "each class's train split"
         info.update(name="winclip+", kind="few-shot", setting="few-shot", k_shot=k_shot, references=files,
                     source="Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images per class (the first "
-                           "k of each class's train split, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
+                           f"k of {where}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
                     parameters="frozen backbone, no training; a memory of k normal images per class")
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
 
@@ -98,7 +110,7 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
 def reference_images(data: str | None, k: int, bb, classes: list[str] | None = None) -> tuple[dict, dict]:
     """WinCLIP+'s references: the first k normal images (sorted by path) of each class's TRAIN split of `data`
     (never its test images). -> ({class: (k, 3, S, S) normalised}, {class: [file names]})."""
-    from kano.anomaly_data import SampleDataset, load_dataset, raise_batch_errors
+    from kano.anomaly_data import load_dataset
 
     if not data:
         raise KanoError("--k-shot needs --data KIND:PATH with a train split of normal images per class")
@@ -108,11 +120,64 @@ def reference_images(data: str | None, k: int, bb, classes: list[str] | None = N
         train = sorted((s for s in ds.samples("train", [cls]) if s.label == 0), key=lambda s: s.image_path)
         if len(train) < k:
             raise KanoError(f"--k-shot {k} needs {k} normal train images of class {cls} in {data}, got {len(train)}")
-        batch = [SampleDataset(train[:k], bb.image_size, bb.mean, bb.std)[i] for i in range(k)]
-        raise_batch_errors({"error": [b["error"] for b in batch]})
-        images[cls] = torch.stack([b["image"] for b in batch])
+        images[cls] = _reference_tensor(train[:k], bb)
         files[cls] = [s.image_path for s in train[:k]]
     return images, files
+
+
+def _reference_tensor(samples: list, bb) -> torch.Tensor:
+    """Reference images as the model sees them: (k, 3, S, S), squash-resized and normalised like test images."""
+    from kano.anomaly_data import SampleDataset, raise_batch_errors
+
+    batch = [SampleDataset(samples, bb.image_size, bb.mean, bb.std)[i] for i in range(len(samples))]
+    raise_batch_errors({"error": [b["error"] for b in batch]})
+    return torch.stack([b["image"] for b in batch])
+
+
+def reference_folder(folder, k: int, bb) -> tuple[torch.Tensor, list[str]]:
+    """Reference normal images from a plain folder (`--reference DIR`): its first k images sorted by path.
+    -> ((k, 3, S, S) normalised, [absolute paths])."""
+    from pathlib import Path
+
+    from kano.anomaly_data import Sample, list_images
+
+    if k < 1:
+        raise KanoError(f"--reference {folder} needs --k-shot K >= 1 (how many of its images to use), got --k-shot {k}")
+    files = list_images(Path(folder))
+    if len(files) < k:
+        raise KanoError(f"--k-shot {k} needs {k} reference images in {folder}, got {len(files)}")
+    samples = [Sample(str(f.resolve()), None, "reference", "good", 0, split="train") for f in files[:k]]
+    return _reference_tensor(samples, bb), [s.image_path for s in samples]
+
+
+def with_patch_memory(model, described: dict, k_shot: int, data: str | None = None, references=None,
+                      classes: list[str] | None = None):
+    """K-shot mode for a per-image model with a CLIP backbone (a trained run, the untrained model): April-GAN's
+    memory of normal patches (kanoclip/fewshot.py). References: the first k images of `references` (a folder)
+    for every class, else of each class's train split of `data`. -> (PatchMemory, its provenance)."""
+    from kano.kanoclip.backbone import Backbone
+    from kano.kanoclip.fewshot import FEWSHOT_SOURCE, PatchMemory
+
+    if k_shot < 1:
+        raise KanoError(f"--k-shot must be an integer >= 1 for the K-shot mode, got {k_shot}")
+    if getattr(model, "transductive", False) or not isinstance(getattr(model, "backbone", None), Backbone):
+        raise KanoError(f"--k-shot must go with a per-image model on a CLIP backbone (--run, --backbone, or --method winclip), "
+                        f"got {described.get('name')}")
+    bb = model.backbone
+    wrapped = PatchMemory(model).eval()
+    if references:
+        refs, ref_files = reference_folder(references, k_shot, bb)
+        from kano.anomaly_data import load_dataset
+
+        names = classes or (list(load_dataset(data).classes) if data else [])
+        wrapped.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
+    else:
+        wrapped.reference_images, files = reference_images(data, k_shot, bb, classes)
+    where = str(references) if references else "each class's train split"
+    info = {**described, "setting": "few-shot", "k_shot": k_shot, "references": files,
+            "few_shot": {"rule": f"April-GAN memory of the first {k_shot} images of {where}, sorted by path",
+                         "source": FEWSHOT_SOURCE, "stages": list(bb.stages)}}
+    return wrapped, info
 
 
 def load_retrieval(run, backbone: str | None, image_size: int | None, device: torch.device | str, aux: str | None,
@@ -168,8 +233,21 @@ def musc_info(model, backbone: str) -> dict:
             "constants": model.constants()}
 
 
-def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu"):
-    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC`."""
+def musc_windows(data: str | None, windows: list[int] | None) -> dict:
+    """MuSc's RsCIN windows for `--data KIND:PATH`: the published ones for its kind, or `windows` (--rscin-windows)."""
+    from kano.anomaly_data.readers import parse_data_spec
+    from kano.kanoclip.musc import rscin_windows
+
+    if windows:
+        return {"k_list": tuple(windows), "k_source": "--rscin-windows"}
+    k, source = rscin_windows(parse_data_spec(data)[0] if data else None)
+    return {"k_list": k, "k_source": source}
+
+
+def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
+              data: str | None = None, rscin_windows: list[int] | None = None):
+    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC` on `data` (KIND:PATH: its kind picks the RsCIN
+    windows unless `rscin_windows` is given)."""
     if run:
         raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
@@ -177,13 +255,16 @@ def load_musc(run, backbone: str | None, image_size: int | None, device: torch.d
     from kano.kanoclip import build_backbone
     from kano.kanoclip.musc import MuSc
 
-    model = MuSc(build_backbone(backbone, image_size=image_size, device=device)).eval()
+    # position embeddings resampled as MuSc's vendored open_clip does (kanoclip/pos_embed.py)
+    bb = build_backbone(backbone, image_size=image_size, device=device, pos_resize="bicubic")
+    model = MuSc(bb, **musc_windows(data, rscin_windows)).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": musc_info(model, backbone)}
 
 
-def with_mutual(model, described: dict, what: str):
+def with_mutual(model, described: dict, what: str, data: str | None = None, rscin_windows: list[int] | None = None):
     """`kano eval --mutual`: -> (MutualFusion of `model` and MuSc on model's own frozen backbone, its provenance).
-    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x")."""
+    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x"). MuSc's map enters at half
+    its published scale, so that both halves of the fused mean are in [0, 1] (the fusion is Kano's own)."""
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
@@ -193,7 +274,7 @@ def with_mutual(model, described: dict, what: str):
     if not isinstance(getattr(model, "backbone", None), Backbone):
         raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, --backbone, or --method clip, "
                         f"clip-ac, winclip, retrieval), got {what}, which has none")
-    musc = MuSc(model.backbone).eval()
+    musc = MuSc(model.backbone, map_scale=0.5, **musc_windows(data, rscin_windows)).eval()
     spec = described.get("backbone") or model.backbone.spec
     info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
             "musc": musc_info(musc, spec)}
@@ -202,7 +283,7 @@ def with_mutual(model, described: dict, what: str):
 
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
-                classes: list[str] | None = None):
+                classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None):
     """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method, MuSc or
     the retrieval memory (which needs `aux`)."""
     if method not in ALL_METHODS:
@@ -211,12 +292,16 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
         raise KanoError(f"--aux is used by --method retrieval only, got --method {method} with --aux {aux}")
     if k_shot and method != "winclip":
         raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
+    if references and method not in REFERENCE_METHODS:
+        raise KanoError(f"--reference is used by the methods that take reference images ({', '.join(REFERENCE_METHODS)}), "
+                        f"got --method {method} with --reference {references}")
     if method == "retrieval":
         return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
     if method in ZERO_SHOT_METHODS:
-        return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes)
+        return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes,
+                              references=references)
     if method in TRANSDUCTIVE_METHODS:
-        return load_musc(run, backbone, image_size, device)
+        return load_musc(run, backbone, image_size, device, data=data, rscin_windows=rscin_windows)
     from .baselines import load_baseline
 
     return load_baseline(method, run, backbone, image_size, device)

@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from kano.anomaly_data import Sample, prompt_name
+from kano.anomaly_data import Sample
+from kano.anomaly_data.names import class_word
 from kano.errors import KanoError
 
 from . import report
@@ -30,8 +31,10 @@ from .predict_files import MAX_MAP_SIDE, begin, collect_images, finish, map_size
 
 def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold: float | None, batch_size: int = 8,
             device: torch.device | None = None, prompt: str | None = None, progress: Callable | None = None, *,
-            method: dict | None = None, force: bool = False, workers: int = 0) -> list[dict]:
-    """Score images of one class; writes the files listed in the module docstring; returns the records."""
+            method: dict | None = None, force: bool = False, workers: int = 0, threshold_source: str | None = None) -> list[dict]:
+    """Score images of one class; writes the files listed in the module docstring; returns the records.
+    prompt: the class word (None: anomaly_data.names.class_word's rule); threshold_source: where `threshold`
+    came from ("command line", "calibration", "run"), recorded beside it."""
     started = time.time()
     device = device or model.backbone.device
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -39,11 +42,13 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
     files = collect_images(inputs)
     out_dir = Path(out_dir)
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
-    identity = {"method": method, "class": class_name, "threshold": threshold, "inputs": [str(f.resolve()) for f in files],
+    word = prompt or class_word(class_name)
+    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold,
+                "threshold_source": threshold_source, "inputs": [str(f.resolve()) for f in files],
                 "image_size": model.backbone.image_size}
     names = begin(out_dir, files, identity, force)
     samples = [Sample(str(f.resolve()), None, class_name, "unknown", 0) for f in files]
-    prompts = [prompt or prompt_name(class_name)] * len(samples)
+    prompts = [word] * len(samples)
     errors: dict[int, str] = {}
     advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
     try:
@@ -51,8 +56,8 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
     finally:
         close()
     records = [write_record(out_dir, f, name, class_name, threshold, None if i in errors else float(scores[i]), maps[i].numpy(),
-                            errors.get(i)) for i, (f, name) in enumerate(zip(files, names))]
-    header = {"class": class_name, "threshold": threshold,
-              "provenance": report.provenance(method, model.backbone.image_size, started, None)}
+                            errors.get(i), word=word, threshold_source=threshold_source) for i, (f, name) in enumerate(zip(files, names))]
+    header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": threshold_source,
+              "provenance": {**report.provenance(method, model.backbone.image_size, started, None), "class_words": {class_name: word}}}
     finish(out_dir, records, header, identity)
     return records

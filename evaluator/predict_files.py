@@ -57,10 +57,13 @@ def begin(out_dir: Path, files: list[Path], identity: dict, force: bool) -> list
 
 
 def write_record(out_dir: Path, f: Path, name: str, class_name: str, threshold: float | None, score: float | None,
-                 amap: np.ndarray | None, error: str | None = None) -> dict:
+                 amap: np.ndarray | None, error: str | None = None, *, word: str | None = None,
+                 threshold_source: str | None = None) -> dict:
     """One input's panel and maps; -> its record (with "rel": the written files relative to OUT).
-    amap (h, w) on [0, 1] at any size (the model's); score None with `error` for an image that was not scored."""
-    rec: dict = {"image": str(f), "name": name, "class": class_name, "threshold": threshold}
+    amap (h, w) on [0, 1] at any size (the model's); score None with `error` for an image that was not scored.
+    word: the class word the prompts used; threshold_source: where the threshold came from (both recorded)."""
+    rec: dict = {"image": str(f), "name": name, "class": class_name, "class_word": word, "threshold": threshold,
+                 "threshold_source": threshold_source}
     try:
         if error is not None:
             raise KanoError(error)
@@ -72,7 +75,8 @@ def write_record(out_dir: Path, f: Path, name: str, class_name: str, threshold: 
         rel = {"panel_png": f"panels/{name}.png", "map_npy": f"maps/{name}.npy", "map_png": f"maps/{name}.png"}
         np.save(outputs.inside(out_dir, out_dir / rel["map_npy"]), big)
         map_to_png16(big).save(outputs.inside(out_dir, out_dir / rel["map_png"]))
-        pic = panel(load_image(f), amap, name=f"{class_name} / {f.name}", score=score, threshold=threshold)
+        pic = panel(load_image(f), amap, name=f"{class_name} / {f.name}", score=score, threshold=threshold,
+                    threshold_source=threshold_source)
         pic.save(outputs.inside(out_dir, out_dir / rel["panel_png"]))
         rec.update(score=round(score, 6), anomalous=None if threshold is None else bool(score >= threshold),
                    panel_png=str(out_dir / rel["panel_png"]), map_npy=str(out_dir / rel["map_npy"]),

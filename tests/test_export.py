@@ -69,7 +69,8 @@ def test_onnx_equals_torch(method, spec, tmp_path):
     threshold = float(ranked[k] + ranked[k + 1]) / 2
     assert ranked[k + 1] - ranked[k] > 2e-4  # half of it exceeds the scores' tolerance below
     side = export_model(model, method, CLASSES, threshold, tmp_path / "m.onnx")
-    assert side["classes"] == list(CLASSES) and side["threshold"] == threshold and side["image_size"] == model.backbone.image_size
+    assert side["classes"] == list(CLASSES) and side["thresholds"] == {c: threshold for c in CLASSES}
+    assert side["image_size"] == model.backbone.image_size and side["prompt_words"] == list(CLASSES.values())
     exported = ExportedModel(tmp_path / "m.onnx", threads=1)
     for (x, idx), (s_ref, m_ref) in zip(cases, refs):
         n = len(x)

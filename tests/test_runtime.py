@@ -60,10 +60,12 @@ def test_exported_run_scores_like_the_run_without_torch(trained_run, synth_root,
     exported = tmp_path / "graph" / "model.onnx"
     code, out, err = cli("export", "--run", trained_run, "--classes", "disc,weave", "--out", exported)
     assert code == 0, err
-    assert "kanoclip on tiny, 96 px, classes disc, weave" in out
+    assert "kanoclip on tiny, 96 px, classes disc, weave; thresholds disc 0." in out
     side = json.loads(exported.with_suffix(".json").read_text())
     config = json.loads((trained_run / "config.json").read_text())
-    assert side["threshold"] == config["threshold"] and side["method"] == "kanoclip" and side["classes"] == ["disc", "weave"]
+    assert side["thresholds"] == {"disc": config["threshold"], "weave": config["threshold"]}  # the run's: no calibration.json
+    assert side["threshold_sources"] == {"disc": "run", "weave": "run"}
+    assert side["method"] == "kanoclip" and side["classes"] == ["disc", "weave"]
     images = [synth_root / "disc" / "test" / "hole", synth_root / "disc" / "test" / "good"]
     p = run_without_torch(["predict", *images, "--class", "disc", "--model", exported, "--out", tmp_path / "onnx",
                            "--batch-size", "3"], tmp_path)
@@ -74,6 +76,7 @@ def test_exported_run_scores_like_the_run_without_torch(trained_run, synth_root,
     assert [r["name"] for r in got] == [r["name"] for r in ref] and len(got) == 5
     for g, r in zip(got, ref):
         assert abs(g["score"] - r["score"]) <= 1e-4 and g["anomalous"] == r["anomalous"] and g["threshold"] == r["threshold"]
+        assert g["class_word"] == r["class_word"] and g["threshold_source"] == "run, exported" and r["threshold_source"] == "run"
         assert g["image_size"] == r["image_size"] and g["map_size"] == r["map_size"]
         assert np.abs(np.load(g["map_npy"]) - np.load(r["map_npy"])).max() <= 1e-4
         assert Path(g["panel_png"]).is_file() and Path(g["map_png"]).is_file()

@@ -14,7 +14,7 @@ import torch
 
 from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
 from kano.errors import KanoError
-from kano.kanoclip import VisualFeatures, backbone_autocast, build_backbone, build_model
+from kano.kanoclip import VisualFeatures, backbone_autocast, build_model, method_backbone
 from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
@@ -177,7 +177,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     store = KnowledgeStore(cfg.kb, create=False, read_only=True) if uses_kb else None  # no write lock: works while the KB is open elsewhere
 
     phase["now"] = "while building the model"
-    bb = build_backbone(cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages, vv_start=cfg.vv_start)
+    bb = method_backbone(cfg.method, cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages,
+                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=cfg.model.use_vv)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = build_model(cfg.method, bb, cfg.model if uses_kb else None)
     names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
@@ -212,7 +213,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
 
     config = {
         "kano_version": ckpt.library_versions()["kano"], "backbone": cfg.backbone, "image_size": bb.image_size, "stages": bb.stages,
-        "vv_start": bb.vv_start, "method": cfg.method, "model": model.cfg.to_dict(),
+        "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "method": cfg.method, "model": model.cfg.to_dict(),
         "model_used": model.describe() if hasattr(model, "describe") else {}, "train": cfg.to_dict(),
         "kb": kb_info, "train_classes": classes,
         "prompt_names": names, "data": cfg.data, "n_samples": len(samples), "git_commit": ckpt.git_commit(), "seed": cfg.seed,
