@@ -1,6 +1,6 @@
 """`kano serve`: an HTTP service on FastAPI + uvicorn (`pip install 'kano[serve]'`).
 
-    POST /v1/predict   multipart: file (the image), class (its class name) -> JSON: score, anomalous, threshold,
+    POST /v1/predict   multipart: file (the image), class (its class name) -> JSON: score, anomalous, threshold (the class's),
                        class, image_size, map_png (base64 PNG, 16-bit grey, 65535 = 1.0, at the model's S x S),
                        panel_png (base64 PNG: the labelled panel of `kano predict`), latency_ms
     GET  /healthz      {"status": "ok", "classes", "method", "queue": length now, "limits"}
