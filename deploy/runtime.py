@@ -120,47 +120,63 @@ class ExportedModel:
 
 
 def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, out_dir: Path, threshold: float | None = None,
-            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None) -> list[dict]:
-    """`kano predict --model`: the files and records of evaluator.predict, scored by the exported graph.
-    threshold None: the class's threshold exported with the model (the run's calibrated one, or none)."""
+            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None):
+    """`kano predict --model`: the rows and files of evaluator.predict (written by the same functions,
+    evaluator.predict_files), scored by the exported graph. Inputs as evaluator.stream reads them (images,
+    folders, lists); a list's class column picks that row's exported class. threshold None: each class's
+    threshold exported with the model (the run's calibrated one, or none). -> the rows."""
+    from kano.evaluator import outputs, records
     from kano.evaluator import predict_files as pf
-    from kano.evaluator import report
+    from kano.evaluator.stream import iter_inputs
 
     started = time.time()
     if batch_size < 1:
         raise KanoError(f"--batch-size must be an integer >= 1, got {batch_size}")
     model = ExportedModel(model_path, threads)
-    index = model.class_index(class_name)
-    threshold, source = model.threshold_for(class_name, threshold)
-    word = model.words[class_name]
-    files = pf.collect_images(inputs)
+    model.class_index(class_name)
+    threshold_given = threshold
+    threshold, source = model.threshold_for(class_name, threshold_given)
+    items = list(iter_inputs(inputs))
+    if not items:
+        raise KanoError("predict needs at least one image or folder, got none")
+    for _, c in items:  # every class named by a list must be an exported one, before anything is written
+        if c:
+            model.class_index(c)
     out_dir = Path(out_dir)
     method = model.describe()
+    word = model.words[class_name]
     identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
-                "inputs": [str(f.resolve()) for f in files], "image_size": model.image_size}
-    names = pf.begin(out_dir, files, identity, force)
-    advance, close = progress(len(files)) if progress else (lambda k: None, lambda: None)
-    records = []
+                "inputs": [str(Path(p).resolve()) for p, _ in items], "image_size": model.image_size}
+    outputs.claim(out_dir, "predict", json.loads(json.dumps(identity, default=str)), force)
+    (out_dir / "maps").mkdir(exist_ok=True)
+    (out_dir / "panels").mkdir(exist_ok=True)
+    names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in items])
+    advance, close = progress(len(items)) if progress else (lambda k: None, lambda: None)
     try:
-        for a in range(0, len(files), batch_size):
-            chunk = files[a:a + batch_size]
-            arrays, errors = [], {}
-            for j, f in enumerate(chunk):
-                try:
-                    arrays.append(model.preprocess(load_image(f)))
-                except KanoError as exc:
-                    errors[j] = str(exc)
-            ok = [j for j in range(len(chunk)) if j not in errors]
-            scores, maps = model.score(np.stack(arrays), np.full(len(ok), index)) if ok else ([], [])
-            got = dict(zip(ok, zip(scores, maps)))
-            for j, f in enumerate(chunk):
-                s, m = got.get(j, (None, None))
-                records.append(pf.write_record(out_dir, f, names[a + j], class_name, threshold, None if s is None else float(s), m,
-                                               errors.get(j), word=word, threshold_source=source))
-            advance(len(chunk))
+        with records.RowWriter(out_dir / records.RESULT, fresh=True) as writer:
+            for a in range(0, len(items), batch_size):
+                chunk = items[a:a + batch_size]
+                arrays, ok, errors = [], [], {}
+                for j, (p, _) in enumerate(chunk):
+                    try:
+                        arrays.append(model.preprocess(load_image(p)))
+                        ok.append(j)
+                    except KanoError as exc:
+                        errors[j] = str(exc)
+                classes = [c or class_name for _, c in chunk]
+                idx = np.array([model.class_index(classes[j]) for j in ok], dtype=np.int64)
+                scores, maps = model.score(np.stack(arrays), idx) if ok else ([], [])
+                got = dict(zip(ok, zip(scores, maps)))
+                rows = []
+                for j, (p, _) in enumerate(chunk):
+                    c = classes[j]
+                    t, src = (threshold, source) if c == class_name else model.threshold_for(c, threshold_given)
+                    s, m = got.get(j, (None, None))
+                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, True, True))
+                writer.append(rows)
+                advance(len(chunk))
     finally:
         close()
-    header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
-              "provenance": {**report.provenance(method, model.image_size, started, None), "class_words": {class_name: word}}}
-    pf.finish(out_dir, records, header, identity)
-    return records
+    pf.finish(out_dir, identity, 1, len(items), batch_size, "jsonl", method, model.image_size, class_name, word, threshold, source,
+              started, merge=False)
+    return list(records.read_rows(out_dir / records.RESULT))

@@ -391,10 +391,16 @@ def eval_html(result: dict, details: dict) -> str:
 
 
 def predict_html(records: list[dict], header: dict) -> str:
-    """The gallery page of `kano predict`: provenance, one row per image (score, decision, files), its panel."""
+    """The gallery page of `kano predict`: provenance, one row per image (score, decision, files), its panel.
+    header["total"]: the images of the run when `records` are only its first ones (the page says so);
+    header["summary"]: records.summarize's counts. Maps and panels appear when the records have them."""
     thr = header.get("threshold")
+    total = header.get("total", len(records))
+    shown = f"{total} images" if total == len(records) else f"the first {len(records)} of {total} images (all in predictions.jsonl)"
+    counts = header.get("summary")
+    counts = f"{counts['scored']} scored, {counts['errors']} not scored; " if counts else ""
     b = [f"<h1>Kano predictions: {_esc(header.get('class'))}</h1>", _prov_html(header.get("provenance")),
-         f"<p class=\"note\">{len(records)} images; class word in the prompts {_esc(repr(header.get('class_word')))}; threshold "
+         f"<p class=\"note\">{_esc(shown)}; {counts}class word in the prompts {_esc(repr(header.get('class_word')))}; threshold "
          f"{_esc(threshold_text(thr, header.get('threshold_source')))}; "
          "maps on one colour scale, 0 to 1; the overlay shows only where the map is at least its level.</p>",
          "<table><thead><tr><th>image</th><th>score</th><th>anomalous</th><th>map</th></tr></thead><tbody>"]
@@ -403,12 +409,16 @@ def predict_html(records: list[dict], header: dict) -> str:
             b.append(f"<tr><td>{_esc(r['image'])}</td><td colspan=\"3\" class=\"bad\">not scored: {_esc(r['error'])}</td></tr>")
             continue
         dec = "-" if r["anomalous"] is None else ("<span class=\"yes\">yes</span>" if r["anomalous"] else "<span class=\"no\">no</span>")
-        note = " (downscaled)" if r.get("map_downscaled") else ""
-        b.append(f"<tr><td>{_esc(r['image'])}</td><td>{r['score']:.3f}</td><td>{dec}</td><td><a href=\"{_esc(r['rel']['map_npy'])}\">npy</a> "
-                 f"<a href=\"{_esc(r['rel']['map_png'])}\">png16</a> {r['map_size'][0]}x{r['map_size'][1]}{note}</td></tr>")
+        rel = r.get("rel") or {}
+        cell = "-"
+        if "map_npy" in rel:
+            note = " (downscaled)" if r.get("map_downscaled") else ""
+            cell = (f"<a href=\"{_esc(rel['map_npy'])}\">npy</a> <a href=\"{_esc(rel['map_png'])}\">png16</a> "
+                    f"{r['map_size'][0]}x{r['map_size'][1]}{note}")
+        b.append(f"<tr><td>{_esc(r['image'])}</td><td>{r['score']:.3f}</td><td>{dec}</td><td>{cell}</td></tr>")
     b.append("</tbody></table><div class=\"gallery\">")
     for r in records:
-        if not r.get("error"):
+        if not r.get("error") and "panel_png" in (r.get("rel") or {}):
             b.append(f"<figure><img src=\"{_esc(r['rel']['panel_png'])}\" alt=\"{_esc(r['image'])}\"><figcaption>{_esc(r['image'])}</figcaption></figure>")
     b.append("</div>")
     return _page(f"Kano predictions: {header.get('class')}", b)

@@ -367,7 +367,8 @@ def compare_cmd(
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files and/or folders of images"),
+    inputs: List[str] = typer.Argument(..., help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
+                                                 "manifests with a 'path' column (and optionally 'class')"),
     class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
     method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
@@ -384,22 +385,34 @@ def predict_cmd(
     workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels with --backbone (default: the "
+                                                                       "backbone's); a run uses its own"),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="write each image's map (npy, 16-bit png); --no-maps for large runs"),
+    panels: bool = typer.Option(True, "--panels/--no-panels", help="draw each image's panel; --no-panels for large runs"),
+    fmt: str = typer.Option("jsonl", "--format", show_default=True, help="result file: jsonl (predictions.jsonl), or parquet (also predictions.parquet)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out (refused if its options differ); "
+                                                        "running the same command again does the same"),
     model: Optional[Path] = typer.Option(None, "--model", help="instead of --run: a graph from `kano export` (.onnx through onnxruntime, .xml through OpenVINO); needs no torch"),
 ):
-    """Score images: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
+    """Score images as a stream: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
 
-    Exit code 1 when some image could not be read (its record says why; the others are written)."""
+    Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
+    torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
+    Exit code 1 when some image could not be read (its row says why; the others are written)."""
     if model is not None:
         from kano.deploy import command as deploy_command
 
         deploy_command.predict(model=model, inputs=inputs, class_name=class_name, out=out, threshold=threshold,
-                               batch_size=batch_size, force=force, others={"--run": run, "--backbone": backbone, "--device": device})
+                               batch_size=batch_size, force=force, others={"--run": run, "--backbone": backbone, "--device": device, "--image-size": image_size,
+                                       "--resume": resume, "--method": method, "--reference": reference, "--k-shot": k_shot,
+                                       "--class-word": class_word, "--no-maps": not maps, "--no-panels": not panels,
+                                       f"--format {fmt}": fmt != "jsonl"})
         return
     from kano.evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
-                         k_shot=k_shot, class_word=class_word)
+                         k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size)
 
 
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
