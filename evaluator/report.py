@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import METRIC_KEYS
 
 LABELS = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1-max", "pixel_auroc": "pixel AUROC",
           "pixel_ap": "pixel AP", "pixel_f1_max": "pixel F1-max", "aupro": "AUPRO (FPR ≤ 0.3)"}
@@ -59,8 +58,10 @@ def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
 
 
 def _git_commit() -> str | None:
-    from kano.trainer.checkpoint import git_commit
-
+    try:
+        from kano.trainer.checkpoint import git_commit
+    except ImportError:  # an install without torch (kano[runtime]) has no trainer: the commit is unknown
+        return None
     return git_commit()
 
 
@@ -112,6 +113,7 @@ def _pct(v) -> str:
 
 
 def table_rows(result: dict) -> list[tuple]:
+    from .metrics import METRIC_KEYS  # here, not at the top: predict_html serves the torch-free runtime
     rows = [(c, *[m[k] for k in METRIC_KEYS]) for c, m in result["classes"].items()]
     rows.append(("mean", *[result["mean"][k] for k in METRIC_KEYS]))
     return rows
@@ -124,6 +126,7 @@ def write_reports(result: dict, out_dir: Path, details: dict | None = None) -> l
     details: {"threshold": float | None, "classes": {cls: {"labels": [...], "scores": [...], "images": [...],
     "defects": [...]}}, "gallery": [{"class", "file" (relative to out_dir), "reason", ...}]}.
     Returns the written file names (relative to out_dir)."""
+    from .metrics import METRIC_KEYS  # here, not at the top: predict_html serves the torch-free runtime
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**result, "units": "fraction in [0, 1] (metrics.md and report.html show percent)"}
@@ -340,6 +343,7 @@ def threshold_text(threshold: float | None, source: str | None) -> str:
 
 
 def eval_html(result: dict, details: dict) -> str:
+    from .metrics import METRIC_KEYS  # here, not at the top: predict_html serves the torch-free runtime
     prov = result.get("provenance")
     thr = details.get("threshold")
     b = [f"<h1>Kano evaluation: {_esc(result['dataset'])}</h1>", _prov_html(prov)]

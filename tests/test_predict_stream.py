@@ -142,7 +142,9 @@ def test_resume_refuses_inputs_that_changed_under_it(tmp_path, cli):
 def test_parquet_rows_and_a_capped_page(tmp_path, cli, monkeypatch):
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(sys.modules["kano.evaluator.predict"], "MAX_PAGE_ROWS", 2)
+    from kano.evaluator import predict_files
+
+    monkeypatch.setattr(predict_files, "MAX_PAGE_ROWS", 2)  # the page is written there
     _images(tmp_path / "img", 5)
     code, _, err = cli("predict", tmp_path / "img", "--class", "nut", *FAST, "--format", "parquet", "--threshold", "0.3",
                        "--out", tmp_path / "o")
