@@ -82,7 +82,7 @@ def cpu_streams(device: torch.device, workers: int, n_batches: int, model) -> in
     a transductive model (one batch per class). Two single-thread streams on two cores beat one two-thread
     forward (about 1.7x from 1 to 2 threads for a ViT here), and each stream decodes its own next batch on
     its own core instead of a third thread stalling the model's thread team (bench/bench_eval.py)."""
-    if device.type != "cpu" or workers or n_batches < 2 or getattr(model, "transductive", False):
+    if device.type != "cpu" or workers or n_batches < 2 or model.transductive:
         return 1
     return max(1, min(torch.get_num_threads(), n_batches, 4))
 
@@ -160,7 +160,7 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int | None = None,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
-             force: bool = False, allow_missing_masks: bool = False) -> dict:
+             force: bool = False, allow_missing_masks: bool = False, scored: dict | None = None) -> dict:
     """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
@@ -168,7 +168,9 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     backbone as an unnamed model. threshold: the decision threshold shown in titles and histograms (None: no
     decision). n_overlays: gallery images per class. A model with `transductive = True` gets each class's
     whole test set as one batch. allow_missing_masks: an anomalous image without a mask (its
-    class having masks) warns instead of failing."""
+    class having masks) warns instead of failing. scored: a dict that receives {class: (samples, image scores
+    (N,), maps (N, S, S), masks (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller
+    comparing methods need not score this one again."""
     started = time.time()
     device = device or model.backbone.device
     if n_overlays < 0:
@@ -180,7 +182,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     classes, samples = dataset.split_classes("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
-    if getattr(model, "transductive", False):  # checked before anything is written: each image is scored against the others
+    if model.transductive:  # checked before anything is written: each image is scored against the others
         counts = {c: sum(s.class_name == c for s in samples) for c in classes}
         few = {c: k for c, k in counts.items() if k < 2}
         if few:
@@ -207,11 +209,12 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     try:
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
-            bs = max(1, len(cs)) if getattr(model, "transductive", False) else batch_size
-            if hasattr(model, "begin_class"):  # per-class state, e.g. WinCLIP+'s reference images
-                model.begin_class(cls, names_map[cls])
+            bs = max(1, len(cs)) if model.transductive else batch_size
+            model.begin_class(cls, names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
             scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance)
             labels = torch.tensor([s.label for s in cs])
+            if scored is not None:
+                scored[cls] = (cs, scores, maps, masks)
             with_masks = dataset.has_masks(cls)
             # the gallery is drawn in a thread while the metrics are computed (PIL, zlib and numpy's sort release
             # the GIL): its panels need only the scores

@@ -1,8 +1,8 @@
-"""`kano eval --method NAME`: the one place that routes a method name to its detector.
+"""`kano eval --method NAME`: a method of the registry (kanoclip/registry.py) built by the loader its entry names.
 
-- zero-parameter baselines (`evaluator/baselines.py`): median_colour ... mutual, musc_randconv;
-- zero-shot CLIP methods (`kanoclip/winclip.py`): clip, clip-ac, winclip, on a frozen `--backbone`;
-- full MuSc (`kanoclip/musc.py`): musc, transductive, on a frozen `--backbone`;
+- zero-parameter and transductive floors (`evaluator/baselines.py`), the untrained KAnoCLIP
+  (`evaluator/loading.py`), the zero-shot CLIP methods (`kanoclip/winclip.py`), full MuSc (`kanoclip/musc.py`)
+  and the retrieval memory (`kanoclip/retrieval.py`); trained methods come from a run (`--run`);
 - `with_mutual`: `kano eval --mutual`, any per-image method with a backbone fused with MuSc on that backbone.
 
 `load_method(method, run, backbone, image_size, device)` -> (model, info), the same info keys as
@@ -14,26 +14,12 @@ from __future__ import annotations
 import torch
 
 from kano.errors import KanoError
-from kano.kanoclip.winclip import ZERO_SHOT_METHODS
+from kano.kanoclip.registry import METHODS, method_spec, methods_with
 
-from .baselines import METHODS as BASELINE_METHODS
-
-MEMORY_METHODS = ("retrieval",)
-TRANSDUCTIVE_METHODS = ("musc",)
-ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS + TRANSDUCTIVE_METHODS
-BACKBONE_METHODS = ("mutual", *TRANSDUCTIVE_METHODS, *ZERO_SHOT_METHODS, *MEMORY_METHODS)  # the ones --backbone feeds
-MUSC_SOURCE = ("Li et al., MuSc (ICLR 2024): LNAMD, MSM and RsCIN with the public code's defaults "
-               "(github.com/xrli-U/MuSc); departures in kanoclip/musc.py")
-
-# Where each zero-shot method comes from (the module docstring of kanoclip/winclip.py has the details).
-ZERO_SHOT_SOURCES = {
-    "clip": "Radford et al., ICML 2021: CLIP's zero-shot two-class classifier; prompts as Kano's issue 14 defines them "
-            "(the KAnoCLIP paper quotes CLIP from AnomalyCLIP's Table 1 without defining it)",
-    "clip-ac": "Jeong et al., WinCLIP (CVPR 2023) Sec. 3: the CLIP-AC baseline, states 'normal/anomalous [class]' in "
-               "WinCLIP's 21 templates, averaged per state",
-    "winclip": "Jeong et al., WinCLIP (CVPR 2023), zero-shot (no WinCLIP+ reference images); constants as anomalib 2.7.0 "
-               "WinClipModel, windows encoded on their own as the paper says",
-}
+ALL_METHODS = tuple(METHODS)  # every name --method accepts (trained ones point to --run)
+BACKBONE_METHODS = methods_with(needs="backbone")  # the ones --backbone feeds
+MEMORY_METHODS = methods_with(needs="aux")
+ZERO_SHOT_METHODS = methods_with(kind="zero-shot")
 
 
 def zero_shot_info(model, method: str, backbone: str) -> dict:
@@ -41,7 +27,7 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
     from kano.kanoclip import winclip as W
 
     info = {"kind": "zero-shot", "name": method, "backbone": backbone, "setting": "per-image",
-            "parameters": "frozen backbone, no training", "source": ZERO_SHOT_SOURCES[method],
+            "parameters": "frozen backbone, no training", "source": METHODS[method].source,
             "image_size": model.backbone.image_size}
     if method == "clip":
         info["prompts"] = {"normal": W.CLIP_PROMPTS[0][0].format("[class]"), "anomalous": W.CLIP_PROMPTS[1][0].format("[class]")}
@@ -61,15 +47,13 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
 
 
 def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None):
+                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, **_):
     """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`; k_shot > 0
     (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`."""
-    if k_shot and method != "winclip":
-        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
     if k_shot < 0:
         raise KanoError(f"--k-shot must be an integer >= 0 (0: zero-shot), got {k_shot}")
-    if method not in ZERO_SHOT_METHODS:
-        raise KanoError(f"zero-shot --method must be one of {', '.join(ZERO_SHOT_METHODS)}, got {method!r}")
+    if method not in ("clip", "clip-ac", "winclip"):
+        raise KanoError(f"zero-shot CLIP --method must be one of clip, clip-ac, winclip, got {method!r}")
     if run:
         raise KanoError(f"--method {method} evaluates a zero-shot method on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
@@ -115,8 +99,8 @@ def reference_images(data: str | None, k: int, bb, classes: list[str] | None = N
     return images, files
 
 
-def load_retrieval(run, backbone: str | None, image_size: int | None, device: torch.device | str, aux: str | None,
-                   batch_size: int = 16, allow_missing_masks: bool = False):
+def load_retrieval(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str,
+                   aux: str | None = None, batch_size: int = 16, allow_missing_masks: bool = False, **_):
     """-> (PatchRetrieval, info) for `kano eval --method retrieval --backbone SPEC --aux KIND:PATH`: the memory
     is the auxiliary dataset's labelled patch and image features (its test split, masks required)."""
     if run:
@@ -152,7 +136,7 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
     model = PatchRetrieval(bb, cfg=cfg, **memory).eval()
     info = {"kind": "memory", "name": "retrieval", "backbone": backbone, "setting": "per-image",
             "parameters": "frozen backbone, no training; a memory of labelled auxiliary features",
-            "source": "the retrieval floor of issue 14 (MRAD-TF-style, 2026); Kano's aggregation, kanoclip/retrieval.py",
+            "source": METHODS["retrieval"].source,
             "aux": aux, "image_size": bb.image_size, "k": cfg.k, "temperature": cfg.temperature, "sigma": cfg.sigma,
             "memory": {"normal_patches_per_stage": int(memory["normal_patches"][0].shape[0]),
                        "abnormal_patches_per_stage": [int(a.shape[0]) for a in memory["abnormal_patches"]],
@@ -164,11 +148,11 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
 def musc_info(model, backbone: str) -> dict:
     """The provenance "method" of a built MuSc model."""
     return {"kind": "zero-shot", "name": "musc", "backbone": backbone, "setting": "transductive",
-            "parameters": "frozen backbone, no training", "source": MUSC_SOURCE, "image_size": model.backbone.image_size,
+            "parameters": "frozen backbone, no training", "source": METHODS["musc"].source, "image_size": model.backbone.image_size,
             "constants": model.constants()}
 
 
-def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu"):
+def load_musc(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu", **_):
     """-> (MuSc, info) for `kano eval --method musc --backbone SPEC`."""
     if run:
         raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
@@ -187,12 +171,13 @@ def with_mutual(model, described: dict, what: str):
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
-    if getattr(model, "transductive", False):
-        raise KanoError(f"--mutual must go with a per-image method (--run, --backbone, or --method clip, clip-ac, winclip, "
-                        f"retrieval), got {what}, which is already transductive")
-    if not isinstance(getattr(model, "backbone", None), Backbone):
-        raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, --backbone, or --method clip, "
-                        f"clip-ac, winclip, retrieval), got {what}, which has none")
+    fits = ", ".join(m for m in BACKBONE_METHODS if METHODS[m].kind != "transductive")
+    if model.transductive:
+        raise KanoError(f"--mutual must go with a per-image method (--run, or --method {fits}), got {what}, "
+                        "which is already transductive")
+    if not isinstance(model.backbone, Backbone):
+        raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, or --method {fits}), "
+                        f"got {what}, which has none")
     musc = MuSc(model.backbone).eval()
     spec = described.get("backbone") or model.backbone.spec
     info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
@@ -203,20 +188,16 @@ def with_mutual(model, described: dict, what: str):
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
                 classes: list[str] | None = None):
-    """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method, MuSc or
-    the retrieval memory (which needs `aux`)."""
-    if method not in ALL_METHODS:
-        raise KanoError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
-    if aux and method not in MEMORY_METHODS:
-        raise KanoError(f"--aux is used by --method retrieval only, got --method {method} with --aux {aux}")
-    if k_shot and method != "winclip":
-        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
-    if method == "retrieval":
-        return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
-    if method in ZERO_SHOT_METHODS:
-        return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes)
-    if method in TRANSDUCTIVE_METHODS:
-        return load_musc(run, backbone, image_size, device)
-    from .baselines import load_baseline
-
-    return load_baseline(method, run, backbone, image_size, device)
+    """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME."""
+    spec = method_spec(method)
+    if spec.kind == "trained":
+        raise KanoError(f"--method {method} is a trained method: train it with `kano train --method {method}` and "
+                        f"evaluate the run with --run RUN_DIR (without --method)")
+    if aux and "aux" not in spec.needs:
+        raise KanoError(f"--aux is used by --method {', '.join(MEMORY_METHODS)} only, got --method {method} with --aux {aux}")
+    if k_shot and not spec.references:
+        with_refs = methods_with(references=True)
+        raise KanoError(f"--k-shot is used by --method {', '.join(with_refs)} only (few-shot), got --method {method} "
+                        f"with --k-shot {k_shot}")
+    return spec.loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
+                         k_shot=k_shot, data=data, classes=classes)

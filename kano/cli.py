@@ -19,6 +19,27 @@ DATA_KINDS = "mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, resc, br35h
 DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/mvtec_anomaly_detection)"
 
 
+def _names(**query) -> str:
+    """Method names from the one table (kano/registry.py), comma-separated."""
+    from kano.registry import methods_with
+
+    return ", ".join(methods_with(**query))
+
+
+def _per_image_with_backbone() -> str:
+    from kano.registry import METHODS
+
+    return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
+
+
+METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table "
+               "into OUT; --backbone goes to the methods that take one). Zero-shot on --backbone SPEC: "
+               f"{_names(kind='zero-shot')}. Zero-parameter, per image: {_names(kind='zero-parameter')}; transductive (sees "
+               f"the whole test set): {_names(kind='transductive')} ({_names(kind='transductive', needs='backbone')} with "
+               f"--backbone). Memory of labelled auxiliary features: {_names(kind='memory')} (with --backbone and --aux). "
+               f"Trained methods ({_names(kind='trained')}): --run of a `kano train --method` run")
+
+
 # Plain click help (rich_markup_mode=None): flags read "--force", not "--force <bool>", and help stays
 # readable in logs and pipes; defaults show as "[default: ...]".
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -221,9 +242,8 @@ def _int_list(name: str, raw: Optional[str]) -> Optional[list[int]]:
 
 @app.command("train")
 def train_cmd(
-    method: Optional[str] = typer.Option(None, "--method", help="what to train: kanoclip (the paper's method), aprilgan "
-                                         "(April-GAN / VAND 2023: linear layers on four stages, fixed prompt ensemble) or "
-                                         "anomalyclip (AnomalyCLIP, ICLR 2024: object-agnostic learnable prompts, DPAM); the "
+    method: Optional[str] = typer.Option(None, "--method", help=f"what to train: one of {_names(kind='trained')} (the paper's "
+                                         "method first; docs/methods.md lists each one's source); the "
                                          "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
@@ -283,7 +303,7 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of clip, clip-ac, winclip, musc, mutual or retrieval"),
+                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts (kanoclip-untrained) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
@@ -300,10 +320,10 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table into OUT; --backbone goes to the methods that take one). Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (full MuSc, ICLR 2024, with --backbone), mutual (its simple mutual-scoring floor, with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux). Trained methods (kanoclip, aprilgan, anomalyclip): --run of a `kano train --method` run"),
-    aux: Optional[str] = typer.Option(None, "--aux", help="with --method retrieval: the labelled auxiliary dataset KIND:PATH its memory is made of"),
-    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --method winclip: WinCLIP+, few-shot, with this many normal reference images per class (the first K of each class's train split of --data, sorted by path); 0: zero-shot"),
-    mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method clip, clip-ac, winclip, retrieval"),
+    method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
+    aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help=f"with --method {_names(references=True)}: few-shot (WinCLIP+ for winclip), with this many normal reference images per class (the first K of each class's train split of --data, sorted by path); 0: zero-shot"),
+    mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command

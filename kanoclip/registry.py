@@ -1,16 +1,12 @@
-"""The trained methods `kano train --method` builds, by name: KAnoCLIP and the trained peers of Table 1."""
+"""The trained methods by name, for `kano train --method` and `kanoclip.runs.load_run`: their nn.Module and
+config dataclass as the method table (kano/registry.py) names them. Every method, trained or not, is listed there."""
 
 from __future__ import annotations
 
-from .anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
-from .aprilgan import AprilGAN, AprilGANConfig
-from .backbone import Backbone
-from .model import KAnoCLIP, ModelConfig
+from kano.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
+from kano.registry import TRAINED_METHODS
 
-TRAINED_METHODS = ("kanoclip", "aprilgan", "anomalyclip")
-DISPLAY_NAMES = {"kanoclip": "KAnoCLIP", "aprilgan": "April-GAN", "anomalyclip": "AnomalyCLIP"}
-_CONFIGS = {"kanoclip": ModelConfig, "aprilgan": AprilGANConfig, "anomalyclip": AnomalyCLIPConfig}
-_MODELS = {"kanoclip": KAnoCLIP, "aprilgan": AprilGAN, "anomalyclip": AnomalyCLIP}
+from .backbone import Backbone
 
 
 def check_method(method: str) -> str:
@@ -21,9 +17,9 @@ def check_method(method: str) -> str:
 
 def model_config(method: str, values: dict | None = None):
     """The method's model config dataclass (its published defaults), updated with `values`."""
-    return _CONFIGS[check_method(method)](**(values or {}))
+    return resolve(METHODS[check_method(method)].config)(**(values or {}))
 
 
 def build_model(method: str, backbone: Backbone, cfg=None):
     """-> the method's nn.Module on a frozen backbone (cfg: its config dataclass, None for the defaults)."""
-    return _MODELS[check_method(method)](backbone, cfg if cfg is not None else model_config(method))
+    return resolve(METHODS[check_method(method)].model)(backbone, cfg if cfg is not None else model_config(method))

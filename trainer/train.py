@@ -13,7 +13,10 @@ import numpy as np
 import torch
 
 from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
+from kano.curves import f1_threshold
+from kano.device import resolve_device
 from kano.errors import KanoError
+from kano.files import atomic_write, read_manifest
 from kano.kanoclip import VisualFeatures, backbone_autocast, build_backbone, build_model
 from kano.knowledge_store import KnowledgeStore
 
@@ -28,23 +31,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """--device: cpu, cuda or cuda:N (default cuda when available)."""
-    if device:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise KanoError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise KanoError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise KanoError(f"--device must be available, got {device} on a machine without CUDA")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise KanoError(f"--device must name one of the {torch.cuda.device_count()} CUDA devices, got {device}")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_masks(samples: list[Sample], size: int) -> torch.Tensor:
@@ -88,9 +74,7 @@ def _run_state(run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str
     """Check what `run_dir` holds against --resume; -> the number of finished epochs to continue from."""
     if run_dir.exists() and not run_dir.is_dir():
         raise KanoError(f"--out must be a directory (a new one, or a run to --resume), got an existing file {run_dir}")
-    from kano.evaluator.outputs import read_manifest  # what eval and predict write into their folders
-
-    results = read_manifest(run_dir)
+    results = read_manifest(run_dir)  # what eval and predict write into their folders
     if results is not None:  # a run written among another command's results would mix the two
         raise KanoError(f"--out {run_dir} must be a new folder or a run to --resume, got the results of "
                         f"`kano {results.get('command', '?')}`; pass another --out")
@@ -300,7 +284,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
             out = model.forward_features(features(idx), [sample_names[i] for i in idx.tolist()], bb.image_size)
             scores_t[idx] = out.image_score.float().cpu()
     scores_t = dist.all_sum(scores_t)
-    threshold = _f1_threshold(labels, scores_t)
+    threshold = f1_threshold(labels, scores_t)
     state = model.trainable_state_dict()
     ranks = [{"rank": r, "weights_sha256": d} for r, d in enumerate(dist.gather(ckpt.weights_digest(state)))]
     encoded = dist.gather(feats.encoded if feats else 0)
@@ -319,22 +303,4 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
 
 def _write_log(run_dir: Path, history: list[dict]) -> None:
     """train_log.jsonl from the checkpoint's own rows (rewritten whole: a resumed run never repeats an epoch)."""
-    ckpt._atomic_write(run_dir / ckpt.LOG, "".join(json.dumps(r) + "\n" for r in history))
-
-
-def _f1_threshold(labels: torch.Tensor, scores: torch.Tensor) -> float:
-    """The score threshold with the best F1 on the given (auxiliary) data."""
-    y = labels > 0
-    if y.all() or (~y).all():
-        return 0.5
-    order = torch.argsort(scores, descending=True, stable=True)
-    s, t = scores[order], y[order].double()
-    tp = torch.cumsum(t, 0)
-    pp = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    f1 = 2 * tp / (pp + y.sum())
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]
-    f1 = torch.where(last, f1, torch.zeros_like(f1))
-    j = int(torch.argmax(f1))
-    nxt = s[j + 1:][s[j + 1:] < s[j]]
-    return float((s[j] + nxt[0]) / 2) if len(nxt) else float(s[j])
+    atomic_write(run_dir / ckpt.LOG, "".join(json.dumps(r) + "\n" for r in history))
