@@ -68,7 +68,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
-    what = f"{described['setting']} {described['kind']} {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
+    what = f"{described.get('setting', 'per-image')} {described['kind']} {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
     what += " + MuSc (--mutual)" if mutual else ""
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")

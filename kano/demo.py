@@ -53,6 +53,11 @@ def groups() -> dict:
     return dict(COMPARISON_GROUPS)
 
 
+def rows(backbone: str = DEMO_BACKBONE) -> list[tuple[str, str, str]]:
+    """The table's rows in order: (method name in the registry, row name, kind column)."""
+    return [(m, *row_label(m, backbone)) for m in METHODS]
+
+
 def row_label(method: str, backbone: str) -> tuple[str, str]:
     """(name, kind) of a method's row in the demo's table, from its registry entry."""
     from kano.registry import METHODS as REGISTRY
@@ -100,14 +105,13 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
     scored: dict = {}  # the trained run's scores, kept for the table: it is scored once
     result = eval_command.evaluate(data=data, run=run_dir, backbone=None, out=out / "eval", classes=None,
                                    batch_size=16, workers=0, image_size=None, device=None, scored=scored)
-    rows = []
+    table = []
     if baselines:
         others = [m for m in METHODS if REGISTRY[m].kind != "trained"]
         ui.out.print(f"[5/5] the same target classes: {', '.join(others)}")
         dev = torch.device("cpu")
         entries = []
-        for m in METHODS:
-            name, kind = row_label(m, backbone)
+        for m, name, kind in rows(backbone):
             if REGISTRY[m].kind == "trained":
                 entries.append({"name": name, "kind": kind, "scored": scored})
             else:
@@ -116,10 +120,10 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
         about = {"command": "kano demo", "seed": seed, "backbone": backbone, "epochs": epochs, "image_size": DEMO_SIZE,
                  "aux": {"classes": list(AUX_CLASSES), "n_good": n_aux_good, "n_per_defect": n_aux_defect},
                  "target": {"classes": list(TARGET_CLASSES), "n_good": n_good, "n_per_defect": n_defect}}
-        rows = compare(entries, data, groups(), out / "eval" / "comparison.json", log=ui.out.print, about=about)
-        print_comparison(rows, out / "eval" / "comparison.md")
+        table = compare(entries, data, groups(), out / "eval" / "comparison.json", log=ui.out.print, about=about)
+        print_comparison(table, out / "eval" / "comparison.md")
     ui.out.print(f"demo finished in {time.perf_counter() - t0:.0f}s: run in {run_dir}, evaluation in {out / 'eval'}")
-    return {**result, "comparison": rows}
+    return {**result, "comparison": table}
 
 
 def print_comparison(rows: list[dict], md_path: Path | None = None) -> None:

@@ -115,3 +115,11 @@ def method_spec(name: str, flag: str = "--method") -> MethodSpec:
 
 TRAINED_METHODS = methods_with(kind="trained")
 DISPLAY_NAMES = {n: s.label for n, s in METHODS.items()}
+
+
+def markdown_table() -> str:
+    """The table of docs/methods.md: one row per method (name, kind, needs, few-shot references, source)."""
+    rows = ["| name | kind | needs | references | source |", "|---|---|---|---|---|"]
+    rows += [f"| `{n}` | {s.kind} | {', '.join(s.needs) or '-'} | {'yes' if s.references else '-'} | {s.source} |"
+             for n, s in METHODS.items()]
+    return "\n".join(rows) + "\n"
