@@ -22,7 +22,7 @@ from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
-from .config import TrainConfig
+from .config import TrainConfig, method_model_config
 from .distributed import Dist
 from .knowledge import fallback_warning, knowledge_vectors
 
@@ -65,7 +65,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
-    a, b = _flat({"method": "kanoclip", **saved}), _flat(now)  # runs from before --method are KAnoCLIP runs
+    saved = {"method": "kanoclip", **saved}  # runs from before --method are KAnoCLIP runs
+    if saved["method"] != "kanoclip":  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
+        try:
+            saved["model"] = json.loads(json.dumps(method_model_config(saved["method"], saved.get("model")).to_dict()))
+        except (KeyError, ValueError):
+            pass
+    a, b = _flat(saved), _flat(now)
     keys = sorted((set(a) | set(b)) - set(RESUME_MAY_CHANGE))
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -163,7 +169,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
     phase["now"] = "while building the model"
     bb = build_backbone(cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages, vv_start=cfg.vv_start)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
-    model = build_model(cfg.method, bb, cfg.model if uses_kb else None)
+    model = build_model(cfg.method, bb, cfg.model)
     names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
     knowledge: dict[str, torch.Tensor] | None = None
     kb_info = None
