@@ -13,9 +13,14 @@ import typer
 
 from kano.errors import KanoError, os_error_message
 
-# The dataset kinds of anomaly_data.READERS, spelled out so that `--help` needs no torch import
-# (tests/test_cli_help.py checks that this list equals READERS).
-DATA_KINDS = "mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, resc, br35h, covid, headct, meta, folder, hf"
+
+def _data_kinds() -> str:
+    from kano.anomaly_data import READERS  # the one list of dataset kinds
+
+    return ", ".join(READERS)
+
+
+DATA_KINDS = _data_kinds()
 DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/mvtec_anomaly_detection)"
 
 
@@ -247,8 +252,7 @@ def train_cmd(
                                          "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
-                                       "split, as in the paper; kinds: mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, "
-                                       "resc, br35h, covid, headct, meta, folder, hf); required"),
+                                       f"split, as in the paper; kinds: {DATA_KINDS}); required"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] (a tag or a local weights file), micro (the shipped micro-CLIP), or tiny "
                                            "(random weights, for tests). The default needs CLIP weights downloaded once "
                                            "into the Hugging Face cache (see the README), or pass MODEL:/path/to/weights"

@@ -26,7 +26,7 @@ def test_each_method_gets_its_own_config():
 
 @pytest.mark.parametrize("kw, message", [
     ({"method": "aprilgan", "model": {"use_vv": False}}, "KAnoCLIP's model options (use_vv) apply to method kanoclip only"),
-    ({"method": "aprilgan", "model": {"n_ctx": 3, "zz": 1}}, "model config keys of aprilgan must be among logit_scale, focal_gamma, got n_ctx, zz"),
+    ({"method": "aprilgan", "model": {"n_ctx": 3, "zz": 1}}, "model config keys must be among logit_scale, focal_gamma (aprilgan's), got n_ctx, zz"),
     ({"method": "anomalyclip", "model": AprilGANConfig()}, "model must be anomalyclip's config AnomalyCLIPConfig, got a AprilGANConfig"),
 ])
 def test_a_config_that_is_not_the_methods_is_refused(kw, message):

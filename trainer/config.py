@@ -128,7 +128,12 @@ class TrainConfig:
         base = dict(base)
         model = base.pop("model", {}) or {}
         if not isinstance(model, dict):
-            raise KanoError(f"config key \"model\" must be a JSON object of the method's model config keys, got {model!r}")
+            from kano.kanoclip.registry import METHODS, resolve
+
+            method = overrides.get("method") or base.get("method") or "kanoclip"
+            cls = resolve(METHODS[method].config) if method in METHODS and METHODS[method].config else ModelConfig
+            raise KanoError(f"config key \"model\" must be a JSON object of {cls.__name__} keys "
+                            f"({', '.join(f.name for f in fields(cls))}), got {model!r}")
         model = dict(model)
         # KAnoCLIP's model options come as command-line overrides; the other methods' only from a config file
         kanoclip_keys = {f.name for f in fields(ModelConfig)}
@@ -173,7 +178,7 @@ def method_model_config(method: str, model):
         if method != "kanoclip" and set(extra) <= {f.name for f in fields(ModelConfig)}:
             raise ValueError(f"KAnoCLIP's model options ({', '.join(extra)}) apply to method kanoclip only; {method}'s "
                              f"model config keys are {', '.join(mknown)}, got them with method {method}")
-        raise ValueError(f"model config keys of {method} must be among {', '.join(mknown)}, got {', '.join(extra)}")
+        raise ValueError(f"model config keys must be among {', '.join(mknown)} ({method}'s), got {', '.join(extra)}")
     try:
         return model_config(method, model)
     except TypeError as exc:
