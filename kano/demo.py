@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from kano import ui
+from kano.registry import METHODS as REGISTRY, methods_with
 
 DEMO_BACKBONE = "micro"
 DEMO_SIZE = 96           # image side for data, training and evaluation (the micro-CLIP's own size)
@@ -24,18 +25,6 @@ KIND_COLUMN = {"trained": "trained on aux", "zero-shot": "zero-shot, untrained",
                "transductive": "transductive", "kanoclip-untrained": "untrained"}
 
 
-def _methods() -> tuple[str, ...]:
-    from kano.registry import methods_with
-
-    return methods_with(demo=True)
-
-
-def _methods_of(kind: str) -> tuple[str, ...]:
-    from kano.registry import methods_with
-
-    return methods_with(kind=kind)
-
-
 def _classes():
     from kano.anomaly_data.world import WORLD_AUX, WORLD_TARGET
 
@@ -43,8 +32,8 @@ def _classes():
 
 
 AUX_CLASSES, TARGET_CLASSES = _classes()
-METHODS = _methods()
-PER_IMAGE_BASELINES = tuple(m for m in METHODS if m in _methods_of("zero-parameter"))
+METHODS = methods_with(demo=True)  # the table's rows, in the registry's order
+PER_IMAGE_BASELINES = methods_with(kind="zero-parameter", demo=True)
 
 
 def groups() -> dict:
@@ -60,8 +49,6 @@ def rows(backbone: str = DEMO_BACKBONE) -> list[tuple[str, str, str]]:
 
 def row_label(method: str, backbone: str) -> tuple[str, str]:
     """(name, kind) of a method's row in the demo's table, from its registry entry."""
-    from kano.registry import METHODS as REGISTRY
-
     spec = REGISTRY[method]
     kind = KIND_COLUMN.get(method) or KIND_COLUMN[spec.kind]
     if spec.kind == "trained":
@@ -82,7 +69,6 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
     from kano.evaluator.compare import compare
     from kano.evaluator.methods import load_method
     from kano.kb_builder import command as kb_command
-    from kano.registry import METHODS as REGISTRY
     from kano.trainer import command as train_command
 
     t0 = time.perf_counter()
