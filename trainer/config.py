@@ -127,20 +127,21 @@ class TrainConfig:
                 raise KanoError(f"config file {p}: \"train\" must be a JSON object, got a {type(base).__name__}")
         base = dict(base)
         model = base.pop("model", {}) or {}
-        if not isinstance(model, dict):
-            from kano.kanoclip.registry import METHODS, resolve
+        from kano.kanoclip.registry import METHODS, resolve
 
-            method = overrides.get("method") or base.get("method") or "kanoclip"
-            cls = resolve(METHODS[method].config) if method in METHODS and METHODS[method].config else ModelConfig
-            raise KanoError(f"config key \"model\" must be a JSON object of {cls.__name__} keys "
-                            f"({', '.join(f.name for f in fields(cls))}), got {model!r}")
+        method = overrides.get("method") or base.get("method") or "kanoclip"
+        mcls = resolve(METHODS[method].config) if method in METHODS and METHODS[method].config else ModelConfig
+        if not isinstance(model, dict):
+            raise KanoError(f"config key \"model\" must be a JSON object of {mcls.__name__} keys "
+                            f"({', '.join(f.name for f in fields(mcls))}), got {model!r}")
         model = dict(model)
-        # KAnoCLIP's model options come as command-line overrides; the other methods' only from a config file
-        kanoclip_keys = {f.name for f in fields(ModelConfig)}
+        # model options come flat among the overrides: KAnoCLIP's from the command line, the chosen method's own
+        # from a run's saved config on --resume
+        model_keys = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(mcls)}
         for k, v in overrides.items():
             if v is None:
                 continue
-            if k in kanoclip_keys:
+            if k in model_keys:
                 model[k] = v
             else:
                 base[k] = v
