@@ -2,7 +2,7 @@
 
 With --world-share F, a share F of each batch comes from the auxiliary classes of anomaly_data/world.py
 with their seen defect kinds described in words (never a target class, never a held-out kind). The shipped
-weights use the defaults: 300 steps of 96, world share 0.5, dense weight 3 (811 s alone on two cores; README, The demo).
+weights use the defaults: 300 steps of 96, world share 0.5, dense weight 3 (811 s alone on two cores; docs/methods-results.md).
 
     OMP_NUM_THREADS=2 python bench/pretrain_micro.py            # writes kanoclip/micro/{micro_clip.safetensors,config.json}
     python bench/pretrain_micro.py --eval-only                  # re-measure the shipped weights

@@ -9,7 +9,7 @@ of image AUROC (max of the map) and pixel AUROC, then the image-level ceiling: a
 image's mean- or max-pooled patch tokens (good vs defective), auxiliary -> target. `--context` appends, per stage, each patch's distance to
 its 3 nearest patches outside its 3x3 neighbourhood (self-similarity on the backbone's features).
 `--tokens pixels` probes the raw 8x8 pixel patches instead; `--image-size S` runs the backbone at S px (a finer
-grid: position embeddings interpolated as in training at any size). This is the ceiling check the README quotes:
+grid: position embeddings interpolated as in training at any size). This is the ceiling check docs/methods-results.md quotes:
 if a probe on the frozen features cannot find the defects, no head trained on them will.
 """
 

@@ -111,12 +111,13 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
         name = f"{spec.label} ({bb})" if spec.kind == "transductive" and "backbone" in spec.needs else spec.label
         kind = "untrained" if m == "kanoclip-untrained" else KIND_COLUMN[spec.kind]
         rows.append((key, name, kind, None, lambda m=m, spec=spec: (load_method(
-            m, None, bb if "backbone" in spec.needs else None, size, dev, aux=aux if "aux" in spec.needs else None)[0], {})))
+            m, None, bb if "backbone" in spec.needs else None, size, dev, aux=aux if "aux" in spec.needs else None,
+            data=target)[0], {})))
     for m in trained:  # `kano eval --run R --mutual`: the run's map and score averaged with MuSc's
         for s in seeds:
             def build(m=m, s=s):
                 model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
-                return with_mutual(model.eval(), {}, f"--run {m}")[0], cfg.get("prompt_names", {})
+                return with_mutual(model.eval(), {}, f"--run {m}", data=target)[0], cfg.get("prompt_names", {})
             rows.append((f"{m}+mutual/s{s}", f"{METHODS[m].label} + MuSc (--mutual)", "transductive", s, build))
     return rows
 

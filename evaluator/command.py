@@ -40,7 +40,7 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
-             scored: dict | None = None) -> dict:
+             rscin_windows: list[int] | None = None, scored: dict | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
@@ -48,11 +48,14 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     dev = _device(device)
     if aux and not method:
         raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
+    if rscin_windows and not (mutual or method == "musc"):
+        raise KanoError(f"--rscin-windows is used by --method musc and --mutual only, got it with "
+                        f"{'--method ' + method if method else '--run' if run else '--backbone'} and no --mutual")
     if method:
         from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
-                                  k_shot=k_shot, data=data, classes=classes)
+                                  k_shot=k_shot, data=data, classes=classes, rscin_windows=rscin_windows)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -60,8 +63,12 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     if mutual:
         from kano.evaluator.methods import with_mutual
 
-        model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"))
-    thr = threshold if threshold is not None else info["threshold"]
+        model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"),
+                                       data=data, rscin_windows=rscin_windows)
+    from kano.evaluator.calibrate import choose_threshold
+
+    # one threshold is drawn per results folder: a class's calibrated one when a single class is evaluated
+    thr, source = choose_threshold(threshold, run, classes[0] if classes and len(classes) == 1 else None, info["threshold"])
     result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
                       progress=ui.progress_factory("evaluating"), method=described, threshold=thr, force=force,
                       allow_missing_masks=allow_missing_masks, scored=scored)
@@ -71,6 +78,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     what = f"{described.get('setting', 'per-image')} {described['kind']} {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
     what += " + MuSc (--mutual)" if mutual else ""
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
+    ui.out.print(f"decision threshold: {'-' if thr is None else f'{thr:.6f}'} from the {source}")
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
 
@@ -81,8 +89,9 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     check_common(batch_size, workers, threshold)
     dev = _device(device)
     model, info = load_model(str(run) if run else None, backbone, None, dev)
-    if threshold is None:
-        threshold = info["threshold"]
+    from kano.evaluator.calibrate import choose_threshold
+
+    threshold, source = choose_threshold(threshold, run, class_name, info["threshold"])
     prompt = info["prompt_names"].get(class_name)
     records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, dev, prompt,
                           progress=ui.progress_factory("scoring"), method=_method(run, backbone, info), force=force, workers=workers)
@@ -91,6 +100,8 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
                      "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
     if threshold is None:
         ui.err.print("no threshold (untrained backbone and no --threshold): scores only")
+    else:
+        ui.out.print(f"decision threshold: {threshold:.6f} from the {source}")
     failed = [r for r in records if r["error"]]
     for r in failed:
         ui.err.print(f"not scored: {r['error']}")

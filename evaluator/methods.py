@@ -152,8 +152,21 @@ def musc_info(model, backbone: str) -> dict:
             "constants": model.constants()}
 
 
-def load_musc(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu", **_):
-    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC`."""
+def musc_windows(data: str | None, windows: list[int] | None) -> dict:
+    """MuSc's RsCIN windows for `--data KIND:PATH`: the published ones for its kind, or `windows` (--rscin-windows)."""
+    from kano.anomaly_data.readers import parse_data_spec
+    from kano.kanoclip.musc import rscin_windows
+
+    if windows:
+        return {"k_list": tuple(windows), "k_source": "--rscin-windows"}
+    k, source = rscin_windows(parse_data_spec(data)[0] if data else None)
+    return {"k_list": k, "k_source": source}
+
+
+def load_musc(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
+              data: str | None = None, rscin_windows: list[int] | None = None, **_):
+    """-> (MuSc, info) for `kano eval --method musc --backbone SPEC` on `data` (KIND:PATH: its kind picks the RsCIN
+    windows unless `rscin_windows` is given)."""
     if run:
         raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
@@ -161,13 +174,16 @@ def load_musc(method: str, run, backbone: str | None, image_size: int | None, de
     from kano.kanoclip import build_backbone
     from kano.kanoclip.musc import MuSc
 
-    model = MuSc(build_backbone(backbone, image_size=image_size, device=device)).eval()
+    # position embeddings resampled as MuSc's vendored open_clip does (kanoclip/pos_embed.py)
+    bb = build_backbone(backbone, image_size=image_size, device=device, pos_resize="bicubic")
+    model = MuSc(bb, **musc_windows(data, rscin_windows)).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": musc_info(model, backbone)}
 
 
-def with_mutual(model, described: dict, what: str):
+def with_mutual(model, described: dict, what: str, data: str | None = None, rscin_windows: list[int] | None = None):
     """`kano eval --mutual`: -> (MutualFusion of `model` and MuSc on model's own frozen backbone, its provenance).
-    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x")."""
+    `what` names the method in errors (e.g. "--method median_colour", "--run runs/x"). MuSc's map enters at half
+    its published scale, so that both halves of the fused mean are in [0, 1] (the fusion is Kano's own)."""
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
@@ -178,7 +194,7 @@ def with_mutual(model, described: dict, what: str):
     if not isinstance(model.backbone, Backbone):
         raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, or --method {fits}), "
                         f"got {what}, which has none")
-    musc = MuSc(model.backbone).eval()
+    musc = MuSc(model.backbone, map_scale=0.5, **musc_windows(data, rscin_windows)).eval()
     spec = described.get("backbone") or model.backbone.spec
     info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
             "musc": musc_info(musc, spec)}
@@ -187,7 +203,7 @@ def with_mutual(model, described: dict, what: str):
 
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
-                classes: list[str] | None = None):
+                classes: list[str] | None = None, rscin_windows: list[int] | None = None):
     """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME."""
     spec = method_spec(method)
     if spec.kind == "trained":
@@ -200,4 +216,4 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
         raise KanoError(f"--k-shot is used by --method {', '.join(with_refs)} only (few-shot), got --method {method} "
                         f"with --k-shot {k_shot}")
     return spec.loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
-                         k_shot=k_shot, data=data, classes=classes)
+                         k_shot=k_shot, data=data, classes=classes, rscin_windows=rscin_windows)

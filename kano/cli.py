@@ -74,14 +74,14 @@ app.add_typer(kb_app, name="kb")
 app.add_typer(data_app, name="data")
 
 
-def _parse_images(items: List[str]) -> dict[str, list[Path]]:
+def _parse_images(items: List[str], flag: str = "--images") -> dict[str, list[Path]]:
     from kano.anomaly_data.io import list_images
 
     out: dict[str, list[Path]] = {}
     for item in items:
         cls, sep, folder = item.partition("=")
         if not sep or not cls or not folder:
-            raise KanoError(f"--images must be CLASS=DIR, got {item!r}")
+            raise KanoError(f"{flag} must be CLASS=DIR, got {item!r}")
         out.setdefault(cls, []).extend(list_images(Path(folder)))
     return out
 
@@ -196,12 +196,25 @@ def data_synth(
     n_defect: int = typer.Option(3, "--n-defect", help="images per defect kind per class"),
     defects: Optional[str] = typer.Option(None, "--defects", help="comma-separated kinds (default: every kind that applies to each class); see anomaly_data.DEFECTS"),
     force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="a folder of your normal photos (or a class folder: its train/good): "
+                                            "defects are synthesised on them (CutPaste, scar, DRAEM texture, colour, scratch, smear, "
+                                            "missing; --size is then the longest side kept); --classes names the class"),
+    foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
+                                   "or a folder of masks, one per photo by stem; defects land only there"),
 ):
-    """Write procedural textures/objects with exact-mask defects (deterministic)."""
+    """Write procedural textures/objects with exact-mask defects (deterministic), or defects on your own photos (--from)."""
     from kano.anomaly_data import synthesize, synthesize_world
 
     cls = [c.strip() for c in classes.split(",")] if classes else None
     kinds = tuple(d.strip() for d in defects.split(",")) if defects else None
+    if from_dir is not None:
+        from kano.anomaly_data.photo_defects import describe, synthesize_from_photos
+
+        if world is not None or (cls and len(cls) > 1):
+            raise KanoError(f"--from takes one class name in --classes and no --world, got --classes {classes} --world {world}")
+        typer.echo(describe(synthesize_from_photos(from_dir, out, cls[0] if cls else None, seed=seed, max_side=size,
+                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force)))
+        return
     if world is not None:
         synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
                          defects=kinds, force=force)
@@ -236,13 +249,13 @@ def _d(value) -> str:
     return f" (default: {value})"
 
 
-def _int_list(name: str, raw: Optional[str]) -> Optional[list[int]]:
+def _int_list(name: str, raw: Optional[str], what: str = "block numbers (e.g. 6,12,18,24)") -> Optional[list[int]]:
     if raw is None:
         return None
     try:
         return [int(x) for x in raw.split(",") if x.strip()]
     except ValueError:
-        raise KanoError(f"{name} must be comma-separated block numbers (e.g. 6,12,18,24), got {raw!r}") from None
+        raise KanoError(f"{name} must be comma-separated {what}, got {raw!r}") from None
 
 
 @app.command("train")
@@ -263,7 +276,13 @@ def train_cmd(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels (default: 518 for ViT-L-14-336, "
                                              "else the model's own)"),
     stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated 1-based blocks whose patch tokens make maps "
-                                         "(default: 6,12,18,24 for 24 blocks, spread evenly otherwise)"),
+                                         "(default: the method's published ones: 6,12,18,24 for 24 blocks, spread evenly "
+                                         "otherwise; anomalyclip: the last block, 24)"),
+    vv_start: Optional[int] = typer.Option(None, "--vv-start", help="first block of the V-V path, set apart from --stages "
+                                           "(default: the method's published one, block 6 of 24)"),
+    pos_resize: Optional[str] = typer.Option(None, "--pos-resize", help="how pretrained position embeddings are resampled to "
+                                             "the image size: bicubic-antialias (open_clip), bilinear (AnomalyCLIP's code), "
+                                             "bicubic (MuSc's code) (default: the method's authors' own; kanoclip: bilinear)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data" + _d(_TD.epochs if _TD else 15)),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process)" + _d(_TD.batch_size if _TD else 8)),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate" + _d(_TD.lr if _TD else 1e-3)),
@@ -295,7 +314,7 @@ def train_cmd(
     train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
         method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
-        stages=_int_list("--stages", stages), epochs=epochs, batch_size=batch_size, lr=lr,
+        stages=_int_list("--stages", stages), vv_start=vv_start, pos_resize=pos_resize, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
         use_knpl=False if (no_knpl or text_free) else None, text_free=True if text_free else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
@@ -328,13 +347,14 @@ def eval_cmd(
     aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
     k_shot: int = typer.Option(0, "--k-shot", show_default=True, help=f"with --method {_names(references=True)}: few-shot (WinCLIP+ for winclip), with this many normal reference images per class (the first K of each class's train split of --data, sorted by path); 0: zero-shot"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
+    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help="with --method musc or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual or k_shot:
-            flag = "--mutual" if mutual else "--k-shot"
+        if mutual or k_shot or rscin_windows:
+            flag = "--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows"
             raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
@@ -345,7 +365,8 @@ def eval_cmd(
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
-                          method=method, aux=aux, mutual=mutual, k_shot=k_shot)
+                          method=method, aux=aux, mutual=mutual, k_shot=k_shot,
+                          rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -388,6 +409,28 @@ def predict_cmd(
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force)
+
+
+@app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
+def calibrate_cmd(
+    run: Path = typer.Option(..., "--run", help="a trained run directory (kano train --out); calibration.json is written into it"),
+    normal: List[str] = typer.Option(..., "--normal", help="CLASS=DIR: normal images of CLASS the run never trained on (repeatable)"),
+    alarm_rate: float = typer.Option(..., "--alarm-rate", help="A in (0, 1): the share of new normal images you accept to flag; "
+                                     "needs at least 1/A - 1 images per class (A=0.1: 9)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write each image's score (calibration_scores.csv) and a copy of the calibration here"),
+    batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
+):
+    """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
+    normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
+    from kano import ui
+    from kano.evaluator import calibrate
+    from kano.evaluator.command import check_common
+
+    check_common(batch_size)
+    cal = calibrate.calibrate(run, _parse_images(normal, "--normal"), alarm_rate, batch_size=batch_size, device=device,
+                              progress=ui.progress_factory("calibrating"), log=typer.echo, out=out)
+    typer.echo(f"wrote {run / calibrate.CALIBRATION_FILE} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))})")
 
 
 @app.command("demo")

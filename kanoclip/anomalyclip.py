@@ -9,15 +9,23 @@ Choices and where they come from ("paper" = the ICLR paper, "code" = the public 
   for `depth - 1` = 8 blocks, the outputs at positions 1..4 (right after the start token) are replaced, before the
   block runs, by 4 fresh learnable embeddings per block, shared by both prompts (code: depth 9, t_n_ctx 4).
 - DPAM (paper Sec. 3.3): V-V self-attention in a second path of the vision tower that skips the MLPs, from block 6
-  of 24 on (code: `DAPM_replace(DPAM_layer=20)` replaces blocks -1..-19, i.e. 6..24; other depths: Kano's first
-  stage). This is Kano's CLIP-VV dual path (`Backbone(vv=True)`, eq. 8 of the KAnoCLIP paper, which adopts it).
-- Maps (code test.py): per stage 6/12/18/24, softmax(cos(patch, text) / 0.07) over {normal, abnormal}, bilinearly
-  upsampled (align_corners False), map_s = (P_abnormal + 1 - P_normal) / 2; summed over stages (we report the
-  mean: same ranking, in [0, 1]), then a Gaussian of σ = 4.
+  of 24 on (code train.py line 42 and test.py line 71: `DAPM_replace(DPAM_layer=20)` replaces blocks -1..-19, i.e.
+  6..24; other depths: the first of four evenly spread blocks). This is Kano's CLIP-VV dual path
+  (`Backbone(vv=True)`, eq. 8 of the KAnoCLIP paper, which adopts it). The V-V start is its own setting
+  (`--vv-start`), apart from the map stages.
+- Map stage: block 24 only, the last block (code train.sh and test.sh: `--features_list 24`; the maintainer's
+  answer in zqhang/AnomalyCLIP issue #82: every published result used block 24, the 2024 code's four "stages"
+  6/12/18/24 were all the final tokens through a missing clone, and the paper was corrected in arXiv v10). On other
+  depths: the last block. `--stages 6,12,18,24` gives the multi-stage variant.
+- Maps (code test.py): per stage, softmax(cos(patch, text) / 0.07) over {normal, abnormal}, bilinearly upsampled
+  (align_corners False), map_s = (P_abnormal + 1 - P_normal) / 2; summed over the stages (we report the mean: same
+  ranking, in [0, 1]; with one stage the two agree), then a Gaussian of σ = 4.
 - Image score (code test.py): softmax(cos(global image feature, text) / 0.07)[abnormal]; the map is not used.
-- Loss (paper eq. 4-5; code train.py): cross-entropy on the image logits + 4 x the local loss, the local loss summed
-  over stages of focal(P, mask) + dice(P_abnormal, mask) + dice(P_normal, 1 - mask) (the factor 4 is `lam` in the
-  code, not in the paper).
+- Loss (paper eq. 4-5; code train.py): cross-entropy on the image logits + 4 x the local loss (code train.py line
+  50: `lam = 4`, not in the paper), the local loss summed over the stages of focal(P, mask) + dice(P_abnormal,
+  mask) + dice(P_normal, 1 - mask): with the published single stage, 4 x block 24's local loss.
+- Position embeddings at another grid than the weights' (518 px on ViT-L/14@336): resampled bilinearly, as the code
+  does in its vision forward pass (AnomalyCLIP_lib/AnomalyCLIP.py line 368; kanoclip/pos_embed.py).
 - Optimiser (code): Adam, lr 1e-3, betas (0.5, 0.999), batch 8, 15 epochs, image size 518: Kano's trainer defaults.
 - Initialisation (code): contexts and deep tokens N(0, 0.02).
 """
@@ -33,7 +41,7 @@ import torch.nn.functional as F
 from kano.errors import KanoError
 
 from .aprilgan import PeerOutput, TrainablePeer
-from .backbone import Backbone, VisualFeatures, grid_hw
+from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
 from .losses import dice_loss, focal_loss
 from .model import gaussian_blur
 from .prompts import PLACEHOLDER, TextTower, tokenize
@@ -48,7 +56,7 @@ class AnomalyCLIPConfig:
     abnormal_word: str = "damaged object"
     temperature: float = 0.07       # code: / 0.07 in every similarity
     sigma: float = 4.0              # code: --sigma 4
-    lam: float = 4.0                # code train.py: lam = 4 on the local loss
+    lam: float = 4.0                # code train.py line 50: lam = 4 on the local loss
     focal_gamma: float = 2.0
 
     def __post_init__(self):
@@ -69,6 +77,14 @@ class AnomalyCLIP(TrainablePeer):
     """Frozen CLIP with the DPAM (V-V) path + object-agnostic learnable prompts with deep text tokens."""
 
     method = "anomalyclip"
+    pos_resize = "bilinear"  # AnomalyCLIP_lib/AnomalyCLIP.py line 368: F.interpolate(..., mode='bilinear')
+
+    @staticmethod
+    def published_layers(depth: int) -> tuple[list[int], int]:
+        """-> ([depth], vv_start): maps from the last block only (train.sh / test.sh `--features_list 24`; issue
+        #82 of zqhang/AnomalyCLIP), V-V from block 6 of 24 (`DAPM_replace(DPAM_layer=20)`; other depths: the
+        first of four evenly spread blocks)."""
+        return [depth], spread_layers(depth)[1]
     feature_spec = {"vv": True, "tokens": "projected"}
 
     def __init__(self, backbone: Backbone, cfg: AnomalyCLIPConfig | None = None):
@@ -96,7 +112,8 @@ class AnomalyCLIP(TrainablePeer):
 
     def describe(self) -> dict:
         """What the run used where the backbone overrode the config (saved in config.json)."""
-        return {"text_depth_used": self.depth, "vv_start": self.backbone.vv_start}
+        return {"text_depth_used": self.depth, "vv_start": self.backbone.vv_start, "stages": list(self.backbone.stages),
+                "pos_resize": self.backbone.pos_resize}
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> VisualFeatures:

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import Backbone, VisualFeatures, grid_hw
+from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
 from .losses import dice_loss, focal_loss
 from .model import FrozenBackboneModel, InferenceBatch, backbone_autocast, full_precision
 from .prompts import TextTower
@@ -115,6 +115,12 @@ class AprilGAN(TrainablePeer):
     """Frozen CLIP (Q-K, raw block outputs) + one linear layer per stage + the fixed prompt ensemble."""
 
     method = "aprilgan"
+    # blocks 6/12/18/24: train.sh / test.sh `--features_list 6 12 18 24` (spread evenly on other depths); the V-V
+    # start is unused (April-GAN has no V-V path)
+    published_layers = staticmethod(spread_layers)
+    # its vendored open_clip resamples at build with antialias (VAND-APRIL-GAN open_clip/model.py resize_pos_embed,
+    # interpolation='bicubic', antialias=True)
+    pos_resize = "bicubic-antialias"
 
     def __init__(self, backbone: Backbone, cfg: AprilGANConfig | None = None):
         super().__init__()

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from kano.errors import KanoError
 
+from .pos_embed import check_mode, resize_visual
+
 # The paper's backbone and its image size (a 37x37 patch grid).
 DEFAULT_SIZES = {"ViT-L-14-336-quickgelu": 518, "ViT-L-14-336": 518}
 TINY_SEED = 20240601
@@ -33,6 +35,12 @@ def spread_stages(depth: int, n: int = 4) -> list[int]:
     """Evenly spread 1-based block numbers ending at the last block: 24 -> [6, 12, 18, 24]."""
     n = min(n, depth)
     return sorted({max(1, round(depth * (i + 1) / n)) for i in range(n)})
+
+
+def spread_layers(depth: int) -> tuple[list[int], int]:
+    """-> (stages, vv_start): four stages spread evenly (6/12/18/24 of 24) and the V-V path from the first of them."""
+    st = spread_stages(depth)
+    return st, st[0]
 
 
 def _tiny_clip(image_size: int):
@@ -54,10 +62,12 @@ class Backbone(nn.Module):
     """A frozen open_clip model plus the CLIP-VV dual path.
 
     Attributes: clip (the open_clip model), stages (1-based block numbers), vv_start (first V-V
-    block, 1-based), image_size, grid (patches per side), embed_dim, width, spec.
+    block, 1-based), image_size, grid (patches per side), embed_dim, width, spec, pos_resize (how the
+    position embeddings were resampled to this grid: kanoclip/pos_embed.py).
     """
 
-    def __init__(self, clip_model: nn.Module, spec: str, stages: list[int] | None = None, vv_start: int | None = None):
+    def __init__(self, clip_model: nn.Module, spec: str, stages: list[int] | None = None, vv_start: int | None = None,
+                 pos_resize: str = "bicubic-antialias"):
         super().__init__()
         self.clip = clip_model
         v = clip_model.visual
@@ -67,15 +77,10 @@ class Backbone(nn.Module):
         for b in self.blocks:
             if not isinstance(getattr(b, "attn", None), nn.MultiheadAttention):
                 raise KanoError(f"backbone blocks must use nn.MultiheadAttention (open_clip ViT), got {type(b).__name__} in {spec}")
-        depth = len(self.blocks)
-        self.depth = depth
-        self.stages = list(stages) if stages else spread_stages(depth)
-        if any(not 1 <= s <= depth for s in self.stages) or sorted(set(self.stages)) != self.stages:
-            raise KanoError(f"stages must be increasing block numbers in 1..{depth}, got {self.stages}")
-        self.vv_start = vv_start if vv_start is not None else self.stages[0]
-        if not 1 <= self.vv_start <= depth:
-            raise KanoError(f"vv_start must be a block number in 1..{depth}, got {self.vv_start}")
+        self.depth = len(self.blocks)
+        self.set_layers(stages, vv_start)
         self.spec = spec
+        self.pos_resize = pos_resize
         size = v.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         patch = v.patch_size
@@ -89,6 +94,18 @@ class Backbone(nn.Module):
         for p in self.clip.parameters():
             p.requires_grad_(False)
         self.clip.eval()
+
+    def set_layers(self, stages: list[int] | None = None, vv_start: int | None = None) -> None:
+        """Which blocks' patch tokens make maps (default: four spread evenly, 6/12/18/24 of 24) and the first
+        V-V block (default: the first of those four, block 6 of 24 = AnomalyCLIP's DPAM from block 6, which
+        KAnoCLIP adopts), each set on its own: the V-V start does not follow the stages."""
+        depth = self.depth
+        self.stages = list(stages) if stages else spread_stages(depth)
+        if any(not 1 <= s <= depth for s in self.stages) or sorted(set(self.stages)) != self.stages:
+            raise KanoError(f"stages must be increasing block numbers in 1..{depth}, got {self.stages}")
+        self.vv_start = vv_start if vv_start is not None else spread_stages(depth)[0]
+        if not 1 <= self.vv_start <= depth:
+            raise KanoError(f"vv_start must be a block number in 1..{depth}, got {self.vv_start}")
 
     def train(self, mode: bool = True):  # the backbone is frozen: always eval
         return super().train(False)
@@ -141,7 +158,7 @@ class Backbone(nn.Module):
 
 
 def build_backbone(spec: str = "tiny", image_size: int | None = None, device: str | torch.device | None = None,
-                   stages: list[int] | None = None, vv_start: int | None = None) -> Backbone:
+                   stages: list[int] | None = None, vv_start: int | None = None, pos_resize: str | None = None) -> Backbone:
     """Build a frozen backbone from "MODEL[:PRETRAINED]" or "tiny".
 
     - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
@@ -150,14 +167,21 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
     - "micro": the shipped micro-CLIP (open_clip config kano-micro, 96 px, patch 8), pretrained by
       bench/pretrain_micro.py on a captioned synthetic world; "micro:/path/micro_clip.safetensors" loads
       another file written by that script. Offline: the weights are package data.
+
+    pos_resize: how pretrained position embeddings are resampled to the image size's grid (kanoclip/pos_embed.py
+    MODES); None keeps each loader's own (open_clip: bicubic-antialias at build; micro: bicubic), which runs without
+    a recorded pos_resize were made with. Random weights (tiny, no PRETRAINED) have no grid to resample.
     """
     spec = (spec or "").strip()
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise KanoError(f"image_size must be a positive integer (leave it unset for the backbone's default), got {image_size!r}")
+    if pos_resize is not None:
+        check_mode(pos_resize)
     if spec == "micro" or spec.startswith("micro:"):
         from . import micro_clip
 
-        model = micro_clip.build(spec.partition(":")[2] or None, image_size)
+        model = micro_clip.build(spec.partition(":")[2] or None, image_size, pos_resize)
+        pos_resize = pos_resize or "bicubic"
     elif spec.startswith("tiny"):
         if spec not in ("tiny",):
             raise KanoError(f"backbone 'tiny' takes no pretrained tag, got {spec!r}")
@@ -167,8 +191,14 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
         size = image_size or DEFAULT_SIZES.get(name)
         from .pretrained import create_clip
 
-        model = create_clip(name, pretrained or None, size)
-    bb = Backbone(model, spec, stages=stages, vv_start=vv_start)
+        if pretrained and pos_resize not in (None, "bicubic-antialias"):
+            # open_clip resamples at build (bicubic-antialias): build at the weights' own size, then resample here
+            model = create_clip(name, pretrained, None)
+            if size:
+                resize_visual(model.visual, size, pos_resize)
+        else:
+            model = create_clip(name, pretrained or None, size)
+    bb = Backbone(model, spec, stages=stages, vv_start=vv_start, pos_resize=pos_resize or "bicubic-antialias")
     if bb.image_size % bb.patch_size:
         raise KanoError(f"image size must be a multiple of the patch size {bb.patch_size}, got {bb.image_size}")
     return bb.to(device or "cpu")

@@ -108,7 +108,7 @@ def _create(name: str, **kw) -> torch.nn.Module:
         root.setLevel(level)
 
 
-def build(weights: str | None = None, image_size: int | None = None) -> torch.nn.Module:
+def build(weights: str | None = None, image_size: int | None = None, pos_resize: str | None = None) -> torch.nn.Module:
     """The micro-CLIP as an open_clip CLIP: shipped weights (digest checked) or a file from the pretraining script."""
     import open_clip
 
@@ -130,14 +130,9 @@ def build(weights: str | None = None, image_size: int | None = None) -> torch.nn
     native = model.visual.image_size
     native = int(native[0] if isinstance(native, (tuple, list)) else native)
     if image_size and image_size != native:
-        # another image size: resample the positional grid (bicubic), as open_clip does for pretrained weights
-        state = model.state_dict()
-        model = _create(name, force_image_size=image_size)
-        pe = state["visual.positional_embedding"]
-        g0 = int(round((pe.shape[0] - 1) ** 0.5))
-        g1 = int(round((model.visual.positional_embedding.shape[0] - 1) ** 0.5))
-        grid = pe[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
-        state["visual.positional_embedding"] = torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(g1 * g1, -1)])
-        model.load_state_dict(state)
+        # another image size: resample the positional grid (kanoclip/pos_embed.py); unset, bicubic without
+        # antialias, which runs without a recorded pos_resize were made with
+        from .pos_embed import resize_visual
+
+        resize_visual(model.visual, image_size, pos_resize or "bicubic")
     return model.eval()

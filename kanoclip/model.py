@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import ConvAdapter
-from .backbone import Backbone, VisualFeatures, grid_hw
+from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
 from .bicmci import BiCA, LinearHead
 from .losses import global_loss, local_loss
 from .protocol import MethodDefaults
@@ -198,6 +198,12 @@ class KAnoCLIP(FrozenBackboneModel):
         self.to(backbone.device)
 
     method = "kanoclip"
+    # stages 6/12/18/24 and V-V from block 6: AnomalyCLIP's paper and April-GAN's train.sh (the KAnoCLIP paper
+    # names neither), spread evenly on other depths
+    published_layers = staticmethod(spread_layers)
+    # Kano's reading: the KAnoCLIP paper does not say; it builds on AnomalyCLIP's code, which resamples bilinearly
+    # in its forward pass (AnomalyCLIP_lib/AnomalyCLIP.py line 368)
+    pos_resize = "bilinear"
 
     @property
     def feature_spec(self) -> dict:

@@ -3,10 +3,11 @@ config dataclass as the method table (kano/registry.py) names them. Every method
 
 from __future__ import annotations
 
+from kano.errors import KanoError
 from kano.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
 from kano.registry import TRAINED_METHODS
 
-from .backbone import Backbone
+from .backbone import Backbone, build_backbone
 
 
 def check_method(method: str) -> str:
@@ -18,6 +19,28 @@ def check_method(method: str) -> str:
 def model_config(method: str, values: dict | None = None):
     """The method's model config dataclass (its published defaults), updated with `values`."""
     return resolve(METHODS[check_method(method)].config)(**(values or {}))
+
+
+def published_backbone(method: str) -> tuple:
+    """-> (layers, pos_resize): the method's `published_layers(depth) -> (stages, vv_start)` and its position-
+    embedding resize (kanoclip/pos_embed.py), each set (with its source) on the method's class."""
+    cls = resolve(METHODS[check_method(method)].model)
+    return cls.published_layers, cls.pos_resize
+
+
+def method_backbone(method: str, spec: str, *, image_size: int | None = None, device=None, stages: list[int] | None = None,
+                    vv_start: int | None = None, pos_resize: str | None = None, use_vv: bool = True) -> Backbone:
+    """The frozen backbone `method` trains on: what is not given (None) is the method's published value.
+    use_vv=False (KAnoCLIP's --no-vv ablation) lifts the check that the V-V path starts by the last stage."""
+    layers, default_resize = published_backbone(method)
+    bb = build_backbone(spec, image_size=image_size, device=device, pos_resize=pos_resize or default_resize)
+    st, vv = layers(bb.depth)
+    bb.set_layers(stages or st, vv_start if vv_start is not None else vv)
+    spec_vv = resolve(METHODS[method].model).__dict__.get("feature_spec")  # a dict on the peers; KAnoCLIP's follows its config
+    if use_vv and (spec_vv["vv"] if isinstance(spec_vv, dict) else True) and bb.vv_start > max(bb.stages):
+        raise KanoError(f"the V-V start must be at or before the last stage {max(bb.stages)} (its maps come from the V-V "
+                        f"path), got vv_start {bb.vv_start}; pass --vv-start {min(bb.stages)} or later stages")
+    return bb
 
 
 def build_model(method: str, backbone: Backbone, cfg=None):

@@ -1,4 +1,4 @@
-"""Retrieval: the simplest learned floor (issue 14; in the spirit of MRAD-TF, 2026): no training, a memory.
+"""Retrieval: the simplest learned floor (in the spirit of MRAD-TF, 2026): no training, a memory.
 
 A memory of the auxiliary set's labelled features on the frozen backbone: per stage, the patch tokens of
 patches that lie in a defect mask (share >= `defect_share`) and of patches of normal images; and the global

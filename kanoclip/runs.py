@@ -97,8 +97,14 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     thr = cfg.get("threshold")
     if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0):
         raise KanoError(f"{run_dir / CONFIG}: threshold must be a number in [0, 1] or null, got {thr!r}")
+    from .pos_embed import MODES
+
+    if cfg.get("pos_resize") is not None and cfg["pos_resize"] not in MODES:
+        raise KanoError(f"{run_dir / CONFIG}: pos_resize must be one of {', '.join(MODES)} (or absent), got {cfg['pos_resize']!r}")
     tensors = read_weights(weights, cfg)
-    bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"], vv_start=cfg["vv_start"])
+    # a run without a recorded pos_resize: None rebuilds it with each loader's own resize, as it was made
+    bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"],
+                        vv_start=cfg["vv_start"], pos_resize=cfg.get("pos_resize"))
     try:
         model = build_model(method, bb, model_config(method, cfg["model"]))
     except (TypeError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""The command line's eval/predict/global parts (issue 13, item 9): help with defaults for every option,
+"""The command line's eval/predict/global parts: help with defaults for every option,
 the dataset kinds listed, flags without type noise, value checks with clear messages."""
 
 import click

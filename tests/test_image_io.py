@@ -1,4 +1,4 @@
-"""Pixels as a person sees them: bit depth, EXIF orientation, mask values, the pixel limit (issue 12 items 4, 5, 14).
+"""Pixels as a person sees them: bit depth, EXIF orientation, mask values, the pixel limit.
 
 Every file here is written by hand (PIL, numpy, or raw PNG chunks) into a tmp dir; expectations are computed
 from the source arrays, not by the loader's own rules.

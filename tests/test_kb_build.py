@@ -126,6 +126,7 @@ def test_exhausted_retries_exit_nonzero_and_rerun_completes(tmp_path, env, cli):
     assert_complete(kb)
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_without_duplicates(tmp_path):
     images = tmp_path / "imgs"
     shutil.copytree(DATA / "test" / "colour", images)

@@ -1,4 +1,4 @@
-"""The KB file and other clients (issue 13 items 5/6): DuckDB 1.1 opens it under any name, and training
+"""The KB file and other clients: DuckDB 1.1 opens it under any name, and training
 reads it while another process has it open read-only."""
 
 import json
@@ -13,6 +13,8 @@ import pytest
 
 from kano.knowledge_store import KnowledgeStore, migrate
 from tests.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.slow  # a side venv with duckdb 1.1 and a second process holding the KB
 
 DUCKDB11 = os.environ.get("KANO_DUCKDB11_PYTHON")  # .ci/run: a venv holding duckdb==1.1.3
 

@@ -12,6 +12,8 @@ import pytest
 
 from kano.knowledge_store import KnowledgeStore
 
+pytestmark = pytest.mark.slow  # a fakellm server process
+
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 KEY = "sk-fakellm-SECRET-42"
 

@@ -1,4 +1,4 @@
-"""The knowledge base under concurrency, kills, hostile servers and hostile SQL (issues 12, 13, 9).
+"""The knowledge base under concurrency, kills, hostile servers and hostile SQL.
 
 Real parts only: `kano` processes started and killed by signal, the loopback OpenAI-compatible server
 (tests/fake_openai.py), real DuckDB files.
@@ -59,8 +59,9 @@ def counts(kb: Path) -> dict:
         }
 
 
-# ---- issue 12 item 3: two builds at once, repeated inputs, identical images ---------------------------------
+# ---- two builds at once, repeated inputs, identical images ---------------------------------
 
+@pytest.mark.slow
 def test_two_builds_at_once_store_and_bill_everything_once(tmp_path):
     folder = image_folder(tmp_path, n=4, identical=1)  # 5 files, 4 distinct contents
     kb = tmp_path / "kb.duckdb"
@@ -101,7 +102,7 @@ def test_identical_images_each_get_a_description_and_a_rerun_asks_nothing(tmp_pa
     assert len(first) == 1
 
 
-# ---- issue 9 item 6: a call and its descriptions are one transaction ----------------------------------------
+# ---- a call and its descriptions are one transaction ----------------------------------------
 
 KILL_HOOK = '''
 import os, signal, duckdb
@@ -120,6 +121,7 @@ duckdb.connect = lambda *a, **k: _Con(_connect(*a, **k))
 '''
 
 
+@pytest.mark.slow
 def test_a_build_killed_between_a_call_and_its_descriptions_leaves_no_call_without_them(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -137,7 +139,7 @@ def test_a_build_killed_between_a_call_and_its_descriptions_leaves_no_call_witho
     assert counts(kb)["llm"] == 5 and ok_call_without_descriptions(kb) == 0
 
 
-# ---- issue 12 items 10, 11: each key to its own server; no key anywhere ------------------------------------
+# ---- each key to its own server; no key anywhere ------------------------------------
 
 def test_each_provider_sends_only_its_own_key(tmp_path, monkeypatch, cli):
     folder = image_folder(tmp_path, n=1, identical=0)
@@ -184,7 +186,7 @@ def test_a_server_echoing_the_key_gets_it_stored_and_printed_nowhere(tmp_path, m
         assert KEY not in text, f"the key leaked into {name}"
 
 
-# ---- issue 12 item 12: kb sql is a sandbox ------------------------------------------------------------------
+# ---- kb sql is a sandbox ------------------------------------------------------------------
 
 def test_kb_sql_refuses_every_write_and_file_access_and_still_answers_select(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where DuckDB would install extensions
@@ -220,8 +222,9 @@ def test_kb_sql_refuses_every_write_and_file_access_and_still_answers_select(tmp
     assert json.loads(cli("kb", "sql", "SELECT count(*) AS n FROM descriptions", "--kb", kb, "--format", "json")[1]) == [{"n": 5}]
 
 
-# ---- issue 12: --timeout bounds the whole request -----------------------------------------------------------
+# ---- --timeout bounds the whole request -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_timeout_bounds_a_trickling_reply(tmp_path):
     kb = tmp_path / "kb.duckdb"
     with FakeOpenAI(trickle_s=0.1) as srv:  # a reply of ~600 bytes at 10 bytes/s: about a minute
@@ -238,7 +241,7 @@ def test_timeout_bounds_a_trickling_reply(tmp_path):
         assert con.execute("SELECT count(*) FROM calls WHERE status = 'error' AND error LIKE 'timeout%'").fetchone()[0] == 2
 
 
-# ---- issue 12: tracebacks become `error: ...` ----------------------------------------------------------------
+# ---- tracebacks become `error: ...` ----------------------------------------------------------------
 
 def damaged_copies(kb: Path, tmp_path: Path):
     """(copy, fails_at_connect) for copies of kb with the first bytes after one block's checksum overwritten,
@@ -323,7 +326,7 @@ def test_export_and_import_are_symmetric_in_both_formats(tmp_path, cli):
         assert {d.source for d in store.descriptions()} == {"import"}
 
 
-# ---- issue 13 item 7: honest accounting ------------------------------------------------------------------------
+# ---- honest accounting ------------------------------------------------------------------------
 
 def test_accounting_counts_every_request_once(tmp_path, monkeypatch, cli):
     kb = tmp_path / "kb.duckdb"

@@ -50,10 +50,10 @@ def np_msm(z, fraction=0.3):
     return out
 
 
-def np_rscin(scores, cls, ks=(1, 2, 3)):
+def np_rscin(scores, cls, ks=(1, 2, 3), clamp_negative=False):
     s = (scores - scores.min()) / (scores.max() - scores.min())
     t = cls / np.linalg.norm(cls, axis=1, keepdims=True)
-    w = np.maximum(t @ t.T, 0)
+    w = np.maximum(t @ t.T, 0) if clamp_negative else t @ t.T
     out = np.zeros(len(s))
     for i in range(len(s)):
         order = sorted(range(len(s)), key=lambda j: -w[i, j])
@@ -148,10 +148,11 @@ def test_rscin_by_hand():
 
 def test_rscin_range_and_degenerate_inputs():
     cls = torch.randn(5, 8)
-    out = M.rscin(torch.rand(5), cls)
+    out = M.rscin(torch.rand(5), cls, clamp_negative=True)
     assert out.shape == (5,) and 0 <= out.min() and out.max() <= 1
     assert torch.equal(M.rscin(torch.full((5,), 0.3), cls), torch.zeros(5))  # all equal: no NaN
-    # opposite class tokens: the negative similarity counts as 0, so each image keeps its own score
+    # opposite class tokens: the kept similarities sum to 0 (1 - 1), where the public code divides by zero; such a
+    # row counts the negative similarity as 0, so each image keeps its own score
     two = M.rscin(torch.tensor([0.0, 1.0]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
     assert torch.allclose(two, torch.tensor([0.0, 1.0]))
 
@@ -171,8 +172,9 @@ def test_musc_module_shapes_range_and_transductive(bb32):
     with torch.no_grad():
         res = model(x, ["c"] * 5).inference()
     assert res.image_score.shape == (5,) and res.anomaly_map.shape == (5, 32, 32) and res.stage_maps.shape == (5, 4, 4, 4)
-    for t in res:
-        assert not torch.isnan(t).any() and 0 <= t.min() and t.max() <= 1
+    for t in res:  # the map on the public code's scale: MSM distances between unit vectors, in [0, 2]
+        assert not torch.isnan(t).any() and 0 <= t.min() and t.max() <= 2
+    assert 0 <= res.image_score.min() and res.image_score.max() <= 1
     # the image score is RsCIN of the map's maximum (per class), not the maximum itself
     glob, _ = M.stage_features(bb32, x)
     assert torch.allclose(res.image_score, M.rscin(res.anomaly_map.flatten(1).amax(1), glob), atol=1e-6)
@@ -186,7 +188,7 @@ def test_mutual_fusion_is_the_mean_of_the_two_parts(bb32):
     torch.manual_seed(1)
     x = torch.randn(3, 3, 32, 32)
     base = build_zero_shot("clip-ac", bb32).eval()
-    musc = M.MuSc(bb32)
+    musc = M.MuSc(bb32, map_scale=0.5)
     with torch.no_grad():
         a, b = base(x, ["c"] * 3).inference(), musc(x, ["c"] * 3).inference()
         f = M.MutualFusion(base, musc)(x, ["c"] * 3).inference()
@@ -213,7 +215,7 @@ def test_cli_eval_musc(synth_root, tmp_path, cli):
     assert {k: meth[k] for k in ("name", "setting", "backbone", "image_size")} == {
         "name": "musc", "setting": "transductive", "backbone": "tiny", "image_size": 64}
     assert "MuSc" in meth["source"] and meth["constants"]["r_list"] == [1, 3, 5] and meth["constants"]["interval"] == [0.0, 0.3]
-    assert meth["constants"]["rscin_k"] == [1, 2, 3]
+    assert meth["constants"]["rscin_windows"] == [1, 2, 3] and "MVTec AD" in meth["constants"]["rscin_windows_source"]
     assert set(m["mean"]) == set(METRIC_KEYS) and m["mean"]["pixel_auroc"] is not None and set(m["classes"]) == {"disc", "weave"}
     assert "transductive zero-shot musc" in " ".join(out.split())
 
@@ -238,6 +240,7 @@ def test_cli_eval_mutual_fuses_with_musc(synth_root, tmp_path, cli, args):
     meth = m["provenance"]["method"]
     assert meth["mutual"] is True and meth["setting"] == "transductive" and "Kano's own addition" in meth["fusion"]
     assert meth["musc"]["name"] == "musc" and meth["musc"]["backbone"] == "tiny"
+    assert meth["musc"]["constants"]["map_scale"] == 0.5  # both halves of the fused mean in [0, 1]
     assert set(m["mean"]) == set(METRIC_KEYS) and "+ MuSc (--mutual)" in " ".join(out.split())  # rich wraps long titles
 
 

@@ -1,4 +1,4 @@
-"""A pretrained tag missing from the cache fails fast and cleanly offline (issue 13, item 5).
+"""A pretrained tag missing from the cache fails fast and cleanly offline.
 
 Real processes with a private, empty Hugging Face cache; "no network" is a real endpoint that refuses
 connections or one that accepts and never answers (a loopback socket that is never read)."""
@@ -43,6 +43,7 @@ def _check_message(msg: str, cache: str):
     assert "..." not in msg and "Last error" not in msg                     # no embedded, cut-off library text
 
 
+@pytest.mark.slow
 def test_offline_env_fails_fast_with_one_message(tmp_path):
     res, err = _run(tmp_path, HF_HUB_OFFLINE="1")
     assert res["s"] < 2.0, res
@@ -52,6 +53,7 @@ def test_offline_env_fails_fast_with_one_message(tmp_path):
 
 
 @pytest.mark.parametrize("server", ["refuses", "silent"])
+@pytest.mark.slow
 def test_no_network_fails_fast_without_retry_chatter(tmp_path, server):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

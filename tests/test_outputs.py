@@ -1,4 +1,4 @@
-"""Where eval and predict write (issue 12, items 6, 13, 14): one file per image, names from data made safe,
+"""Where eval and predict write: one file per image, names from data made safe,
 nothing outside --out, no mixing with old results, huge and unreadable images."""
 
 import json

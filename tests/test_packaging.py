@@ -17,6 +17,7 @@ def _editable() -> bool:
     return bool(text) and json.loads(text).get("dir_info", {}).get("editable", False)
 
 
+@pytest.mark.slow  # two fresh `kano` processes: over 8 s on two cores
 def test_entry_point_runs_outside_the_source_tree(tmp_path):
     res = subprocess.run([KANO, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

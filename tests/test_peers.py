@@ -235,6 +235,12 @@ def test_cli_trains_and_evaluates_a_peer_without_a_knowledge_base(method, name, 
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == method and config["kb"] is None and config["status"] == "finished"
+    # no extra options: the authors' recipe (tiny has 4 blocks: AnomalyCLIP maps from the last, V-V from block 1 of 4
+    # as from block 6 of 24; April-GAN four spread blocks), recorded in the run's config
+    layers = {"aprilgan": ([1, 2, 3, 4], "bicubic-antialias"), "anomalyclip": ([4], "bilinear")}[method]
+    assert (config["stages"], config["vv_start"], config["pos_resize"]) == (layers[0], 1, layers[1])
+    if method == "anomalyclip":
+        assert config["model"]["lam"] == 4 and config["model_used"]["stages"] == [4]
     weights = load_file(str(run / "weights.safetensors"))
     prefix = {"aprilgan": {"linear"}, "anomalyclip": {"ctx_normal", "ctx_abnormal", "deep"}}[method]
     assert {k.split(".")[0] for k in weights} == prefix
@@ -242,6 +248,7 @@ def test_cli_trains_and_evaluates_a_peer_without_a_knowledge_base(method, name, 
     assert code == 0, err
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["provenance"]["method"]["name"] == name and metrics["provenance"]["method"]["method"] == method
+    assert metrics["provenance"]["method"]["pos_resize"] == layers[1] and metrics["provenance"]["method"]["stages"] == layers[0]
     assert 0 <= metrics["mean"]["pixel_auroc"] <= 1
     if method == "anomalyclip":  # the fusion with MuSc and prediction read the run like any other
         code, out, err = cli("eval", "--run", run, "--mutual", "--data", f"mvtec:{synth_root}", "--out", tmp_path / "fused",

@@ -1,4 +1,4 @@
-"""Full precision where it decides: only the frozen backbone may run in bf16/fp16 (issue 9, item 3).
+"""Full precision where it decides: only the frozen backbone may run in bf16/fp16.
 
 Half precision in the heads tied scores: on a CPU bf16 autocast run the distinct map values fell from
 8,188 to 355 and the image scores from 64 to 19. Here autocast is forced on (CPU bf16) and what

@@ -252,7 +252,7 @@ def test_synthetic_generator_is_deterministic_with_exact_masks(tmp_path):
     assert "missing" not in {s.defect for s in ds.samples() if s.class_name == "weave"}
 
 
-# ---- issue 13 item 3: one class folder; issue 12 items 4 and 7; bad input as `error: ...`
+# ---- one class folder; mask values; bad input as `error: ...`
 
 HAZELNUT = Path(__file__).parent / "data" / "hazelnut_toy"
 
@@ -326,7 +326,7 @@ def test_cli_eval_and_data_meta_on_one_class_folder(tmp_path, cli):
 
 
 def test_mask_value_100_counts_in_pixel_metrics(tmp_path, cli):
-    """Issue 12 item 4: masks stored as 0/100 gave empty masks, so no defect pixel reached the metrics."""
+    """Masks stored as 0/100 must not read as empty masks: every defect pixel reaches the metrics."""
     import shutil
 
     root = tmp_path / "mvtec" / "hazelnut"

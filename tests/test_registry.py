@@ -117,7 +117,7 @@ def test_the_untrained_kanoclip_has_its_own_name(cli, synth_root, tmp_path):
 @pytest.mark.parametrize("name", [m for m in EXPECTED if METHODS[m].kind != "trained" and m != "retrieval"])
 def test_every_method_meets_the_protocol(name):
     """Built as `kano eval --method` builds it: the Protocol's attributes, and a call giving (N,) scores and
-    (N, S, S) maps in [0, 1]."""
+    (N, S, S) maps (finite, >= 0)."""
     from kano.evaluator.methods import load_method
     from kano.kanoclip.protocol import Method, Preprocessing
 
@@ -132,4 +132,4 @@ def test_every_method_meets_the_protocol(name):
     with torch.no_grad():
         res = model(x, ["disc"] * 3).inference()
     assert res.image_score.shape == (3,) and res.anomaly_map.shape == (3, s, s)
-    assert float(res.anomaly_map.min()) >= 0 and float(res.anomaly_map.max()) <= 1
+    assert bool(torch.isfinite(res.anomaly_map).all()) and float(res.anomaly_map.min()) >= 0

@@ -1,5 +1,5 @@
-"""report.html and predict's index.html in a real headless browser; provenance in every result (issue 13,
-items 2 and 4). Screenshots are saved under each test's tmp dir."""
+"""report.html and predict's index.html in a real headless browser; provenance in every result.
+Screenshots are saved under each test's tmp dir."""
 
 import datetime as dt
 import hashlib
@@ -27,6 +27,7 @@ def eval_out(hazelnut_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_html_renders_with_every_image_and_no_error(eval_out, tmp_path):
     page = eval_out / "report.html"
     text = page.read_text()
@@ -50,6 +51,7 @@ def test_report_html_renders_with_every_image_and_no_error(eval_out, tmp_path):
         assert words in text
 
 
+@pytest.mark.slow
 def test_the_browser_check_fails_on_a_broken_or_remote_image(eval_out, tmp_path):
     """The check itself, against mutants: a missing overlay file and an image that needs the network."""
     copy = tmp_path / "eval"
@@ -68,6 +70,7 @@ def test_the_browser_check_fails_on_a_broken_or_remote_image(eval_out, tmp_path)
         page.unlink()
 
 
+@pytest.mark.slow
 def test_predict_gallery_page_renders(hazelnut_root, tmp_path, cli):
     folder = tmp_path / "imgs"
     shutil.copytree(hazelnut_root / "hazelnut" / "test" / "colour", folder)

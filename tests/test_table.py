@@ -1,4 +1,4 @@
-"""`kano compare` and `kano eval --method a,b,c` (issue 14): one table per dataset in the KAnoCLIP paper's layout,
+"""`kano compare` and `kano eval --method a,b,c`: one table per dataset in the KAnoCLIP paper's layout,
 from hand-made metrics.json files with known numbers, and once end to end on the zero-parameter methods."""
 
 import csv
@@ -165,6 +165,7 @@ def test_eval_method_list_refuses_bad_names_before_anything_runs(methods, messag
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_eval_method_list_end_to_end_and_in_the_browser(synth_root, tmp_path, cli):
     out = tmp_path / "x"
     code, stdout, err = cli("eval", "--method", "median_colour,darkness", "--data", f"mvtec:{synth_root}", "--out", out,

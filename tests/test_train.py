@@ -41,6 +41,7 @@ def count_encodes(monkeypatch):
     return seen
 
 
+@pytest.mark.slow  # over 8 s on two cores
 def test_cli_train_writes_a_complete_run_then_eval_and_predict_use_it(kb, synth_root, tmp_path, cli):
     run = tmp_path / "run"
     code, out, err = cli("train", "--kb", kb, "--data", f"mvtec:{synth_root}", "--backbone", "tiny", "--out", run, "--epochs", "3",
@@ -70,6 +71,7 @@ def test_cli_train_writes_a_complete_run_then_eval_and_predict_use_it(kb, synth_
     assert code == 0 and all(r["threshold"] == config["threshold"] and isinstance(r["anomalous"], bool) for r in lines)
 
 
+@pytest.mark.slow  # over 8 s on two cores
 def test_the_backbone_runs_once_per_image_with_the_cache(kb, synth_root, tmp_path, count_encodes):
     n = 2 * (3 + 2 * 2)  # two classes: 3 good + 2 hole + 2 stain test images each
     res = train(cfg(kb, synth_root, tmp_path / "a", epochs=3), log=lambda s: None)
@@ -85,6 +87,7 @@ def _cache_folders(cache_dir):
     return [p for p in cache_dir.iterdir() if p.is_dir()]
 
 
+@pytest.mark.slow  # over 8 s on two cores
 def test_disk_cache_is_reused_and_invalidated(kb, synth_root, tmp_path, count_encodes):
     cache_dir = tmp_path / "cache"
     train(cfg(kb, synth_root, tmp_path / "a", cache="disk", cache_dir=str(cache_dir)), log=lambda s: None)
@@ -96,6 +99,7 @@ def test_disk_cache_is_reused_and_invalidated(kb, synth_root, tmp_path, count_en
     assert count_encodes["images"] == 2 * first and len(_cache_folders(cache_dir)) == 2
 
 
+@pytest.mark.slow  # over 8 s on two cores
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(kb, synth_root, tmp_path):
     train(cfg(kb, synth_root, tmp_path / "full", epochs=3), log=lambda s: None)
     train(cfg(kb, synth_root, tmp_path / "part", epochs=1), log=lambda s: None)

@@ -1,4 +1,4 @@
-"""Several processes are one run (issue 9, item 4): a real `torchrun` with two gloo processes on CPU."""
+"""Several processes are one run: a real `torchrun` with two gloo processes on CPU."""
 
 import hashlib
 import json
@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import KANO
+
+pytestmark = pytest.mark.slow  # two torchrun processes
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 

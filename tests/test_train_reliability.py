@@ -1,5 +1,5 @@
-"""`kano train` under concurrency, damage and interruption (issue 12 items 1, 2, 8, 9), its input checks and help
-(issue 12's traceback list, issue 13 item 9). Real processes, real signals, real files."""
+"""`kano train` under concurrency, damage and interruption, its input checks and help.
+Real processes, real signals, real files."""
 
 import json
 import os
@@ -69,6 +69,7 @@ def lone(world, tmp_path_factory):
 
 
 # -- item 1: two runs on one cache directory ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_trains_at_once_on_one_cache_dir_both_train_on_complete_features(world, lone, tmp_path):
     cache = tmp_path / "cache"
     procs = [subprocess.Popen(_args(world, tmp_path / name, cache), env=_env(), stdout=subprocess.PIPE,
@@ -145,6 +146,7 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(world, pristine, tmp_pat
 
 
 # -- item 8: one atomic checkpoint file --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_checkpoint_is_one_file_holding_its_epoch(world, lone):
     files = sorted(p.name for p in (lone / "checkpoint").iterdir())
     assert files == ["last.safetensors"]
@@ -162,6 +164,7 @@ def _checkpoint_epoch(run: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_kill_after_a_checkpoint_resumes_without_training_an_epoch_twice(world, lone, tmp_path):
     """SIGKILL (no handler runs) as soon as epoch 1's checkpoint exists; --resume must end where a lone run ends."""
     ref = tmp_path / "ref"
@@ -184,6 +187,7 @@ def test_a_kill_after_a_checkpoint_resumes_without_training_an_epoch_twice(world
 
 
 # -- item 9: Ctrl-C at any moment ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_while_encoding_the_cache_lets_the_same_command_start_again(world, lone, tmp_path):
     cache = tmp_path / "cache"
     args = _args(world, tmp_path / "run", cache, "--batch-size", "1", epochs=1, image_size=128)
@@ -207,6 +211,7 @@ def test_ctrl_c_while_encoding_the_cache_lets_the_same_command_start_again(world
     assert "interrupted before its first epoch finished; starting it again" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_kill_during_training_says_resume_and_resume_finishes(world, tmp_path):
     """SIGTERM (`kill`) takes the same path as Ctrl-C (SIGINT, above): a message naming the command to continue."""
     run = tmp_path / "run"
@@ -263,7 +268,7 @@ def test_out_naming_an_existing_file_is_refused(world, tmp_path, cli):
     assert (tmp_path / "f").read_text() == "keep me"
 
 
-# -- issue 13 item 9: help -----------------------------------------------------------------------------------------------
+# -- help -----------------------------------------------------------------------------------------------
 def test_train_help_shows_defaults_and_every_option_has_help():
     import typer.main
 

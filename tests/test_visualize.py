@@ -1,4 +1,4 @@
-"""Maps a person reads at a glance (issue 13, item 1): one colour scale with its bar, labelled panels, the
+"""Maps a person reads at a glance: one colour scale with its bar, labelled panels, the
 decision in the title, and an overlay that shows only the high part of the map."""
 
 import numpy as np

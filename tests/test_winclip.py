@@ -69,6 +69,7 @@ def test_winclip_window_embedding_is_a_separate_forward(tiny_backbone):
 @pytest.mark.skipif(not ANOMALIB_PY.is_file() and os.environ.get("KANO_REQUIRE_ANOMALIB") != "1",
                     reason=f"anomalib's side venv is absent ({ANOMALIB_PY}); .ci/run prepares it (set KANO_REQUIRE_ANOMALIB=1 to fail instead)")
 @pytest.mark.parametrize("k_shot", [0, 2])
+@pytest.mark.slow
 def test_winclip_equals_anomalib_on_shared_random_weights(tmp_path, k_shot):
     import open_clip
     from safetensors.torch import load_file, save_file

@@ -30,7 +30,8 @@ MODEL_TESTS = ["tests/test_equations.py", "tests/test_model.py", "tests/test_bac
 BACKBONE_TESTS = ["tests/test_backbone.py", "tests/test_equations.py", "tests/test_model.py"]
 KNOWLEDGE_TESTS = ["tests/test_knowledge.py"]
 
-# (id, file, old, new, what it breaks). M1-M7 are the seven of issue 9.
+# (id, file, old, new, what it breaks). M1-M7 break the model's core: map channels, global probability, softmax axis,
+# adapter, Bi-CMCI and the knowledge loss.
 MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("M1", "kanoclip/model.py", "m_normal, m_abnormal = up[:, 0], up[:, 1]", "m_normal, m_abnormal = up[:, 1], up[:, 0]",
      "normal/abnormal map columns swapped"),

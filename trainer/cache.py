@@ -49,7 +49,7 @@ def cache_key(model: KAnoCLIP, samples: list[Sample]) -> str:
         files.append([s.image_path, st.st_size, st.st_mtime_ns])
     spec = model.feature_spec
     key = {"weights": backbone_fingerprint(model), "image_size": bb.image_size, "stages": bb.stages,
-           "vv_start": bb.vv_start, "vv": spec["vv"], "files": files}
+           "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "vv": spec["vv"], "files": files}
     if spec["tokens"] != "projected":  # (projected tokens keep the key they had before raw ones existed)
         key["tokens"] = spec["tokens"]
     blob = json.dumps(key, sort_keys=True)

@@ -84,5 +84,3 @@ def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, names: 
                 "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(p_.device),
             }
     return int(meta["epoch"]), model_state, json.loads(meta["history"])
-
-

@@ -30,8 +30,12 @@ class TrainConfig:
     classes: list[str] | None = None                  # default: every class of the auxiliary data
     split: str = "test"                               # the protocol trains on the auxiliary TEST split
     image_size: int | None = None                     # default 518 for ViT-L-14-336 (AnomalyCLIP's), else the model's own
-    stages: list[int] | None = None                   # default 6, 12, 18, 24 (AnomalyCLIP's; spread for other depths)
+    # stages, vv_start, pos_resize: None = the method's published value, set with its source on the method's class
+    # (kanoclip and aprilgan: stages 6/12/18/24, spread on other depths; anomalyclip: the last block only; V-V from
+    # block 6 of 24; position-embedding resize kanoclip/anomalyclip bilinear, aprilgan bicubic-antialias)
+    stages: list[int] | None = None
     vv_start: int | None = None
+    pos_resize: str | None = None                     # bicubic-antialias | bilinear | bicubic (kanoclip/pos_embed.py)
     epochs: int = 15                                  # epochs, batch, lr, betas: AnomalyCLIP's settings (not in the paper)
     batch_size: int = 8
     lr: float = 1e-3
@@ -80,6 +84,11 @@ class TrainConfig:
                 raise ValueError(f"stages must be a list of block numbers >= 1 (e.g. 6,12,18,24), got {self.stages!r}")
         if self.vv_start is not None and (not isinstance(self.vv_start, int) or self.vv_start < 1):
             raise ValueError(f"vv_start must be a block number >= 1, got {self.vv_start!r}")
+        if self.pos_resize is not None:
+            from kano.kanoclip.pos_embed import MODES
+
+            if self.pos_resize not in MODES:
+                raise ValueError(f"pos_resize must be one of {', '.join(MODES)}, got {self.pos_resize!r}")
         if self.classes is not None and (not isinstance(self.classes, list) or not all(isinstance(c, str) and c for c in self.classes)):
             raise ValueError(f"classes must be a list of class names, got {self.classes!r}")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):

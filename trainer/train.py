@@ -18,7 +18,7 @@ from kano.curves import f1_threshold
 from kano.device import resolve_device
 from kano.errors import KanoError
 from kano.files import atomic_write, read_manifest
-from kano.kanoclip import VisualFeatures, backbone_autocast, build_backbone, build_model
+from kano.kanoclip import VisualFeatures, backbone_autocast, build_model, method_backbone
 from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
@@ -229,7 +229,8 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
     store = KnowledgeStore(cfg.kb, create=False, read_only=True) if uses_kb else None  # no write lock: works while the KB is open elsewhere
 
     run.phase = "while building the model"
-    bb = build_backbone(cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages, vv_start=cfg.vv_start)
+    bb = method_backbone(cfg.method, cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages,
+                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=getattr(cfg.model, "use_vv", True))
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = run.model = build_model(cfg.method, bb, cfg.model)
     run.image_size = bb.image_size
@@ -261,7 +262,7 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.config = {
         "kano_version": ckpt.library_versions()["kano"], "backbone": cfg.backbone, "image_size": bb.image_size, "stages": bb.stages,
-        "vv_start": bb.vv_start, "method": cfg.method, "model": model.cfg.to_dict(),
+        "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "method": cfg.method, "model": model.cfg.to_dict(),
         "model_used": model.describe() if hasattr(model, "describe") else {}, "train": cfg.to_dict(),
         "kb": kb_info, "train_classes": classes,
         "prompt_names": names, "data": cfg.data, "n_samples": len(samples), "git_commit": ckpt.git_commit(), "seed": cfg.seed,
