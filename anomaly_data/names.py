@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kano.errors import KanoError
+
 PROMPT_NAMES: dict[str, str] = {
     # MVTec-AD
     "metal_nut": "metal nut",
@@ -26,3 +28,56 @@ PROMPT_NAMES: dict[str, str] = {
 def prompt_name(class_name: str) -> str:
     """The [class] word(s) for a folder name: the table above, else underscores as spaces."""
     return PROMPT_NAMES.get(class_name, class_name.replace("_", " "))
+
+
+def class_word(class_name: str, explicit: str | None = None, run_words: dict[str, str] | None = None) -> str:
+    """The one rule that turns a class (folder) name into the prompt's [class] word, first match wins:
+    1. the word given explicitly (`--class-word`, `class_word=`);
+    2. the word a trained run used for that class (its config.json "prompt_names");
+    3. the table PROMPT_NAMES above (benchmark folder names such as pcb1 -> "printed circuit board");
+    4. the name with underscores as spaces (hazelnut_toy -> "hazelnut toy")."""
+    if explicit is not None:
+        word = explicit.strip()
+        if not word:
+            raise KanoError(f"the class word for {class_name!r} must be a non-empty word, got {explicit!r}")
+        return word
+    return (run_words or {}).get(class_name) or prompt_name(class_name)
+
+
+def parse_class_words(raw: str | None) -> dict[str, str]:
+    """'NAME=WORD[,NAME=WORD]' (`kano eval --class-word`) -> {NAME: WORD}."""
+    if not raw:
+        return {}
+    words: dict[str, str] = {}
+    for part in raw.split(","):
+        name, eq, word = part.partition("=")
+        if not eq or not name.strip() or not word.strip():
+            raise KanoError(f"--class-word must be NAME=WORD[,NAME=WORD] (e.g. hazelnut_toy=hazelnut), got {raw!r}")
+        words[name.strip()] = word.strip()
+    return words
+
+
+def known_words(run_words: dict[str, str] | None = None) -> set[str]:
+    """The class words Kano knows: the built-in knowledge pack's classes (names and prompt words) and, for a
+    trained run, the classes it was trained with (its config.json "prompt_names", names and words)."""
+    import json
+    from importlib import resources
+
+    pack = json.loads(resources.files("kano.kb_builder").joinpath("builtin_pack.json").read_text())
+    known = set(pack.get("classes", {}))
+    known |= {prompt_name(c) for c in known}
+    for name, word in (run_words or {}).items():
+        known |= {name, word}
+    return known
+
+
+def unknown_word_warning(word: str, known: set[str], what: str = "class word") -> str | None:
+    """A warning for a word outside `known`, naming the closest known ones (difflib); None when known."""
+    import difflib
+
+    if word in known or word.replace(" ", "_") in known:
+        return None
+    close = difflib.get_close_matches(word, sorted(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (f"{what} {word!r} is not a class the knowledge base or the built-in pack describes, so the prompts carry "
+            f"no learned knowledge of it{hint}")

@@ -370,7 +370,10 @@ def read_folder(root: Path) -> list[Sample]:
     if not (root / "good").is_dir() and _is_class_folder(root):
         return _mvtec_like(root, "good")  # one MVTec-style class folder (train/, test/, ground_truth/)
     if not (root / "good").is_dir():
-        raise KanoError(f"folder:{root} must contain a good/ subfolder of normal images, got {', '.join(p.name for p in _dirs(root)) or 'no subfolders'}")
+        inner = [d for d in _dirs(root) if (d / "good").is_dir() or _is_class_folder(d)]  # one level too high?
+        hint = f"; pass the folder itself, e.g. folder:{inner[0]}" if inner else ""
+        raise KanoError(f"folder:{root} must contain a good/ subfolder of normal images, got "
+                        f"{', '.join(p.name for p in _dirs(root)) or 'no subfolders'}{hint}")
     mask_root = next((root / m for m in ("ground_truth", "masks") if (root / m).is_dir()), None)
     samples = []
     for d in _dirs(root):

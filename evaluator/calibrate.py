@@ -254,17 +254,3 @@ def _write_scores(out: Path, rows: list[tuple], cal: dict) -> None:
         w.writerow(["class", "image", "score", "map_max"])
         w.writerows(rows)
     _write_json(inside(out, out / CALIBRATION_FILE), cal)
-
-
-def choose_threshold(given: float | None, run_dir, class_name: str | None, run_threshold: float | None) -> tuple[float | None, str]:
-    """-> (threshold, where it came from): the one given > RUN/calibration.json's for the class (a class missing
-    from an existing calibration is an error) > the run's own (calibrated on its auxiliary data) > none."""
-    if given is not None:
-        return given, "command line"
-    if run_dir is not None and class_name is not None:
-        t = calibrated_threshold(run_dir, class_name, required=True)
-        if t is not None:
-            return t, f"calibration ({Path(run_dir) / CALIBRATION_FILE}, class {class_name})"
-    if run_threshold is not None:
-        return run_threshold, "run (calibrated on its auxiliary data at training)"
-    return None, "none"

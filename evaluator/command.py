@@ -40,6 +40,7 @@ def check_common(batch_size: int, workers: int | None = 0, threshold: float | No
 def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_size, device, n_overlays: int = 6,
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
+             reference=None, class_words: str | None = None, strict: bool = False,
              rscin_windows: list[int] | None = None, scored: dict | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
@@ -55,51 +56,96 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
-                                  k_shot=k_shot, data=data, classes=classes, rscin_windows=rscin_windows)
+                                  k_shot=k_shot, data=data, classes=classes, references=reference, rscin_windows=rscin_windows)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
         described = _method(run, backbone, info)
+        if k_shot or reference:  # April-GAN's few-shot memory on the run or the untrained model
+            from kano.evaluator.methods import with_patch_memory
+
+            model, described = with_patch_memory(model, described, k_shot, data, reference, classes)
     if mutual:
         from kano.evaluator.methods import with_mutual
 
         model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"),
                                        data=data, rscin_windows=rscin_windows)
-    from kano.evaluator.calibrate import choose_threshold
+    from kano.anomaly_data.names import known_words, parse_class_words, unknown_word_warning
+    from kano.api import resolve_threshold, weights_sha256
 
-    # one threshold is drawn per results folder: a class's calibrated one when a single class is evaluated
-    thr, source = choose_threshold(threshold, run, classes[0] if classes and len(classes) == 1 else None, info["threshold"])
+    words = parse_class_words(class_words)
+    if described.get("kind") != "baseline":  # the floors use no prompts
+        known = known_words(info["prompt_names"])
+        for w in words.values():
+            if (warning := unknown_word_warning(w, known)) is not None:
+                ui.err.print(f"warning: {warning}", markup=False)
+    digest = weights_sha256(info.get("config"))
     result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
-                      progress=ui.progress_factory("evaluating"), method=described, threshold=thr, force=force,
-                      allow_missing_masks=allow_missing_masks, scored=scored)
+                      progress=ui.progress_factory("evaluating"), method=described, force=force,
+                      allow_missing_masks=allow_missing_masks, class_words=words, strict=strict,
+                      threshold_for=lambda c: resolve_threshold(threshold, run, c, info["threshold"], digest), scored=scored)
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
-    what = f"{described.get('setting', 'per-image')} {described['kind']} {method}" if method else ("run " + str(run) if run else "untrained " + backbone)
+    if method:  # setting, kind and name, each word once ("few-shot winclip+", "per-image zero-shot clip")
+        what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), described["kind"]) if w), described["name"]])
+    else:
+        what = "run " + str(run) if run else "untrained " + backbone
     what += " + MuSc (--mutual)" if mutual else ""
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
-    ui.out.print(f"decision threshold: {'-' if thr is None else f'{thr:.6f}'} from the {source}")
+    for cls, m in result["classes"].items():
+        t = m["threshold"]
+        ui.out.print(f"decision threshold: {'-' if t is None else f'{t:.6f}'} from the {m['threshold_source'] or 'none'} (class {cls})")
+    for u in result["unreadable"]:
+        ui.err.print(f"not scored (left out of the metrics): {u['error']}", markup=False)
+    if result["unreadable"]:
+        ui.err.print(f"{len(result['unreadable'])} unreadable image(s) skipped; --strict makes this an error", markup=False)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
 
 
-def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False) -> list[dict]:
-    from kano.evaluator import load_model, predict as run_predict
+def detector(*, run, backbone, method: str | None = None, reference=None, k_shot: int = 0, threshold: float | None = None,
+             device: str | None = None, batch_size: int = 8):
+    """The Detector `kano predict` scores with (the Python API's object): a run, a per-image --method on
+    --backbone (with --reference DIR --k-shot K for the methods that take references), or the untrained model."""
+    from kano.api import Detector
+
+    if method:
+        if run:
+            raise KanoError(f"--method {method} runs a method that needs no training: give --backbone SPEC, not --run, got --run {run}")
+        return Detector.zero_shot(method, backbone, references=reference, k_shot=k_shot, threshold=threshold, device=device,
+                                  batch_size=batch_size)
+    if reference and not k_shot or k_shot and not reference:
+        raise KanoError(f"--reference DIR and --k-shot K >= 1 go together, got {'--reference ' + str(reference) if reference else '--k-shot ' + str(k_shot)} alone")
+    if run:
+        return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size, references=reference, k_shot=k_shot)
+    from kano.evaluator import load_model
+
+    model, info = load_model(None, backbone, None, _device(device))
+    return Detector.with_references(model, _method(None, backbone, info), reference, k_shot, threshold=threshold,
+                                    batch_size=batch_size)
+
+
+def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,
+            method: str | None = None, reference=None, k_shot: int = 0, class_word: str | None = None) -> list[dict]:
+    from kano.evaluator import predict as run_predict
 
     check_common(batch_size, workers, threshold)
-    dev = _device(device)
-    model, info = load_model(str(run) if run else None, backbone, None, dev)
-    from kano.evaluator.calibrate import choose_threshold
-
-    threshold, source = choose_threshold(threshold, run, class_name, info["threshold"])
-    prompt = info["prompt_names"].get(class_name)
-    records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, dev, prompt,
-                          progress=ui.progress_factory("scoring"), method=_method(run, backbone, info), force=force, workers=workers)
-    ui.print_table(f"predictions ({class_name})", ["image", "score", "anomalous"],
+    det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, threshold=threshold,
+                   device=device, batch_size=batch_size)
+    word = det.class_word(class_name, class_word)
+    if (warning := det.word_warning(word)) is not None:
+        ui.err.print(f"warning: {warning}", markup=False)
+    threshold, source = det.threshold_for(class_name)
+    det.begin_class(class_name, word)
+    records = run_predict(det.model, inputs, class_name, Path(out), threshold, batch_size, det.device, word,
+                          progress=ui.progress_factory("scoring"), method=det.method, force=force, workers=workers,
+                          threshold_source=source)
+    ui.print_table(f"predictions ({class_name}, class word {word!r})", ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
                      "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
     if threshold is None:
-        ui.err.print("no threshold (untrained backbone and no --threshold): scores only")
+        ui.err.print("no threshold (no --threshold, no calibration and none in the run): scores only")
     else:
         ui.out.print(f"decision threshold: {threshold:.6f} from the {source}")
     failed = [r for r in records if r["error"]]

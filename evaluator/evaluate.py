@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from kano.anomaly_data import SampleDataset, load_dataset, load_image, prompt_name, raise_batch_errors
+from kano.anomaly_data import SampleDataset, load_dataset, load_image, raise_batch_errors
+from kano.anomaly_data.names import class_word
 from kano.errors import KanoError
 
 from . import outputs, report
@@ -35,8 +36,9 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
-def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path) -> None:
-    pic = panel(load_image(sample.image_path), amap, mask=mask, name=name, score=score, threshold=threshold, label=sample.label)
+def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path, source: str | None = None) -> None:
+    pic = panel(load_image(sample.image_path), amap, mask=mask, name=name, score=score, threshold=threshold, label=sample.label,
+                threshold_source=source)
     save_png(pic, outputs.inside(out_dir, path))  # fast: the panels are many, the bytes cheap
 
 
@@ -160,13 +162,19 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int | None = None,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
-             force: bool = False, allow_missing_masks: bool = False, scored: dict | None = None) -> dict:
+             force: bool = False, allow_missing_masks: bool = False, threshold_source: str | None = None,
+             threshold_for: Callable[[str], tuple] | None = None, class_words: dict[str, str] | None = None,
+             strict: bool = False, scored: dict | None = None) -> dict:
     """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
     method: the method description recorded in the provenance (evaluator.report); default: the model's
     backbone as an unnamed model. threshold: the decision threshold shown in titles and histograms (None: no
-    decision). n_overlays: gallery images per class. A model with `transductive = True` gets each class's
+    decision), recorded with `threshold_source` ("command line", "calibration", "run"); threshold_for: class ->
+    (threshold, source), when thresholds differ per class (calibration). class_words: explicit prompt words
+    {class: word} (anomaly_data.names.class_word's rule fills the rest from prompt_names). strict: an
+    unreadable image is an error; otherwise it is recorded, counted and left out of the metrics.
+    n_overlays: gallery images per class. A model with `transductive = True` gets each class's
     whole test set as one batch. allow_missing_masks: an anomalous image without a mask (its
     class having masks) warns instead of failing. scored: a dict that receives {class: (samples, image scores
     (N,), maps (N, S, S), masks (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller
@@ -190,8 +198,15 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
                             f"against the others), got {', '.join(f'{k} in {c}' for c, k in few.items())}")
     out_dir = Path(out_dir)
     image_size = model.backbone.image_size
+    unknown = sorted(set(class_words or {}) - set(classes))
+    if unknown:
+        raise KanoError(f"--class-word names must be evaluated classes ({', '.join(classes)}), got {', '.join(unknown)}")
+    names_map = {c: class_word(c, (class_words or {}).get(c), prompt_names) for c in classes}
+    thresholds = {c: threshold_for(c) if threshold_for else (threshold, None if threshold is None else threshold_source)
+                  for c in classes}
     identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",
-                "classes": list(classes), "image_size": image_size}
+                "classes": list(classes), "image_size": image_size, "class_words": names_map,
+                "thresholds": {c: {"threshold": t, "source": src} for c, (t, src) in thresholds.items()}}
     outputs.claim(out_dir, "eval", identity, force)
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(exist_ok=True)
@@ -199,10 +214,10 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     # lands outside out_dir and no two images share one overlay.
     names = dict(zip((id(s) for s in samples), outputs.unique_names(
         [[f"{s.class_name}_{s.defect}_{Path(s.image_path).stem}", *reversed(Path(s.image_path).parent.parts[-3:])] for s in samples])))
-    names_map = {c: (prompt_names or {}).get(c) or prompt_name(c) for c in classes}
     advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
     per_class: dict[str, dict] = {}
-    details: dict = {"threshold": threshold, "classes": {}, "gallery": []}
+    details: dict = {"threshold": threshold, "threshold_source": threshold_source, "classes": {}, "gallery": []}
+    unreadable: list[dict] = []
     written: list[str] = []
     pool = ThreadPoolExecutor(max_workers=2)  # two panels at once: PIL, zlib and numpy release the GIL
     drawing: list = []
@@ -211,19 +226,28 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             cs = [s for s in samples if s.class_name == cls]
             bs = max(1, len(cs)) if model.transductive else batch_size
             model.begin_class(cls, names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
-            scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance)
+            errors: dict[int, str] = {}
+            scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
+                                                errors=None if strict else errors)
+            if errors:  # recorded and counted, left out of the metrics: one bad file does not stop the evaluation
+                unreadable += [{"class": cls, "image": cs[i].image_path, "error": e} for i, e in sorted(errors.items())]
+                keep = [i for i in range(len(cs)) if i not in errors]
+                cs, scores, maps, masks = [cs[i] for i in keep], scores[keep], maps[keep], masks[keep]
+                if not cs:
+                    continue
+            thr, src = thresholds[cls]
             labels = torch.tensor([s.label for s in cs])
             if scored is not None:
                 scored[cls] = (cs, scores, maps, masks)
             with_masks = dataset.has_masks(cls)
             # the gallery is drawn in a thread while the metrics are computed (PIL, zlib and numpy's sort release
             # the GIL): its panels need only the scores
-            for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), threshold, n_overlays):
+            for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), thr, n_overlays):
                 s = cs[i]
                 rel = f"overlays/{names[id(s)]}.png"
-                drawing.append(pool.submit(_draw, out_dir, threshold, s, maps[i].numpy().copy(),
+                drawing.append(pool.submit(_draw, out_dir, thr, s, maps[i].numpy().copy(),
                                            masks[i].numpy().copy() if with_masks else None,
-                                           f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel))
+                                           f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel, src))
                 written.append(rel)
                 details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
                                            "score": float(scores[i]), "label": s.label})
@@ -231,7 +255,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             per_class[cls] = all_metrics(labels, scores, masks.to(mdev) if with_masks else None, maps.to(mdev) if with_masks else None)
             per_class[cls]["n_images"] = len(cs)
             per_class[cls]["n_anomalous"] = int(labels.sum())
-            details["classes"][cls] = {"labels": labels.tolist(), "scores": scores.tolist(), "defects": [s.defect for s in cs],
+            per_class[cls].update(class_word=names_map[cls], threshold=thr, threshold_source=src)
+            details["classes"][cls] = {"threshold": thr, "threshold_source": src, "class_word": names_map[cls],"labels": labels.tolist(), "scores": scores.tolist(), "defects": [s.defect for s in cs],
                                        "images": [s.image_path for s in cs]}
         for f in drawing:
             f.result()  # an error drawing a panel is raised here
@@ -242,8 +267,12 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     for k in METRIC_KEYS:
         vals = [m[k] for m in per_class.values() if m[k] is not None]
         mean[k] = float(np.mean(vals)) if vals else None
-    result = {"dataset": data, "classes": per_class, "mean": mean,
-              "provenance": report.provenance(method, image_size, started, data)}
+    if not per_class:
+        raise KanoError(f"{data} must hold readable test images, got none readable: {unreadable[0]['error']}")
+    result = {"dataset": data, "classes": per_class, "mean": mean, "unreadable": unreadable,
+              "provenance": {**report.provenance(method, image_size, started, data), "class_words": names_map}}
+    details["unreadable"] = unreadable
+
     written += report.write_reports(result, out_dir, details)
     outputs.write_manifest(out_dir, "eval", identity, written)
     return result

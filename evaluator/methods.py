@@ -20,6 +20,7 @@ ALL_METHODS = tuple(METHODS)  # every name --method accepts (trained ones point 
 BACKBONE_METHODS = methods_with(needs="backbone")  # the ones --backbone feeds
 MEMORY_METHODS = methods_with(needs="aux")
 ZERO_SHOT_METHODS = methods_with(kind="zero-shot")
+REFERENCE_METHODS = methods_with(references=True)  # the methods that take normal reference images (--reference, --k-shot)
 
 
 def zero_shot_info(model, method: str, backbone: str) -> dict:
@@ -47,9 +48,12 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
 
 
 def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, **_):
+                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None, **_):
     """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`; k_shot > 0
-    (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`."""
+    (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`, or, with
+    `references` (a folder), its first k images for every class."""
+    if references and not k_shot:
+        raise KanoError(f"--reference {references} needs --k-shot K >= 1 (how many of its images to use), got --k-shot 0")
     if k_shot < 0:
         raise KanoError(f"--k-shot must be an integer >= 0 (0: zero-shot), got {k_shot}")
     if method not in ("clip", "clip-ac", "winclip"):
@@ -58,6 +62,7 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
         raise KanoError(f"--method {method} evaluates a zero-shot method on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
         raise KanoError(f"--method {method} needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
+    from kano.anomaly_data import load_dataset
     from kano.kanoclip import build_backbone
     from kano.kanoclip.winclip import WinCLIPConfig, build_zero_shot
 
@@ -70,11 +75,18 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
                             f"got {bb.image_size} px -> {bb.grid} x {bb.grid}")
     model = build_zero_shot(method, bb)
     info = zero_shot_info(model, method, backbone)
-    if k_shot:
+    if k_shot and references:  # one folder of normal images serves every class
+        refs, ref_files = reference_folder(references, k_shot, bb)
+        names = classes or (list(load_dataset(data).classes) if data else [])
+        model.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
+        model.reference_folder = refs
+    elif k_shot:
         model.reference_images, files = reference_images(data, k_shot, bb, classes)
+    if k_shot:
+        where = str(references) if references else "each class's train split"
         info.update(name="winclip+", kind="few-shot", setting="few-shot", k_shot=k_shot, references=files,
                     source="Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images per class (the first "
-                           "k of each class's train split, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
+                           f"k of {where}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
                     parameters="frozen backbone, no training; a memory of k normal images per class")
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
 
@@ -82,7 +94,7 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
 def reference_images(data: str | None, k: int, bb, classes: list[str] | None = None) -> tuple[dict, dict]:
     """WinCLIP+'s references: the first k normal images (sorted by path) of each class's TRAIN split of `data`
     (never its test images). -> ({class: (k, 3, S, S) normalised}, {class: [file names]})."""
-    from kano.anomaly_data import SampleDataset, load_dataset, raise_batch_errors
+    from kano.anomaly_data import load_dataset
 
     if not data:
         raise KanoError("--k-shot needs --data KIND:PATH with a train split of normal images per class")
@@ -92,11 +104,64 @@ def reference_images(data: str | None, k: int, bb, classes: list[str] | None = N
         train = sorted((s for s in ds.samples("train", [cls]) if s.label == 0), key=lambda s: s.image_path)
         if len(train) < k:
             raise KanoError(f"--k-shot {k} needs {k} normal train images of class {cls} in {data}, got {len(train)}")
-        batch = [SampleDataset(train[:k], bb.image_size, bb.mean, bb.std)[i] for i in range(k)]
-        raise_batch_errors({"error": [b["error"] for b in batch]})
-        images[cls] = torch.stack([b["image"] for b in batch])
+        images[cls] = _reference_tensor(train[:k], bb)
         files[cls] = [s.image_path for s in train[:k]]
     return images, files
+
+
+def _reference_tensor(samples: list, bb) -> torch.Tensor:
+    """Reference images as the model sees them: (k, 3, S, S), squash-resized and normalised like test images."""
+    from kano.anomaly_data import SampleDataset, raise_batch_errors
+
+    batch = [SampleDataset(samples, bb.image_size, bb.mean, bb.std)[i] for i in range(len(samples))]
+    raise_batch_errors({"error": [b["error"] for b in batch]})
+    return torch.stack([b["image"] for b in batch])
+
+
+def reference_folder(folder, k: int, bb) -> tuple[torch.Tensor, list[str]]:
+    """Reference normal images from a plain folder (`--reference DIR`): its first k images sorted by path.
+    -> ((k, 3, S, S) normalised, [absolute paths])."""
+    from pathlib import Path
+
+    from kano.anomaly_data import Sample, list_images
+
+    if k < 1:
+        raise KanoError(f"--reference {folder} needs --k-shot K >= 1 (how many of its images to use), got --k-shot {k}")
+    files = list_images(Path(folder))
+    if len(files) < k:
+        raise KanoError(f"--k-shot {k} needs {k} reference images in {folder}, got {len(files)}")
+    samples = [Sample(str(f.resolve()), None, "reference", "good", 0, split="train") for f in files[:k]]
+    return _reference_tensor(samples, bb), [s.image_path for s in samples]
+
+
+def with_patch_memory(model, described: dict, k_shot: int, data: str | None = None, references=None,
+                      classes: list[str] | None = None):
+    """K-shot mode for a per-image model with a CLIP backbone (a trained run, the untrained model): April-GAN's
+    memory of normal patches (kanoclip/fewshot.py). References: the first k images of `references` (a folder)
+    for every class, else of each class's train split of `data`. -> (PatchMemory, its provenance)."""
+    from kano.kanoclip.backbone import Backbone
+    from kano.kanoclip.fewshot import FEWSHOT_SOURCE, PatchMemory
+
+    if k_shot < 1:
+        raise KanoError(f"--k-shot must be an integer >= 1 for the K-shot mode, got {k_shot}")
+    if getattr(model, "transductive", False) or not isinstance(getattr(model, "backbone", None), Backbone):
+        raise KanoError(f"--k-shot must go with a per-image model on a CLIP backbone (--run, --backbone, or --method winclip), "
+                        f"got {described.get('name')}")
+    bb = model.backbone
+    wrapped = PatchMemory(model).eval()
+    if references:
+        refs, ref_files = reference_folder(references, k_shot, bb)
+        from kano.anomaly_data import load_dataset
+
+        names = classes or (list(load_dataset(data).classes) if data else [])
+        wrapped.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
+    else:
+        wrapped.reference_images, files = reference_images(data, k_shot, bb, classes)
+    where = str(references) if references else "each class's train split"
+    info = {**described, "setting": "few-shot", "k_shot": k_shot, "references": files,
+            "few_shot": {"rule": f"April-GAN memory of the first {k_shot} images of {where}, sorted by path",
+                         "source": FEWSHOT_SOURCE, "stages": list(bb.stages)}}
+    return wrapped, info
 
 
 def load_retrieval(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str,
@@ -203,7 +268,7 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
 
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
-                classes: list[str] | None = None, rscin_windows: list[int] | None = None):
+                classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None):
     """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME."""
     spec = method_spec(method)
     if spec.kind == "trained":
@@ -215,5 +280,8 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
         with_refs = methods_with(references=True)
         raise KanoError(f"--k-shot is used by --method {', '.join(with_refs)} only (few-shot), got --method {method} "
                         f"with --k-shot {k_shot}")
+    if references and not spec.references:
+        raise KanoError(f"--reference is used by the methods that take reference images ({', '.join(REFERENCE_METHODS)}), "
+                        f"got --method {method} with --reference {references}")
     return spec.loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
-                         k_shot=k_shot, data=data, classes=classes, rscin_windows=rscin_windows)
+                         k_shot=k_shot, data=data, classes=classes, references=references, rscin_windows=rscin_windows)

@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kano.anomaly_data import Sample, image_size, is_image_path, list_images, load_image, prompt_name
+from kano.anomaly_data import Sample, image_size, is_image_path, list_images, load_image
+from kano.anomaly_data.names import class_word
 from kano.errors import KanoError
 
 from . import outputs, report
@@ -62,8 +63,10 @@ def map_size(w: int, h: int, limit: int = MAX_MAP_SIDE) -> tuple[int, int]:
 
 def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold: float | None, batch_size: int = 8,
             device: torch.device | None = None, prompt: str | None = None, progress: Callable | None = None, *,
-            method: dict | None = None, force: bool = False, workers: int = 0) -> list[dict]:
-    """Score images of one class; writes the files listed in the module docstring; returns the records."""
+            method: dict | None = None, force: bool = False, workers: int = 0, threshold_source: str | None = None) -> list[dict]:
+    """Score images of one class; writes the files listed in the module docstring; returns the records.
+    prompt: the class word (None: anomaly_data.names.class_word's rule); threshold_source: where `threshold`
+    came from ("command line", "calibration", "run"), recorded beside it."""
     started = time.time()
     device = device or model.backbone.device
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -71,14 +74,16 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
     files = collect_images(inputs)
     out_dir = Path(out_dir)
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
-    identity = {"method": method, "class": class_name, "threshold": threshold, "inputs": [str(f.resolve()) for f in files],
+    word = prompt or class_word(class_name)
+    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold,
+                "threshold_source": threshold_source, "inputs": [str(f.resolve()) for f in files],
                 "image_size": model.backbone.image_size}
     outputs.claim(out_dir, "predict", identity, force)
     (out_dir / "maps").mkdir(exist_ok=True)
     (out_dir / "panels").mkdir(exist_ok=True)
     names = outputs.unique_names([[f.stem, *reversed(f.resolve().parent.parts[-4:])] for f in files])
     samples = [Sample(str(f.resolve()), None, class_name, "unknown", 0) for f in files]
-    prompts = [prompt or prompt_name(class_name)] * len(samples)
+    prompts = [word] * len(samples)
     errors: dict[int, str] = {}
     advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
     try:
@@ -87,7 +92,8 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
         close()
     records, written = [], []
     for i, (f, name) in enumerate(zip(files, names)):
-        rec: dict = {"image": str(f), "name": name, "class": class_name, "threshold": threshold}
+        rec: dict = {"image": str(f), "name": name, "class": class_name, "class_word": word, "threshold": threshold,
+                     "threshold_source": threshold_source}
         try:
             if i in errors:
                 raise KanoError(errors[i])
@@ -102,7 +108,8 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
             map_to_png16(amap).save(outputs.inside(out_dir, out_dir / rel["map_png"]))
             written += [rel["map_npy"], rel["map_png"]]
             img = load_image(f)
-            pic = panel(img, maps[i].numpy(), name=f"{class_name} / {f.name}", score=s, threshold=threshold)
+            pic = panel(img, maps[i].numpy(), name=f"{class_name} / {f.name}", score=s, threshold=threshold,
+                        threshold_source=threshold_source)
             pic.save(outputs.inside(out_dir, out_dir / rel["panel_png"]))
             written.append(rel["panel_png"])
             rec.update(score=round(s, 6), anomalous=None if threshold is None else bool(s >= threshold),
@@ -114,8 +121,8 @@ def predict(model, inputs: list[str], class_name: str, out_dir: Path, threshold:
         except MemoryError:
             rec.update(score=None, anomalous=None, error=f"image {f} is too large to draw in memory")
         records.append(rec)
-    header = {"class": class_name, "threshold": threshold,
-              "provenance": report.provenance(method, model.backbone.image_size, started, None)}
+    header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": threshold_source,
+              "provenance": {**report.provenance(method, model.backbone.image_size, started, None), "class_words": {class_name: word}}}
     with open(out_dir / "predictions.jsonl", "w") as jl:
         for rec in records:
             jl.write(json.dumps({k: v for k, v in rec.items() if k != "rel"}) + "\n")

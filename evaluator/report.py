@@ -49,7 +49,7 @@ def trained_method(run_dir: str | Path, config: dict) -> dict:
     method = config.get("method", "kanoclip")
     return {"kind": "trained", "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
             "config_sha256": file_sha256(run_dir / "config.json"), "backbone": config.get("backbone"),
-            "train_data": config.get("data"), "threshold": config.get("threshold"), "stages": config.get("stages"),
+            "train_data": config.get("data"), "run_threshold": config.get("threshold"), "stages": config.get("stages"),
             "vv_start": config.get("vv_start"), "pos_resize": config.get("pos_resize")}  # None: a run without it (each loader's own resize)
 
 
@@ -97,6 +97,8 @@ def describe_method(method: dict) -> str:
 def provenance_lines(p: dict) -> list[tuple[str, str]]:
     commit = p.get("git_commit")
     rows = [("method", describe_method(p.get("method", {})))] + ([("data", str(p["data"]))] if p.get("data") else [])
+    if p.get("class_words"):  # the [class] word of the prompts, per class: it changes the scores
+        rows.append(("class words", ", ".join(f"{c} -> {w!r}" for c, w in p["class_words"].items())))
     return rows + [
             ("image size", f"{p['image_size']} px" if p.get("image_size") else "-"),
             ("Kano", f"{p.get('kano_version')} (git commit {commit[:12] if commit else 'unknown: not run from a git checkout'})"),
@@ -191,6 +193,7 @@ def select_gallery(labels: list[int], scores: list[float], threshold: float | No
 
     chosen: list[tuple[int, str]] = []
     used: set[int] = set()
+    seen: dict[str, int] = {}  # a second pass over the queues names its picks "2nd ...", "3rd ...": no slot twice
     n = min(n, len(s))
     while len(chosen) < n:
         for kind, q in queues:
@@ -199,8 +202,14 @@ def select_gallery(labels: list[int], scores: list[float], threshold: float | No
             if q and len(chosen) < n:
                 i = int(q.pop(0))
                 used.add(i)
-                chosen.append((i, reason(kind, i)))
+                r = reason(kind, i)
+                seen[r] = seen.get(r, 0) + 1
+                chosen.append((i, r if seen[r] == 1 else f"{_ordinal(seen[r])} {r}"))
     return chosen
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
 # ---------------------------------------------------------------------------------------------- SVG charts
@@ -318,6 +327,18 @@ def _prov_html(p: dict | None) -> str:
     return "<dl class=\"prov\">" + "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in provenance_lines(p)) + "</dl>"
 
 
+THRESHOLD_SOURCES = {"command line": "given on the command line (--threshold)",
+                     "calibration": "calibrated for this class on normal images (RUN/calibration.json, kano calibrate)",
+                     "run": "from the run, calibrated on its auxiliary data at training"}
+
+
+def threshold_text(threshold: float | None, source: str | None) -> str:
+    """'0.520 (given on the command line (--threshold))', or why there is none."""
+    if threshold is None:
+        return "none (no --threshold, no calibration and none in the run: no decision)"
+    return f"{threshold:.3f} ({THRESHOLD_SOURCES.get(source, source or 'source not recorded')})"
+
+
 def eval_html(result: dict, details: dict) -> str:
     prov = result.get("provenance")
     thr = details.get("threshold")
@@ -333,10 +354,15 @@ def eval_html(result: dict, details: dict) -> str:
     b.append("</tbody></table><p class=\"note\">Percent. Mean: unweighted over classes. Pixel metrics only where the class has "
              "masks (-: none). AUPRO: exact, up to FPR 0.3 (anomalib's definition).</p>")
     b.append("<h2>Curves and score distributions (image level)</h2>")
-    b.append(f"<p class=\"note\">Threshold: {'%.3f (from the run, calibrated on its auxiliary data)' % thr if thr is not None else 'none (an untrained or zero-parameter method has no threshold)'}.</p>")
+    unreadable = details.get("unreadable") or []
+    if unreadable:
+        b.append(f"<p class=\"bad\">{len(unreadable)} unreadable image(s), left out of the metrics: "
+                 + "; ".join(_esc(f"{u['image']}: {u['error']}") for u in unreadable) + "</p>")
     for cls, d in details["classes"].items():
         m = result["classes"][cls]
-        b.append(f"<h3>{_esc(cls)}</h3><div class=\"charts\">")
+        thr = d.get("threshold", thr)
+        b.append(f"<h3>{_esc(cls)}</h3><p class=\"note\">Class word in the prompts: {_esc(repr(d.get('class_word')))}. "
+                 f"Threshold: {_esc(threshold_text(thr, d.get('threshold_source')))}.</p><div class=\"charts\">")
         labels, scores = d["labels"], d["scores"]
         if 0 < sum(labels) < len(labels):
             fpr, tpr = roc_points(labels, scores)
@@ -364,7 +390,8 @@ def predict_html(records: list[dict], header: dict) -> str:
     """The gallery page of `kano predict`: provenance, one row per image (score, decision, files), its panel."""
     thr = header.get("threshold")
     b = [f"<h1>Kano predictions: {_esc(header.get('class'))}</h1>", _prov_html(header.get("provenance")),
-         f"<p class=\"note\">{len(records)} images; threshold {'%.3f' % thr if thr is not None else 'none (scores only)'}; "
+         f"<p class=\"note\">{len(records)} images; class word in the prompts {_esc(repr(header.get('class_word')))}; threshold "
+         f"{_esc(threshold_text(thr, header.get('threshold_source')))}; "
          "maps on one colour scale, 0 to 1; the overlay shows only where the map is at least its level.</p>",
          "<table><thead><tr><th>image</th><th>score</th><th>anomalous</th><th>map</th></tr></thead><tbody>"]
     for r in records:

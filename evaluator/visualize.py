@@ -3,9 +3,10 @@
 Every map is drawn on ONE fixed colour scale, SCALE = [0, 1] (the map M = G_σ(Mᵃ + 1 − Mⁿ)/2 and the image
 score both live there), so two pictures compare by colour alone; a colour bar with its numbers sits beside
 the panels. A panel shows, left to right and labelled: the image, the ground truth (where there is one), the
-map, and the map over the image. Over the image only the high part of the map is drawn: pixels below
-OVERLAY_LEVEL are transparent and the photo is shown in grey there, so an object's own red or blue paint
-is never read as heat. The ground truth, where there is one, is outlined on the map and the overlay. The
+map, and the map over the image. Over the image only the high part of the map is drawn: pixels below the
+overlay's level are transparent and the photo is shown in grey there, so an object's own red or blue paint
+is never read as heat. The level is the decision threshold in use, so what is highlighted agrees with the
+decision (OVERLAY_LEVEL when there is no threshold); when no pixel reaches it the caption says so. The ground truth, where there is one, is outlined on the map and the overlay. The
 title holds the image's name, its score, the threshold and the decision (and, in evaluation, the truth).
 """
 
@@ -139,12 +140,16 @@ def colorbar(height: int, level: float | None = OVERLAY_LEVEL, threshold: float 
 
 
 def panel(image: Image.Image, amap: np.ndarray, *, mask: np.ndarray | None = None, name: str = "", score: float | None = None,
-          threshold: float | None = None, label: int | None = None, level: float = OVERLAY_LEVEL, size: int = 224) -> Image.Image:
+          threshold: float | None = None, label: int | None = None, level: float | None = None, size: int = 224,
+          threshold_source: str | None = None) -> Image.Image:
     """One labelled picture: image | ground truth (when `mask` is given) | map | map over image, a colour bar,
-    and a title: `name`, then the score, threshold and decision (and the truth when `label` is given).
+    and a title: `name`, then the score, threshold (and where it came from) and decision (and the truth when
+    `label` is given). level: the overlay's level; None: the threshold, else OVERLAY_LEVEL.
 
     image: any size (shown with its aspect ratio, long side `size`); amap (h, w) on SCALE, any size (stretched
     to the image, as the model's squash resize); mask (h', w') {0, 1} or None."""
+    if level is None:
+        level = OVERLAY_LEVEL if threshold is None else threshold
     W, H = image.size
     cw, ch = (size, max(1, round(size * H / W))) if W >= H else (max(1, round(size * W / H)), size)
     img = image.convert("RGB").resize((cw, ch), Image.BILINEAR)
@@ -157,7 +162,8 @@ def panel(image: Image.Image, amap: np.ndarray, *, mask: np.ndarray | None = Non
     parts = [("image", img)]
     if gt is not None:
         parts.append(("ground truth", Image.fromarray(gt.astype(np.uint8) * 255).convert("RGB")))
-    parts += [("anomaly map", Image.fromarray(heat)), (f"map >= {level:.2f} over image", overlay(img, m, level, gt, colors))]
+    shown = f"map >= {level:.2f} over image" if (m >= level).any() else f"nothing >= {level:.2f} (map max {m.max():.2f})"
+    parts += [("anomaly map", Image.fromarray(heat)), (shown, overlay(img, m, level, gt, colors))]
     title_font, label_font = _font(14), _font(12)
     gap, top, label_h = 8, 44, 18
     bar = colorbar(ch, level, threshold)
@@ -165,6 +171,8 @@ def panel(image: Image.Image, amap: np.ndarray, *, mask: np.ndarray | None = Non
     canvas = Image.new("RGB", (width, top + label_h + ch + bar.height - ch + 4), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     text, colour = decision(score, threshold, label)
+    if threshold is not None and threshold_source:
+        text += f" (threshold from the {threshold_source})"
     d.text((gap, 4), name, fill=BLACK, font=title_font)
     d.text((gap, 23), text, fill=colour, font=title_font)
     x = gap

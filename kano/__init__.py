@@ -1,7 +1,41 @@
-"""Kano's bottom layer: the version, the user-facing error type and terminal helpers.
+"""Kano: zero-shot anomaly detection with CLIP (the KAnoCLIP method as a tool).
 
-Every other package may import from here; nothing here imports another Kano package, so no
-package imports upward from the command line (`cli.py`).
+`import kano` gives the version and the public API; the API's names are imported on first use
+(module-level `__getattr__`), so `import kano` itself loads neither torch nor open_clip: a torch-free
+runtime may import this package.
+
+    import kano
+    det = kano.Detector.load("runs/x")          # a trained run
+    res = det("photo.png", class_name="bottle")   # -> kano.Result: score, map (H, W), decision, threshold
+
+The packages of the stages install under this namespace: kano.knowledge_store, kano.kb_builder,
+kano.kanoclip, kano.anomaly_data, kano.trainer, kano.evaluator. kano.errors and kano.ui are the bottom
+layer: they import no other Kano package.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported when the name is first read)
+_LAZY = {
+    "Detector": "kano.api",
+    "Result": "kano.api",
+    "KanoError": "kano.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later reads skip this function
+        return value
+    raise AttributeError(f"module 'kano' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -339,14 +339,17 @@ def eval_cmd(
     n_overlays: int = typer.Option(6, "--n-overlays", show_default=True,
                                    help="gallery panels per class (most/least confident, worst mistakes; >= 0)"),
     threshold: Optional[float] = typer.Option(None, "--threshold",
-                                              help="decision threshold in [0, 1] for titles and histograms  [default: the run's; none for --backbone]"),
+                                              help="decision threshold in [0, 1] for titles, overlays and histograms  [default: each class's in RUN/calibration.json (kano calibrate), else the run's; none for --backbone]"),
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
-    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help=f"with --method {_names(references=True)}: few-shot (WinCLIP+ for winclip), with this many normal reference images per class (the first K of each class's train split of --data, sorted by path); 0: zero-shot"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method winclip, WinCLIP+; with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
+    class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
+    strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),
     rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help="with --method musc or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
@@ -365,8 +368,8 @@ def eval_cmd(
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
-                          method=method, aux=aux, mutual=mutual, k_shot=k_shot,
-                          rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
+                          method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
+                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -389,14 +392,18 @@ def compare_cmd(
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
     inputs: List[str] = typer.Argument(..., help="image files and/or folders of images"),
-    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); the prompts' class word"),
+    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
+    class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: WinCLIP+ with --method winclip, April-GAN's patch memory with --run or --backbone"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --reference: how many of its images to use"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained zero-shot baseline on MODEL[:PRETRAINED] or tiny"),
+                                           help="instead of --run: the untrained zero-shot baseline (or --method's backbone) on MODEL[:PRETRAINED], micro (the shipped micro-CLIP) or tiny (random weights, for tests)"),
     out: Path = typer.Option(Path("predictions"), "--out", show_default=True,
                              help="folder: index.html, predictions.jsonl, panels/, maps/ (refused if it holds another run's results)"),
     threshold: Optional[float] = typer.Option(None, "--threshold",
-                                              help="decision threshold in [0, 1]  [default: the run's, calibrated on its auxiliary data]"),
+                                              help="decision threshold in [0, 1]  [default: the class's in RUN/calibration.json (kano calibrate), else the run's, calibrated on its auxiliary data]"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
@@ -408,7 +415,8 @@ def predict_cmd(
     from kano.evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
-                         batch_size=batch_size, device=device, workers=workers, force=force)
+                         batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
+                         k_shot=k_shot, class_word=class_word)
 
 
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")

@@ -39,6 +39,12 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
     from kano.knowledge_store import KnowledgeStore
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()]
+    if parse_spec(llm)[0] == "builtin":  # the pack's generic text, silently, for a misspelt class: say so
+        from kano.anomaly_data.names import known_words, unknown_word_warning
+
+        for c in class_list:
+            if (warning := unknown_word_warning(c, known_words(), "class")) is not None:
+                ui.err.print(f"warning: {warning}; --llm builtin stores generic descriptions for it", markup=False)
     wants_vqa = parse_spec(vqa)[0] not in ("none", "builtin")  # builtin: BuildConfig says why not
     if wants_vqa and not images and not data:
         raise KanoError(f"--vqa {vqa} needs images to describe: give --images CLASS=DIR or --data KIND:PATH, got neither "

@@ -49,7 +49,7 @@ def test_corrupt_image_in_dataset(hazelnut_root, tmp_path, cli):
     shutil.copytree(hazelnut_root, root)
     bad = root / "hazelnut" / "test" / "colour" / "03.jpg"
     bad.write_bytes(bad.read_bytes()[:200])
-    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e")
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e", "--strict")
     assert code == 2 and "03.jpg" in err and "corrupt or truncated" in err and "Traceback" not in err
 
 
@@ -58,7 +58,7 @@ def test_mask_of_the_wrong_size(hazelnut_root, tmp_path, cli):
     shutil.copytree(hazelnut_root, root)
     m = root / "hazelnut" / "ground_truth" / "colour" / "05.png"
     Image.open(m).resize((100, 80)).save(m)
-    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e")
+    code, out, err = cli("eval", "--backbone", "tiny", "--data", f"mvtec:{root}", "--out", tmp_path / "e", "--strict")
     assert code == 2 and "05.png" in err and "must have the size of its image, 256x256, got 100x80" in err
 
 

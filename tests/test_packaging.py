@@ -48,3 +48,35 @@ def test_bottom_layer_imports_nothing_above_it():
         text = (Path(kano.__file__).parent / name).read_text()
         for pkg in ("cli", "demo", "knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator"):
             assert f"kano.{pkg}" not in text and f"from kano import {pkg}" not in text, f"{name} imports {pkg} upward"
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_kano_into_a_fresh_venv(tmp_path):
+    """Build the wheel, install it (no dependencies) into a new venv: the top of site-packages gains `kano` and
+    its dist-info only, bin/ gains the `kano` script, and `import kano` answers with the version."""
+    import sys
+    import venv
+
+    from kano import __version__
+
+    wheels = tmp_path / "wheels"
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = wheels.glob("kano-*.whl")
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=True)
+    py = env / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
+                               text=True, check=True).stdout.strip())
+    before, bin_before = {p.name for p in site.iterdir()}, {p.name for p in (env / "bin").iterdir()}
+    res = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    added = {p.name for p in site.iterdir()} - before
+    assert added == {"kano", f"kano-{__version__}.dist-info"}, sorted(added)
+    assert {p.name for p in (env / "bin").iterdir()} - bin_before == {"kano"}
+    for sub in ("evaluator", "kanoclip", "trainer", "kb_builder", "knowledge_store", "anomaly_data"):
+        assert (site / "kano" / sub / "__init__.py").is_file(), f"kano/{sub} missing from the wheel"
+    res = subprocess.run([str(py), "-c", "import kano; print(kano.__version__)"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == __version__, res.stderr

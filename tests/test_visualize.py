@@ -43,7 +43,7 @@ def test_one_fixed_scale_the_bar_matches_the_map():
     row_075 = top_row + round(0.25 * (SIZE - 1))
     assert np.abs(p1[row_075, bar_x] - c1).max() <= 12, (p1[row_075, bar_x], c1)
     luminance = p1[top_row:top_row + SIZE, bar_x] @ np.array([0.299, 0.587, 0.114])
-    level_row = round(0.5 * (SIZE - 1))                        # a white tick marks the overlay's level there
+    level_row = round(0.6 * (SIZE - 1))                        # the overlay's level is the threshold, 0.4: a white tick there
     assert luminance[level_row] > 250
     inner = np.r_[luminance[1:level_row - 1], luminance[level_row + 2:-1]]   # without the black frame and the tick
     assert inner[0] > 200 and inner[-1] < 10 and (np.diff(inner) <= 1).all()   # bright = high, monotone
