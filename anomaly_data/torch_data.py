@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from PIL import Image
@@ -11,31 +9,17 @@ from torch.utils.data import Dataset as TorchDataset
 
 from kano.errors import KanoError
 
-from .io import load_image, load_mask
+from .io import image_to_array, load_image, load_mask
 from .readers import Sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@functools.lru_cache(maxsize=8)
-def _lut(mean: tuple, std: tuple) -> np.ndarray:
-    """(3, 256) float32: channel c's normalised value of each 8-bit level, by the same float32 operations
-    ((v / 255 - mean) / std) that the formula applies to every pixel, so the lookup is bitwise the same."""
-    v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-    return (v - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
-
-
 def image_to_tensor(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """(3, size, size) float tensor, bicubic squash resize, normalised."""
-    arr = np.asarray(img.resize((size, size), Image.BICUBIC))  # (size, size, 3) uint8
-    # one table lookup per channel into a channel-first array: a single pass instead of four float passes
-    # over the channel-last image and a transposing copy, on the decoding thread beside the model
-    lut = _lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    out = np.empty((3, size, size), dtype=np.float32)
-    for c in range(3):
-        np.take(lut[c], arr[:, :, c], out=out[c])
-    return torch.from_numpy(out)
+    """(3, size, size) float tensor, bicubic squash resize, normalised (io.image_to_array, which the torch-free
+    runtime shares)."""
+    return torch.from_numpy(image_to_array(img, size, mean, std))
 
 
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:

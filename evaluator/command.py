@@ -46,7 +46,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
-    dev = _device(device)
+    dist = _dist(device)
+    dev = dist.device
     if aux and not method:
         raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
     if rscin_windows and not (mutual or method == "musc"):
@@ -80,10 +81,16 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
             if (warning := unknown_word_warning(w, known)) is not None:
                 ui.err.print(f"warning: {warning}", markup=False)
     digest = weights_sha256(info.get("config"))
-    result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
-                      progress=ui.progress_factory("evaluating"), method=described, force=force,
-                      allow_missing_masks=allow_missing_masks, class_words=words, strict=strict,
-                      threshold_for=lambda c: resolve_threshold(threshold, run, c, info["threshold"], digest), scored=scored)
+    try:
+        result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
+                          progress=ui.progress_factory("evaluating"), method=described, force=force,
+                          allow_missing_masks=allow_missing_masks, class_words=words, strict=strict,
+                          threshold_for=lambda c: resolve_threshold(threshold, run, c, info["threshold"], digest),
+                          dist=dist if dist.world > 1 else None, scored=scored)
+    finally:
+        dist.close()
+    if not dist.main:
+        return result
     short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
@@ -104,8 +111,19 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     return result
 
 
+def _dist(device: str | None):
+    """The launch's processes (torchrun / accelerate launch set WORLD_SIZE); one process otherwise."""
+    from kano.distributed import Dist
+
+    return Dist.from_env(device, _device)
+
+
+# rows printed in the terminal; all of them are in the result file
+PRINT_ROWS = 20
+
+
 def detector(*, run, backbone, method: str | None = None, reference=None, k_shot: int = 0, threshold: float | None = None,
-             device: str | None = None, batch_size: int = 8):
+             device: str | None = None, batch_size: int = 8, image_size: int | None = None):
     """The Detector `kano predict` scores with (the Python API's object): a run, a per-image --method on
     --backbone (with --reference DIR --k-shot K for the methods that take references), or the untrained model."""
     from kano.api import Detector
@@ -121,40 +139,64 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
         return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size, references=reference, k_shot=k_shot)
     from kano.evaluator import load_model
 
-    model, info = load_model(None, backbone, None, _device(device))
+    model, info = load_model(None, backbone, image_size, _device(device))
     return Detector.with_references(model, _method(None, backbone, info), reference, k_shot, threshold=threshold,
                                     batch_size=batch_size)
 
 
 def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,
-            method: str | None = None, reference=None, k_shot: int = 0, class_word: str | None = None) -> list[dict]:
+            method: str | None = None, reference=None, k_shot: int = 0, class_word: str | None = None, maps: bool = True,
+            panels: bool = True, fmt: str = "jsonl", resume: bool = False, image_size: int | None = None):
     from kano.evaluator import predict as run_predict
 
     check_common(batch_size, workers, threshold)
-    det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, threshold=threshold,
-                   device=device, batch_size=batch_size)
-    word = det.class_word(class_name, class_word)
-    if (warning := det.word_warning(word)) is not None:
-        ui.err.print(f"warning: {warning}", markup=False)
-    threshold, source = det.threshold_for(class_name)
-    det.begin_class(class_name, word)
-    records = run_predict(det.model, inputs, class_name, Path(out), threshold, batch_size, det.device, word,
-                          progress=ui.progress_factory("scoring"), method=det.method, force=force, workers=workers,
-                          threshold_source=source)
-    ui.print_table(f"predictions ({class_name}, class word {word!r})", ["image", "score", "anomalous"],
-                   [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
-                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
+    if image_size is not None and (image_size < 1 or run or method):
+        raise KanoError(f"--image-size must be an integer >= 1 with --backbone and no --method (a run uses its own), got {image_size}"
+                        + (f" with --run {run}" if run else f" with --method {method}" if method else ""))
+    dist = _dist(device)
+    try:
+        det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, threshold=threshold,
+                       device=str(dist.device), batch_size=batch_size, image_size=image_size)
+        word = det.class_word(class_name, class_word)
+        if (warning := det.word_warning(word)) is not None and dist.main:
+            ui.err.print(f"warning: {warning}", markup=False)
+        threshold, source = det.threshold_for(class_name)
+        det.begin_class(class_name, word)
+        rows = run_predict(det.model, inputs, class_name, Path(out), threshold, batch_size, det.device, word,
+                           progress=ui.progress_factory("scoring"), method=det.method, force=force, workers=workers,
+                           threshold_source=source, maps=maps, panels=panels, fmt=fmt, resume=resume,
+                           dist=dist if dist.world > 1 else None, prompts=det.run_words)
+    finally:
+        dist.close()
+    if not dist.main:
+        return rows
+    s = rows.summary
+    shown = []
+    for r in rows:
+        if len(shown) == PRINT_ROWS:
+            break
+        shown.append(r)
+    title = f"predictions ({class_name}, class word {word!r})" + ("" if s["images"] <= PRINT_ROWS else f", the first {PRINT_ROWS} of {s['images']}")
+    ui.print_table(title, ["image", "score", "anomalous"],
+                   [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
+                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in shown])
     if threshold is None:
         ui.err.print("no threshold (no --threshold, no calibration and none in the run): scores only")
     else:
         ui.out.print(f"decision threshold: {threshold:.6f} from the {source}")
-    failed = [r for r in records if r["error"]]
-    for r in failed:
-        ui.err.print(f"not scored: {r['error']}")
-    ui.out.print(f"written to {out}: index.html, predictions.jsonl, panels/, maps/ (npy and 16-bit png)")
-    if failed:
+    errors = 0
+    for r in rows:
+        if r["error"]:
+            errors += 1
+            if errors <= PRINT_ROWS:
+                ui.err.print(f"not scored: {r['error']}")
+    ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
+    files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
+    files += (["maps/ (npy and 16-bit png)"] if maps else []) + (["panels/"] if panels else [])
+    ui.out.print(f"written to {out}: {', '.join(files)}")
+    if s["errors"]:
         raise SystemExit(1)
-    return records
+    return rows
 
 
 def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | None = None, aux: str | None = None,

@@ -159,12 +159,52 @@ def run_inference(model, samples, names: list[str], batch_size: int, device: tor
     return torch.cat(scores), torch.cat(maps), torch.cat(masks)
 
 
+def gather(dist, obj) -> list:
+    """[obj of process 0, obj of process 1, ...] on every process of `dist`; a process that died fails the job
+    with a KanoError instead of the backend's error."""
+    try:
+        return dist.gather(obj)
+    except RuntimeError as exc:  # gloo/NCCL: a peer's connection closed (killed, out of memory)
+        raise KanoError(f"a process of this {dist.world}-process job stopped before finishing its share ({exc}); "
+                        "run the same launch again (kano predict continues where its rows end)") from None
+
+
+def sharded_inference(dist, model, samples, names: list[str], batch_size: int, device: torch.device, workers: int | None,
+                      advance: Callable[[int], None] = lambda k: None,
+                      errors: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """run_inference over several processes: batch k of `samples` runs on process k % world, so each batch holds
+    the same images as in one process (the same bits on the CPU at the same thread count); every process gets
+    all results, in the order of `samples`: scores (N,), maps (N, S, S), masks (N, S, S). errors: as run_inference's,
+    under the indices of `samples`, gathered from every process."""
+    starts = list(range(0, len(samples), batch_size))
+    mine = [i for k, s0 in enumerate(starts) if k % dist.world == dist.rank for i in range(s0, min(s0 + batch_size, len(samples)))]
+    local: dict[int, str] | None = None if errors is None else {}
+    if mine:
+        part = run_inference(model, [samples[i] for i in mine], [names[i] for i in mine], batch_size, device, workers, advance,
+                             errors=local)
+    else:
+        size = model.backbone.image_size
+        part = (torch.empty(0), torch.empty(0, size, size), torch.empty(0, size, size, dtype=torch.uint8))
+    parts = gather(dist, (*part, {mine[j]: e for j, e in (local or {}).items()}))
+    if errors is not None:
+        for p in parts:
+            errors.update(p[3])
+    offset = [0] * dist.world
+    pieces: list[list[torch.Tensor]] = [[], [], []]
+    for k, s0 in enumerate(starts):
+        r, n = k % dist.world, min(batch_size, len(samples) - s0)
+        for j in range(3):
+            pieces[j].append(parts[r][j][offset[r]:offset[r] + n])
+        offset[r] += n
+    return tuple(torch.cat(p) for p in pieces)
+
+
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int | None = None,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
              force: bool = False, allow_missing_masks: bool = False, threshold_source: str | None = None,
              threshold_for: Callable[[str], tuple] | None = None, class_words: dict[str, str] | None = None,
-             strict: bool = False, scored: dict | None = None) -> dict:
+             strict: bool = False, dist=None, scored: dict | None = None) -> dict:
     """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
@@ -176,9 +216,12 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     unreadable image is an error; otherwise it is recorded, counted and left out of the metrics.
     n_overlays: gallery images per class. A model with `transductive = True` gets each class's
     whole test set as one batch. allow_missing_masks: an anomalous image without a mask (its
-    class having masks) warns instead of failing. scored: a dict that receives {class: (samples, image scores
-    (N,), maps (N, S, S), masks (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller
-    comparing methods need not score this one again."""
+    class having masks) warns instead of failing. dist: the launch's processes (kano.distributed.Dist or
+    anything with rank, world, gather and broadcast): each scores its share of every class's batches
+    (sharded_inference), process 0 computes the metrics on all of them and writes the files; every process
+    returns the metrics. scored: a dict that receives {class: (samples, image scores (N,), maps (N, S, S), masks
+    (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller comparing methods need not score
+    this one again."""
     started = time.time()
     device = device or model.backbone.device
     if n_overlays < 0:
@@ -207,14 +250,24 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",
                 "classes": list(classes), "image_size": image_size, "class_words": names_map,
                 "thresholds": {c: {"threshold": t, "source": src} for c, (t, src) in thresholds.items()}}
-    outputs.claim(out_dir, "eval", identity, force)
-    overlay_dir = out_dir / "overlays"
-    overlay_dir.mkdir(exist_ok=True)
+    world = dist.world if dist is not None else 1
+    main = world == 1 or dist.rank == 0
+    failed = None
+    if main:
+        try:
+            outputs.claim(out_dir, "eval", identity, force)
+            (out_dir / "overlays").mkdir(exist_ok=True)
+        except KanoError as exc:
+            failed = str(exc)
+    if world > 1:
+        failed = dist.broadcast(failed)
+    if failed:
+        raise KanoError(failed)
     # Names from data (class, defect, stem) are sanitised and made unique over the whole run, so that no file
     # lands outside out_dir and no two images share one overlay.
     names = dict(zip((id(s) for s in samples), outputs.unique_names(
         [[f"{s.class_name}_{s.defect}_{Path(s.image_path).stem}", *reversed(Path(s.image_path).parent.parts[-3:])] for s in samples])))
-    advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
+    advance, close = progress(len(samples)) if progress and main else (lambda k: None, lambda: None)
     per_class: dict[str, dict] = {}
     details: dict = {"threshold": threshold, "threshold_source": threshold_source, "classes": {}, "gallery": []}
     unreadable: list[dict] = []
@@ -227,8 +280,14 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
             bs = max(1, len(cs)) if model.transductive else batch_size
             model.begin_class(cls, names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
             errors: dict[int, str] = {}
-            scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
-                                                errors=None if strict else errors)
+            if world > 1 and not getattr(model, "transductive", False):
+                scores, maps, masks = sharded_inference(dist, model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
+                                                        errors=None if strict else errors)
+            elif main:  # a transductive method scores a class as one batch: process 0 alone
+                scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
+                                                    errors=None if strict else errors)
+            if not main:
+                continue
             if errors:  # recorded and counted, left out of the metrics: one bad file does not stop the evaluation
                 unreadable += [{"class": cls, "image": cs[i].image_path, "error": e} for i, e in sorted(errors.items())]
                 keep = [i for i in range(len(cs)) if i not in errors]
@@ -263,6 +322,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     finally:
         pool.shutdown(wait=True)
         close()
+    if not main:
+        return dist.broadcast(None)
     mean = {}
     for k in METRIC_KEYS:
         vals = [m[k] for m in per_class.values() if m[k] is not None]
@@ -275,7 +336,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
 
     written += report.write_reports(result, out_dir, details)
     outputs.write_manifest(out_dir, "eval", identity, written)
-    return result
+    return dist.broadcast(result) if world > 1 else result
 
 
 write_reports = report.write_reports

@@ -25,8 +25,9 @@ from kano.errors import KanoError
 from kano.files import MANIFEST, read_manifest, write_manifest  # noqa: F401  (train refuses a results folder too)
 
 # What Kano writes into an --out folder: recognised in folders from before the manifest existed.
-OWNED_FILES = ("metrics.json", "metrics.csv", "metrics.md", "scores.csv", "report.html", "predictions.jsonl", "index.html")
-OWNED_DIRS = ("overlays", "maps", "panels")
+OWNED_FILES = ("metrics.json", "metrics.csv", "metrics.md", "scores.csv", "report.html", "predictions.jsonl", "index.html",
+               "predictions.parquet", "summary.json", "predictions.jsonl.tmp", "predictions.parquet.tmp")
+OWNED_DIRS = ("overlays", "maps", "panels", "parts")
 MAX_NAME = 80
 
 

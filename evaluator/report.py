@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import METRIC_KEYS
 
 LABELS = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1-max", "pixel_auroc": "pixel AUROC",
           "pixel_ap": "pixel AP", "pixel_f1_max": "pixel F1-max", "aupro": "AUPRO (FPR ≤ 0.3)"}
@@ -112,6 +111,7 @@ def _pct(v) -> str:
 
 
 def table_rows(result: dict) -> list[tuple]:
+    from .metrics import METRIC_KEYS  # here, not at the top: predict_html serves the torch-free runtime
     rows = [(c, *[m[k] for k in METRIC_KEYS]) for c, m in result["classes"].items()]
     rows.append(("mean", *[result["mean"][k] for k in METRIC_KEYS]))
     return rows
@@ -124,6 +124,7 @@ def write_reports(result: dict, out_dir: Path, details: dict | None = None) -> l
     details: {"threshold": float | None, "classes": {cls: {"labels": [...], "scores": [...], "images": [...],
     "defects": [...]}}, "gallery": [{"class", "file" (relative to out_dir), "reason", ...}]}.
     Returns the written file names (relative to out_dir)."""
+    from .metrics import METRIC_KEYS  # here, not at the top: predict_html serves the torch-free runtime
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**result, "units": "fraction in [0, 1] (metrics.md and report.html show percent)"}
@@ -340,6 +341,7 @@ def threshold_text(threshold: float | None, source: str | None) -> str:
 
 
 def eval_html(result: dict, details: dict) -> str:
+    from .metrics import METRIC_KEYS  # here, not at the top: predict_html serves the torch-free runtime
     prov = result.get("provenance")
     thr = details.get("threshold")
     b = [f"<h1>Kano evaluation: {_esc(result['dataset'])}</h1>", _prov_html(prov)]
@@ -387,10 +389,16 @@ def eval_html(result: dict, details: dict) -> str:
 
 
 def predict_html(records: list[dict], header: dict) -> str:
-    """The gallery page of `kano predict`: provenance, one row per image (score, decision, files), its panel."""
+    """The gallery page of `kano predict`: provenance, one row per image (score, decision, files), its panel.
+    header["total"]: the images of the run when `records` are only its first ones (the page says so);
+    header["summary"]: records.summarize's counts. Maps and panels appear when the records have them."""
     thr = header.get("threshold")
+    total = header.get("total", len(records))
+    shown = f"{total} images" if total == len(records) else f"the first {len(records)} of {total} images (all in predictions.jsonl)"
+    counts = header.get("summary")
+    counts = f"{counts['scored']} scored, {counts['errors']} not scored; " if counts else ""
     b = [f"<h1>Kano predictions: {_esc(header.get('class'))}</h1>", _prov_html(header.get("provenance")),
-         f"<p class=\"note\">{len(records)} images; class word in the prompts {_esc(repr(header.get('class_word')))}; threshold "
+         f"<p class=\"note\">{_esc(shown)}; {counts}class word in the prompts {_esc(repr(header.get('class_word')))}; threshold "
          f"{_esc(threshold_text(thr, header.get('threshold_source')))}; "
          "maps on one colour scale, 0 to 1; the overlay shows only where the map is at least its level.</p>",
          "<table><thead><tr><th>image</th><th>score</th><th>anomalous</th><th>map</th></tr></thead><tbody>"]
@@ -399,12 +407,16 @@ def predict_html(records: list[dict], header: dict) -> str:
             b.append(f"<tr><td>{_esc(r['image'])}</td><td colspan=\"3\" class=\"bad\">not scored: {_esc(r['error'])}</td></tr>")
             continue
         dec = "-" if r["anomalous"] is None else ("<span class=\"yes\">yes</span>" if r["anomalous"] else "<span class=\"no\">no</span>")
-        note = " (downscaled)" if r.get("map_downscaled") else ""
-        b.append(f"<tr><td>{_esc(r['image'])}</td><td>{r['score']:.3f}</td><td>{dec}</td><td><a href=\"{_esc(r['rel']['map_npy'])}\">npy</a> "
-                 f"<a href=\"{_esc(r['rel']['map_png'])}\">png16</a> {r['map_size'][0]}x{r['map_size'][1]}{note}</td></tr>")
+        rel = r.get("rel") or {}
+        cell = "-"
+        if "map_npy" in rel:
+            note = " (downscaled)" if r.get("map_downscaled") else ""
+            cell = (f"<a href=\"{_esc(rel['map_npy'])}\">npy</a> <a href=\"{_esc(rel['map_png'])}\">png16</a> "
+                    f"{r['map_size'][0]}x{r['map_size'][1]}{note}")
+        b.append(f"<tr><td>{_esc(r['image'])}</td><td>{r['score']:.3f}</td><td>{dec}</td><td>{cell}</td></tr>")
     b.append("</tbody></table><div class=\"gallery\">")
     for r in records:
-        if not r.get("error"):
+        if not r.get("error") and "panel_png" in (r.get("rel") or {}):
             b.append(f"<figure><img src=\"{_esc(r['rel']['panel_png'])}\" alt=\"{_esc(r['image'])}\"><figcaption>{_esc(r['image'])}</figcaption></figure>")
     b.append("</div>")
     return _page(f"Kano predictions: {header.get('class')}", b)

@@ -233,11 +233,11 @@ def data_meta(spec: str = typer.Argument(..., help="KIND:PATH"), out: Optional[P
 
 
 def _train_defaults():
-    from kano.trainer import TrainConfig
-
     try:
+        from kano.trainer import TrainConfig
+
         return TrainConfig(data="_")
-    except Exception:  # help must never fail
+    except Exception:  # help must never fail; an install without torch (pip install 'kano[runtime]') has no trainer
         return None
 
 
@@ -391,7 +391,8 @@ def compare_cmd(
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files and/or folders of images"),
+    inputs: List[str] = typer.Argument(..., help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
+                                                 "manifests with a 'path' column (and optionally 'class')"),
     class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
     method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
@@ -408,15 +409,34 @@ def predict_cmd(
     workers: int = typer.Option(0, "--workers", show_default=True, help="DataLoader worker processes (>= 0; 0: the main process)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels with --backbone (default: the "
+                                                                       "backbone's); a run uses its own"),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="write each image's map (npy, 16-bit png); --no-maps for large runs"),
+    panels: bool = typer.Option(True, "--panels/--no-panels", help="draw each image's panel; --no-panels for large runs"),
+    fmt: str = typer.Option("jsonl", "--format", show_default=True, help="result file: jsonl (predictions.jsonl), or parquet (also predictions.parquet)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out (refused if its options differ); "
+                                                        "running the same command again does the same"),
+    model: Optional[Path] = typer.Option(None, "--model", help="instead of --run: a graph from `kano export` (.onnx through onnxruntime, .xml through OpenVINO); needs no torch"),
 ):
-    """Score images: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
+    """Score images as a stream: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
 
-    Exit code 1 when some image could not be read (its record says why; the others are written)."""
+    Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
+    torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
+    Exit code 1 when some image could not be read (its row says why; the others are written)."""
+    if model is not None:
+        from kano.deploy import command as deploy_command
+
+        deploy_command.predict(model=model, inputs=inputs, class_name=class_name, out=out, threshold=threshold,
+                               batch_size=batch_size, force=force, others={"--run": run, "--backbone": backbone, "--device": device, "--image-size": image_size,
+                                       "--resume": resume, "--method": method, "--reference": reference, "--k-shot": k_shot,
+                                       "--class-word": class_word, "--no-maps": not maps, "--no-panels": not panels,
+                                       f"--format {fmt}": fmt != "jsonl"})
+        return
     from kano.evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
-                         k_shot=k_shot, class_word=class_word)
+                         k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size)
 
 
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
@@ -439,6 +459,46 @@ def calibrate_cmd(
     cal = calibrate.calibrate(run, _parse_images(normal, "--normal"), alarm_rate, batch_size=batch_size, device=device,
                               progress=ui.progress_factory("calibrating"), log=typer.echo, out=out)
     typer.echo(f"wrote {run / calibrate.CALIBRATION_FILE} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))})")
+
+
+@app.command("export", short_help="A run (or a zero-shot method) as one ONNX graph or OpenVINO IR, text side baked in.")
+def export_cmd(
+    out: Path = typer.Option(..., "--out", help="the graph: PATH.onnx (--format onnx) or PATH.xml (+ .bin, --format openvino); PATH.json beside it"),
+    classes: str = typer.Option(..., "--classes", help="comma-separated class names the graph scores (their text features are stored in it)"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kanoclip, aprilgan or anomalyclip)"),
+    fmt: str = typer.Option("onnx", "--format", show_default=True, help="onnx or openvino"),
+    method: Optional[str] = typer.Option(None, "--method", help="instead of --run, with --backbone: winclip (zero-shot); left out: the untrained KAnoCLIP baseline"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="with --method or alone: MODEL[:PRETRAINED], micro or tiny"),
+    fp16: bool = typer.Option(False, "--fp16", help="with --format openvino: store the weights in half precision (compress_to_fp16)"),
+):
+    """Export the image side (backbone, heads, scoring) with the classes' text features and the run's threshold as constants."""
+    from kano.deploy import command as deploy_command
+
+    deploy_command.export(run=run, method=method, backbone=backbone, classes=classes, fmt=fmt, out=out, fp16=fp16)
+
+
+@app.command("serve", short_help="HTTP service: POST /v1/predict, GET /healthz, GET / (a page to drop images on).")
+def serve_cmd(
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (scored with torch)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="instead of --run: an exported .onnx or .xml (no torch)"),
+    host: str = typer.Option("127.0.0.1", "--host", show_default=True, help="address to bind; other than loopback needs --public"),
+    port: int = typer.Option(8000, "--port", show_default=True),
+    public: bool = typer.Option(False, "--public", help="allow --host to be a non-loopback address (reachable from other machines)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="with --run: the class names the service accepts [default: the run's]"),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="the service's own folder (uploads are decoded there)  [default: a new temporary folder]"),
+    batch: int = typer.Option(8, "--batch", show_default=True, help="images per forward pass"),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", show_default=True, help="how long a batch waits to fill"),
+    queue_length: int = typer.Option(64, "--queue", show_default=True, help="images waiting at most; more: 503 with Retry-After"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", show_default=True, help="largest request body, MB (413 above); pixels: $KANO_MAX_PIXELS"),
+    timeout_s: float = typer.Option(30.0, "--timeout", show_default=True, help="seconds a request may take (504 after)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="inference threads  [default: $OMP_NUM_THREADS, else all cores]"),
+):
+    """Serve a detector over HTTP (FastAPI on uvicorn); loopback only unless --public."""
+    from kano.deploy import command as deploy_command
+
+    deploy_command.serve(run=run, model=model, host=host, port=port, public=public, classes=classes, folder=folder, batch=batch,
+                         batch_wait_ms=batch_wait_ms, queue_length=queue_length, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
+                         threads=threads)
 
 
 @app.command("demo")

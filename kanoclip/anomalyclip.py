@@ -137,8 +137,11 @@ class AnomalyCLIP(TrainablePeer):
         return F.normalize(self.tower(x, self.tokens, before_block=self._insert_deep).float(), dim=-1)
 
     def _forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int) -> PeerOutput:
+        return self.score_text(feats, self.text_features().to(feats.global_feature.device), out_size)
+
+    def score_text(self, feats: VisualFeatures, text: torch.Tensor, out_size: int) -> PeerOutput:
+        """The image side given the class-agnostic prompt features text (2, E) (kano.deploy exports this)."""
         c = self.cfg
-        text = self.text_features().to(feats.global_feature.device)                          # (2, E)
         n = feats.global_feature.shape[0]
         hw = grid_hw(feats.patch_tokens[0].shape[1])
         probs, grids, maps = [], [], []

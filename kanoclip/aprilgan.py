@@ -158,6 +158,10 @@ class AprilGAN(TrainablePeer):
         classes = sorted(set(class_names))
         idx = torch.tensor([classes.index(c) for c in class_names], device=feats.global_feature.device)
         text = self.text_features(classes).to(feats.global_feature.device)[idx]              # (N, 2, E)
+        return self.score_text(feats, text, out_size)
+
+    def score_text(self, feats: VisualFeatures, text: torch.Tensor, out_size: int) -> PeerOutput:
+        """The image side given each image's normalised text features text (N, 2, E) (kano.deploy exports this)."""
         n = feats.global_feature.shape[0]
         hw = grid_hw(feats.patch_tokens[0].shape[1])
         scale = self.cfg.logit_scale

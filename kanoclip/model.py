@@ -242,6 +242,11 @@ class KAnoCLIP(FrozenBackboneModel):
         idx = torch.tensor([classes.index(c) for c in class_names], device=feats.global_feature.device)
         w_n, w_a = self.text_features(classes)
         text = torch.stack([w_n, w_a], dim=1)[idx].to(feats.global_feature.dtype)   # (N, 2, E)
+        return self.score_text(feats, text, out_size)._replace(text_normal=w_n, text_abnormal=w_a, classes=classes)
+
+    def score_text(self, feats: VisualFeatures, text: torch.Tensor, out_size: int) -> ModelOutput:
+        """The image side given each image's text features: text (N, 2, E) (w̄ⁿ, w̄ᵃ) -> ModelOutput without the
+        per-class text fields (None). An exported graph runs this with the text as a constant (kano.deploy)."""
         n = feats.global_feature.shape[0]
         hw = grid_hw(feats.patch_tokens[0].shape[1])
         scale = self.map_logit_scale
@@ -263,7 +268,7 @@ class KAnoCLIP(FrozenBackboneModel):
         g_logits = self.global_logit_scale * torch.einsum("nd,nkd->nk", F.normalize(glob, dim=-1), F.normalize(text.float(), dim=-1))
         global_prob = g_logits.softmax(-1)[:, 1]
         image_score = (global_prob + anomaly_map.flatten(1).amax(1)) / 2           # eq. 12, halved
-        return ModelOutput(image_score, anomaly_map, grid[..., 1], global_prob, m_abnormal, m_normal, w_n, w_a, classes)
+        return ModelOutput(image_score, anomaly_map, grid[..., 1], global_prob, m_abnormal, m_normal, None, None, [])
 
     def forward(self, images: torch.Tensor, class_names: list[str]) -> ModelOutput:
         """images (N, 3, S, S), one prompt class name per image -> ModelOutput.

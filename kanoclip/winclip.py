@@ -249,6 +249,12 @@ class WinCLIP(nn.Module, MethodDefaults):
         """images (N, 3, S, S) -> InferenceBatch; stage_maps (N, 1 + #scales, g, g): image scale, then each window scale."""
         classes = sorted(set(class_names))
         text = self.text(classes)[[classes.index(c) for c in class_names]]            # (N, 2, E)
+        return self.score_text(images, text, class_names)
+
+    def score_text(self, images: torch.Tensor, text: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
+        """The image side given each image's text features text (N, 2, E). class_names: only WinCLIP+ (reference
+        images set) reads them; the zero-shot path is what kano.deploy exports."""
+        classes = sorted(set(class_names or []))
         scale = 1.0 / self.cfg.temperature
         tokens, glob, patches = self._encode(images)
         image_score = _class_prob(glob, text, scale)                                  # (N,)
@@ -261,7 +267,7 @@ class WinCLIP(nn.Module, MethodDefaults):
         stack = torch.stack(maps, 1)                                                   # (N, K, g*g)
         fused = len(maps) / (1.0 / stack).sum(1)                                       # harmonic mean over scales
         if self._refs:  # WinCLIP+: every image of the batch needs its class's references
-            missing = sorted(set(class_names) - set(self._refs))
+            missing = sorted(set(class_names or ["(no class given)"]) - set(self._refs))
             if missing:
                 raise ValueError(f"WinCLIP+ needs reference images for every class, got none for {', '.join(missing)}")
             few = torch.zeros_like(fused)

@@ -28,7 +28,7 @@ from kano.errors import KanoError
 from kano.files import umask
 from kano.kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
 
-from .distributed import Dist
+from kano.distributed import Dist
 
 
 def backbone_fingerprint(model: KAnoCLIP) -> str:

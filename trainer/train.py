@@ -24,7 +24,7 @@ from kano.knowledge_store import KnowledgeStore
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
 from .config import TrainConfig, method_model_config
-from .distributed import Dist
+from kano.distributed import Dist
 from .knowledge import fallback_warning, knowledge_vectors
 
 

@@ -1,0 +1,106 @@
+"""The per-image files of `kano predict` (evaluator.predict's docstring lists them): one row, a map, a panel.
+
+No torch here: the streaming torch loop (evaluator.predict) and the exported-model runtime (kano.deploy.runtime)
+both write each image through `row`, so their outputs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from kano.anomaly_data.io import image_size, load_image
+from kano.errors import KanoError
+
+from . import outputs, records, report
+from .stream import batch_sizes
+from .visualize import map_to_png16, panel, resize_map
+
+# Maps are written at the image's size up to this many pixels on the long side (2048: every benchmark's
+# images fit; a float32 map is then at most 16 MB). Larger images get a map downscaled to this size.
+MAX_MAP_SIDE = 2048
+KEPT_ON_ERROR = ("image", "class", "class_word", "threshold", "threshold_source", "name")
+# index.html shows this many rows: a page a browser opens at once (about 1 MB of HTML), however long the run
+MAX_PAGE_ROWS = 1000
+
+
+def map_size(w: int, h: int, limit: int = MAX_MAP_SIDE) -> tuple[int, int]:
+    """(W, H) of the written map: the image's own, or scaled so that the long side is `limit`."""
+    if max(w, h) <= limit:
+        return w, h
+    f = limit / max(w, h)
+    return max(1, round(w * f)), max(1, round(h * f))
+
+
+def row(out_dir: Path, path: str, cls: str, word: str, name: str | None, score: float, amap, error: str | None,
+        threshold: float | None, source: str | None, maps: bool, panels: bool) -> dict:
+    """One image's row of predictions.jsonl, and its map (npy, 16-bit png) and panel under OUT as asked.
+    amap: (h, w) on [0, 1] at the model's size (numpy, or a CPU tensor); error: why the image was not scored."""
+    rec: dict = {"image": path, "class": cls, "class_word": word, "threshold": threshold, "threshold_source": source}
+    if name is not None:
+        rec["name"] = name
+    try:
+        if error:
+            raise KanoError(error)
+        s = float(score)
+        rec.update(score=s, anomalous=records.decision(s, threshold), error=None)
+        if maps:
+            with warnings.catch_warnings():  # PIL's decompression-bomb warning: the size is what we check here
+                warnings.simplefilter("ignore")
+                w, h = image_size(path)
+            mw, mh = map_size(w, h)
+            big = resize_map(np.asarray(amap), (mw, mh))
+            npy, png = out_dir / f"maps/{name}.npy", out_dir / f"maps/{name}.png"
+            np.save(outputs.inside(out_dir, npy), big)
+            map_to_png16(big).save(outputs.inside(out_dir, png))
+            rec.update(map_npy=str(npy), map_png=str(png), image_size=[w, h], map_size=[mw, mh],
+                       map_downscaled=(mw, mh) != (w, h), map_max=float(big.max()))
+        if panels:
+            pic = panel(load_image(path), np.asarray(amap), name=f"{cls} / {Path(path).name}", score=s, threshold=threshold,
+                        threshold_source=source)
+            pp = out_dir / f"panels/{name}.png"
+            pic.save(outputs.inside(out_dir, pp))
+            rec["panel_png"] = str(pp)
+    except KanoError as exc:
+        rec = {k: v for k, v in rec.items() if k in KEPT_ON_ERROR}
+        rec.update(score=None, anomalous=None, error=str(exc))
+    except MemoryError:
+        rec = {k: v for k, v in rec.items() if k in KEPT_ON_ERROR}
+        rec.update(score=None, anomalous=None, error=f"image {path} is too large to draw in memory")
+    return rec
+
+
+def finish(out_dir: Path, identity: dict, world: int, total: int, batch_size: int, fmt: str, method: dict, image_size_px: int,
+            class_name: str | None, word: str | None, threshold: float | None, source: str | None, started: float, merge: bool) -> dict:
+    """Process 0, every part complete: the one result file, the Parquet copy, the counts, the page, the manifest."""
+    result = out_dir / records.RESULT
+    parts = [out_dir / "parts" / f"rank{r}-of-{world}.jsonl" for r in range(world)]
+    if world > 1 and merge:
+        records.merge_parts(parts, batch_sizes(total, batch_size), result)
+    summary = records.summarize(records.read_rows(result))
+    if summary["images"] != total:
+        raise KanoError(f"{result} must hold a row for each of the {total} inputs, got {summary['images']}; run the same command again to resume")
+    written = [records.RESULT, "index.html", records.SUMMARY]
+    if fmt == "parquet":
+        records.to_parquet(result, out_dir / records.PARQUET)
+        written.append(records.PARQUET)
+    first = []
+    for row in records.read_rows(result):
+        if len(first) == MAX_PAGE_ROWS:
+            break
+        row["rel"] = {k: str(Path(row[k]).relative_to(out_dir)) for k in ("map_npy", "map_png", "panel_png") if row.get(k)}
+        first.append(row)
+    header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source, "total": total,
+              "summary": summary, "provenance": {**report.provenance(method, image_size_px, started, None), "class_words": {class_name: word}}}
+    (out_dir / "index.html").write_text(report.predict_html(first, header))
+    (out_dir / records.SUMMARY).write_text(json.dumps(summary, indent=1))
+    outputs.write_manifest(out_dir, "predict", json.loads(json.dumps(identity, default=str)), written)
+    if world > 1:  # after the manifest says finished: a kill before this point leaves parts a rerun merges again
+        for p in parts:
+            p.unlink(missing_ok=True)
+        if (out_dir / "parts").is_dir() and not any((out_dir / "parts").iterdir()):
+            (out_dir / "parts").rmdir()
+    return summary
