@@ -278,3 +278,16 @@ def synthesize_world(out: Path, split: str = "target", seed: int = 0, size: int 
         defects = SEEN_DEFECTS if split == "aux" else WORLD_DEFECTS
     return synthesize(out, classes, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_per_defect,
                       defects=tuple(defects), force=force)
+
+
+def synthesize_demo_world(root: Path, seed: int = 0, size: int = 96, n_good: int = 8, n_per_defect: int = 2,
+                          n_aux_good: int = 9, n_aux_per_defect: int = 4) -> tuple[str, str]:
+    """The data `kano demo` and bench/table1.py train and evaluate on: root/aux (auxiliary classes, seen kinds
+    only, from `seed`) and root/target (the unseen target classes, every kind, from seed + 1); a set already
+    there (its meta.json written) is kept. -> ("mvtec:root/aux", "mvtec:root/target")."""
+    aux, target = Path(root) / "aux", Path(root) / "target"
+    if not (aux / "meta.json").is_file():
+        synthesize_world(aux, "aux", seed=seed, size=size, n_good=n_aux_good, n_per_defect=n_aux_per_defect)
+    if not (target / "meta.json").is_file():
+        synthesize_world(target, "target", seed=seed + 1, size=size, n_good=n_good, n_per_defect=n_per_defect)
+    return f"mvtec:{aux}", f"mvtec:{target}"

@@ -55,6 +55,8 @@ DEFECT_GROUPS = {"surface": SURFACE_DEFECTS, "structural": STRUCTURAL_DEFECTS, "
 WORLD_DEFECTS = SURFACE_DEFECTS + STRUCTURAL_DEFECTS + PART_DEFECTS
 HELD_OUT_DEFECTS = ("crack", "hue", "warp", "sharpen", "frequency", "part_extra")
 SEEN_DEFECTS = tuple(d for d in WORLD_DEFECTS if d not in HELD_OUT_DEFECTS)
+# The groups of defect kinds a comparison in this world reports (None: every kind).
+COMPARISON_GROUPS = {"all": None, "seen": SEEN_DEFECTS, "held_out": HELD_OUT_DEFECTS, **DEFECT_GROUPS}
 
 # Texture families: which field each class uses, and whether rotating it changes how it looks.
 _TEX_FIELD = {"linen": "weave", "corduroy": "stripes", "tartan": "plaid", "brick": "brick", "dune": "dune",

@@ -6,7 +6,7 @@ Trains on the world's auxiliary classes (anomaly_data/world.py WORLD_AUX, seen d
 zero-shot on its target classes (WORLD_TARGET), once on the defect kinds the auxiliary data shows and once
 on the kinds held out of it (unless --aux/--target give KIND:PATH), with the micro-CLIP backbone. Rows: the full model; --no-knpl, --no-vv, --no-bicmci, --no-adapter (Table 3); the
 language-free control (--text-free: the normal and abnormal text features are two freely learned
-vectors, VisualAD-style); and untrained CLIP-AC (fixed prompts, no training: seed-independent). Cells are
+vectors, VisualAD-style); and the untrained KAnoCLIP, kanoclip-untrained (fixed prompts, no training: seed-independent). Cells are
 mean ± standard deviation over seeds of the class-averaged metric, in %. Writes results.json and
 results.md into --out. Frozen features are cached on disk under --out and shared by every run.
 """
@@ -116,9 +116,9 @@ def main(argv=None) -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     t_all = time.perf_counter()
 
-    if "CLIP-AC (untrained)" not in results:
+    if "kanoclip-untrained (fixed prompts)" not in results:
         model, _ = load_model(None, args.backbone)
-        results["CLIP-AC (untrained)"] = {"seeds": [None], "seconds": [0], "metrics": [
+        results["kanoclip-untrained (fixed prompts)"] = {"seeds": [None], "seconds": [0], "metrics": [
             {t: evaluate(model, spec, out / "eval" / f"clip_ac_{t.split()[0]}", {}) for t, spec in targets.items()}]}
         results_path.write_text(json.dumps(results, indent=1))
     for name, over in variants.items():
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             print(f"{name} seed {seed}: " + "; ".join(f"{t}: " + ", ".join(f"{lab} {100 * mt[k]:.1f}" for k, lab in METRICS if mt.get(k) is not None)
                                                       for t, mt in m.items()) + f" ({done['seconds'][-1]:.0f}s)", flush=True)
 
-    order = ["CLIP-AC (untrained)", *VARIANTS]
+    order = ["kanoclip-untrained (fixed prompts)", *VARIANTS]
     header = ["variant", *[lab for _, lab in METRICS], "seeds"]
     md = [f"Ablations (trained on {aux}; backbone {args.backbone}, {args.epochs} epochs); class-averaged %, mean ± sd over seeds"]
     for t, spec in targets.items():

@@ -31,29 +31,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ablations import build_kb, fmt  # noqa: E402  (the same knowledge base and mean ± sd as the ablation table)
 
-TRAINED = (("kanoclip", "KAnoCLIP"), ("aprilgan", "April-GAN"), ("anomalyclip", "AnomalyCLIP"))
-ZERO_SHOT = (("clip", "CLIP"), ("clip-ac", "CLIP-AC"), ("winclip", "WinCLIP"))
-FLOORS = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
-TRANSDUCTIVE = ("mutual", "musc", "musc_randconv")
+# the demo's image side and KAnoCLIP's narrower Bi-CMCI bottleneck (the peers keep their published settings)
+from kano.demo import DEMO_MODEL as KANOCLIP_MODEL, DEMO_SIZE as SIZE  # noqa: E402
 
 
 def prepare(out: Path, seed: int = 0):
     """The demo's data and knowledge base. -> (aux spec, target spec, kb path)."""
-    from kano import demo
-    from kano.anomaly_data import synthesize_world
+    from kano.anomaly_data import synthesize_demo_world
+    from kano.anomaly_data.world import WORLD_AUX
 
-    aux, target = out / "data" / "aux", out / "data" / "target"
-    if not (aux / "meta.json").is_file():
-        synthesize_world(aux, "aux", seed=seed, size=demo.DEMO_SIZE, n_good=9, n_per_defect=4)
-    if not (target / "meta.json").is_file():
-        synthesize_world(target, "target", seed=seed + 1, size=demo.DEMO_SIZE, n_good=8, n_per_defect=2)
+    aux, target = synthesize_demo_world(out / "data", seed=seed, size=SIZE)
     kb = out / "kb.duckdb"
-    build_kb(kb, list(demo.AUX_CLASSES))
-    return f"mvtec:{aux}", f"mvtec:{target}", kb
+    build_kb(kb, list(WORLD_AUX))
+    return aux, target, kb
 
 
 def train_run(method: str, seed: int, aux: str, kb: Path, out: Path, epochs: int, backbone: str) -> Path:
-    from kano import demo
     from kano.trainer import TrainConfig, train
 
     run_dir = out / "runs" / f"{method}_s{seed}"
@@ -62,23 +55,23 @@ def train_run(method: str, seed: int, aux: str, kb: Path, out: Path, epochs: int
             import shutil
 
             shutil.rmtree(run_dir)
-        model = demo.DEMO_MODEL if method == "kanoclip" else {}
+        model = KANOCLIP_MODEL if method == "kanoclip" else {}
         cfg = TrainConfig(method=method, kb=str(kb), data=aux, backbone=backbone, out=str(run_dir), epochs=epochs, batch_size=8,
-                          seed=seed, cache="disk", cache_dir=str(out / "feature_cache"), image_size=demo.DEMO_SIZE, model=model)
+                          seed=seed, cache="disk", cache_dir=str(out / "feature_cache"), image_size=SIZE, model=model)
         train(cfg, log=lambda s: None)
     return run_dir
 
 
 def score(model, target: str, prompt_names: dict | None = None) -> dict:
     """-> {"classes": {class: {image_auroc, pixel_auroc}}, "groups": {all|seen|held_out: {...}}} on the target."""
-    from kano import demo
+    from kano.anomaly_data.world import COMPARISON_GROUPS
     from kano.evaluator.compare import grouped_metrics, score_classes
     from kano.evaluator.metrics import image_auroc, pixel_auroc
 
     scored = score_classes(model, target, prompt_names=prompt_names)
     per_class = {c: {"image_auroc": image_auroc(torch_tensor([s.label for s in samples]), scores),
                      "pixel_auroc": pixel_auroc(masks, maps)} for c, (samples, scores, maps, masks) in scored.items()}
-    groups = {k: v for k, v in demo.groups().items() if k in ("all", "seen", "held_out")}
+    groups = {k: v for k, v in COMPARISON_GROUPS.items() if k in ("all", "seen", "held_out")}
     return {"classes": per_class, "groups": grouped_metrics(scored, groups)}
 
 
@@ -88,44 +81,44 @@ def torch_tensor(x):
     return torch.tensor(x)
 
 
+# The table's "kind" column per registry kind.
+KIND_COLUMN = {"trained": "trained on aux", "zero-shot": "zero-shot", "memory": "memory of aux",
+               "zero-parameter": "per-image, 0 params", "transductive": "transductive"}
+
+
 def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
-    """(key, name, kind, seed, build) for every row; build() -> (model, prompt_names)."""
+    """(key, name, kind, seed, build) for every row, one per method of the registry (trained ones per seed, then
+    each trained one fused with MuSc); build() -> (model, prompt_names)."""
     import torch
 
-    from kano import demo
-    from kano.evaluator.loading import load_model
-    from kano.evaluator.methods import ALL_METHODS, load_method
-    from kano.trainer.checkpoint import load_run
+    from kano.evaluator.methods import load_method, with_mutual
+    from kano.kanoclip.runs import load_run
+    from kano.registry import METHODS
 
-    dev, size, bb = torch.device("cpu"), demo.DEMO_SIZE, args.backbone
+    dev, size, bb = torch.device("cpu"), SIZE, args.backbone
+    trained = [m for m, s in METHODS.items() if s.kind == "trained"]
     rows = []
-    for m, name in TRAINED:
+    for m in trained:
         for s in seeds:
             def build(m=m, s=s):
                 model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
                 return model.eval(), cfg.get("prompt_names", {})
-            rows.append((f"{m}/s{s}", name, "trained on aux", s, build))
-    rows.append(("untrained", "KAnoCLIP untrained (fixed prompts)", "untrained", None,
-                 lambda: (load_model(None, bb, size, dev)[0], {})))
-    for m, name in ZERO_SHOT:
-        rows.append((m, name, "zero-shot", None, lambda m=m: (load_method(m, None, bb, size, dev)[0], {})))
-    rows.append(("retrieval", "retrieval (aux memory)", "memory of aux", None,
-                 lambda: (load_method("retrieval", None, bb, size, dev, aux=aux)[0], {})))
-    for m in FLOORS:
-        rows.append((m, m, "per-image, 0 params", None, lambda m=m: (load_method(m, None, None, size, dev)[0], {})))
-    for m in TRANSDUCTIVE:
-        if m in ALL_METHODS:
-            needs_bb = m != "musc_randconv"
-            rows.append((m, f"{m} ({bb})" if needs_bb else m, "transductive", None,
-                         lambda m=m, needs_bb=needs_bb: (load_method(m, None, bb if needs_bb else None, size, dev, data=target)[0], {})))
-    from kano.evaluator.methods import with_mutual
-
-    for m, name in TRAINED:  # `kano eval --run R --mutual`: the run's map and score averaged with MuSc's
+            rows.append((f"{m}/s{s}", METHODS[m].label, KIND_COLUMN["trained"], s, build))
+    for m, spec in METHODS.items():
+        if spec.kind == "trained":
+            continue
+        key = "untrained" if m == "kanoclip-untrained" else m
+        name = f"{spec.label} ({bb})" if spec.kind == "transductive" and "backbone" in spec.needs else spec.label
+        kind = "untrained" if m == "kanoclip-untrained" else KIND_COLUMN[spec.kind]
+        rows.append((key, name, kind, None, lambda m=m, spec=spec: (load_method(
+            m, None, bb if "backbone" in spec.needs else None, size, dev, aux=aux if "aux" in spec.needs else None,
+            data=target)[0], {})))
+    for m in trained:  # `kano eval --run R --mutual`: the run's map and score averaged with MuSc's
         for s in seeds:
             def build(m=m, s=s):
                 model, cfg = load_run(train_run(m, s, aux, kb, out, args.epochs, bb), dev)
                 return with_mutual(model.eval(), {}, f"--run {m}", data=target)[0], cfg.get("prompt_names", {})
-            rows.append((f"{m}+mutual/s{s}", f"{name} + MuSc (--mutual)", "transductive", s, build))
+            rows.append((f"{m}+mutual/s{s}", f"{METHODS[m].label} + MuSc (--mutual)", "transductive", s, build))
     return rows
 
 

@@ -26,7 +26,6 @@ of a class rank the same values the method produced.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -34,10 +33,12 @@ import torch.nn.functional as F
 
 from kano.errors import KanoError
 from kano.kanoclip.model import InferenceBatch
+from kano.kanoclip.protocol import MethodDefaults, PixelPreprocessing
+from kano.kanoclip.registry import METHODS as REGISTRY, methods_with
 
-PER_IMAGE = ("median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv")
-TRANSDUCTIVE = ("mutual", "musc_randconv")
-METHODS = PER_IMAGE + TRANSDUCTIVE
+METHODS = tuple(n for n, s in REGISTRY.items() if s.build == "kano.evaluator.baselines:load_baseline")  # built here
+PER_IMAGE = tuple(m for m in METHODS if REGISTRY[m].kind == "zero-parameter")
+TRANSDUCTIVE = tuple(m for m in METHODS if REGISTRY[m].kind == "transductive")
 SIGMA = 4.0
 RANDCONV_SEED = 1234
 _SQRT3 = math.sqrt(3.0)
@@ -153,11 +154,11 @@ def mutual_scores(tokens: torch.Tensor, fraction: float = 0.3) -> torch.Tensor:
     return out
 
 
-class ZeroParameterDetector(nn.Module):
+class ZeroParameterDetector(nn.Module, MethodDefaults):
     """A baseline behind the model interface `evaluator.run_inference` expects.
 
-    backbone.image_size / mean / std set how images are prepared: pixel methods see RGB in [0, 1]
-    (mean 0, std 1) at `image_size`; mutual sees the backbone's own normalisation and size. A
+    `backbone` (kanoclip.protocol.Preprocessing) sets how images are prepared: pixel methods see RGB in [0, 1]
+    (mean 0, std 1) at `image_size` (PixelPreprocessing); mutual sees the backbone's own normalisation and size. A
     transductive method must receive one class's whole test set as one batch (`transductive` is True;
     `evaluate_method` arranges it).
     """
@@ -170,12 +171,12 @@ class ZeroParameterDetector(nn.Module):
             raise KanoError("--method mutual needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
         self.method, self.transductive = method, method in TRANSDUCTIVE
         self.feature_net = backbone if method == "mutual" else None
-        if method == "mutual":
-            self.backbone = SimpleNamespace(image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, device=backbone.device)
+        if method == "mutual":  # the backbone's preparation, but not the backbone: --mutual needs a per-image method
+            self.backbone = PixelPreprocessing(backbone.image_size, backbone.device, backbone.mean, backbone.std, backbone.spec)
         else:
             if image_size < 32 or image_size % 4:
                 raise KanoError(f"--image-size for pixel baselines must be a multiple of 4 and >= 32, got {image_size}")
-            self.backbone = SimpleNamespace(image_size=image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device=torch.device(device))
+            self.backbone = PixelPreprocessing(image_size, torch.device(device))
         self.randconv = RandomConvNet() if method.endswith("randconv") else None
 
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
@@ -229,7 +230,7 @@ def method_info(method: str, backbone: str | None, image_size: int) -> dict:
                            image_size=image_size)
 
 
-def load_baseline(method: str, run, backbone: str | None, image_size: int | None, device: torch.device):
+def load_baseline(method: str, run, backbone: str | None, image_size: int | None, device: torch.device, **_):
     """-> (ZeroParameterDetector, info) for `kano eval --method`; the same info keys as `load_model`."""
     if run:
         raise KanoError(f"--method {method} evaluates a zero-parameter baseline: give no --run")
@@ -243,7 +244,7 @@ def load_baseline(method: str, run, backbone: str | None, image_size: int | None
 
         bb = build_backbone(backbone, image_size=image_size, device=device)
     elif backbone:
-        raise KanoError(f"--backbone is used by --method mutual, musc, retrieval and the zero-shot methods (clip, clip-ac, winclip) only, got --method {method} with --backbone {backbone}")
+        raise KanoError(f"--backbone is used by --method {', '.join(methods_with(needs='backbone'))} only, got --method {method} with --backbone {backbone}")
     model = ZeroParameterDetector(method, image_size or 128, bb, device).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {},
                    "method": method_info(method, backbone, model.backbone.image_size)}

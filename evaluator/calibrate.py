@@ -84,7 +84,7 @@ def data_sha256(files: list[Path]) -> str:
 
 def run_digest(run_dir: str | os.PathLike) -> str:
     """The weights' digest the run's config.json records (`kano train` writes it)."""
-    from kano.trainer.checkpoint import read_config
+    from kano.kanoclip.runs import read_config
 
     cfg = read_config(Path(run_dir))
     ranks = cfg.get("ranks")
@@ -145,7 +145,7 @@ def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sh
 def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, str]]:
     """Calibration files whose bytes equal a file of the run's training data (when that data is still there)."""
     from kano.anomaly_data import load_dataset
-    from kano.trainer.checkpoint import read_config
+    from kano.kanoclip.runs import read_config
 
     spec = read_config(run_dir).get("data")
     try:
@@ -172,7 +172,7 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
     from kano.anomaly_data import Sample, prompt_name
     from kano.evaluator.evaluate import run_inference
     from kano.evaluator.loading import load_model
-    from kano.trainer.train import resolve_device
+    from kano.device import resolve_device
 
     a = check_alarm_rate(alarm_rate)
     run_dir = Path(run_dir)

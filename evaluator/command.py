@@ -11,17 +11,18 @@ from kano.errors import KanoError
 
 
 def _device(name: str | None) -> torch.device:
-    from kano.trainer.train import resolve_device
+    from kano.device import resolve_device
 
     return resolve_device(name)
 
 
 def _method(run, backbone, info) -> dict:
-    from kano.evaluator.report import baseline_method, trained_method
+    from kano.evaluator.loading import untrained_info
+    from kano.evaluator.report import trained_method
 
     if run:
         return trained_method(run, info["config"])
-    return baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
+    return untrained_info("kanoclip-untrained", backbone)
 
 
 def check_common(batch_size: int, workers: int | None = 0, threshold: float | None = None, n_overlays: int = 0) -> None:
@@ -40,7 +41,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
              reference=None, class_words: str | None = None, strict: bool = False,
-             rscin_windows: list[int] | None = None) -> dict:
+             rscin_windows: list[int] | None = None, scored: dict | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
@@ -85,7 +86,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
                           progress=ui.progress_factory("evaluating"), method=described, force=force,
                           allow_missing_masks=allow_missing_masks, class_words=words, strict=strict,
                           threshold_for=lambda c: resolve_threshold(threshold, run, c, info["threshold"], digest),
-                          dist=dist if dist.world > 1 else None)
+                          dist=dist if dist.world > 1 else None, scored=scored)
     finally:
         dist.close()
     if not dist.main:
@@ -112,7 +113,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
 def _dist(device: str | None):
     """The launch's processes (torchrun / accelerate launch set WORLD_SIZE); one process otherwise."""
-    from kano.trainer.distributed import Dist
+    from kano.distributed import Dist
 
     return Dist.from_env(device, _device)
 
@@ -202,16 +203,18 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
                   run=None, **common) -> list[dict]:
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
-    that take one (musc, retrieval, the zero-shot CLIP methods), --aux to retrieval."""
+    that take one, --aux to those that need labelled auxiliary data (the registry's `needs`)."""
     from kano.evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
+    from kano.kanoclip.registry import TRAINED_METHODS
     from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
     names = [m.strip() for m in methods.split(",")]
-    bad = [m for m in names if m not in ALL_METHODS]
+    bad = [m for m in names if m not in ALL_METHODS or m in TRAINED_METHODS]
     if bad or len(set(names)) != len(names) or len(names) < 2:
         why = (f"unknown {', '.join(repr(m) for m in bad)}" if bad else "a name twice" if len(set(names)) != len(names)
                else "fewer than two")
-        raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of {', '.join(ALL_METHODS)}), "
+        raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of "
+                        f"{', '.join(m for m in ALL_METHODS if m not in TRAINED_METHODS)}), "
                         f"got {methods!r} ({why})")
     if not backbone and any(m in BACKBONE_METHODS for m in names):
         raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(m for m in names if m in BACKBONE_METHODS)}")

@@ -84,7 +84,7 @@ def cpu_streams(device: torch.device, workers: int, n_batches: int, model) -> in
     a transductive model (one batch per class). Two single-thread streams on two cores beat one two-thread
     forward (about 1.7x from 1 to 2 threads for a ViT here), and each stream decodes its own next batch on
     its own core instead of a third thread stalling the model's thread team (bench/bench_eval.py)."""
-    if device.type != "cpu" or workers or n_batches < 2 or getattr(model, "transductive", False):
+    if device.type != "cpu" or workers or n_batches < 2 or model.transductive:
         return 1
     return max(1, min(torch.get_num_threads(), n_batches, 4))
 
@@ -204,7 +204,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
              force: bool = False, allow_missing_masks: bool = False, threshold_source: str | None = None,
              threshold_for: Callable[[str], tuple] | None = None, class_words: dict[str, str] | None = None,
-             strict: bool = False, dist=None) -> dict:
+             strict: bool = False, dist=None, scored: dict | None = None) -> dict:
     """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
@@ -216,10 +216,12 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     unreadable image is an error; otherwise it is recorded, counted and left out of the metrics.
     n_overlays: gallery images per class. A model with `transductive = True` gets each class's
     whole test set as one batch. allow_missing_masks: an anomalous image without a mask (its
-    class having masks) warns instead of failing. dist: the launch's processes (trainer.distributed.Dist or
+    class having masks) warns instead of failing. dist: the launch's processes (kano.distributed.Dist or
     anything with rank, world, gather and broadcast): each scores its share of every class's batches
     (sharded_inference), process 0 computes the metrics on all of them and writes the files; every process
-    returns the metrics."""
+    returns the metrics. scored: a dict that receives {class: (samples, image scores (N,), maps (N, S, S), masks
+    (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller comparing methods need not score
+    this one again."""
     started = time.time()
     device = device or model.backbone.device
     if n_overlays < 0:
@@ -231,7 +233,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     classes, samples = dataset.split_classes("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
-    if getattr(model, "transductive", False):  # checked before anything is written: each image is scored against the others
+    if model.transductive:  # checked before anything is written: each image is scored against the others
         counts = {c: sum(s.class_name == c for s in samples) for c in classes}
         few = {c: k for c, k in counts.items() if k < 2}
         if few:
@@ -275,9 +277,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     try:
         for cls in classes:
             cs = [s for s in samples if s.class_name == cls]
-            bs = max(1, len(cs)) if getattr(model, "transductive", False) else batch_size
-            if hasattr(model, "begin_class"):  # per-class state, e.g. WinCLIP+'s reference images
-                model.begin_class(cls, names_map[cls])
+            bs = max(1, len(cs)) if model.transductive else batch_size
+            model.begin_class(cls, names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
             errors: dict[int, str] = {}
             if world > 1 and not getattr(model, "transductive", False):
                 scores, maps, masks = sharded_inference(dist, model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
@@ -295,6 +296,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
                     continue
             thr, src = thresholds[cls]
             labels = torch.tensor([s.label for s in cs])
+            if scored is not None:
+                scored[cls] = (cs, scores, maps, masks)
             with_masks = dataset.has_masks(cls)
             # the gallery is drawn in a thread while the metrics are computed (PIL, zlib and numpy's sort release
             # the GIL): its panels need only the scores

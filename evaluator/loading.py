@@ -1,4 +1,4 @@
-"""The model to evaluate: a trained run, or the untrained CLIP-AC zero-shot baseline on a backbone."""
+"""The model to evaluate: a trained run, or the untrained KAnoCLIP (fixed prompts, `kanoclip-untrained`) on a backbone."""
 
 from __future__ import annotations
 
@@ -13,16 +13,35 @@ def load_model(run: str | None, backbone: str | None, image_size: int | None = N
     if bool(run) == bool(backbone):
         raise KanoError("give exactly one of --run RUN_DIR (a trained model) or --backbone SPEC (the untrained baseline)")
     if run:
-        from kano.trainer.checkpoint import load_run
+        from kano.kanoclip.runs import load_run
 
         model, cfg = load_run(run, device)
         return model, {"run": str(run), "backbone": cfg["backbone"], "threshold": cfg.get("threshold"),
                        "prompt_names": cfg.get("prompt_names", {}), "config": cfg}
+    return load_untrained("kanoclip-untrained", None, backbone, image_size, device)[0], {
+        "run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "config": None}
+
+
+def load_untrained(method: str, run, backbone: str | None, image_size: int | None = None, device: torch.device | str = "cpu", **_):
+    """-> (the untrained KAnoCLIP in eval mode, info) for `--method kanoclip-untrained --backbone SPEC` (and `--backbone`
+    alone)."""
+    if run:
+        raise KanoError(f"--method {method} is the untrained model on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
+    if not backbone:
+        raise KanoError(f"--method {method} needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
     bb = build_backbone(backbone, image_size=image_size, device=device)
-    # CLIP-AC: fixed "a photo of a normal/abnormal [class]" prompts, plain patch-text similarity, raw global feature
+    # fixed "a photo of a normal/abnormal [class]" prompts, plain patch-text similarity, raw global feature
     # Seeded: the linear heads start at identity plus 1e-3 noise, which moved the baseline's image AUROC by a
     # point from one run to the next; the same command must give the same numbers.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = KAnoCLIP(bb, ModelConfig(use_knpl=False, use_bicmci=False, use_adapter=False)).eval()
-    return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "config": None}
+    return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": untrained_info(method, backbone)}
+
+
+def untrained_info(method: str, backbone: str) -> dict:
+    """The provenance "method" of the untrained KAnoCLIP."""
+    from kano.kanoclip.registry import METHODS
+
+    return {"kind": "baseline", "name": method, "backbone": backbone, "prompts": "a photo of a normal/abnormal [class]",
+            "source": METHODS[method].source}

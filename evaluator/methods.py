@@ -1,8 +1,8 @@
-"""`kano eval --method NAME`: the one place that routes a method name to its detector.
+"""`kano eval --method NAME`: a method of the registry (kanoclip/registry.py) built by the loader its entry names.
 
-- zero-parameter baselines (`evaluator/baselines.py`): median_colour ... mutual, musc_randconv;
-- zero-shot CLIP methods (`kanoclip/winclip.py`): clip, clip-ac, winclip, on a frozen `--backbone`;
-- full MuSc (`kanoclip/musc.py`): musc, transductive, on a frozen `--backbone`;
+- zero-parameter and transductive floors (`evaluator/baselines.py`), the untrained KAnoCLIP
+  (`evaluator/loading.py`), the zero-shot CLIP methods (`kanoclip/winclip.py`), full MuSc (`kanoclip/musc.py`)
+  and the retrieval memory (`kanoclip/retrieval.py`); trained methods come from a run (`--run`);
 - `with_mutual`: `kano eval --mutual`, any per-image method with a backbone fused with MuSc on that backbone.
 
 `load_method(method, run, backbone, image_size, device)` -> (model, info), the same info keys as
@@ -14,27 +14,13 @@ from __future__ import annotations
 import torch
 
 from kano.errors import KanoError
-from kano.kanoclip.winclip import ZERO_SHOT_METHODS
+from kano.kanoclip.registry import METHODS, method_spec, methods_with
 
-from .baselines import METHODS as BASELINE_METHODS
-
-MEMORY_METHODS = ("retrieval",)
-REFERENCE_METHODS = ("winclip",)  # the methods that take normal reference images (--reference, --k-shot)
-TRANSDUCTIVE_METHODS = ("musc",)
-ALL_METHODS = BASELINE_METHODS + ZERO_SHOT_METHODS + MEMORY_METHODS + TRANSDUCTIVE_METHODS
-BACKBONE_METHODS = ("mutual", *TRANSDUCTIVE_METHODS, *ZERO_SHOT_METHODS, *MEMORY_METHODS)  # the ones --backbone feeds
-MUSC_SOURCE = ("Li et al., MuSc (ICLR 2024): LNAMD, MSM and RsCIN with the public code's defaults "
-               "(github.com/xrli-U/MuSc); departures in kanoclip/musc.py")
-
-# Where each zero-shot method comes from (the module docstring of kanoclip/winclip.py has the details).
-ZERO_SHOT_SOURCES = {
-    "clip": "Radford et al., ICML 2021: CLIP's zero-shot two-class classifier; prompts as Kano defines them "
-            "(the KAnoCLIP paper quotes CLIP from AnomalyCLIP's Table 1 without defining it)",
-    "clip-ac": "Jeong et al., WinCLIP (CVPR 2023) Sec. 3: the CLIP-AC baseline, states 'normal/anomalous [class]' in "
-               "WinCLIP's 21 templates, averaged per state",
-    "winclip": "Jeong et al., WinCLIP (CVPR 2023), zero-shot (no WinCLIP+ reference images); constants as anomalib 2.7.0 "
-               "WinClipModel, windows encoded on their own as the paper says",
-}
+ALL_METHODS = tuple(METHODS)  # every name --method accepts (trained ones point to --run)
+BACKBONE_METHODS = methods_with(needs="backbone")  # the ones --backbone feeds
+MEMORY_METHODS = methods_with(needs="aux")
+ZERO_SHOT_METHODS = methods_with(kind="zero-shot")
+REFERENCE_METHODS = methods_with(references=True)  # the methods that take normal reference images (--reference, --k-shot)
 
 
 def zero_shot_info(model, method: str, backbone: str) -> dict:
@@ -42,7 +28,7 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
     from kano.kanoclip import winclip as W
 
     info = {"kind": "zero-shot", "name": method, "backbone": backbone, "setting": "per-image",
-            "parameters": "frozen backbone, no training", "source": ZERO_SHOT_SOURCES[method],
+            "parameters": "frozen backbone, no training", "source": METHODS[method].source,
             "image_size": model.backbone.image_size}
     if method == "clip":
         info["prompts"] = {"normal": W.CLIP_PROMPTS[0][0].format("[class]"), "anomalous": W.CLIP_PROMPTS[1][0].format("[class]")}
@@ -62,18 +48,16 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
 
 
 def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None):
+                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None, **_):
     """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`; k_shot > 0
     (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`, or, with
     `references` (a folder), its first k images for every class."""
-    if k_shot and method != "winclip":
-        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
     if references and not k_shot:
         raise KanoError(f"--reference {references} needs --k-shot K >= 1 (how many of its images to use), got --k-shot 0")
     if k_shot < 0:
         raise KanoError(f"--k-shot must be an integer >= 0 (0: zero-shot), got {k_shot}")
-    if method not in ZERO_SHOT_METHODS:
-        raise KanoError(f"zero-shot --method must be one of {', '.join(ZERO_SHOT_METHODS)}, got {method!r}")
+    if method not in ("clip", "clip-ac", "winclip"):
+        raise KanoError(f"zero-shot CLIP --method must be one of clip, clip-ac, winclip, got {method!r}")
     if run:
         raise KanoError(f"--method {method} evaluates a zero-shot method on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
     if not backbone:
@@ -180,8 +164,8 @@ def with_patch_memory(model, described: dict, k_shot: int, data: str | None = No
     return wrapped, info
 
 
-def load_retrieval(run, backbone: str | None, image_size: int | None, device: torch.device | str, aux: str | None,
-                   batch_size: int = 16, allow_missing_masks: bool = False):
+def load_retrieval(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str,
+                   aux: str | None = None, batch_size: int = 16, allow_missing_masks: bool = False, **_):
     """-> (PatchRetrieval, info) for `kano eval --method retrieval --backbone SPEC --aux KIND:PATH`: the memory
     is the auxiliary dataset's labelled patch and image features (its test split, masks required)."""
     if run:
@@ -217,7 +201,7 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
     model = PatchRetrieval(bb, cfg=cfg, **memory).eval()
     info = {"kind": "memory", "name": "retrieval", "backbone": backbone, "setting": "per-image",
             "parameters": "frozen backbone, no training; a memory of labelled auxiliary features",
-            "source": "Kano's retrieval floor (MRAD-TF-style, 2026) and its aggregation, kanoclip/retrieval.py",
+            "source": METHODS["retrieval"].source,
             "aux": aux, "image_size": bb.image_size, "k": cfg.k, "temperature": cfg.temperature, "sigma": cfg.sigma,
             "memory": {"normal_patches_per_stage": int(memory["normal_patches"][0].shape[0]),
                        "abnormal_patches_per_stage": [int(a.shape[0]) for a in memory["abnormal_patches"]],
@@ -229,7 +213,7 @@ def load_retrieval(run, backbone: str | None, image_size: int | None, device: to
 def musc_info(model, backbone: str) -> dict:
     """The provenance "method" of a built MuSc model."""
     return {"kind": "zero-shot", "name": "musc", "backbone": backbone, "setting": "transductive",
-            "parameters": "frozen backbone, no training", "source": MUSC_SOURCE, "image_size": model.backbone.image_size,
+            "parameters": "frozen backbone, no training", "source": METHODS["musc"].source, "image_size": model.backbone.image_size,
             "constants": model.constants()}
 
 
@@ -244,8 +228,8 @@ def musc_windows(data: str | None, windows: list[int] | None) -> dict:
     return {"k_list": k, "k_source": source}
 
 
-def load_musc(run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-              data: str | None = None, rscin_windows: list[int] | None = None):
+def load_musc(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
+              data: str | None = None, rscin_windows: list[int] | None = None, **_):
     """-> (MuSc, info) for `kano eval --method musc --backbone SPEC` on `data` (KIND:PATH: its kind picks the RsCIN
     windows unless `rscin_windows` is given)."""
     if run:
@@ -268,12 +252,13 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
-    if getattr(model, "transductive", False):
-        raise KanoError(f"--mutual must go with a per-image method (--run, --backbone, or --method clip, clip-ac, winclip, "
-                        f"retrieval), got {what}, which is already transductive")
-    if not isinstance(getattr(model, "backbone", None), Backbone):
-        raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, --backbone, or --method clip, "
-                        f"clip-ac, winclip, retrieval), got {what}, which has none")
+    fits = ", ".join(m for m in BACKBONE_METHODS if METHODS[m].kind != "transductive")
+    if model.transductive:
+        raise KanoError(f"--mutual must go with a per-image method (--run, or --method {fits}), got {what}, "
+                        "which is already transductive")
+    if not isinstance(model.backbone, Backbone):
+        raise KanoError(f"--mutual must go with a method that has a frozen backbone (--run, or --method {fits}), "
+                        f"got {what}, which has none")
     musc = MuSc(model.backbone, map_scale=0.5, **musc_windows(data, rscin_windows)).eval()
     spec = described.get("backbone") or model.backbone.spec
     info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
@@ -284,24 +269,19 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
                 classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None):
-    """-> (model, info) for `kano eval --method NAME`: a zero-parameter baseline, a zero-shot CLIP method, MuSc or
-    the retrieval memory (which needs `aux`)."""
-    if method not in ALL_METHODS:
-        raise KanoError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
-    if aux and method not in MEMORY_METHODS:
-        raise KanoError(f"--aux is used by --method retrieval only, got --method {method} with --aux {aux}")
-    if k_shot and method != "winclip":
-        raise KanoError(f"--k-shot is used by --method winclip only (WinCLIP+), got --method {method} with --k-shot {k_shot}")
-    if references and method not in REFERENCE_METHODS:
+    """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME."""
+    spec = method_spec(method)
+    if spec.kind == "trained":
+        raise KanoError(f"--method {method} is a trained method: train it with `kano train --method {method}` and "
+                        f"evaluate the run with --run RUN_DIR (without --method)")
+    if aux and "aux" not in spec.needs:
+        raise KanoError(f"--aux is used by --method {', '.join(MEMORY_METHODS)} only, got --method {method} with --aux {aux}")
+    if k_shot and not spec.references:
+        with_refs = methods_with(references=True)
+        raise KanoError(f"--k-shot is used by --method {', '.join(with_refs)} only (few-shot), got --method {method} "
+                        f"with --k-shot {k_shot}")
+    if references and not spec.references:
         raise KanoError(f"--reference is used by the methods that take reference images ({', '.join(REFERENCE_METHODS)}), "
                         f"got --method {method} with --reference {references}")
-    if method == "retrieval":
-        return load_retrieval(run, backbone, image_size, device, aux, allow_missing_masks=allow_missing_masks)
-    if method in ZERO_SHOT_METHODS:
-        return load_zero_shot(method, run, backbone, image_size, device, k_shot=k_shot, data=data, classes=classes,
-                              references=references)
-    if method in TRANSDUCTIVE_METHODS:
-        return load_musc(run, backbone, image_size, device, data=data, rscin_windows=rscin_windows)
-    from .baselines import load_baseline
-
-    return load_baseline(method, run, backbone, image_size, device)
+    return spec.loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
+                         k_shot=k_shot, data=data, classes=classes, references=references, rscin_windows=rscin_windows)

@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 
 from kano.errors import KanoError
+from kano.files import MANIFEST, read_manifest, write_manifest  # noqa: F401  (train refuses a results folder too)
 
-MANIFEST = "kano_outputs.json"
 # What Kano writes into an --out folder: recognised in folders from before the manifest existed.
 OWNED_FILES = ("metrics.json", "metrics.csv", "metrics.md", "scores.csv", "report.html", "predictions.jsonl", "index.html",
                "predictions.parquet", "summary.json", "predictions.jsonl.tmp", "predictions.parquet.tmp")
@@ -74,18 +74,6 @@ def _differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    """What a folder's MANIFEST says produced it: None when there is none, {} when it cannot be read as an object."""
-    mf = Path(out_dir) / MANIFEST
-    if not mf.is_file():
-        return None
-    try:
-        got = json.loads(mf.read_text())
-    except (OSError, ValueError):
-        return {}
-    return got if isinstance(got, dict) else {}
-
-
 def claim(out_dir: Path, command: str, identity: dict, force: bool = False) -> None:
     """Make `out_dir` ready for the results of `command` with `identity` (JSON-able), or refuse.
 
@@ -125,12 +113,6 @@ def _remove_previous(out_dir: Path, files: list[str]) -> None:
     for n in OWNED_DIRS:  # Kano's own subfolders: an interrupted run may have left files the listing lacks
         if (out_dir / n).is_dir():
             shutil.rmtree(out_dir / n)
-
-
-def write_manifest(out_dir: Path, command: str, identity: dict, files: list[str], finished: bool = True) -> None:
-    tmp = Path(out_dir) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"command": command, "identity": identity, "finished": finished, "files": sorted(files)}, indent=1))
-    tmp.replace(Path(out_dir) / MANIFEST)
 
 
 def inside(out_dir: Path, path: Path) -> Path:

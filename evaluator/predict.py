@@ -137,7 +137,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     manifest's `class` column names its own); prompt: its class word (None: anomaly_data.names.class_word's
     rule); prompts: class -> class word for a manifest's other classes (the rule fills the rest); their
     decisions use `threshold` too. threshold_source: where `threshold` came from ("command line",
-    "calibration", "run"), recorded beside it. dist: the launch's processes (trainer.distributed.Dist or
+    "calibration", "run"), recorded beside it. dist: the launch's processes (kano.distributed.Dist or
     anything with rank, world, gather and broadcast); None: this process alone."""
     started = time.time()
     device = device or model.backbone.device

@@ -58,10 +58,8 @@ def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
 
 
 def _git_commit() -> str | None:
-    try:
-        from kano.trainer.checkpoint import git_commit
-    except ImportError:  # an install without torch (kano[runtime]) has no trainer: the commit is unknown
-        return None
+    from kano.files import git_commit
+
     return git_commit()
 
 

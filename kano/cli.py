@@ -13,10 +13,36 @@ import typer
 
 from kano.errors import KanoError, os_error_message
 
-# The dataset kinds of anomaly_data.READERS, spelled out so that `--help` needs no torch import
-# (tests/test_cli_help.py checks that this list equals READERS).
-DATA_KINDS = "mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, resc, br35h, covid, headct, meta, folder, hf"
+
+def _data_kinds() -> str:
+    from kano.anomaly_data import READERS  # the one list of dataset kinds
+
+    return ", ".join(READERS)
+
+
+DATA_KINDS = _data_kinds()
 DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/mvtec_anomaly_detection)"
+
+
+def _names(**query) -> str:
+    """Method names from the one table (kano/registry.py), comma-separated."""
+    from kano.registry import methods_with
+
+    return ", ".join(methods_with(**query))
+
+
+def _per_image_with_backbone() -> str:
+    from kano.registry import METHODS
+
+    return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
+
+
+METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table "
+               "into OUT; --backbone goes to the methods that take one). Zero-shot on --backbone SPEC: "
+               f"{_names(kind='zero-shot')}. Zero-parameter, per image: {_names(kind='zero-parameter')}; transductive (sees "
+               f"the whole test set): {_names(kind='transductive')} ({_names(kind='transductive', needs='backbone')} with "
+               f"--backbone). Memory of labelled auxiliary features: {_names(kind='memory')} (with --backbone and --aux). "
+               f"Trained methods ({_names(kind='trained')}): --run of a `kano train --method` run")
 
 
 # Plain click help (rich_markup_mode=None): flags read "--force", not "--force <bool>", and help stays
@@ -234,14 +260,12 @@ def _int_list(name: str, raw: Optional[str], what: str = "block numbers (e.g. 6,
 
 @app.command("train")
 def train_cmd(
-    method: Optional[str] = typer.Option(None, "--method", help="what to train: kanoclip (the paper's method), aprilgan "
-                                         "(April-GAN / VAND 2023: linear layers on four stages, fixed prompt ensemble) or "
-                                         "anomalyclip (AnomalyCLIP, ICLR 2024: object-agnostic learnable prompts, DPAM); the "
+    method: Optional[str] = typer.Option(None, "--method", help=f"what to train: one of {_names(kind='trained')} (the paper's "
+                                         "method first; docs/methods.md lists each one's source); the "
                                          "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
-                                       "split, as in the paper; kinds: mvtec, visa, mpdd, btad, sdd, dagm, brainmri, liverct, "
-                                       "resc, br35h, covid, headct, meta, folder, hf); required"),
+                                       f"split, as in the paper; kinds: {DATA_KINDS}); required"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="MODEL[:PRETRAINED] (a tag or a local weights file), micro (the shipped micro-CLIP), or tiny "
                                            "(random weights, for tests). The default needs CLIP weights downloaded once "
                                            "into the Hugging Face cache (see the README), or pass MODEL:/path/to/weights"
@@ -302,7 +326,7 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of clip, clip-ac, winclip, musc, mutual or retrieval"),
+                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts (kanoclip-untrained) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
@@ -319,10 +343,10 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="replace the results of a different run in --out"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table into OUT; --backbone goes to the methods that take one). Zero-shot CLIP on --backbone SPEC: clip, clip-ac, winclip. Zero-parameter, per image: median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv; transductive (sees the whole test set): musc (full MuSc, ICLR 2024, with --backbone), mutual (its simple mutual-scoring floor, with --backbone), musc_randconv. Memory of labelled auxiliary features: retrieval (with --backbone and --aux). Trained methods (kanoclip, aprilgan, anomalyclip): --run of a `kano train --method` run"),
-    aux: Optional[str] = typer.Option(None, "--aux", help="with --method retrieval: the labelled auxiliary dataset KIND:PATH its memory is made of"),
+    method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
+    aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
     k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method winclip, WinCLIP+; with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
-    mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method clip, clip-ac, winclip, retrieval"),
+    mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
     reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
     strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),

@@ -15,6 +15,7 @@ from .adapter import ConvAdapter
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
 from .bicmci import BiCA, LinearHead
 from .losses import global_loss, local_loss
+from .protocol import MethodDefaults
 from .prompts import FixedPrompts, FreeTextVectors, PromptLearner, TextTower, kd_loss
 
 
@@ -141,7 +142,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y.squeeze(1)
 
 
-class FrozenBackboneModel(nn.Module):
+class FrozenBackboneModel(nn.Module, MethodDefaults):
     """What every trained method shares (KAnoCLIP and the peers): a frozen `self.backbone`, always in eval mode,
     and a state that is only the trainable parameters (what a run's weights.safetensors holds)."""
 

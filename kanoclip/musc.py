@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from kano.errors import KanoError
 
 from .model import InferenceBatch
+from .protocol import MethodDefaults
 
 R_LIST = (1, 3, 5)
 INTERVAL = (0.0, 0.3)
@@ -161,7 +162,7 @@ def stage_features(backbone, images: torch.Tensor) -> tuple[torch.Tensor, list[t
     return feats.global_feature.float(), [t.float() for t in feats.patch_tokens]
 
 
-class MuSc(nn.Module):
+class MuSc(nn.Module, MethodDefaults):
     """Full MuSc on a frozen `Backbone`. forward(images (N, 3, S, S), class_names) -> InferenceBatch (stage_maps
     (N, n_stages, g, g); maps in [0, 2 * map_scale], image scores in [0, 1]), where the N
     images are ONE class's whole test set (`transductive`: evaluate_method passes them as one batch).
@@ -200,7 +201,7 @@ class MuSc(nn.Module):
         return InferenceBatch(score.to(images.device), amap, stage_maps)
 
 
-class MutualFusion(nn.Module):
+class MutualFusion(nn.Module, MethodDefaults):
     """Kano's own addition, not from a paper: a per-image method fused with MuSc on the same frozen backbone.
     forward(images (N, 3, S, S), class_names) -> InferenceBatch with map = (method map + MuSc map) / 2 and
     image score = (method score + MuSc score) / 2; stage_maps are MuSc's. Transductive, as MuSc."""
@@ -213,8 +214,7 @@ class MutualFusion(nn.Module):
         self.backbone = model.backbone  # images are prepared for the method; MuSc shares its backbone
 
     def begin_class(self, folder_class: str, prompt_class: str) -> None:
-        if hasattr(self.model, "begin_class"):  # e.g. WinCLIP+'s per-class references
-            self.model.begin_class(folder_class, prompt_class)
+        self.model.begin_class(folder_class, prompt_class)  # e.g. WinCLIP+'s per-class references
 
     def forward(self, images: torch.Tensor, class_names: list[str]) -> InferenceBatch:
         a = self.model(images, class_names).inference()

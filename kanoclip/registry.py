@@ -1,18 +1,13 @@
-"""The trained methods `kano train --method` builds, by name: KAnoCLIP and the trained peers of Table 1."""
+"""The trained methods by name, for `kano train --method` and `kanoclip.runs.load_run`: their nn.Module and
+config dataclass as the method table (kano/registry.py) names them. Every method, trained or not, is listed there."""
 
 from __future__ import annotations
 
-from .anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
-from .aprilgan import AprilGAN, AprilGANConfig
 from kano.errors import KanoError
+from kano.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
+from kano.registry import TRAINED_METHODS
 
 from .backbone import Backbone, build_backbone
-from .model import KAnoCLIP, ModelConfig
-
-TRAINED_METHODS = ("kanoclip", "aprilgan", "anomalyclip")
-DISPLAY_NAMES = {"kanoclip": "KAnoCLIP", "aprilgan": "April-GAN", "anomalyclip": "AnomalyCLIP"}
-_CONFIGS = {"kanoclip": ModelConfig, "aprilgan": AprilGANConfig, "anomalyclip": AnomalyCLIPConfig}
-_MODELS = {"kanoclip": KAnoCLIP, "aprilgan": AprilGAN, "anomalyclip": AnomalyCLIP}
 
 
 def check_method(method: str) -> str:
@@ -23,13 +18,13 @@ def check_method(method: str) -> str:
 
 def model_config(method: str, values: dict | None = None):
     """The method's model config dataclass (its published defaults), updated with `values`."""
-    return _CONFIGS[check_method(method)](**(values or {}))
+    return resolve(METHODS[check_method(method)].config)(**(values or {}))
 
 
 def published_backbone(method: str) -> tuple:
     """-> (layers, pos_resize): the method's `published_layers(depth) -> (stages, vv_start)` and its position-
     embedding resize (kanoclip/pos_embed.py), each set (with its source) on the method's class."""
-    cls = _MODELS[check_method(method)]
+    cls = resolve(METHODS[check_method(method)].model)
     return cls.published_layers, cls.pos_resize
 
 
@@ -41,7 +36,7 @@ def method_backbone(method: str, spec: str, *, image_size: int | None = None, de
     bb = build_backbone(spec, image_size=image_size, device=device, pos_resize=pos_resize or default_resize)
     st, vv = layers(bb.depth)
     bb.set_layers(stages or st, vv_start if vv_start is not None else vv)
-    spec_vv = _MODELS[method].__dict__.get("feature_spec")  # a dict on the peers; KAnoCLIP's follows its config
+    spec_vv = resolve(METHODS[method].model).__dict__.get("feature_spec")  # a dict on the peers; KAnoCLIP's follows its config
     if use_vv and (spec_vv["vv"] if isinstance(spec_vv, dict) else True) and bb.vv_start > max(bb.stages):
         raise KanoError(f"the V-V start must be at or before the last stage {max(bb.stages)} (its maps come from the V-V "
                         f"path), got vv_start {bb.vv_start}; pass --vv-start {min(bb.stages)} or later stages")
@@ -50,4 +45,4 @@ def method_backbone(method: str, spec: str, *, image_size: int | None = None, de
 
 def build_model(method: str, backbone: Backbone, cfg=None):
     """-> the method's nn.Module on a frozen backbone (cfg: its config dataclass, None for the defaults)."""
-    return _MODELS[check_method(method)](backbone, cfg if cfg is not None else model_config(method))
+    return resolve(METHODS[check_method(method)].model)(backbone, cfg if cfg is not None else model_config(method))

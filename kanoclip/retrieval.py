@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, grid_hw
 from .model import InferenceBatch, gaussian_blur
+from .protocol import MethodDefaults
 
 
 @dataclass
@@ -58,7 +59,7 @@ def retrieval_probability(queries: torch.Tensor, normal: torch.Tensor, abnormal:
     return torch.stack([s_n, s_a], -1).div(temperature).softmax(-1)[..., 1]
 
 
-class PatchRetrieval(nn.Module):
+class PatchRetrieval(nn.Module, MethodDefaults):
     """Frozen backbone + labelled feature memories (buffers, not parameters). forward(images (N, 3, S, S),
     class names) -> InferenceBatch (stage_maps: per-stage P(abnormal) on the patch grid); class names are accepted for the evaluator's interface and unused."""
 

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, grid_hw
 from .model import InferenceBatch
+from .protocol import MethodDefaults
 from .prompts import tokenize
 
 WINCLIP_NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -109,7 +110,7 @@ def _class_prob(emb: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Te
     return logits.softmax(-1)[..., 1]
 
 
-class CLIPZeroShot(nn.Module):
+class CLIPZeroShot(nn.Module, MethodDefaults):
     """CLIP (two prompts) or CLIP-AC (state in the template ensemble); see the module docstring."""
 
     def __init__(self, backbone: Backbone, variant: str = "clip"):
@@ -173,7 +174,7 @@ def harmonic_aggregate(window_scores: torch.Tensor, windows: torch.Tensor, n_pat
     return (counts / sums).nan_to_num(nan=0.0, posinf=0.0)
 
 
-class WinCLIP(nn.Module):
+class WinCLIP(nn.Module, MethodDefaults):
     """Zero-shot WinCLIP on a Kano backbone (ViT with CLS-token pooling)."""
 
     def __init__(self, backbone: Backbone, cfg: WinCLIPConfig | None = None):

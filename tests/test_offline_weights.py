@@ -76,7 +76,7 @@ def test_cached_weights_are_found_without_the_network(tmp_path, monkeypatch):
     """The lookup finds a file laid out as the Hub cache does (refs/main -> snapshots/<rev>/file)."""
     from huggingface_hub import constants
 
-    from kano.kanoclip.backbone import _weight_source
+    from kano.kanoclip.pretrained import _weight_source
 
     # a private cache: an entry left in the session's shared one would make later in-process lookups find an
     # empty "weights" file (tests/test_backbone.py's "must be in the cache" case then read it and failed)

@@ -155,7 +155,7 @@ def test_bad_metrics_are_refused(three, tmp_path, cli):
 
 
 @pytest.mark.parametrize("methods, message", [
-    ("median_colour,bogus", "--method must be a comma-separated list of distinct NAME (one of median_colour, darkness"),
+    ("median_colour,bogus", "--method must be a comma-separated list of distinct NAME (one of kanoclip-untrained, clip, clip-ac, winclip, retrieval, median_colour, darkness"),
     ("darkness,darkness", "got 'darkness,darkness' (a name twice)"),
     ("darkness,musc", "needs --backbone SPEC for musc"),
 ])

@@ -140,7 +140,7 @@ def test_cli_winclip_plus_takes_its_references_from_the_train_split(synth_root, 
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--method", "clip", "--k-shot", "1"], "--k-shot is used by --method winclip only (WinCLIP+), got --method clip"),
+    (["--method", "clip", "--k-shot", "1"], "--k-shot is used by --method winclip only (few-shot), got --method clip"),
     (["--method", "winclip", "--k-shot", "3"], "--k-shot 3 needs 3 normal train images of class disc"),
 ])
 def test_cli_winclip_plus_bad_input(args, expected, synth_root, tmp_path, cli):

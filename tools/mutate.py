@@ -224,8 +224,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kano-mutate-") as td:
         tree, links = prepare(Path(td))
         env = dict(os.environ, PYTHONPATH=str(links))
+        # run from the links, not the tree: the tree's own kano/ (without the stage folders) would come first on
+        # sys.path and send kano.kanoclip to the editable install (pytest's conftest drops the tree's root itself)
         where = subprocess.run([sys.executable, "-c", "import kano.kanoclip as k, kano.trainer as t; print(k.__file__, t.__file__)"],
-                               cwd=tree, env=env, capture_output=True, text=True).stdout.split()
+                               cwd=links, env=env, capture_output=True, text=True).stdout.split()
         if not where or not all(w.startswith(td) for w in where):
             sys.exit(f"the copy must be what Python imports, got {where}")
         if not args.skip_baseline:

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 
 from kano.anomaly_data import Sample, SampleDataset, raise_batch_errors
 from kano.errors import KanoError
+from kano.files import umask
 from kano.kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
 
-from .checkpoint import _umask
-from .distributed import Dist
+from kano.distributed import Dist
 
 
 def backbone_fingerprint(model: KAnoCLIP) -> str:
@@ -142,7 +142,7 @@ def build_feature_store(model: KAnoCLIP, samples: list[Sample], mode: str, cache
                 for stale in cache_dir.glob(f"{key}.tmp-*"):  # left by a killed build (we hold the lock: nobody else builds)
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir))
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's private 0700 would outlive the rename
+                os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's private 0700 would outlive the rename
                 for name, shape in shapes.items():
                     np.lib.format.open_memmap(tmp / name, "w+", np.float16, tuple(shape)).flush()
         tmp_name = dist.broadcast(str(tmp) if tmp else None)

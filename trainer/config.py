@@ -2,18 +2,20 @@
 
 Defaults and their source: the backbone (ViT-L/14@336) is the paper's; image size 518, stages 6/12/18/24,
 Adam 1e-3 with betas (0.5, 0.999), batch 8 and 15 epochs are AnomalyCLIP's published settings, which the
-KAnoCLIP paper does not state.
+KAnoCLIP paper does not state. `model` is the chosen method's own config dataclass (kano/registry.py names it:
+KAnoCLIP's ModelConfig, AprilGANConfig, AnomalyCLIPConfig), with that method's published defaults.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 from kano.errors import KanoError
-from kano.kanoclip import ModelConfig
+from kano.kanoclip import ModelConfig, model_config
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
 
@@ -46,11 +48,9 @@ class TrainConfig:
     # which KB descriptions feed w̄ᵏ (eq. 3). None: llm + vqa, and the built-in pack / imports only for a class
     # with neither (training warns). A list (of llm, vqa, builtin, import): exactly those.
     knowledge_sources: list[str] | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = None                                 # the method's config dataclass (or a dict of its keys); None: its defaults
 
     def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
         if not isinstance(self.betas, (list, tuple)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
@@ -60,11 +60,8 @@ class TrainConfig:
 
         if self.method not in TRAINED_METHODS:
             raise ValueError(f"method must be one of {', '.join(TRAINED_METHODS)}, got {self.method!r}")
+        self.model = method_model_config(self.method, self.model)
         if self.method != "kanoclip":
-            changed = [f.name for f in fields(ModelConfig) if getattr(self.model, f.name) != getattr(ModelConfig(), f.name)]
-            if changed:
-                raise ValueError(f"KAnoCLIP's model options ({', '.join(changed)}) apply to method kanoclip only; "
-                                 f"{self.method} runs with its published settings, got them with method {self.method}")
             if self.knowledge_sources is not None:
                 raise ValueError(f"knowledge_sources apply to method kanoclip only ({self.method} uses no knowledge base), "
                                  f"got {self.knowledge_sources} with method {self.method}")
@@ -111,7 +108,8 @@ class TrainConfig:
             self.knowledge_sources = list(check_sources(self.knowledge_sources))
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {self.split!r}")
-        if self.stages is not None and self.vv_start is not None and self.model.use_vv and self.vv_start > max(self.stages):
+        if (self.stages is not None and self.vv_start is not None and getattr(self.model, "use_vv", True)
+                and self.vv_start > max(self.stages)):
             raise ValueError(f"vv_start must be <= the last stage {max(self.stages)} when CLIP-VV is on, got {self.vv_start}")
 
     def to_dict(self) -> dict:
@@ -138,14 +136,21 @@ class TrainConfig:
                 raise KanoError(f"config file {p}: \"train\" must be a JSON object, got a {type(base).__name__}")
         base = dict(base)
         model = base.pop("model", {}) or {}
+        from kano.kanoclip.registry import METHODS, resolve
+
+        method = overrides.get("method") or base.get("method") or "kanoclip"
+        mcls = resolve(METHODS[method].config) if method in METHODS and METHODS[method].config else ModelConfig
         if not isinstance(model, dict):
-            raise KanoError(f"config key \"model\" must be a JSON object of ModelConfig keys "
-                            f"({', '.join(f.name for f in fields(ModelConfig))}), got {model!r}")
+            raise KanoError(f"config key \"model\" must be a JSON object of {mcls.__name__} keys "
+                            f"({', '.join(f.name for f in fields(mcls))}), got {model!r}")
         model = dict(model)
+        # model options come flat among the overrides: KAnoCLIP's from the command line, the chosen method's own
+        # from a run's saved config on --resume
+        model_keys = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(mcls)}
         for k, v in overrides.items():
             if v is None:
                 continue
-            if k in {f.name for f in fields(ModelConfig)}:
+            if k in model_keys:
                 model[k] = v
             else:
                 base[k] = v
@@ -153,10 +158,38 @@ class TrainConfig:
         unknown = sorted(set(base) - known)
         if unknown:
             raise KanoError(f"config keys must be among {', '.join(sorted(known))}, got {', '.join(unknown)}")
-        mknown = {f.name for f in fields(ModelConfig)}
-        if set(model) - mknown:
-            raise KanoError(f"model config keys must be among {', '.join(sorted(mknown))}, got {', '.join(sorted(set(model) - mknown))}")
         try:
-            return cls(**base, model=ModelConfig(**model))
+            return cls(**base, model=model)
         except (TypeError, ValueError) as exc:
             raise KanoError(str(exc)) from None
+
+
+def method_model_config(method: str, model):
+    """`model` as `method`'s config dataclass: None -> its defaults, a dict -> those keys over its defaults.
+
+    A run config written before each method had its own config recorded KAnoCLIP's defaults under "model" for
+    every method; for another method those unchanged defaults mean "its own defaults" and are read as such."""
+    from kano.kanoclip.registry import METHODS, resolve
+
+    cls = resolve(METHODS[method].config)
+    if model is None:
+        return cls()
+    if is_dataclass(model) and not isinstance(model, type):
+        if not isinstance(model, cls):
+            raise ValueError(f"model must be {method}'s config {cls.__name__}, got a {type(model).__name__}")
+        return model
+    if not isinstance(model, dict):
+        raise ValueError(f"model must be a dict of {method}'s model config keys, got {model!r}")
+    if method != "kanoclip" and model and json.loads(json.dumps(model)) == json.loads(json.dumps(ModelConfig().to_dict())):
+        return cls()
+    mknown = [f.name for f in fields(cls)]
+    extra = sorted(set(model) - set(mknown))
+    if extra:
+        if method != "kanoclip" and set(extra) <= {f.name for f in fields(ModelConfig)}:
+            raise ValueError(f"KAnoCLIP's model options ({', '.join(extra)}) apply to method kanoclip only; {method}'s "
+                             f"model config keys are {', '.join(mknown)}, got them with method {method}")
+        raise ValueError(f"model config keys must be among {', '.join(mknown)} ({method}'s), got {', '.join(extra)}")
+    try:
+        return model_config(method, model)
+    except TypeError as exc:
+        raise ValueError(f"model config of {method} must hold its keys ({', '.join(mknown)}), got {exc}") from None

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -13,14 +14,17 @@ import numpy as np
 import torch
 
 from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
+from kano.curves import f1_threshold
+from kano.device import resolve_device
 from kano.errors import KanoError
+from kano.files import atomic_write, read_manifest
 from kano.kanoclip import VisualFeatures, backbone_autocast, build_model, method_backbone
 from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
-from .config import TrainConfig
-from .distributed import Dist
+from .config import TrainConfig, method_model_config
+from kano.distributed import Dist
 from .knowledge import fallback_warning, knowledge_vectors
 
 
@@ -28,23 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """--device: cpu, cuda or cuda:N (default cuda when available)."""
-    if device:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise KanoError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise KanoError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise KanoError(f"--device must be available, got {device} on a machine without CUDA")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise KanoError(f"--device must name one of the {torch.cuda.device_count()} CUDA devices, got {device}")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_masks(samples: list[Sample], size: int) -> torch.Tensor:
@@ -79,7 +66,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
-    a, b = _flat({"method": "kanoclip", **saved}), _flat(now)  # runs from before --method are KAnoCLIP runs
+    saved = {"method": "kanoclip", **saved}  # runs from before --method are KAnoCLIP runs
+    if saved["method"] != "kanoclip":  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
+        try:
+            saved["model"] = json.loads(json.dumps(method_model_config(saved["method"], saved.get("model")).to_dict()))
+        except (KeyError, ValueError):
+            pass
+    a, b = _flat(saved), _flat(now)
     keys = sorted((set(a) | set(b)) - set(RESUME_MAY_CHANGE))
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -88,9 +81,7 @@ def _run_state(run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str
     """Check what `run_dir` holds against --resume; -> the number of finished epochs to continue from."""
     if run_dir.exists() and not run_dir.is_dir():
         raise KanoError(f"--out must be a directory (a new one, or a run to --resume), got an existing file {run_dir}")
-    from kano.evaluator.outputs import read_manifest  # what eval and predict write into their folders
-
-    results = read_manifest(run_dir)
+    results = read_manifest(run_dir)  # what eval and predict write into their folders
     if results is not None:  # a run written among another command's results would mix the two
         raise KanoError(f"--out {run_dir} must be a new folder or a run to --resume, got the results of "
                         f"`kano {results.get('command', '?')}`; pass another --out")
@@ -123,66 +114,127 @@ def _run_state(run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str
     return done
 
 
+@dataclass
+class Run:
+    """What one training holds between its steps. `phase` words the Ctrl-C message ("interrupted while ...");
+    each step sets it as it starts."""
+
+    cfg: TrainConfig
+    dist: Dist
+    log: Callable[[str], None]
+    progress: Callable | None
+    run_dir: Path
+    phase: str = "while starting"
+    started: float = field(default_factory=time.perf_counter)
+    samples: list = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    sample_names: list[str] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+    image_size: int = 0
+    knowledge: dict[str, torch.Tensor] | None = None
+    params: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    config: dict = field(default_factory=dict)
+    masks: torch.Tensor | None = None
+    cache_mode: str = "off"
+    cache_dir: Path | None = None
+    feats: FeatureStore | None = None
+    images: SampleDataset | None = None
+
+    @property
+    def uses_kb(self) -> bool:
+        return self.cfg.method == "kanoclip"  # the peers (April-GAN, AnomalyCLIP) use no knowledge base
+
+    def warn(self, message: str) -> None:  # plain stderr, unwrapped (a path must stay one word), rank 0 only
+        if self.dist.main:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
+    def features(self, idx: torch.Tensor) -> VisualFeatures:
+        """The frozen backbone's features of samples `idx`: from the cache, or encoded now (--cache off)."""
+        if self.feats is not None:
+            return self.feats.get(idx, self.dist.device)
+        batch = [self.images[int(i)] for i in idx]
+        raise_batch_errors({"error": [b["error"] for b in batch]})
+        with backbone_autocast(self.dist.device):
+            return self.model.encode_images(torch.stack([b["image"] for b in batch]).to(self.dist.device))
+
+    def ensure_cache(self, phase: str | None = "while encoding the feature cache") -> float:
+        """Build the feature cache once (seconds it took; 0 when there is one or none is wanted); `phase`: what
+        an interruption meanwhile is said to interrupt (None: the current step's)."""
+        if self.feats is not None or self.cache_mode == "off":
+            return 0.0
+        t0 = time.perf_counter()
+        self.phase = phase or self.phase
+        cfg = self.cfg
+        self.feats = build_feature_store(self.model, self.samples, self.cache_mode, self.cache_dir, self.dist.device,
+                                         cfg.batch_size, cfg.workers, self.progress("encoding images (once)") if self.progress else None,
+                                         self.dist, self.warn)
+        return time.perf_counter() - t0
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: Callable | None = None, log: Callable[[str], None] = print,
           allow_missing_masks: bool = False) -> dict:
-    """Train a run into cfg.out (one run over all processes of a torchrun/accelerate launch).
+    """Train a run into cfg.out (one run over all processes of a torchrun/accelerate launch): prepare, the
+    epochs, calibrate the threshold, save.
 
     Returns a summary {run_dir, epochs, threshold, log, world_size}. Ctrl-C / SIGTERM raise
     TrainInterrupted saying what is saved and whether `--resume` continues it. allow_missing_masks: an
     anomalous image without a mask (its class having masks) is a warning, not an error (see load_dataset).
     """
     dist = Dist.from_env(cfg.device, resolve_device)
-    phase = {"now": "while starting", "run_dir": Path(cfg.out)}
+    run = Run(cfg, dist, log if dist.main else (lambda s: None), progress if dist.main else None, Path(cfg.out))
     try:
-        return _train(cfg, resume, progress if dist.main else None, log if dist.main else (lambda s: None), dist, phase,
-                      allow_missing_masks)
+        prepare(run, resume, allow_missing_masks)
+        for epoch in range(run.start_epoch, cfg.epochs):
+            train_epoch(run, epoch)
+        threshold = calibrate(run)
+        save(run, threshold)
+        return {"run_dir": str(run.run_dir), "epochs": cfg.epochs, "threshold": threshold, "log": run.history,
+                "world_size": dist.world}
     except KeyboardInterrupt:
-        run_dir = phase["run_dir"]
         try:
-            done = ckpt.read_checkpoint_epoch(run_dir) or 0
+            done = ckpt.read_checkpoint_epoch(run.run_dir) or 0
         except KanoError:
             done = 0
         if done:
-            msg = (f"interrupted {phase['now']}: epochs 1-{done} of {cfg.epochs} are saved in {run_dir}; "
+            msg = (f"interrupted {run.phase}: epochs 1-{done} of {cfg.epochs} are saved in {run.run_dir}; "
                    "continue with the same command and --resume")
         else:
-            msg = (f"interrupted {phase['now']}, before any epoch finished: nothing to resume in {run_dir}; "
+            msg = (f"interrupted {run.phase}, before any epoch finished: nothing to resume in {run.run_dir}; "
                    "run the same command again to start over")
         raise TrainInterrupted(msg, done, bool(done)) from None
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Callable[[str], None], dist: Dist, phase: dict,
-           allow_missing_masks: bool = False) -> dict:
-    t_start = time.perf_counter()
-    run_dir = Path(cfg.out)
-
-    def warn(message: str) -> None:  # plain stderr, unwrapped (a path must stay one word), rank 0 only
-        if dist.main:
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
-
-    start_epoch = _run_state(run_dir, cfg, resume, log)
+def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
+    """Check the run folder, read the data and the knowledge base, build the model and the optimiser (restored
+    from the checkpoint on --resume), write config.json, and choose the feature cache."""
+    cfg, dist, log = run.cfg, run.dist, run.log
+    run.start_epoch = _run_state(run.run_dir, cfg, resume, log)
     dist.barrier()  # every process checked run_dir before rank 0 writes into it
     seed_everything(cfg.seed)
     device = dist.device
-    phase["now"] = "while loading the data"
+    run.phase = "while loading the data"
     dataset = load_dataset(cfg.data, missing_masks="warn" if allow_missing_masks else "error")
-    classes, samples = dataset.split_classes(cfg.split, cfg.classes, warn)
+    classes, samples = dataset.split_classes(cfg.split, cfg.classes, run.warn)
     if not samples:
         raise KanoError(f"{cfg.data} must have {cfg.split} images for {', '.join(classes)}, got none")
-    labels = torch.tensor([s.label for s in samples], dtype=torch.float32)
-    uses_kb = cfg.method == "kanoclip"  # the peers (April-GAN, AnomalyCLIP) use no knowledge base
+    run.samples = samples
+    run.labels = torch.tensor([s.label for s in samples], dtype=torch.float32)
+    uses_kb = run.uses_kb
     store = KnowledgeStore(cfg.kb, create=False, read_only=True) if uses_kb else None  # no write lock: works while the KB is open elsewhere
 
-    phase["now"] = "while building the model"
+    run.phase = "while building the model"
     bb = method_backbone(cfg.method, cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages,
-                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=cfg.model.use_vv)
+                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=getattr(cfg.model, "use_vv", True))
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
-    model = build_model(cfg.method, bb, cfg.model if uses_kb else None)
+    model = run.model = build_model(cfg.method, bb, cfg.model)
+    run.image_size = bb.image_size
     names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
-    knowledge: dict[str, torch.Tensor] | None = None
     kb_info = None
     if uses_kb:
         # rank 0 encodes and caches the knowledge texts first; the others then read them from the cache
@@ -196,22 +248,19 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
         grouped: dict[str, list[torch.Tensor]] = {}
         for c, v in folder_vectors.items():  # folders sharing a prompt word (pcb1..pcb4) share one w̄ᵏ
             grouped.setdefault(names[c], []).append(v)
-        knowledge = {k: torch.stack(v).mean(0) for k, v in grouped.items()}
+        run.knowledge = {k: torch.stack(v).mean(0) for k, v in grouped.items()}
         kb_info = {"path": str(Path(cfg.kb).resolve()), "digest": store.digest(), **kinfo}
-    sample_names = [names[s.class_name] for s in samples]
+    run.sample_names = [names[s.class_name] for s in samples]
 
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    param_names = [n for n, _ in params]
-    train_params = [p for _, p in params]
-    optimizer = torch.optim.Adam(train_params, lr=cfg.lr, betas=cfg.betas)
-    history: list[dict] = []
-    if start_epoch:
-        done, model_state, history = ckpt.load_training_state(run_dir, optimizer, param_names)
+    run.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    run.optimizer = torch.optim.Adam([p for _, p in run.params], lr=cfg.lr, betas=cfg.betas)
+    if run.start_epoch:
+        done, model_state, history = ckpt.load_training_state(run.run_dir, run.optimizer, [n for n, _ in run.params])
         model.load_trainable_state_dict(model_state)
-        history = history[:done]
-    dist.broadcast_params(train_params)  # identical replicas from the first step on
+        run.history = history[:done]
+    dist.broadcast_params([p for _, p in run.params])  # identical replicas from the first step on
 
-    config = {
+    run.config = {
         "kano_version": ckpt.library_versions()["kano"], "backbone": cfg.backbone, "image_size": bb.image_size, "stages": bb.stages,
         "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "method": cfg.method, "model": model.cfg.to_dict(),
         "model_used": model.describe() if hasattr(model, "describe") else {}, "train": cfg.to_dict(),
@@ -220,122 +269,100 @@ def _train(cfg: TrainConfig, resume: bool, progress: Callable | None, log: Calla
         "versions": ckpt.library_versions(), "world_size": dist.world, "threshold": None, "status": "training",
     }
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save_config(run_dir, config)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.save_config(run.run_dir, run.config)
 
-    masks = _load_masks(samples, bb.image_size)
-    cache_mode = choose_mode(cfg.cache, estimate_bytes(model, len(samples)))
-    if dist.world > 1 and cache_mode == "memory":
-        cache_mode = "disk"  # processes share one memory-mapped cache, each computing its shard
-    cache_dir = Path(cfg.cache_dir or Path.home() / ".cache" / "kano" / "features")
-    feats: FeatureStore | None = None
-    gen_images = SampleDataset(samples, bb.image_size, bb.mean, bb.std, mask_size=8)
+    run.masks = _load_masks(samples, bb.image_size)
+    run.cache_mode = choose_mode(cfg.cache, estimate_bytes(model, len(samples)))
+    if dist.world > 1 and run.cache_mode == "memory":
+        run.cache_mode = "disk"  # processes share one memory-mapped cache, each computing its shard
+    run.cache_dir = Path(cfg.cache_dir or Path.home() / ".cache" / "kano" / "features")
+    run.images = SampleDataset(samples, bb.image_size, bb.mean, bb.std, mask_size=8)
 
-    def features(idx: torch.Tensor) -> VisualFeatures:
-        if feats is not None:
-            return feats.get(idx, device)
-        batch = [gen_images[int(i)] for i in idx]
-        errs = {"error": [b["error"] for b in batch]}
-        raise_batch_errors(errs)
-        with backbone_autocast(device):
-            return model.encode_images(torch.stack([b["image"] for b in batch]).to(device))
 
-    keys = ("total", "kd", "global", "local")
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        cache_s = 0.0
-        if feats is None and cache_mode != "off":
-            phase["now"] = "while encoding the feature cache"
-            feats = build_feature_store(model, samples, cache_mode, cache_dir, device, cfg.batch_size, cfg.workers,
-                                        progress("encoding images (once)") if progress else None, dist, warn)
-            cache_s = time.perf_counter() - t0
-        phase["now"] = f"during epoch {epoch + 1}"
-        model.train()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(samples), generator=g)
-        mine = order[dist.rank::dist.world]  # disjoint shards covering the data
-        n_steps = -(-len(order[0::dist.world]) // cfg.batch_size)  # rank 0's shard is the largest
-        batches = list(mine.split(cfg.batch_size))
-        batches += [mine[:0]] * (n_steps - len(batches))  # a shorter shard: empty steps keep the collectives aligned
-        sums = dict.fromkeys(keys, 0.0)
-        advance, close = progress(f"epoch {epoch + 1}/{cfg.epochs}")(len(batches)) if progress else (lambda k: None, lambda: None)
-        for idx in batches:
-            optimizer.zero_grad(set_to_none=True)
-            stats = [0.0] * len(keys)
-            if len(idx):
-                out = model.forward_features(features(idx), [sample_names[i] for i in idx.tolist()], bb.image_size)
-                terms = model.loss(out, masks[idx].to(device).float(), labels[idx].to(device),
-                                   knowledge if uses_kb and cfg.model.use_knpl else None)
-                terms["total"].backward()
-                stats = [float(terms[k].detach()) for k in keys]
-            _, stats = dist.reduce_step(train_params, len(idx), stats)
-            optimizer.step()
-            for k, v in zip(keys, stats):
-                sums[k] += v
-            advance(1)
-        close()
-        shards = dist.gather(mine.tolist())
-        row = {"epoch": epoch + 1, "loss": sums["total"] / n_steps, "loss_kd": sums["kd"] / n_steps,
-               "loss_global": sums["global"] / n_steps, "loss_local": sums["local"] / n_steps,
-               "seconds": round(time.perf_counter() - t0, 3), "cache_seconds": round(cache_s, 3),
-               "cache": cache_mode, "world_size": dist.world, "samples_per_rank": [len(x) for x in shards]}
-        if dist.world > 1:
-            row["shard_indices"] = shards
-        history.append(row)
-        if dist.main:
-            ckpt.save_training_state(run_dir, epoch + 1, model.trainable_state_dict(), optimizer, param_names, history)
-            _write_log(run_dir, history)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} (kd {row['loss_kd']:.4f}, global {row['loss_global']:.4f}, "
-            f"local {row['loss_local']:.4f}) in {row['seconds']:.1f}s")
+LOSS_TERMS = ("total", "kd", "global", "local")
 
-    # decision threshold from the auxiliary data (never from target test data): the F1-best image score, in float32
-    # like every score evaluation reports; each process scores its shard, the sums assemble all of them
-    phase["now"] = "while calibrating the decision threshold"
-    if feats is None and cache_mode != "off":
-        feats = build_feature_store(model, samples, cache_mode, cache_dir, device, cfg.batch_size, cfg.workers,
-                                    progress("encoding images (once)") if progress else None, dist, warn)
-    model.eval()
-    scores_t = torch.zeros(len(samples), dtype=torch.float32)
-    with torch.no_grad():
-        for idx in torch.arange(dist.rank, len(samples), dist.world).split(cfg.batch_size):
-            out = model.forward_features(features(idx), [sample_names[i] for i in idx.tolist()], bb.image_size)
-            scores_t[idx] = out.image_score.float().cpu()
-    scores_t = dist.all_sum(scores_t)
-    threshold = _f1_threshold(labels, scores_t)
-    state = model.trainable_state_dict()
-    ranks = [{"rank": r, "weights_sha256": d} for r, d in enumerate(dist.gather(ckpt.weights_digest(state)))]
-    encoded = dist.gather(feats.encoded if feats else 0)
+
+def train_epoch(run: Run, epoch: int) -> dict:
+    """One epoch (0-based `epoch`) over this process's shard; the checkpoint and the log after it. -> its log row."""
+    cfg, dist, model, optimizer = run.cfg, run.dist, run.model, run.optimizer
+    t0 = time.perf_counter()
+    cache_s = run.ensure_cache()
+    run.phase = f"during epoch {epoch + 1}"
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    order = torch.randperm(len(run.samples), generator=g)
+    mine = order[dist.rank::dist.world]  # disjoint shards covering the data
+    n_steps = -(-len(order[0::dist.world]) // cfg.batch_size)  # rank 0's shard is the largest
+    batches = list(mine.split(cfg.batch_size))
+    batches += [mine[:0]] * (n_steps - len(batches))  # a shorter shard: empty steps keep the collectives aligned
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    advance, close = run.progress(f"epoch {epoch + 1}/{cfg.epochs}")(len(batches)) if run.progress else (lambda k: None, lambda: None)
+    train_params = [p for _, p in run.params]
+    knowledge = run.knowledge if run.uses_kb and cfg.model.use_knpl else None
+    for idx in batches:
+        optimizer.zero_grad(set_to_none=True)
+        stats = [0.0] * len(LOSS_TERMS)
+        if len(idx):
+            out = model.forward_features(run.features(idx), [run.sample_names[i] for i in idx.tolist()], run.image_size)
+            terms = model.loss(out, run.masks[idx].to(dist.device).float(), run.labels[idx].to(dist.device), knowledge)
+            terms["total"].backward()
+            stats = [float(terms[k].detach()) for k in LOSS_TERMS]
+        _, stats = dist.reduce_step(train_params, len(idx), stats)
+        optimizer.step()
+        for k, v in zip(LOSS_TERMS, stats):
+            sums[k] += v
+        advance(1)
+    close()
+    shards = dist.gather(mine.tolist())
+    row = {"epoch": epoch + 1, "loss": sums["total"] / n_steps, "loss_kd": sums["kd"] / n_steps,
+           "loss_global": sums["global"] / n_steps, "loss_local": sums["local"] / n_steps,
+           "seconds": round(time.perf_counter() - t0, 3), "cache_seconds": round(cache_s, 3),
+           "cache": run.cache_mode, "world_size": dist.world, "samples_per_rank": [len(x) for x in shards]}
+    if dist.world > 1:
+        row["shard_indices"] = shards
+    run.history.append(row)
     if dist.main:
-        phase["now"] = "while saving the run"
-        ckpt.save_weights(run_dir / ckpt.WEIGHTS, state)
-        _write_log(run_dir, history)
-        config.update(threshold=threshold, status="finished", epochs_done=cfg.epochs, ranks=ranks,
-                      feature_cache={"mode": cache_mode, "location": feats.location if feats else None,
-                                     "encoded_per_rank": encoded},
-                      seconds=round(time.perf_counter() - t_start, 2))
-        ckpt.save_config(run_dir, config)
+        ckpt.save_training_state(run.run_dir, epoch + 1, model.trainable_state_dict(), optimizer, [n for n, _ in run.params],
+                                 run.history)
+        _write_log(run.run_dir, run.history)
+    run.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} (kd {row['loss_kd']:.4f}, global {row['loss_global']:.4f}, "
+            f"local {row['loss_local']:.4f}) in {row['seconds']:.1f}s")
+    return row
+
+
+def calibrate(run: Run) -> float:
+    """The decision threshold from the auxiliary data (never from target test data): the F1-best image score,
+    in float32 like every score evaluation reports; each process scores its shard, the sums assemble all."""
+    run.phase = "while calibrating the decision threshold"
+    run.ensure_cache(phase=None)
+    dist = run.dist
+    run.model.eval()
+    scores = torch.zeros(len(run.samples), dtype=torch.float32)
+    with torch.no_grad():
+        for idx in torch.arange(dist.rank, len(run.samples), dist.world).split(run.cfg.batch_size):
+            out = run.model.forward_features(run.features(idx), [run.sample_names[i] for i in idx.tolist()], run.image_size)
+            scores[idx] = out.image_score.float().cpu()
+    return f1_threshold(run.labels, dist.all_sum(scores))
+
+
+def save(run: Run, threshold: float) -> None:
+    """The weights, the log and the finished config.json (threshold, every rank's weights digest, the cache)."""
+    dist, state = run.dist, run.model.trainable_state_dict()
+    ranks = [{"rank": r, "weights_sha256": d} for r, d in enumerate(dist.gather(ckpt.weights_digest(state)))]
+    encoded = dist.gather(run.feats.encoded if run.feats else 0)
+    if dist.main:
+        run.phase = "while saving the run"
+        ckpt.save_weights(run.run_dir / ckpt.WEIGHTS, state)
+        _write_log(run.run_dir, run.history)
+        run.config.update(threshold=threshold, status="finished", epochs_done=run.cfg.epochs, ranks=ranks,
+                          feature_cache={"mode": run.cache_mode, "location": run.feats.location if run.feats else None,
+                                         "encoded_per_rank": encoded},
+                          seconds=round(time.perf_counter() - run.started, 2))
+        ckpt.save_config(run.run_dir, run.config)
     dist.barrier()
-    return {"run_dir": str(run_dir), "epochs": cfg.epochs, "threshold": threshold, "log": history, "world_size": dist.world}
 
 
 def _write_log(run_dir: Path, history: list[dict]) -> None:
     """train_log.jsonl from the checkpoint's own rows (rewritten whole: a resumed run never repeats an epoch)."""
-    ckpt._atomic_write(run_dir / ckpt.LOG, "".join(json.dumps(r) + "\n" for r in history))
-
-
-def _f1_threshold(labels: torch.Tensor, scores: torch.Tensor) -> float:
-    """The score threshold with the best F1 on the given (auxiliary) data."""
-    y = labels > 0
-    if y.all() or (~y).all():
-        return 0.5
-    order = torch.argsort(scores, descending=True, stable=True)
-    s, t = scores[order], y[order].double()
-    tp = torch.cumsum(t, 0)
-    pp = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    f1 = 2 * tp / (pp + y.sum())
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]
-    f1 = torch.where(last, f1, torch.zeros_like(f1))
-    j = int(torch.argmax(f1))
-    nxt = s[j + 1:][s[j + 1:] < s[j]]
-    return float((s[j] + nxt[0]) / 2) if len(nxt) else float(s[j])
+    atomic_write(run_dir / ckpt.LOG, "".join(json.dumps(r) + "\n" for r in history))
