@@ -25,6 +25,7 @@ class _Fixed(torch.nn.Module):
         return InferenceBatch(torch.full((n,), 0.3), amap, torch.zeros(n, 1, 2, 2))
 
 
+@pytest.mark.slow  # about 28 s on two cores
 def test_distance_map_is_one_minus_the_best_cosine_averaged_over_stages(tiny_backbone):
     g = torch.Generator().manual_seed(0)
     s = tiny_backbone.image_size
