@@ -1,12 +1,16 @@
 """Procedural textures and objects with exact-mask defects, written in MVTec layout plus meta.json.
 
 Deterministic: the same (classes, seed, counts) write byte-identical files.
+
+The legacy classes (LEGACY_CLASSES) stay because the test fixtures and several tests score exactly these
+images (disc and weave with hole / stain defects, whose every defect is a colour outlier) and the micro-CLIP's
+zero-shot check measures on them as classes its pretraining world never shows; world classes are written
+by anomaly_data/world.py, and both draw their shared primitives from anomaly_data/drawing.py.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from PIL import Image, ImageDraw
 from kano.errors import KanoError
 
 from . import world
+from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
 from .world import HELD_OUT_DEFECTS, SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
 
 # The first generation of classes (kept for the unit tests): every defect here is a colour outlier.
@@ -28,13 +33,9 @@ DEFECTS = LEGACY_DEFECTS + tuple(d for d in WORLD_DEFECTS if d not in LEGACY_DEF
 _WORLD_ALIAS = {"hole": "dark_spot", "colour": "hue", "missing": "part_missing"}
 
 
-def _rng(seed: int, *keys) -> np.random.Generator:
-    return np.random.default_rng([seed, *[zlib.crc32(str(k).encode()) for k in keys]])
-
-
 def _palette(cls: str) -> tuple[np.ndarray, np.ndarray]:
     """Two class colours; kept away from black so that a hole (near-black) is visible on every class."""
-    r = _rng(7, cls)
+    r = rng(7, cls)
     a = r.uniform(70, 210, 3)
     b = np.clip(a + r.uniform(-70, 70, 3), 40, 235)
     if b.mean() < 100:
@@ -61,8 +62,7 @@ def _texture(cls: str, size: int, r: np.random.Generator) -> np.ndarray:
         s = int(24 * freq)
         t = ((((x + ph * 4) % s) < 3) | (((y + ph * 4) % s) < 3)).astype(float) * 0.85 + 0.05
     elif cls == "marble":
-        n = r.normal(0, 1, (size // 16, size // 16))
-        base = np.asarray(Image.fromarray(((n - n.min()) / (n.max() - n.min()) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)) / 255.0
+        base = noise_image(r.normal(0, 1, (size // 16, size // 16)), size) / 255.0
         t = 0.5 + 0.5 * np.sin((x * 0.05 + base * 6.0) + ph)
     elif cls == "knit":
         t = 0.5 + 0.25 * (np.sin((x + y) * 0.35 * freq + ph) + np.sin((x - y) * 0.2 * freq))
@@ -70,8 +70,7 @@ def _texture(cls: str, size: int, r: np.random.Generator) -> np.ndarray:
         s = 20
         t = ((((x + ph * 3) % s) - s / 2) ** 2 + (((y + ph * 2) % s) - s / 2) ** 2 < 20).astype(float) * 0.8 + 0.1
     else:  # noise
-        n = r.normal(0, 1, (size // 8, size // 8))
-        t = np.asarray(Image.fromarray(((n - n.min()) / (n.max() - n.min()) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)) / 255.0
+        t = noise_image(r.normal(0, 1, (size // 8, size // 8)), size) / 255.0
     img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
     img = img * r.uniform(0.9, 1.1) + r.normal(0, 4, img.shape)  # lighting varies between images
     return np.clip(img, 0, 255)
@@ -118,34 +117,18 @@ def _object(cls: str, size: int, r: np.random.Generator) -> tuple[np.ndarray, np
     return arr, np.asarray(obj) > 0
 
 
-def _point_in(region: np.ndarray, r: np.random.Generator, margin: int) -> tuple[float, float]:
-    ys, xs = np.nonzero(region[margin:-margin, margin:-margin])
-    k = r.integers(len(ys))
-    return float(xs[k] + margin), float(ys[k] + margin)
-
-
 def _defect(img: np.ndarray, region: np.ndarray, kind: str, background: np.ndarray, r: np.random.Generator):
     size = img.shape[0]
-    shape = Image.new("L", (size, size), 0)
-    d = ImageDraw.Draw(shape)
-    x, y = _point_in(region, r, size // 6)
+    x, y = point_in(region, r, size // 6)
     s = size * r.uniform(0.07, 0.12)
     if kind in ("hole", "stain", "missing", "colour"):
-        pts = [(x + s * r.uniform(0.6, 1.3) * math.cos(t), y + s * r.uniform(0.6, 1.3) * math.sin(t))
-               for t in np.linspace(0, 2 * math.pi, 9)[:-1]]
-        d.polygon(pts, fill=255)
+        shape = blob(size, x, y, s, r)
     elif kind == "scratch":
         ang, ln = r.uniform(0, math.pi), size * r.uniform(0.2, 0.35)
-        d.line([(x - ln / 2 * math.cos(ang), y - ln / 2 * math.sin(ang)), (x + ln / 2 * math.cos(ang), y + ln / 2 * math.sin(ang))],
-               fill=255, width=int(r.integers(4, 8)))
+        shape = line_mask(size, segment(x, y, ang, ln), int(r.integers(4, 8)))
     else:  # crack: a jagged random walk
-        pts, ang = [(x, y)], r.uniform(0, 2 * math.pi)
-        for _ in range(9):
-            ang += r.uniform(-0.7, 0.7)
-            x, y = x + 7 * math.cos(ang), y + 7 * math.sin(ang)
-            pts.append((x, y))
-        d.line(pts, fill=255, width=3)
-    mask = (np.asarray(shape) > 0) & (region if kind != "missing" else np.ones_like(region))
+        shape = line_mask(size, walk(x, y, r.uniform(0, 2 * math.pi), 9, 7, 0.7, r), 3)
+    mask = shape & (region if kind != "missing" else np.ones_like(region))
     out = img.copy()
     if kind == "hole":
         out[mask] = r.uniform(5, 30)
@@ -230,14 +213,14 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
             _write_world_class(out, cls, seed, size, n_train, n_good, n_per_defect, _kinds_for(cls, defects), save)
             continue
         for i in range(n_train):
-            img, _, _ = _make(cls, size, _rng(seed, cls, "train", i))
+            img, _, _ = _make(cls, size, rng(seed, cls, "train", i))
             save(img, out / cls / "train" / "good" / f"{i:03d}.png")
         for i in range(n_good):
-            img, _, _ = _make(cls, size, _rng(seed, cls, "good", i))
+            img, _, _ = _make(cls, size, rng(seed, cls, "good", i))
             save(img, out / cls / "test" / "good" / f"{i:03d}.png")
         for kind in _kinds_for(cls, defects):
             for i in range(n_per_defect):
-                r = _rng(seed, cls, kind, i)
+                r = rng(seed, cls, kind, i)
                 img, region, background = _make(cls, size, r)
                 for _ in range(20):
                     bad_img, mask = _defect(img, region, kind, background, r)
@@ -253,12 +236,12 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
 def _write_world_class(out: Path, cls: str, seed: int, size: int, n_train: int, n_good: int, n_per_defect: int,
                        kinds: list[str], save) -> None:
     for i in range(n_train):
-        save(world.make_normal(cls, size, world.rng(seed, cls, "train", i)), out / cls / "train" / "good" / f"{i:03d}.png")
+        save(world.make_normal(cls, size, rng(seed, cls, "train", i)), out / cls / "train" / "good" / f"{i:03d}.png")
     for i in range(n_good):
-        save(world.make_normal(cls, size, world.rng(seed, cls, "good", i)), out / cls / "test" / "good" / f"{i:03d}.png")
+        save(world.make_normal(cls, size, rng(seed, cls, "good", i)), out / cls / "test" / "good" / f"{i:03d}.png")
     for kind in kinds:
         for i in range(n_per_defect):
-            img, mask = world.make_defective(cls, kind, size, world.rng(seed, cls, kind, i))
+            img, mask = world.make_defective(cls, kind, size, rng(seed, cls, kind, i))
             save(img, out / cls / "test" / kind / f"{i:03d}.png")
             save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
 

@@ -32,10 +32,11 @@ Images are float64 (H, W, 3) in [0, 255]; masks are bool (H, W).
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
 
 WORLD_TEXTURES = ("linen", "corduroy", "tartan", "brick", "dune", "grain", "mesh", "scales", "twill", "felt",
                   "perforated", "parquet")
@@ -63,10 +64,6 @@ _TEX_FIELD = {"linen": "weave", "corduroy": "stripes", "tartan": "plaid", "brick
               "grain": "wood", "mesh": "grid", "scales": "scales", "twill": "chevron", "felt": "noise",
               "perforated": "dots", "parquet": "blocks"}
 _ISOTROPIC = ("noise",)  # rotated / orientation defects are invisible on an isotropic field: not drawn there
-
-
-def rng(seed: int, *keys) -> np.random.Generator:
-    return np.random.default_rng([seed, *[zlib.crc32(str(k).encode()) for k in keys]])
 
 
 def applies(cls: str, kind: str) -> bool:
@@ -104,9 +101,7 @@ def _tex_class(cls: str) -> dict:
 
 
 def _smooth_noise(seed: int, size: int, cells: int) -> np.ndarray:
-    n = np.random.default_rng(seed).normal(0, 1, (cells, cells))
-    n = (n - n.min()) / (n.max() - n.min() + 1e-9)
-    return np.asarray(Image.fromarray((n * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), dtype=np.float64) / 255.0
+    return noise_image(np.random.default_rng(seed).normal(0, 1, (cells, cells)), size, 1e-9).astype(np.float64) / 255.0
 
 
 def _field(p: dict, x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
@@ -313,48 +308,23 @@ def _finish(clean: np.ndarray, gain: np.ndarray, noise: np.ndarray) -> np.ndarra
 
 # ---------------------------------------------------------------- defects
 
-def _blob(size: int, x: float, y: float, s: float, r: np.random.Generator) -> np.ndarray:
-    img = Image.new("L", (size, size), 0)
-    pts = [(x + s * r.uniform(0.6, 1.3) * math.cos(t), y + s * r.uniform(0.6, 1.3) * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 9)[:-1]]
-    ImageDraw.Draw(img).polygon(pts, fill=255)
-    return np.asarray(img) > 0
-
-
 def _disk(size: int, x: float, y: float, rad: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     return (xx - x) ** 2 + (yy - y) ** 2 <= rad * rad
 
 
-def _where(region: np.ndarray, r: np.random.Generator, margin: int) -> tuple[float, float]:
-    sub = region[margin:-margin, margin:-margin] if margin else region
-    ys, xs = np.nonzero(sub)
-    k = r.integers(len(ys))
-    return float(xs[k] + margin), float(ys[k] + margin)
-
-
 def _surface(img: np.ndarray, region: np.ndarray, kind: str, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     size = img.shape[0]
     out = img.copy()
-    x, y = _where(region, r, size // 6)
+    x, y = point_in(region, r, size // 6)
     s = size * r.uniform(0.05, 0.08)
     if kind in ("dark_spot", "bright_spot", "stain", "hue"):
-        mask = _blob(size, x, y, s if kind != "stain" else s * 1.3, r) & region
+        mask = blob(size, x, y, s if kind != "stain" else s * 1.3, r) & region
     elif kind == "scratch":
-        m = Image.new("L", (size, size), 0)
         ang, ln = r.uniform(0, math.pi), size * r.uniform(0.2, 0.35)
-        ImageDraw.Draw(m).line([(x - ln / 2 * math.cos(ang), y - ln / 2 * math.sin(ang)), (x + ln / 2 * math.cos(ang), y + ln / 2 * math.sin(ang))],
-                               fill=255, width=max(2, int(size * r.uniform(0.012, 0.025))))
-        mask = (np.asarray(m) > 0) & region
+        mask = line_mask(size, segment(x, y, ang, ln), max(2, int(size * r.uniform(0.012, 0.025)))) & region
     else:  # crack: a jagged random walk
-        m = Image.new("L", (size, size), 0)
-        pts, ang = [(x, y)], r.uniform(0, 2 * math.pi)
-        step = size * 0.03
-        for _ in range(10):
-            ang += r.uniform(-0.8, 0.8)
-            x, y = x + step * math.cos(ang), y + step * math.sin(ang)
-            pts.append((x, y))
-        ImageDraw.Draw(m).line(pts, fill=255, width=max(2, size // 80))
-        mask = (np.asarray(m) > 0) & region
+        mask = line_mask(size, walk(x, y, r.uniform(0, 2 * math.pi), 10, size * 0.03, 0.8, r), max(2, size // 80)) & region
     px = out[mask]
     if kind == "dark_spot":
         out[mask] = px * r.uniform(0.25, 0.45)
@@ -382,13 +352,13 @@ def _structural(p: dict, clean: np.ndarray, kind: str, r: np.random.Generator) -
     size = clean.shape[0]
     rad = size * r.uniform(0.12, 0.16)
     full = np.ones((size, size), bool)
-    x, y = _where(full, r, int(rad) + 2)
+    x, y = point_in(full, r, int(rad) + 2)
     mask = _disk(size, x, y, rad)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     out = clean.copy()
     if kind == "rotated":  # a patch of this same image, rotated or flipped, pasted elsewhere
         for _ in range(20):
-            sx, sy = _where(full, r, int(rad * 1.5) + 2)
+            sx, sy = point_in(full, r, int(rad * 1.5) + 2)
             if math.hypot(sx - x, sy - y) > 2.5 * rad:
                 break
         op = r.choice(["rot90", "rot270", "flip", "rot45", "rot135"])

@@ -1,7 +1,7 @@
 """The micro-CLIP's pretraining world: procedural textures and objects with captions and defect masks.
 
 Every image is a pure function of (seed, index): `sample(seed, i, size)` -> (uint8 image (S, S, 3),
-bool defect mask (S, S), caption, normal phrase, abnormal phrase). The class names, the drawing code
+bool defect mask (S, S), caption, normal phrase, abnormal phrase). The class names, the patterns and shapes
 and the defect kinds here are disjoint from `anomaly_data/synth.py` (the demo's and the tests' world)
 and from the world's target classes (anomaly_data/world.py WORLD_TARGET, and their looks: no plaid,
 ripple, wood-ring, chevron, polka-dot or parquet fields here) by construction: `check_disjoint()` asserts
@@ -9,16 +9,19 @@ the names. `world_sample` adds captioned images of the world's *auxiliary* class
 the auxiliary set carries (anomaly_data/world.py SEEN_DEFECTS). Defect kinds never shown to the micro-CLIP:
 the world's HELD_OUT_DEFECTS (cracks, an extra part, sharpening, local warps, texture frequency changes,
 hue shifts at constant luminance), so "held out" means held out of pretraining and of training alike.
+The primitives (seeding, blobs, strokes, random walks, resized noise) come from anomaly_data/drawing.py, the
+same code the world and the legacy generator draw with; the micro-CLIP was pretrained on their exact pixels.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from kano.anomaly_data.drawing import blob, line_mask, mask_of, noise_image, rng, segment, walk
 
 COLOURS = {  # name -> RGB; dark and bright ones alike, so intensity alone says little
     "red": (200, 40, 40), "green": (50, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
@@ -87,10 +90,6 @@ ABNORMAL_TEMPLATES = (
 LOCATIONS = (("top left", "top", "top right"), ("left", "centre", "right"), ("bottom left", "bottom", "bottom right"))
 
 
-def _rng(seed: int, *keys) -> np.random.Generator:
-    return np.random.default_rng([seed, *[zlib.crc32(str(k).encode()) for k in keys]])
-
-
 def check_disjoint() -> None:
     """The pretraining classes must be none of the demo's/tests' target classes: not the legacy synthetic
     classes, not the world's targets, not a built-in pack class. (The world's auxiliary classes may share a
@@ -120,9 +119,7 @@ def _texture_field(family: str, s: int, r: np.random.Generator) -> np.ndarray:
     ph = r.uniform(0, 2 * math.pi)
 
     def noise(cells):
-        n = r.normal(0, 1, (cells, cells)).astype(np.float32)
-        img = Image.fromarray(((n - n.min()) / (np.ptp(n) + 1e-6) * 255).astype(np.uint8)).resize((s, s), Image.BICUBIC)
-        return np.asarray(img, np.float32) / 255
+        return noise_image(r.normal(0, 1, (cells, cells)).astype(np.float32), s, 1e-6).astype(np.float32) / 255
 
     if family == "weave_fine":
         return 0.5 + 0.25 * (np.sin(xr * 1.2 * f + ph) * np.sign(np.sin(yr * 0.6 * f)) + np.sin(yr * 1.2 * f))
@@ -131,8 +128,6 @@ def _texture_field(family: str, s: int, r: np.random.Generator) -> np.ndarray:
     if family == "grid_thin":
         p = 9 * f
         return (((xr + ph) % p < 1.6) | ((yr + ph) % p < 1.6)).astype(np.float32)
-    if family == "plaid":
-        return 0.5 * (np.sin(xr * 0.25 * f + ph) > 0.3) + 0.5 * (np.sin(yr * 0.25 * f) > 0.3)
     if family == "brick":
         h = 10 * f
         row = np.floor((yr + ph) / h)
@@ -156,11 +151,6 @@ def _texture_field(family: str, s: int, r: np.random.Generator) -> np.ndarray:
     if family == "hex":
         a = np.sin(xr * 0.35 * f + ph) + np.sin((0.5 * xr + 0.866 * yr) * 0.35 * f) + np.sin((-0.5 * xr + 0.866 * yr) * 0.35 * f)
         return np.clip((a + 1.5) / 3, 0, 1)
-    if family == "zigzag":
-        return 0.5 + 0.5 * np.sign(np.sin(yr * 0.3 * f + 2.0 * np.abs(((xr * 0.15 * f) % 2) - 1) * 3 + ph))
-    if family == "rings":
-        cx, cy = r.uniform(0, s, 2)
-        return 0.5 + 0.5 * np.sin(np.hypot(x - cx, y - cy) * 0.5 * f + ph)
     if family == "speckle":
         return np.clip(0.3 + (r.random((s, s)) > 0.9) * 0.7 + 0.1 * noise(s // 6), 0, 1)
     if family == "chips":
@@ -173,14 +163,6 @@ def _texture_field(family: str, s: int, r: np.random.Generator) -> np.ndarray:
     if family == "streaks":
         n = np.asarray(Image.fromarray((noise(s // 3) * 255).astype(np.uint8)).resize((s // 8, s), Image.BICUBIC).resize((s, s), Image.BICUBIC), np.float32) / 255
         return np.clip((n - 0.3) * 2, 0, 1)
-    if family == "layers":
-        return 0.5 + 0.4 * np.sin(yr * 0.15 * f + 3 * noise(6) + ph)
-    if family == "herring":
-        band = np.floor(xr / (12 * f)) % 2
-        return 0.5 + 0.5 * np.sign(np.sin(np.where(band > 0, xr + yr, xr - yr) * 0.5 * f + ph))
-    if family == "polka":
-        p = 14 * f
-        return ((((xr + ph) % p) - p / 2) ** 2 + (((yr + ph) % p) - p / 2) ** 2 < (p / 4) ** 2).astype(np.float32)
     if family == "scales":
         p = 10 * f
         row = np.floor(yr / p)
@@ -330,9 +312,7 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
         k_def = int(r.integers(len(pts)))
         for k, p in enumerate(pts):
             if part_defect in ("part_missing", "part_moved", "part_colour") and k == k_def:
-                pm = Image.new("L", (s, s), 0)
-                _draw_part(ImageDraw.Draw(pm), part, p, u, 255)
-                pmask = np.asarray(pm) > 0
+                pmask = mask_of(s, lambda dd: _draw_part(dd, part, p, u, 255))
                 if part_defect == "part_colour":
                     alt = [n for n in COLOURS if np.abs(np.array(COLOURS[n]) - pcol).sum() > 200 and np.abs(np.array(COLOURS[n]) - body).sum() > 150]
                     word = alt[r.integers(len(alt))]
@@ -344,17 +324,13 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
                 if part_defect == "part_moved":
                     q = (p[0] + r.choice([-1, 1]) * rad * r.uniform(0.35, 0.55), p[1] + r.choice([-1, 1]) * rad * r.uniform(0.3, 0.5))
                     _draw_part(d, part, q, u, pfill)
-                    qm = Image.new("L", (s, s), 0)
-                    _draw_part(ImageDraw.Draw(qm), part, q, u, 255)
-                    defect |= np.asarray(qm) > 0
+                    defect |= mask_of(s, lambda dd: _draw_part(dd, part, q, u, 255))
                 continue
             _draw_part(d, part, p, u, pfill)
         if part_defect == "part_extra":
             q = (c[0] + r.uniform(-0.5, 0.5) * rad, c[1] + r.uniform(-0.5, 0.5) * rad)
             _draw_part(d, part, q, u, pfill)
-            qm = Image.new("L", (s, s), 0)
-            _draw_part(ImageDraw.Draw(qm), part, q, u, 255)
-            defect |= np.asarray(qm) > 0
+            defect |= mask_of(s, lambda dd: _draw_part(dd, part, q, u, 255))
     arr = np.asarray(img, np.float32)
     info["changed"] = defect  # a missing part leaves body colour where it was: the mask marks that place
     info["bg"] = bg
@@ -362,13 +338,6 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
 
 
 # -- defects ---------------------------------------------------------------------------------
-def _blob(s: int, x: float, y: float, rad: float, r: np.random.Generator) -> np.ndarray:
-    im = Image.new("L", (s, s), 0)
-    pts = [(x + rad * r.uniform(0.6, 1.3) * math.cos(t), y + rad * r.uniform(0.6, 1.3) * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 10)[:-1]]
-    ImageDraw.Draw(im).polygon(pts, fill=255)
-    return np.asarray(im) > 0
-
-
 def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarray, r: np.random.Generator):
     """Returns (image, mask, phrase)."""
     s = img.shape[0]
@@ -382,25 +351,18 @@ def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarr
     size_word = ""
     if kind == "hole":
         rad = s * r.uniform(0.04, 0.08)
-        mask = _blob(s, x, y, rad, r) & region
+        mask = blob(s, x, y, rad, r, corners=9) & region
         out[mask] = r.uniform(0, 25)
         size_word = "small " if rad < s * 0.06 else "large "
         phrase = r.choice([f"a dark round hole", f"a {size_word}hole", "a hole or missing piece", "a puncture", "a poke hole", "a dark hole"])
     elif kind in ("scratch", "crack", "thread"):
-        im = Image.new("L", (s, s), 0)
-        dd = ImageDraw.Draw(im)
         if kind == "scratch":
             ang, ln = r.uniform(0, math.pi), s * r.uniform(0.2, 0.4)
-            dd.line([(x - ln / 2 * math.cos(ang), y - ln / 2 * math.sin(ang)), (x + ln / 2 * math.cos(ang), y + ln / 2 * math.sin(ang))],
-                    fill=255, width=int(r.integers(1, 3)))
+            mask = line_mask(s, segment(x, y, ang, ln), int(r.integers(1, 3))) & region
         else:
-            pts, ang = [(x, y)], r.uniform(0, 2 * math.pi)
-            for _ in range(int(r.integers(6, 11))):
-                ang += r.uniform(-0.8, 0.8) if kind == "crack" else r.uniform(-0.4, 0.4)
-                x, y = x + s * 0.035 * math.cos(ang), y + s * 0.035 * math.sin(ang)
-                pts.append((x, y))
-            dd.line(pts, fill=255, width=2 if kind == "crack" else 1)
-        mask = (np.asarray(im) > 0) & region
+            ang = r.uniform(0, 2 * math.pi)
+            pts = walk(x, y, ang, int(r.integers(6, 11)), s * 0.035, 0.8 if kind == "crack" else 0.4, r)
+            mask = line_mask(s, pts, 2 if kind == "crack" else 1) & region
         if kind == "scratch":
             bright = r.random() < 0.5
             out[mask] = r.uniform(215, 255) if bright else r.uniform(0, 40)
@@ -417,7 +379,7 @@ def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarr
                 out[mask] = 255 - img[mask]
     elif kind in ("stain", "discolour"):
         rad = s * r.uniform(0.06, 0.11)
-        mask = _blob(s, x, y, rad, r) & region
+        mask = blob(s, x, y, rad, r, corners=9) & region
         soft = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(1.5)), np.float32)[..., None] / 255
         if kind == "stain":
             cname = list(COLOURS)[r.integers(len(COLOURS))]
@@ -433,17 +395,17 @@ def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarr
         edge = region & ~np.asarray(Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))).astype(bool)
         ys, xs = np.nonzero(edge if edge.any() else region)
         k = r.integers(len(ys))
-        mask = _blob(s, float(xs[k]), float(ys[k]), s * r.uniform(0.05, 0.09), r) & region
+        mask = blob(s, float(xs[k]), float(ys[k]), s * r.uniform(0.05, 0.09), r, corners=9) & region
         out[mask] = bg
         phrase = r.choice(["a missing corner", "a chipped edge", "a broken piece", "a hole or missing piece", "a missing chunk", "a broken edge"])
     elif kind == "spot":
         rad = s * r.uniform(0.025, 0.05)
-        mask = _blob(s, x, y, rad, r) & region
+        mask = blob(s, x, y, rad, r, corners=9) & region
         out[mask] = r.uniform(235, 255)
         phrase = r.choice(["a bright spot", "a shiny glare spot", "a white speck", "a bright speck", "a small bright fleck"])
     else:  # dent: a darker shaded crescent, as a depression lit from one side
         rad = s * r.uniform(0.06, 0.1)
-        mask = _blob(s, x, y, rad, r) & region
+        mask = blob(s, x, y, rad, r, corners=9) & region
         yy, xx = np.mgrid[0:s, 0:s]
         shade = np.where(((xx - x) + (yy - y)) > 0, 0.55, 1.35)[..., None]
         out = np.where(mask[..., None], np.clip(out * shade, 0, 255), out)
@@ -464,7 +426,7 @@ def _articles(text: str) -> str:
 
 def sample(seed: int, index: int, size: int = 112, p_defect: float = 0.5, classes: tuple[str, ...] = CLASSES):
     """One captioned image: (image uint8 (S,S,3), mask bool (S,S), caption, normal phrase, abnormal phrase, meta)."""
-    r = _rng(seed, index)
+    r = rng(seed, index)
     cls = classes[r.integers(len(classes))]
     is_obj = cls in OBJECT_CLASSES
     defective = r.random() < p_defect
@@ -549,7 +511,7 @@ def world_sample(seed: int, index: int, size: int = 96, p_defect: float = 0.5):
     """One captioned image of a world auxiliary class: the same tuple as `sample`."""
     from kano.anomaly_data import world
 
-    r = _rng(seed, "world", index)
+    r = rng(seed, "world", index)
     cls = world.WORLD_AUX[r.integers(len(world.WORLD_AUX))]
     kinds = [k for k in world.SEEN_DEFECTS if world.applies(cls, k) and k in WORLD_PHRASES]
     kind = kinds[r.integers(len(kinds))] if r.random() < p_defect else None
