@@ -44,6 +44,18 @@ def test_import_kano_does_not_import_torch():
     assert out.stdout.strip() == "kano.api", out.stderr
 
 
+def test_readme_python_api_example(user_folder):
+    """The README's Python API block, run as written in a user's folder (runs/x, photo.png)."""
+    import kano
+
+    block = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    ns: dict = {}
+    exec(block, ns)
+    res = ns["result"]
+    assert isinstance(res, kano.Result) and 0.0 <= res.score <= 1.0 and res.class_word == "hazelnut"
+    assert res.threshold_source == "run" and res.anomalous == (res.score >= res.threshold)
+
+
 def test_docs_trained_run_example(user_folder):
     import kano
 
