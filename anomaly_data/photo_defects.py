@@ -60,7 +60,7 @@ from scipy import ndimage
 
 from kano.errors import KanoError
 
-from .io import IMAGE_EXTS, is_image, list_images, load_image, load_mask, pair_masks
+from .io import IMAGE_EXTS, is_image, load_image, load_mask, pair_masks
 
 PHOTO_DEFECTS = ("cutpaste", "cutpaste_scar", "texture", "colour", "scratch", "smear", "missing")
 MIN_SIDE = 64          # below this the smallest defects (scars 2 px wide, blobs 4 % of the side) are a few pixels

@@ -20,7 +20,7 @@ from kano.errors import KanoError
 
 from . import world
 from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
-from .world import HELD_OUT_DEFECTS, SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
+from .world import SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
 
 # The first generation of classes (kept for the unit tests): every defect here is a colour outlier.
 TEXTURES = ("weave", "stripes", "checker", "noise", "wood", "dots", "grid", "marble", "knit")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kano.curves import Array, Curves, _curves, _flat, _order_key, _sort, _t  # noqa: F401  (the one ranking sweep)
+from kano.curves import Curves, _curves, _flat, _t  # the one ranking sweep
 
 
 def _auroc(c: Curves) -> float:

@@ -43,7 +43,6 @@ from kano.errors import KanoError
 
 from . import outputs, records
 from .evaluate import cpu_streams, gather, run_inference
-from .predict_files import KEPT_ON_ERROR, MAX_MAP_SIDE, map_size  # noqa: F401 (the per-image files: torch-free, shared)
 from .predict_files import finish as _finish
 from .predict_files import row as _row
 from .stream import iter_inputs, shard_batches, shard_size

@@ -113,14 +113,6 @@ def iter_inputs(inputs: list[str]) -> Iterator[tuple[str, str | None]]:
             raise KanoError(f"input {p} must be an existing image file or folder, got no such path")
 
 
-def count_inputs(inputs: list[str]) -> int:
-    """How many images the inputs name (one pass over them; checks their form on the way)."""
-    n = sum(1 for _ in iter_inputs(inputs))
-    if n == 0:
-        raise KanoError("predict needs at least one image or folder, got none")
-    return n
-
-
 def batch_sizes(total: int, batch_size: int) -> list[int]:
     """The sizes of the batches the inputs are cut into: all batch_size but the last."""
     return [min(batch_size, total - s) for s in range(0, total, batch_size)]

@@ -9,7 +9,6 @@ the transductive floors (which score each test image against the others).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -118,7 +117,3 @@ def print_comparison(rows: list[dict], md_path: Path | None = None) -> None:
     ui.print_table("held-out target classes, % (mean over classes)", *table_cells(rows))
     if md_path is not None:
         Path(md_path).write_text(to_markdown(rows))
-
-
-def load_comparison(out: Path) -> dict:
-    return json.loads((Path(out) / "eval" / "comparison.json").read_text())
