@@ -96,9 +96,11 @@ def test_the_docs_table_is_the_registry():
     table = text.split("<!-- methods table")[1].split("<!-- end of methods table")[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines() if line.startswith("| `")]
     assert [r[0].strip("`") for r in rows] == EXPECTED
-    for name, kind, needs, refs, source in rows:
+    for name, kind, needs, takes, source in rows:
         spec = METHODS[name.strip("`")]
-        assert (kind, needs, refs == "yes", source) == (spec.kind, ", ".join(spec.needs) or "-", spec.references, spec.source)
+        assert (kind, needs, "references" in takes.split(", "), source) == (
+            spec.kind, ", ".join(spec.needs) or "-", spec.references, spec.source)
+        assert ("export" in takes.split(", "), "prompts" in takes.split(", ")) == (spec.exportable, spec.prompts)
 
 
 def test_the_untrained_kanoclip_has_its_own_name(cli, synth_root, tmp_path):
