@@ -99,9 +99,10 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
         refuse_unexportable(name)
         return (det.model, name, {c: det.class_word(c) for c in classes}, {c: det.threshold_for(c) for c in classes},
                 det.method)
-    if not backbone:
-        raise KanoError("kano export needs --run RUN, or --backbone SPEC (with --method NAME, NAME one of "
-                        f"{', '.join(methods_with(exportable=True, trained=False))}; alone: {UNTRAINED_METHOD})")
+    if not backbone and not method:
+        raise KanoError("kano export needs --run RUN, or --method NAME (one of "
+                        f"{', '.join(methods_with(exportable=True, trained=False))}, with --backbone SPEC for those that "
+                        f"take one), or --backbone SPEC alone ({UNTRAINED_METHOD})")
     from kano.evaluator.methods import load_method
     from kano.registry import method_spec
 

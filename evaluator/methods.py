@@ -16,7 +16,6 @@ import torch
 from kano.errors import KanoError
 from kano.kanoclip.registry import METHODS, check_given, methods_with
 
-ALL_METHODS = tuple(METHODS)  # every name --method accepts (trained ones point to --run)
 
 
 def zero_shot_info(model, method: str, backbone: str) -> dict:

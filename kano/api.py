@@ -162,7 +162,7 @@ class Detector:
         return cls(wrapped, described, references=refs, **kw)
 
     @classmethod
-    def zero_shot(cls, method: str = "winclip", backbone: str = "micro", *, references: str | Path | None = None,
+    def zero_shot(cls, method: str, backbone: str = "micro", *, references: str | Path | None = None,
                   k_shot: int = 0, image_size: int | None = None, threshold: float | None = None, device: str | None = None,
                   batch_size: int = 8, style: str = "api") -> "Detector":
         """A method that needs no training and scores one image at a time (kano.registry.methods_with(per_image=True):
