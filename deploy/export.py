@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "openvino")
@@ -73,7 +73,7 @@ def text_bank(model: nn.Module, words: list[str]) -> torch.Tensor:
 
 def refuse_unexportable(method: str) -> None:
     """A KanoError saying why `method` has no graph (from its registry entry), or nothing when it has one."""
-    from kano.registry import not_exportable_reason
+    from kano.core.registry import not_exportable_reason
 
     if why := not_exportable_reason(method):
         raise KanoError(f"--method {method} cannot be exported: {why}")
@@ -84,7 +84,7 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
     source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.api.Detector);
     --backbone alone is the untrained model, as in `kano eval` and `kano predict`."""
     from kano.anomaly_data.names import class_word
-    from kano.registry import UNTRAINED_METHOD, methods_with
+    from kano.core.registry import UNTRAINED_METHOD, methods_with
 
     if not classes or any(not c.strip() for c in classes) or len(set(classes)) != len(classes):
         raise KanoError(f"--classes must be distinct, non-empty class names separated by commas, got {','.join(classes)!r}")
@@ -104,7 +104,7 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
                         f"{', '.join(methods_with(exportable=True, trained=False))}, with --backbone SPEC for those that "
                         f"take one), or --backbone SPEC alone ({UNTRAINED_METHOD})")
     from kano.evaluator.methods import load_method
-    from kano.registry import method_spec
+    from kano.core.registry import method_spec
 
     name = method or UNTRAINED_METHOD
     if method_spec(name).trained:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip.registry import METHODS, check_given, methods_with
 
 
@@ -233,7 +233,7 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
                 classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None,
                 class_word: str | None = None, style: str = "cli"):
     """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME, after its entry has
-    refused what NAME cannot take (kano.registry.check_given; style "cli" or "api": how errors name options)."""
+    refused what NAME cannot take (kano.core.registry.check_given; style "cli" or "api": how errors name options)."""
     check_given(method, {"run": run, "backbone": backbone, "aux": aux, "k_shot": k_shot, "references": references,
                          "class_word": class_word, "rscin_windows": rscin_windows}, style)
     return METHODS[method].loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,

@@ -3,7 +3,7 @@ and self-contained HTML pages (no network, no JavaScript; charts are inline SVG 
 relative links to the PNGs beside the page).
 
 Provenance: `provenance(method, ...)` takes a small method description, a dict with at least
-"kind" (the method's kind in the registry, kano/registry.py KINDS: "trained", "zero-shot", "zero-parameter",
+"kind" (the method's kind in the registry, core/registry.py KINDS: "trained", "zero-shot", "zero-parameter",
 "transductive", "memory"), "name" and "method" (its registry name), plus whatever identifies it: a trained run gives
 {"kind": "trained", "name": "KAnoCLIP", "method": NAME, "run": path, "config_sha256": ..., "backbone": ...}; a
 zero-parameter floor gives e.g. {"kind": "zero-parameter", "name": NAME, "method": NAME, "backbone": None}. Any
@@ -59,7 +59,7 @@ def baseline_method(name: str, kind: str, backbone: str | None = None, **extra) 
 
 
 def _git_commit() -> str | None:
-    from kano.files import git_commit
+    from kano.core.files import git_commit
 
     return git_commit()
 

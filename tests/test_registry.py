@@ -1,4 +1,4 @@
-"""One table of methods (kano/registry.py): the CLI help, `kano eval --method`'s error, the demo's table and
+"""One table of methods (core/registry.py): the CLI help, `kano eval --method`'s error, the demo's table and
 docs/methods.md name exactly its methods; the registry's queries; the untrained KAnoCLIP has its own name and
 `clip-ac` means only WinCLIP's CLIP-AC; every built method meets the Protocol."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kano.registry import METHODS, methods_with
+from kano.core.registry import METHODS, methods_with
 
 ROOT = Path(__file__).resolve().parent.parent
 # Written out by hand: the table a newcomer reads. A new method changes this list and the registry, nothing else.
@@ -154,7 +154,7 @@ def test_no_method_name_outside_the_registry_and_its_own_modules():
     read names from the table. tests/, bench/ (benchmarks choose what they compare) and tools/ are not the package."""
     import importlib.util
 
-    registry = Path(importlib.util.find_spec("kano.registry").origin).resolve()
+    registry = Path(importlib.util.find_spec("kano.core.registry").origin).resolve()
     files = [p.resolve() for p in ROOT.rglob("*.py")
              if not {".venv", "tests", "bench", "tools", "build", ".git"} & set(p.relative_to(ROOT).parts)]
     assert len(files) > 40 and registry in files
@@ -175,7 +175,7 @@ def test_the_grep_rule_catches_a_name(tmp_path):
 
 
 def test_docs_api_lists_are_the_registry():
-    from kano.registry import markdown_list
+    from kano.core.registry import markdown_list
 
     text = (ROOT / "docs" / "api.md").read_text()
     listed = text.split("<!-- api methods:")[1].split("-->", 1)[1].split("<!-- end of api methods")[0]
@@ -187,7 +187,7 @@ def test_docs_api_lists_are_the_registry():
 def test_one_kind_vocabulary_from_registry_to_provenance():
     """Every method built by name records its registry kind (and name) in its provenance."""
     from kano.evaluator.methods import load_method
-    from kano.registry import KINDS
+    from kano.core.registry import KINDS
 
     for name, spec in METHODS.items():
         if spec.trained or "aux" in spec.needs:

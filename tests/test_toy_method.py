@@ -54,7 +54,7 @@ def load_toy(method, run, backbone, image_size, device, **_):
 def toy(monkeypatch):
     """The toy's entry in the method table for one test; the CLI is re-read so that its help is built from it."""
     import kano.cli
-    from kano import registry
+    from kano.core import registry
 
     spec = registry.MethodSpec("toy", "zero-parameter", "Toy", "this test's own method (|R - B|)", f"{__name__}:load_toy",
                                exportable=True, model=f"{__name__}:ToyDetector")

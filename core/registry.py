@@ -156,7 +156,7 @@ def methods_with(kind: str | None = None, needs: str | None = None, **capabiliti
 
 def method_spec(name: str, flag: str = "--method") -> MethodSpec:
     """The registry entry of `name`, or a KanoError listing every method."""
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
 
     if name not in METHODS:
         raise KanoError(f"{flag} must be one of {', '.join(METHODS)}, got {name!r}")
@@ -173,7 +173,7 @@ def check_given(name: str, given: dict, style: str = CLI) -> MethodSpec:
     False, 0 or "" means not given): the sources run, backbone, aux; references, k_shot, class_word; and any
     entry's `options`. style: CLI or API, how the messages name options. Every place that loads a method calls
     this once (evaluator.methods.load_method, evaluator.loading.load_model, deploy.export)."""
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
 
     def f(option: str) -> str:
         return option_name(option, style)

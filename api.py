@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 THRESHOLD_SOURCES = ("command line", "calibration", "run")
 
@@ -165,14 +165,14 @@ class Detector:
     def zero_shot(cls, method: str, backbone: str = "micro", *, references: str | Path | None = None,
                   k_shot: int = 0, image_size: int | None = None, threshold: float | None = None, device: str | None = None,
                   batch_size: int = 8, style: str = "api") -> "Detector":
-        """A method that needs no training and scores one image at a time (kano.registry.methods_with(per_image=True):
+        """A method that needs no training and scores one image at a time (kano.core.registry.methods_with(per_image=True):
         the zero-shot CLIP methods and the zero-parameter floors), on a frozen backbone when it takes one. With
         `references` (a folder of normal images) and `k_shot` K, for the methods that take references: the first K
         images of the folder, sorted by path, as every class's references (WinCLIP+). style: how errors name the
         options ("api": these arguments; "cli": kano predict's flags)."""
         from kano.evaluator.command import _device
         from kano.evaluator.methods import load_method, reference_folder
-        from kano.registry import METHODS, methods_with, method_spec, option_name
+        from kano.core.registry import METHODS, methods_with, method_spec, option_name
 
         spec = method_spec(method, option_name("method", style))
         if not spec.per_image:
@@ -189,7 +189,7 @@ class Detector:
         described = info["method"]
         refs = None
         if references:
-            from kano.registry import check_given
+            from kano.core.registry import check_given
 
             check_given(method, {"backbone": backbone if "backbone" in spec.needs else None, "references": references},
                         style)
