@@ -131,23 +131,26 @@ class Detector:
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def load(cls, run: str | Path, *, threshold: float | None = None, device: str | None = None, batch_size: int = 8,
-             references: str | Path | None = None, k_shot: int = 0) -> "Detector":
+             references: str | Path | None = None, k_shot: int = 0, style: str = "api") -> "Detector":
         """A trained run (`kano train --out RUN`): KAnoCLIP, April-GAN or AnomalyCLIP. With `references` (a folder
         of normal images) and `k_shot` K: April-GAN's few-shot memory of the folder's first K images, sorted by
-        path (kanoclip/fewshot.py)."""
+        path (kanoclip/fewshot.py). style: how errors name the options ("api": these arguments; "cli": kano predict's
+        flags)."""
         from kano.evaluator.command import _device
         from kano.evaluator.loading import load_model
         from kano.evaluator.report import trained_method
 
         model, info = load_model(str(run), None, None, _device(device))
         cfg = info["config"]
-        det = cls.with_references(model, trained_method(run, cfg), references, k_shot, threshold=threshold, batch_size=batch_size)
+        det = cls.with_references(model, trained_method(run, cfg), references, k_shot, threshold=threshold, batch_size=batch_size,
+                                  style=style)
         det.run_dir, det.run_threshold, det.run_words = Path(run), info["threshold"], dict(info["prompt_names"])
         det.weights_sha256 = weights_sha256(cfg)
         return det
 
     @classmethod
-    def with_references(cls, model, method: dict, references: str | Path | None, k_shot: int, **kw) -> "Detector":
+    def with_references(cls, model, method: dict, references: str | Path | None, k_shot: int, style: str = "api",
+                        **kw) -> "Detector":
         """`model` as it is, or, with references and k_shot, wrapped in April-GAN's few-shot patch memory."""
         if not references and not k_shot:
             return cls(model, method, **kw)
@@ -156,7 +159,7 @@ class Detector:
                             f"and k_shot={k_shot}")
         from kano.evaluator.methods import reference_folder, with_patch_memory
 
-        refs = reference_folder(references, k_shot, model.backbone)
+        refs = reference_folder(references, k_shot, model.backbone, style)
         wrapped, described = with_patch_memory(model, method, k_shot, references=references)
         described["references"] = refs[1]
         return cls(wrapped, described, references=refs, **kw)
@@ -193,7 +196,7 @@ class Detector:
 
             check_given(method, {"backbone": backbone if "backbone" in spec.needs else None, "references": references},
                         style)
-            refs = reference_folder(references, k_shot, model.backbone)
+            refs = reference_folder(references, k_shot, model.backbone, style)
             described = {**described, **model.describe_references(k_shot, str(references)), "setting": "few-shot",
                          "k_shot": k_shot, "references": refs[1]}
         return cls(model, described, threshold=threshold, references=refs, batch_size=batch_size)

@@ -364,22 +364,14 @@ def eval_cmd(
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
+    from kano.evaluator.options import EvalOptions
 
-    if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual or k_shot or rscin_windows:
-            flag = "--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows"
-            raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
-        eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
-                                   classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
-                                   workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
-                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux)
-        return
-    eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
-                          classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
-                          workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
-                          force=force, allow_missing_masks=allow_missing_masks,
-                          method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
-                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
+    eval_command.evaluate_options(EvalOptions(
+        data=data, run=run, backbone=backbone, out=out, classes=[c.strip() for c in classes.split(",")] if classes else None,
+        batch_size=batch_size, workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
+        threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, method=method, aux=aux, mutual=mutual,
+        k_shot=k_shot, reference=reference, class_words=class_word, strict=strict,
+        rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)")))
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -433,20 +425,13 @@ def predict_cmd(
     Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
     torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
     Exit code 1 when some image could not be read (its row says why; the others are written)."""
-    if model is not None:
-        from kano.deploy import command as deploy_command
-
-        deploy_command.predict(model=model, inputs=inputs, class_name=class_name, out=out, threshold=threshold,
-                               batch_size=batch_size, force=force, others={"--run": run, "--backbone": backbone, "--device": device, "--image-size": image_size,
-                                       "--resume": resume, "--method": method, "--reference": reference, "--k-shot": k_shot,
-                                       "--class-word": class_word, "--no-maps": not maps, "--no-panels": not panels,
-                                       f"--format {fmt}": fmt != "jsonl"})
-        return
     from kano.evaluator import command as eval_command
+    from kano.evaluator.options import PredictOptions
 
-    eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
-                         batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
-                         k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size)
+    eval_command.predict_options(PredictOptions(
+        inputs=inputs, class_name=class_name, out=out, run=run, backbone=backbone, method=method, model=model,
+        class_word=class_word, reference=reference, k_shot=k_shot, threshold=threshold, batch_size=batch_size,
+        workers=workers, device=device, force=force, image_size=image_size, maps=maps, panels=panels, fmt=fmt, resume=resume))
 
 
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
@@ -494,14 +479,14 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", show_default=True, help="address to bind; other than loopback needs --public"),
     port: int = typer.Option(8000, "--port", show_default=True),
     public: bool = typer.Option(False, "--public", help="allow --host to be a non-loopback address (reachable from other machines)"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="with --run: the class names the service accepts [default: the run's]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="the class names the service accepts: with --run any (their prompt words by the usual rule), with --model some of the exported ones  [default: the run's, or every exported class]"),
     folder: Optional[Path] = typer.Option(None, "--folder", help="the service's own folder (uploads are decoded there)  [default: a new temporary folder]"),
     batch: int = typer.Option(8, "--batch", show_default=True, help="images per forward pass"),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", show_default=True, help="how long a batch waits to fill"),
     queue_length: int = typer.Option(64, "--queue", show_default=True, help="images waiting at most; more: 503 with Retry-After"),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", show_default=True, help="largest request body, MB (413 above); pixels: $KANO_MAX_PIXELS"),
     timeout_s: float = typer.Option(30.0, "--timeout", show_default=True, help="seconds a request may take (504 after)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="inference threads  [default: $OMP_NUM_THREADS, else all cores]"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="inference threads (onnxruntime or OpenVINO with --model, torch with --run)  [default: $OMP_NUM_THREADS, else all cores; torch's own with --run]"),
 ):
     """Serve a detector over HTTP (FastAPI on uvicorn); loopback only unless --public."""
     from kano.deploy import command as deploy_command

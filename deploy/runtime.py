@@ -114,17 +114,23 @@ class ExportedModel:
 
     def describe(self) -> dict:
         """The method description recorded in the outputs' provenance (evaluator.report)."""
+        from kano.core.registry import METHODS
+
         src = self.meta.get("source") or {}
-        return {"kind": "exported", "name": f"{self.meta['method']} ({self.engine})", "model": str(self.path.resolve()),
+        spec = METHODS.get(self.meta["method"])  # the registry's kind, as every result records it
+        return {"kind": spec.kind if spec else "unknown", "name": f"{self.meta['method']} ({self.engine})",
+                "method": self.meta["method"], "engine": self.engine, "model": str(self.path.resolve()),
                 "backbone": self.meta.get("backbone"), "source": src}
 
 
 def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, out_dir: Path, threshold: float | None = None,
-            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None):
+            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None,
+            maps: bool = True, panels: bool = True, fmt: str = "jsonl"):
     """`kano predict --model`: the rows and files of evaluator.predict (written by the same functions,
     evaluator.predict_files), scored by the exported graph. Inputs as evaluator.stream reads them (images,
     folders, lists); a list's class column picks that row's exported class. threshold None: each class's
-    threshold exported with the model (the run's calibrated one, or none). -> the rows."""
+    threshold exported with the model (the run's calibrated one, or none). maps, panels: write each image's map /
+    panel (evaluator.predict_files.row); fmt "parquet": also predictions.parquet. -> the rows."""
     from kano.evaluator import outputs, records
     from kano.evaluator import predict_files as pf
     from kano.evaluator.stream import iter_inputs
@@ -148,8 +154,12 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
     identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
                 "inputs": [str(Path(p).resolve()) for p, _ in items], "image_size": model.image_size}
     outputs.claim(out_dir, "predict", json.loads(json.dumps(identity, default=str)), force)
-    (out_dir / "maps").mkdir(exist_ok=True)
-    (out_dir / "panels").mkdir(exist_ok=True)
+    write_maps, write_panels = maps, panels  # `maps` names each batch's maps below
+    if fmt not in ("jsonl", "parquet"):
+        raise KanoError(f"--format must be one of jsonl, parquet, got {fmt!r}")
+    for folder, on in (("maps", maps), ("panels", panels)):
+        if on:
+            (out_dir / folder).mkdir(exist_ok=True)
     names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in items])
     advance, close = progress(len(items)) if progress else (lambda k: None, lambda: None)
     try:
@@ -172,11 +182,12 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
                     c = classes[j]
                     t, src = (threshold, source) if c == class_name else model.threshold_for(c, threshold_given)
                     s, m = got.get(j, (None, None))
-                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, True, True))
+                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, write_maps,
+                                       write_panels))
                 writer.append(rows)
                 advance(len(chunk))
     finally:
         close()
-    pf.finish(out_dir, identity, 1, len(items), batch_size, "jsonl", method, model.image_size, class_name, word, threshold, source,
+    pf.finish(out_dir, identity, 1, len(items), batch_size, fmt, method, model.image_size, class_name, word, threshold, source,
               started, merge=False)
     return list(records.read_rows(out_dir / records.RESULT))

@@ -79,17 +79,33 @@ class Scorer:
     score: Callable
 
     @staticmethod
-    def exported(model_path: str | Path, threads: int | None = None) -> "Scorer":
+    def exported(model_path: str | Path, threads: int | None = None, classes: list[str] | None = None) -> "Scorer":
+        """An exported graph (kano.deploy.runtime); classes: the exported classes the service accepts (default: all)."""
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score)
+        names = classes or list(m.classes)
+        unknown = [c for c in names if c not in m.classes]
+        if unknown:
+            raise KanoError(f"--classes must be among the exported classes {', '.join(m.classes)}, got {', '.join(unknown)}")
+        graph_index = np.array([m.classes.index(c) for c in names], dtype=np.int64)  # the service's index -> the graph's
+
+        def score(x, idx):
+            return m.score(x, graph_index[np.asarray(idx, dtype=np.int64)])
+
+        return Scorer(names, m.image_size, {c: m.threshold_for(c)[0] for c in names}, m.describe(), m.preprocess, score)
 
     @staticmethod
-    def torch_run(run: str | Path, classes: list[str] | None = None) -> "Scorer":
+    def torch_run(run: str | Path, classes: list[str] | None = None, threads: int | None = None) -> "Scorer":
         """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
-        them (kano.api.Detector); classes: the names the service accepts (default: the run's classes)."""
+        them (kano.api.Detector); classes: the names the service accepts (default: the run's classes); threads:
+        torch's intra-op threads (default: torch's own)."""
         import torch
+
+        if threads is not None:
+            if threads < 1:
+                raise KanoError(f"--threads must be an integer >= 1, got {threads}")
+            torch.set_num_threads(threads)
 
         from kano.anomaly_data import image_to_tensor
         from kano.api import Detector
@@ -314,7 +330,7 @@ def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: 
         import uvicorn
     except ImportError:
         raise KanoError("kano serve needs FastAPI and uvicorn: pip install 'kano[serve]'") from None
-    scorer = Scorer.exported(model, threads) if model else Scorer.torch_run(run, classes)
+    scorer = Scorer.exported(model, threads, classes) if model else Scorer.torch_run(run, classes, threads)
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="kano-serve-"))
     app = create_app(scorer, folder, limits)
     print(f"kano serve: http://{host}:{port}/  (classes {', '.join(scorer.classes)}; folder {folder})", flush=True)

@@ -86,18 +86,21 @@ def _reference_tensor(samples: list, bb) -> torch.Tensor:
     return torch.stack([b["image"] for b in batch])
 
 
-def reference_folder(folder, k: int, bb) -> tuple[torch.Tensor, list[str]]:
+def reference_folder(folder, k: int, bb, style: str = "cli") -> tuple[torch.Tensor, list[str]]:
     """Reference normal images from a plain folder (`--reference DIR`): its first k images sorted by path.
+    style: how errors name the options ("cli": --reference, --k-shot; "api": references, k_shot).
     -> ((k, 3, S, S) normalised, [absolute paths])."""
     from pathlib import Path
 
     from kano.anomaly_data import Sample, list_images
+    from kano.core.registry import option_name
 
+    ref, ks = option_name("references", style), option_name("k_shot", style)
     if k < 1:
-        raise KanoError(f"--reference {folder} needs --k-shot K >= 1 (how many of its images to use), got --k-shot {k}")
+        raise KanoError(f"{ref} {folder} needs {ks} K >= 1 (how many of its images to use), got {ks} {k}")
     files = list_images(Path(folder))
     if len(files) < k:
-        raise KanoError(f"--k-shot {k} needs {k} reference images in {folder}, got {len(files)}")
+        raise KanoError(f"{ks} {k} needs {k} reference images in {folder}, got {len(files)}")
     samples = [Sample(str(f.resolve()), None, "reference", "good", 0, split="train") for f in files[:k]]
     return _reference_tensor(samples, bb), [s.image_path for s in samples]
 
