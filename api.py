@@ -165,17 +165,18 @@ class Detector:
         return cls(wrapped, described, references=refs, **kw)
 
     @classmethod
-    def zero_shot(cls, method: str, backbone: str = "micro", *, references: str | Path | None = None,
+    def zero_shot(cls, method: str, backbone: str | None = None, *, references: str | Path | None = None,
                   k_shot: int = 0, image_size: int | None = None, threshold: float | None = None, device: str | None = None,
                   batch_size: int = 8, style: str = "api") -> "Detector":
         """A method that needs no training and scores one image at a time (kano.core.registry.methods_with(per_image=True):
-        the zero-shot CLIP methods and the zero-parameter floors), on a frozen backbone when it takes one. With
+        the zero-shot CLIP methods and the zero-parameter floors), on a frozen backbone when it takes one (default: the
+        shipped micro-CLIP, "micro"; a method without one refuses a backbone). With
         `references` (a folder of normal images) and `k_shot` K, for the methods that take references: the first K
         images of the folder, sorted by path, as every class's references (WinCLIP+). style: how errors name the
         options ("api": these arguments; "cli": kano predict's flags)."""
         from kano.evaluator.command import _device
         from kano.evaluator.methods import load_method, reference_folder
-        from kano.core.registry import METHODS, methods_with, method_spec, option_name
+        from kano.core.registry import methods_with, method_spec, option_name
 
         spec = method_spec(method, option_name("method", style))
         if not spec.per_image:
@@ -187,15 +188,15 @@ class Detector:
         if k_shot and not references:
             raise KanoError(f"{option_name('k_shot', style)} {k_shot} needs {option_name('references', style)} (a folder of "
                             "normal images), got none")
-        model, info = load_method(method, None, backbone if "backbone" in METHODS[method].needs else None, image_size,
-                                  _device(device), k_shot=0, references=None, style=style)
+        if backbone is None and "backbone" in spec.needs:
+            backbone = "micro"
+        model, info = load_method(method, None, backbone, image_size, _device(device), k_shot=0, references=None, style=style)
         described = info["method"]
         refs = None
         if references:
             from kano.core.registry import check_given
 
-            check_given(method, {"backbone": backbone if "backbone" in spec.needs else None, "references": references},
-                        style)
+            check_given(method, {"backbone": backbone, "references": references}, style)
             refs = reference_folder(references, k_shot, model.backbone, style)
             described = {**described, **model.describe_references(k_shot, str(references)), "setting": "few-shot",
                          "k_shot": k_shot, "references": refs[1]}

@@ -32,7 +32,7 @@ def _names(**query) -> str:
 
 
 def _per_image_with_backbone() -> str:
-    return _names(needs="backbone", per_image=True)
+    return _names(needs="backbone", transductive=False)
 
 
 def _with_option(option: str) -> str:

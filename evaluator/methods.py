@@ -217,7 +217,7 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
-    fits = ", ".join(methods_with(needs="backbone", per_image=True))
+    fits = ", ".join(methods_with(needs="backbone", transductive=False))
     if model.transductive:
         raise KanoError(f"--mutual must go with a per-image method (--run, or --method {fits}), got {what}, "
                         "which is already transductive")
