@@ -142,3 +142,20 @@ def test_predict_model_refuses_what_a_graph_cannot_use(option, value, cli, tmp_p
                        "--out", tmp_path / "p")
     assert code == 2 and f"got {option}" in err and "beside it" in err, err
     assert not (tmp_path / "p").exists()
+
+
+def test_serve_run_honours_threads(trained_run):
+    """kano serve --run --threads N: torch scores with N threads (the option reaches the torch scorer)."""
+    import torch
+
+    from kano.core.errors import KanoError
+    from kano.deploy.serve import Scorer
+
+    before = torch.get_num_threads()
+    try:
+        Scorer.torch_run(trained_run, threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(KanoError, match="--threads must be an integer >= 1, got 0"):
+            Scorer.torch_run(trained_run, threads=0)
+    finally:
+        torch.set_num_threads(before)
