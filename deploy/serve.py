@@ -1,8 +1,9 @@
 """`kano serve`: an HTTP service on FastAPI + uvicorn (`pip install 'kano[serve]'`).
 
-    POST /v1/predict   multipart: file (the image), class (its class name) -> JSON: score, anomalous, threshold (the class's),
-                       class, image_size, map_png (base64 PNG, 16-bit grey, 65535 = 1.0, at the model's S x S),
-                       panel_png (base64 PNG: the labelled panel of `kano predict`), latency_ms
+    POST /v1/predict   multipart: file (the image), class (its class name), optional outputs (comma-separated of
+                       map, panel; default "map,panel"; "none": the score alone) -> JSON: score, anomalous, threshold
+                       (the class's), class, image_size, latency_ms, and as asked: map_png (base64 PNG, 16-bit grey,
+                       65535 = 1.0, at the model's S x S), panel_png (base64 PNG: the labelled panel of `kano predict`)
     GET  /healthz      {"status": "ok", "classes", "method", "queue": length now, "limits"}
     GET  /             a page: drop images, pick a class, see the panel and the decision
 
@@ -37,6 +38,18 @@ from kano.core.errors import KanoError
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/bmp": ".bmp", "image/tiff": ".tif", "image/webp": ".webp"}
+OUTPUTS = ("map", "panel")  # what an answer may carry besides the score; each costs time (docs/deploy.md)
+
+
+def parse_outputs(value: str | None) -> tuple[str, ...]:
+    """The request's `outputs` field -> the outputs asked for (default: all; "none" or "": the score alone)."""
+    if value is None:
+        return OUTPUTS
+    asked = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"))
+    bad = [v for v in asked if v not in OUTPUTS]
+    if bad:
+        raise HTTPError(422, f"outputs must be a comma-separated list of {', '.join(OUTPUTS)} (or none), got {value!r}")
+    return asked
 
 
 @dataclass
@@ -222,8 +235,8 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     async def page():
         return PAGE.replace("__CLASSES__", "".join(f"<option>{_esc(c)}</option>" for c in scorer.classes))
 
-    async def read_form(request: Request) -> tuple[bytes, str, str]:
-        """-> (file bytes, content type, class); refuses before reading more than the upload limit."""
+    async def read_form(request: Request) -> tuple[bytes, str, str, tuple[str, ...]]:
+        """-> (file bytes, content type, class, outputs asked for); refuses before reading more than the upload limit."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise HTTPError(415, f"the request must be multipart/form-data with fields file and class, got content type {ctype or 'none'!r}")
@@ -255,7 +268,8 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         data = await f.read()
         if not data:
             raise HTTPError(400, "the file field must hold an image, got an empty file")
-        return data, (f.content_type or ""), cls
+        asked = form.get("outputs")
+        return data, (f.content_type or ""), cls, parse_outputs(asked if isinstance(asked, str) else None)
 
     def decode(data: bytes, ctype: str):
         """bytes -> PIL RGB through anomaly_data.io.load_image (its checks: format, truncation, pixel limit)."""
@@ -285,7 +299,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     @app.post("/v1/predict")
     async def predict(request: Request):
         t0 = time.monotonic()
-        data, ctype, cls = await read_form(request)
+        data, ctype, cls, outputs = await read_form(request)
         if cls not in scorer.classes:
             raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}")
         loop = asyncio.get_running_loop()
@@ -299,13 +313,17 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
             raise HTTPError(504, f"the request took longer than the service's timeout of {limits.timeout_s:g} s") from None
         thr = scorer.thresholds.get(cls)
 
-        def draw():
-            return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=cls, score=score, threshold=thr))
+        def draw() -> dict:
+            out = {}
+            if "map" in outputs:
+                out.update(map_size=list(amap.shape[::-1]), map_png=_png_b64(map_to_png16(amap)))
+            if "panel" in outputs:
+                out["panel_png"] = _png_b64(panel(img, amap, name=cls, score=score, threshold=thr))
+            return out
 
-        map_b64, panel_b64 = await loop.run_in_executor(None, draw)
+        drawn = await loop.run_in_executor(None, draw) if outputs else {}
         return {"class": cls, "score": round(score, 6), "anomalous": None if thr is None else bool(score >= thr), "threshold": thr,
-                "image_size": list(img.size), "map_size": list(amap.shape[::-1]), "map_png": map_b64, "panel_png": panel_b64,
-                "latency_ms": round(1000 * (time.monotonic() - t0), 1)}
+                "image_size": list(img.size), **drawn, "latency_ms": round(1000 * (time.monotonic() - t0), 1)}
 
     return app
 
