@@ -81,7 +81,7 @@ def refuse_unexportable(method: str) -> None:
 
 def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str]):
     """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source)},
-    source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.api.Detector);
+    source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.evaluator.detector.Detector, the API's);
     --backbone alone is the untrained model, as in `kano eval` and `kano predict`."""
     from kano.anomaly_data.names import class_word
     from kano.core.registry import UNTRAINED_METHOD, methods_with
@@ -92,7 +92,7 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
         if method or backbone:
             raise KanoError("give --run RUN alone (its config names the method and backbone), got --run with "
                             f"{'--method' if method else '--backbone'}")
-        from kano.api import Detector
+        from kano.evaluator.detector import Detector
 
         det = Detector.load(run, device="cpu")
         name = det.method["method"]

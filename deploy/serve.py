@@ -111,7 +111,7 @@ class Scorer:
     @staticmethod
     def torch_run(run: str | Path, classes: list[str] | None = None, threads: int | None = None) -> "Scorer":
         """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
-        them (kano.api.Detector); classes: the names the service accepts (default: the run's classes); threads:
+        them (kano.evaluator.detector.Detector, the API's); classes: the names the service accepts (default: the run's classes); threads:
         torch's intra-op threads (default: torch's own)."""
         import torch
 
@@ -121,7 +121,7 @@ class Scorer:
             torch.set_num_threads(threads)
 
         from kano.anomaly_data import image_to_tensor
-        from kano.api import Detector
+        from kano.evaluator.detector import Detector
 
         det = Detector.load(run, device="cpu")
         model = det.model

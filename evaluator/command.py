@@ -84,7 +84,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"),
                                        data=data, rscin_windows=rscin_windows)
     from kano.anomaly_data.names import known_words, parse_class_words, unknown_word_warning
-    from kano.api import resolve_threshold, weights_sha256
+    from kano.evaluator.detector import resolve_threshold, weights_sha256
 
     words = parse_class_words(class_words)
     if words and not uses_prompts(described):
@@ -142,7 +142,7 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
              device: str | None = None, batch_size: int = 8, image_size: int | None = None):
     """The Detector `kano predict` scores with (the Python API's object): a run, a per-image --method on
     --backbone (with --reference DIR --k-shot K for the methods that take references), or the untrained model."""
-    from kano.api import Detector
+    from kano.evaluator.detector import Detector
 
     if method:
         if run:
