@@ -97,9 +97,10 @@ def text_bank(model: nn.Module, method: str, words: list[str]) -> torch.Tensor:
     raise KanoError(f"method must be one of {', '.join(EXPORTABLE)}, got {method!r}")
 
 
-def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str]):
-    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source)},
-    source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.api.Detector)."""
+def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str], calibration=None):
+    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source, pixel
+    threshold)}, source description). Words and thresholds are the ones `kano predict` uses for the same options
+    (kano.api.Detector), with `calibration` (a calibration file of this mode; a run's own by default)."""
     from kano.anomaly_data.names import class_word
 
     if not classes or any(not c.strip() for c in classes) or len(set(classes)) != len(classes):
@@ -112,30 +113,33 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
                             f"{'--method' if method else '--backbone'}")
         from kano.api import Detector
 
-        det = Detector.load(run, device="cpu")
+        det = Detector.load(run, device="cpu", calibration=calibration)
         name = det.model.method
-        return (det.model, name, {c: det.class_word(c) for c in classes}, {c: det.threshold_for(c) for c in classes},
-                det.method)
+        return det.model, name, {c: det.class_word(c) for c in classes}, _thresholds(det, classes), det.method
     if not backbone:
         raise KanoError("kano export needs --run RUN, or --backbone SPEC (with --method winclip, or alone for the untrained "
                         "KAnoCLIP baseline)")
     from kano.evaluator.report import baseline_method
 
-    words = {c: class_word(c) for c in classes}
-    none = {c: (None, None) for c in classes}
-    if method in (None, "kanoclip"):
-        from kano.evaluator.loading import load_model
+    from kano.api import Detector
 
-        model, _ = load_model(None, backbone, None, "cpu")
-        return model, "kanoclip", words, none, baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
+    words = {c: class_word(c) for c in classes}
+    if method in (None, "kanoclip"):
+        from kano.evaluator.command import detector
+
+        det = detector(run=None, backbone=backbone, device="cpu", calibration=calibration)
+        return det.model, "kanoclip", words, _thresholds(det, classes), \
+            baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
     if method != "winclip":
         raise KanoError(f"--method must be winclip (or left out, for the untrained KAnoCLIP baseline) with --backbone, "
                         f"got {method!r}; trained methods are exported from their run with --run")
-    from kano.kanoclip import build_backbone
-    from kano.kanoclip.winclip import build_zero_shot
+    det = Detector.zero_shot("winclip", backbone, device="cpu", calibration=calibration)
+    return det.model, "winclip", words, _thresholds(det, classes), {"kind": "zero-shot", "name": "WinCLIP", "backbone": backbone}
 
-    return build_zero_shot("winclip", build_backbone(backbone, device="cpu")), "winclip", words, none, \
-        {"kind": "zero-shot", "name": "WinCLIP", "backbone": backbone}
+
+def _thresholds(det, classes: list[str]) -> dict:
+    """{class: (threshold, source, pixel threshold)} as `kano predict` resolves them."""
+    return {c: (*det.threshold_for(c), det.pixel_threshold_for(c)[0]) for c in classes}
 
 
 def export_model(model: nn.Module, method: str, words: dict[str, str], thresholds: dict | float | None, out: Path,
@@ -157,6 +161,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
     if not isinstance(thresholds, dict):
         thresholds = {c: (thresholds, None if thresholds is None else "given") for c in classes}
     thr = [thresholds[c][0] for c in classes]
+    pixel = {c: (thresholds[c][2] if len(thresholds[c]) > 2 else None) for c in classes}
     graph = ImageSide(model, method, text_bank(model, method, [words[c] for c in classes]), thr).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kano-export-") as tmp:
@@ -171,7 +176,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
                "image_size": bb.image_size, "mean": [float(v) for v in bb.mean], "std": [float(v) for v in bb.std],
                # anomaly_data.image_to_tensor: squash to S x S (no crop, so maps align with the image), bicubic
                "resize": "squash-bicubic", "classes": classes, "prompt_words": [words[c] for c in classes],
-               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
+               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "pixel_thresholds": pixel, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
                "outputs": {"image_score": ["N"], "anomaly_map": ["N", bb.image_size, bb.image_size], "anomalous": ["N"]},
                "opset": OPSET, "source": source or {}, "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -219,8 +224,8 @@ def write_onnx(graph: ImageSide, size: int, path: Path) -> None:
 
 
 def export(*, run: str | None, method: str | None, backbone: str | None, classes: list[str], fmt: str, out: Path,
-           fp16: bool = False) -> dict:
+           fp16: bool = False, calibration=None) -> dict:
     """`kano export`: load the source, write the graph and its sidecar; returns the sidecar dict."""
     check_target(fmt, out, fp16)
-    model, name, words, thresholds, source = load_source(run, method, backbone, classes)
+    model, name, words, thresholds, source = load_source(run, method, backbone, classes, calibration)
     return export_model(model, name, words, thresholds, out, fmt, fp16, source)

@@ -258,6 +258,8 @@ class Detector:
     def pixel_threshold_for(self, class_name: str, word: str | None = None) -> tuple[float | None, str | None]:
         """-> (the calibration's pixel threshold for the class, "calibration"), or (None, None) without one: the
         level the maps are drawn relative to and the masks are cut at (evaluator.visualize.MapScale)."""
+        if self.threshold is not None and self.calibration is None:  # --threshold alone: the run's file is not consulted
+            return None, None
         entry = self.calibration_entry(class_name, word)
         return (None, None) if entry is None else (float(entry["pixel_threshold"]), "calibration")
 
