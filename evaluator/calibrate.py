@@ -126,7 +126,7 @@ def module_sha256(module) -> str | None:
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     digest = h.hexdigest()
     object.__setattr__(module, "_kano_weights_sha256", digest)
     return digest
@@ -330,8 +330,6 @@ def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, de
     cal = {"format": FORMAT, "mode": mode, "alarm_rate": a,
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "classes": {**old, **classes}}
-    if det.run_dir is not None and det.references is None:
-        cal["run_weights_sha256"] = mode["weights_sha256"]  # what readers of format 1 looked for
     _write_json(dest, cal)
     if out is not None:
         _write_scores(Path(out), rows, cal)

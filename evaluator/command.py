@@ -230,6 +230,8 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
     files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
     files += (["maps/ (npy and 16-bit png)"] if maps else []) + (["panels/"] if panels else [])
+    if pixel_threshold is not None and s["anomalous"] and (Path(out) / "masks").is_dir():
+        files.append(f"masks/ (each flagged image's defect mask at the pixel threshold {pixel_threshold:.3g})")
     ui.out.print(f"written to {out}: {', '.join(files)}")
     if s["errors"]:
         raise SystemExit(1)

@@ -99,8 +99,11 @@ def test_calibrate_writes_the_order_statistic_and_predict_uses_it(run_copy, held
     assert code == 0, err
     cal = json.loads((run_copy / "calibration.json").read_text())
     config = json.loads((run_copy / "config.json").read_text())
-    assert cal["format"] == 1 and cal["alarm_rate"] == 0.1 and set(cal["classes"]) == {"disc"}
-    assert cal["run_weights_sha256"] == config["ranks"][0]["weights_sha256"]
+    assert cal["format"] == 2 and cal["alarm_rate"] == 0.1 and set(cal["classes"]) == {"disc"}
+    # keyed by the scoring mode: the run's weights, scored as it is (no references, K = 0)
+    assert cal["mode"] == {"method": config.get("method", "kanoclip"), "backbone": config["backbone"],
+                           "weights_sha256": config["ranks"][0]["weights_sha256"], "references_sha256": None, "k_shot": 0,
+                           "image_size": config["image_size"]}
     c = cal["classes"]["disc"]
     assert (c["n"], c["rank"]) == (9, 9)  # ceil(10 * 0.9) = 9
     with open(tmp_path / "cal" / "calibration_scores.csv") as fh:
@@ -156,7 +159,7 @@ def test_bad_input(run_copy, held_out, synth_root, tmp_path, cli):
     # a calibration made for another run's weights
     assert cli("calibrate", "--run", run_copy, "--normal", normal, "--alarm-rate", "0.1")[0] == 0
     cal = json.loads((run_copy / "calibration.json").read_text())
-    cal["run_weights_sha256"] = "0" * 64
+    cal["mode"]["weights_sha256"] = "0" * 64
     (run_copy / "calibration.json").write_text(json.dumps(cal))
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 2 and "must be made for this run's weights" in err and "got a calibration made for 0000000000000000" in err
@@ -165,7 +168,7 @@ def test_bad_input(run_copy, held_out, synth_root, tmp_path, cli):
 def test_a_damaged_calibration_file_is_named(run_copy, held_out, tmp_path, cli):
     (run_copy / "calibration.json").write_text(json.dumps({"classes": {"disc": {"image_threshold": 0.5}}}))
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
-    assert code == 2 and "calibration.json must be a calibration of format 1" in err and "got format None" in err
+    assert code == 2 and "calibration.json must be a calibration of format 2" in err and "got format None" in err
     (run_copy / "calibration.json").write_text("{not json")
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 2 and "must be the JSON file `kano calibrate` writes" in err
