@@ -17,7 +17,7 @@ from kano.errors import KanoError
 
 from . import outputs, records, report
 from .stream import batch_sizes
-from .visualize import defect_mask, is_normal, map_scale, map_to_png16, panel, resize_map
+from .visualize import defect_mask, is_normal, map_scale, map_to_png16, panel, resize_map, save_png
 
 # Maps are written at the image's size up to this many pixels on the long side (2048: every benchmark's
 # images fit; a float32 map is then at most 16 MB). Larger images get a map downscaled to this size.
@@ -78,7 +78,7 @@ def row(out_dir: Path, path: str, cls: str, word: str, name: str | None, score: 
             pic = panel(load_image(path), np.asarray(amap), name=f"{cls} / {Path(path).name}", score=s, threshold=threshold,
                         threshold_source=source, pixel_threshold=pixel_threshold)
             pp = out_dir / f"panels/{name}.png"
-            pic.save(outputs.inside(out_dir, pp))
+            save_png(pic, outputs.inside(out_dir, pp))  # fast: a panel per image
             rec["panel_png"] = str(pp)
     except KanoError as exc:
         rec = {k: v for k, v in rec.items() if k in KEPT_ON_ERROR}

@@ -474,6 +474,11 @@ def calibrate_cmd(
     if not run and not backbone and not (method and method not in _backbone_methods()):
         raise KanoError("kano calibrate needs --run RUN, or --backbone SPEC (with or without --method), or a --method that "
                         "takes no backbone (a zero-parameter floor such as median_colour), got none of them")
+    if calibration is None and (not run or reference):
+        raise KanoError(f"--calibration FILE must name where to write the calibration of this scoring mode "
+                        f"({'few-shot on a run (--reference)' if run else '--method ' + method if method else '--backbone ' + str(backbone)}), "
+                        f"got none: only a run scored as it is keeps its calibration in the run folder; pass the same "
+                        f"--calibration FILE to predict, eval, export and serve")
     images = _parse_images(normal, "--normal")
     words = {}
     if class_word:
