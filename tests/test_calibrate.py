@@ -172,3 +172,25 @@ def test_a_damaged_calibration_file_is_named(run_copy, held_out, tmp_path, cli):
     (run_copy / "calibration.json").write_text("{not json")
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 2 and "must be the JSON file `kano calibrate` writes" in err
+
+
+def test_few_shot_on_a_run_never_reuses_its_zero_shot_calibration(run_copy, held_out, tmp_path, cli):
+    refs = tmp_path / "refs"
+    shutil.copytree(held_out, refs)  # references: any normal images; here the held-out ones themselves
+    few = ["--run", run_copy, "--reference", refs, "--k-shot", "2"]
+    # no calibration: the run's own threshold (set on its scores without references) is not used with them
+    code, out, err = cli("predict", str(held_out), "--class", "disc", *few, "--out", tmp_path / "p0", "--no-maps", "--no-panels")
+    assert code == 0 and "no threshold" in err, err
+    assert cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.1")[0] == 0
+    code, _, err = cli("predict", str(held_out), "--class", "disc", *few, "--out", tmp_path / "p1", "--no-maps", "--no-panels")
+    assert code == 2 and "calibration.json must be a calibration of the scoring mode in use" in err
+    assert "k_shot 0 there, 2 here" in err and "references_sha256 none there" in err
+    cal = tmp_path / "few.json"
+    code, _, err = cli("calibrate", *few, "--normal", f"disc={held_out}", "--alarm-rate", "0.1")
+    assert code == 2 and "--calibration FILE must name where to write" in err  # never into the run's own file
+    assert cli("calibrate", *few, "--normal", f"disc={held_out}", "--alarm-rate", "0.1", "--calibration", cal)[0] == 0
+    t = json.loads(cal.read_text())["classes"]["disc"]["image_threshold"]
+    assert t != json.loads((run_copy / "calibration.json").read_text())["classes"]["disc"]["image_threshold"]
+    code, out, err = cli("predict", str(held_out), "--class", "disc", *few, "--calibration", cal, "--out", tmp_path / "p2",
+                         "--no-maps", "--no-panels")
+    assert code == 0 and f"decision threshold: {t:.6f} from the calibration" in out, err
