@@ -46,7 +46,7 @@ from typing import Callable
 
 import numpy as np
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = 2

@@ -42,7 +42,7 @@ import torch
 
 from kano.anomaly_data import Sample
 from kano.anomaly_data.names import class_word
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from . import outputs, records
 from .evaluate import cpu_streams, gather, run_inference
@@ -140,7 +140,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     rule); prompts: class -> class word for a manifest's other classes (the rule fills the rest); their
     decisions use `threshold` too. threshold_source: where `threshold` came from ("command line",
     "calibration", "run"), recorded beside it; pixel_threshold: the calibration's, the panels' colour scale
-    and the masks' cut (None: absolute scale, no masks). dist: the launch's processes (kano.distributed.Dist or
+    and the masks' cut (None: absolute scale, no masks). dist: the launch's processes (kano.core.distributed.Dist or
     anything with rank, world, gather and broadcast); None: this process alone."""
     started = time.time()
     device = device or model.backbone.device

@@ -92,7 +92,7 @@ def test_winclip_plus_keyed_by_references_and_k(photos, tmp_path, cli):
     assert code == 2 and "references_sha256" in err and "k_shot 2 there, 1 here" in err, err
     # the same detector asked with another class word: refused by name, not reused
     import kano
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
 
     det = kano.Detector.zero_shot("winclip", "micro", references=photos["refs"], k_shot=2, calibration=cal)
     assert det.threshold_for("hazelnut")[1] == "calibration"
