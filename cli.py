@@ -367,8 +367,9 @@ def eval_cmd(
     from kano.evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual or k_shot or rscin_windows:
-            flag = "--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows"
+        if mutual or k_shot or rscin_windows or calibration:
+            flag = ("--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows" if rscin_windows
+                    else "--calibration (one scoring mode's)")
             raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,

@@ -133,3 +133,18 @@ def test_degenerate_maps_and_thresholds_are_said_in_words(tmp_path):
     assert not scale.relative and "is not a normal float" in scale.note
     r = row(tmp_path, str(img), "hazelnut", "hazelnut", "y", 0.9, tiny, None, 0.3, "calibration", False, True, 5e-324)
     assert r["anomalous"] and "not a normal float" in r["map_note"] and "mask_png" not in r   # no mask cut at 5e-324
+
+
+def test_eval_takes_a_floors_calibration_file(photos, tmp_path, cli):
+    cal = tmp_path / "median.json"
+    # eval names the class by its folder (hazelnut_toy); the calibration is made for that class name
+    assert cli("calibrate", "--method", "median_colour", "--normal", f"hazelnut_toy={photos['cal']}", "--alarm-rate", "0.1",
+               "--calibration", cal)[0] == 0
+    t = json.loads(cal.read_text())["classes"]["hazelnut_toy"]
+    code, out, err = cli("eval", "--method", "median_colour", "--data", f"mvtec:{HAZEL}", "--calibration", cal,
+                         "--out", tmp_path / "ev", "--n-overlays", "1")
+    assert code == 0, err
+    assert f"decision threshold: {t['image_threshold']:.6f} from the calibration" in out
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["classes"]["hazelnut_toy"]
+    assert (m["threshold"], m["threshold_source"]) == (t["image_threshold"], "calibration")
+    assert "relative to the class's calibrated pixel threshold" in (tmp_path / "ev" / "report.html").read_text()
