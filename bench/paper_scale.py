@@ -25,6 +25,10 @@ process rebuilds the same frozen weights. Precision: `auto` is fp32 on the CPU a
 backbone on CUDA (KANO_BACKBONE_AUTOCAST; the heads, maps and scores stay fp32 whatever it is); the exported graph
 is fp32, so on CUDA the score difference includes the backbone's reduced precision (run `--precision fp32` to
 compare like with like).
+
+On a machine without Kano's console script on the interpreter's folder (e.g. Kano installed with `pip install
+--no-deps --target`), each step runs as `python -m kano.cli` with this process's environment (PYTHONPATH included).
+The export step needs onnx and onnxscript, `predict --model` onnxruntime, `kb build` duckdb.
 """
 
 from __future__ import annotations
