@@ -115,6 +115,10 @@ def _fit(img: Image.Image, max_side: int) -> Image.Image:
     return img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS)
 
 
+# the shrinking above, for evaluator.overlap: a calibration photo is compared with what this module wrote of it
+fit_long_side = _fit
+
+
 def _otsu(values: np.ndarray) -> float:
     """Otsu's threshold (1979) on values in [0, 1]: the cut maximising the between-class variance, 256 bins."""
     hist, edges = np.histogram(values, bins=256, range=(0.0, 1.0))

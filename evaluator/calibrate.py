@@ -142,26 +142,21 @@ def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sh
     return float(entry["image_threshold"])
 
 
-def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, str]]:
-    """Calibration files whose bytes equal a file of the run's training data (when that data is still there)."""
+def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path]]:
+    """Calibration files whose decoded pixels equal a normal image of the run's training data (evaluator.overlap),
+    when that data is still there."""
     from kano.anomaly_data import load_dataset
     from kano.kanoclip.runs import read_config
 
+    from .overlap import training_overlap
+
     spec = read_config(run_dir).get("data")
     try:
-        train_files = [Path(s.image_path) for s in load_dataset(str(spec), missing_masks="ignore").samples(split=None)]
+        train_files = [Path(s.image_path) for s in load_dataset(str(spec), missing_masks="ignore").samples(split=None)
+                       if s.label == 0]
     except Exception:  # training data moved or gone: nothing to compare with
         return []
-    sizes: dict[int, list[Path]] = {}
-    for f in files:
-        sizes.setdefault(f.stat().st_size, []).append(f)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
-    mine = {digest(f): f for group in sizes.values() for f in group}
-    hits = []
-    for t in train_files:
-        if t.is_file() and t.stat().st_size in sizes and (d := digest(t)) in mine:
-            hits.append((mine[d], str(t)))
-    return hits
+    return training_overlap(train_files, files)
 
 
 def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_rate: float, *, batch_size: int = 8,
@@ -181,9 +176,10 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
     for cls, files in normal.items():
         conformal_rank(len(files), a)  # too few images: refused before any scoring
     digest = run_digest(run_dir)
-    for f, t in _training_overlap(run_dir, [f for fs in normal.values() for f in fs]):
-        raise KanoError(f"calibration image {f} must be one the run never trained on, got the same bytes as its training "
-                        f"image {t}: hold normal images out of training for calibration")
+    if hits := _training_overlap(run_dir, [f for fs in normal.values() for f in fs]):
+        from .overlap import overlap_message
+
+        raise KanoError(overlap_message(hits))
     dev = resolve_device(device)
     model, info = load_model(str(run_dir), None, None, dev)
     classes, rows = {}, []

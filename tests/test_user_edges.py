@@ -1,0 +1,93 @@
+"""What a new user met on their own photos: the training-photo guard of `kano calibrate` (by pixels), one
+class-name rule (warnings, corrected names in advice, `--class` to say which class a folder is), and the
+smaller rough edges (layout and weights errors, unreadable photos, result order, the service)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import DATA
+
+PHOTOS = DATA / "hazelnut_toy" / "train" / "good"
+NAMES = sorted(p.name for p in PHOTOS.iterdir())  # 28 photos, 00.jpg .. 33.jpg with gaps
+
+
+def _photos(dst: Path, names: list[str]) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(PHOTOS / n, dst / n)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def photo_synth(tmp_path_factory) -> dict:
+    """The issue's path: `kano data synth --from` on 6 real photos (shrunk to 128 px, written as PNG); 9 others held out."""
+    from kano.anomaly_data.photo_defects import synthesize_from_photos
+
+    base = tmp_path_factory.mktemp("photos")
+    mine = _photos(base / "my_photos", NAMES[:6])
+    held = _photos(base / "held_out", NAMES[6:15])
+    synthesize_from_photos(mine, base / "synth", "hazelnut", max_side=128, n_per_defect=1, defects=("colour",))
+    return {"mine": mine, "held": held, "synth": base / "synth"}
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """Normal 'disc' images of another seed than the run's training data (never trained on)."""
+    from kano.anomaly_data import synthesize
+
+    root = tmp_path_factory.mktemp("heldout")
+    synthesize(root, ["disc"], seed=77, size=96, n_train=0, n_good=9, n_per_defect=0, defects=())
+    return root / "disc" / "test" / "good"
+
+
+# ------------------------------------------------------------------ 3. the training-photo guard, by pixels
+
+
+def test_guard_finds_photos_synth_rewrote_as_png(photo_synth):
+    """The same JPEGs `synth --from` shrank and rewrote as PNG: no byte in common, the pixels after the same shrink."""
+    from kano.evaluator.overlap import training_overlap
+
+    train = sorted((photo_synth["synth"] / "hazelnut" / "train" / "good").iterdir())
+    assert len(train) == 6 and all(t.suffix == ".png" for t in train)
+    calib = sorted(photo_synth["mine"].iterdir()) + sorted(photo_synth["held"].iterdir())[:3]
+    hits = training_overlap(train, calib)
+    # synth numbers the photos in sorted order: 00.jpg -> 000.png ... 05.jpg -> 005.png; the held-out ones match none
+    assert [(f.name, t.name) for f, t in hits] == [(NAMES[i], f"{i:03d}.png") for i in range(6)]
+    # a photo re-encoded losslessly in another format is the same photo; one changed pixel is another photo
+    other = photo_synth["held"].parent / "recoded"
+    other.mkdir(exist_ok=True)
+    a = np.asarray(Image.open(train[2]).convert("RGB")).copy()
+    Image.fromarray(a).save(other / "same.bmp")
+    a[0, 0] ^= 1
+    Image.fromarray(a).save(other / "changed.png")
+    assert [f.name for f, _ in training_overlap(train, [other / "same.bmp", other / "changed.png"])] == ["same.bmp"]
+
+
+def test_calibrate_refuses_the_training_photos_by_name(run_copy, synth_root, held_out, tmp_path, cli):
+    """The run's own training photos, written again as BMP (no byte in common), among held-out ones."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    trained = sorted((synth_root / "disc" / "test" / "good").iterdir())
+    for f in trained:
+        Image.open(f).save(mixed / (f.stem + ".bmp"))
+    for f in sorted(held_out.iterdir())[:6]:
+        shutil.copy(f, mixed / ("held_" + f.name))
+    code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={mixed}", "--alarm-rate", "0.1")
+    msg = " ".join(err.split())
+    assert code == 2 and f"must be one the run never trained on, got {len(trained)} with the same pixels" in msg, msg
+    assert ", ".join(f"{f.stem}.bmp (= good/{f.name})" for f in trained) in msg, msg
+    assert not (run_copy / "calibration.json").exists()
+    code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.1")
+    assert code == 0, err
