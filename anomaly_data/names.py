@@ -71,6 +71,17 @@ def known_words(run_words: dict[str, str] | None = None) -> set[str]:
     return known
 
 
+def closest(name: str, choices) -> str | None:
+    """The one choice `name` most likely misspells (difflib, similarity >= 0.6), or None: for "did you mean"
+    and for the corrected name in a command an error suggests."""
+    import difflib
+
+    if name in choices:
+        return name
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def unknown_word_warning(word: str, known: set[str], what: str = "class word") -> str | None:
     """A warning for a word outside `known`, naming the closest known ones (difflib); None when known."""
     import difflib

@@ -271,7 +271,11 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         t0 = time.monotonic()
         data, ctype, cls = await read_form(request)
         if cls not in scorer.classes:
-            raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}")
+            from kano.anomaly_data.names import closest
+
+            meant = closest(cls, scorer.classes)
+            raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}"
+                            + (f"; did you mean {meant!r}?" if meant else ""))
         loop = asyncio.get_running_loop()
         img = await loop.run_in_executor(None, decode, data, ctype)
         x = await loop.run_in_executor(None, scorer.preprocess, img)

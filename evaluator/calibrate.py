@@ -135,9 +135,16 @@ def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sh
     entry = cal["classes"].get(class_name)
     if entry is None:
         if required:
-            raise KanoError(f"class must be one of the classes calibrated in {Path(run_dir) / CALIBRATION_FILE} "
-                            f"({', '.join(sorted(cal['classes'])) or 'none'}), got {class_name!r}: run `kano calibrate --run "
-                            f"{run_dir} --normal {class_name}=DIR ...` or pass --threshold")
+            from kano.anomaly_data.names import closest, known_words
+
+            where = (f"class must be one of the classes calibrated in {Path(run_dir) / CALIBRATION_FILE} "
+                     f"({', '.join(sorted(cal['classes'])) or 'none'}), got {class_name!r}")
+            if (meant := closest(class_name, cal["classes"])) is not None:  # a misspelling of a calibrated class
+                raise KanoError(f"{where}: did you mean {meant!r}? Pass --class {meant} (or --threshold)")
+            fixed = closest(class_name, known_words()) or class_name  # advice carries the corrected name, never the typo
+            fixed = fixed.replace(" ", "_")
+            hint = f" (did you mean {fixed!r}?)" if fixed != class_name else ""
+            raise KanoError(f"{where}{hint}: run `kano calibrate --run {run_dir} --normal {fixed}=DIR ...` or pass --threshold")
         return None
     return float(entry["image_threshold"])
 
@@ -161,16 +168,22 @@ def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path
 
 def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_rate: float, *, batch_size: int = 8,
               device=None, workers: int = 0, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
-              out: str | os.PathLike | None = None) -> dict:
+              out: str | os.PathLike | None = None, warn: Callable[[str], None] | None = None) -> dict:
     """Score each class's normal images with the run, write RUN/calibration.json; returns the written calibration.
-    out: an optional folder for calibration_scores.csv (each image's score and map maximum)."""
+    out: an optional folder for calibration_scores.csv (each image's score and map maximum). warn: where warnings
+    go (default: standard error)."""
     from kano.anomaly_data import Sample, prompt_name
+    from kano.anomaly_data.names import known_words, unknown_word_warning
     from kano.evaluator.evaluate import run_inference
     from kano.evaluator.loading import load_model
     from kano.device import resolve_device
 
     a = check_alarm_rate(alarm_rate)
     run_dir = Path(run_dir)
+    if warn is None:
+        from kano import ui
+
+        warn = lambda s: ui.err.print(s, markup=False)  # noqa: E731
     if not normal:
         raise KanoError("--normal must be given at least once as CLASS=DIR (normal images of that class), got none")
     for cls, files in normal.items():
@@ -185,6 +198,8 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
     classes, rows = {}, []
     for cls, files in normal.items():
         word = info["prompt_names"].get(cls) or prompt_name(cls)
+        if (msg := unknown_word_warning(word, known_words(info["prompt_names"]))) is not None:
+            warn(f"warning: --normal {cls}=...: {msg}")  # the same rule as predict: a typo here becomes a class of its own
         samples = [Sample(str(Path(f).resolve()), None, cls, "good", 0) for f in files]
         advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
         try:

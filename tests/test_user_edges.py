@@ -91,3 +91,26 @@ def test_calibrate_refuses_the_training_photos_by_name(run_copy, synth_root, hel
     assert not (run_copy / "calibration.json").exists()
     code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.1")
     assert code == 0, err
+
+
+# ------------------------------------------------------------------ 4. one class-name rule
+
+
+def test_calibrate_warns_of_a_misspelt_class_and_errors_suggest_the_corrected_name(run_copy, held_out, tmp_path, cli):
+    code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"dysc={held_out}", "--alarm-rate", "0.2")
+    msg = " ".join(err.split())
+    assert code == 0 and "--normal dysc=...: class word 'dysc' is not a class" in msg and "did you mean 'disc'" in msg, msg
+    code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.2")
+    assert code == 0 and "did you mean" not in err, err
+    # predict with a misspelling of a calibrated class: the advice is the calibrated name, not a calibration of the typo
+    code, _, err = cli("predict", str(held_out), "--class", "disk", "--run", run_copy, "--out", tmp_path / "p")
+    msg = " ".join(err.split())
+    assert code == 2 and "got 'disk': did you mean 'disc'? Pass --class disc" in msg and "--normal disk=" not in msg, msg
+    # a misspelling of a class Kano knows but this calibration lacks: the command suggested carries the known name
+    code, _, err = cli("predict", str(held_out), "--class", "hazlenut", "--run", run_copy, "--out", tmp_path / "p2")
+    msg = " ".join(err.split())
+    assert code == 2 and "(did you mean 'hazelnut'?)" in msg and "--normal hazelnut=DIR" in msg, msg
+    assert "--normal hazlenut" not in msg
+    # a class word nothing resembles: the advice keeps the user's name
+    code, _, err = cli("predict", str(held_out), "--class", "gizmo", "--run", run_copy, "--out", tmp_path / "p3")
+    assert code == 2 and "--normal gizmo=DIR" in " ".join(err.split()), err
