@@ -121,6 +121,26 @@ class Dataset:
             chosen = [c for c in chosen if c in have]
         return chosen, samples
 
+    def renamed(self, names: dict[str, str]) -> "Dataset":
+        """The same images with class FOLDER called NAME for each {FOLDER: NAME} (`kano eval --class NAME=FOLDER`):
+        the name then picks the prompt word, the calibration and the report's rows."""
+        import dataclasses
+
+        from .names import closest
+
+        unknown = [f for f in names if f not in self.classes]
+        if unknown:
+            meant = closest(unknown[0], self.classes)
+            raise KanoError(f"--class NAME=FOLDER: FOLDER must be a class folder of {self.kind}:{self.root} "
+                            f"({', '.join(self.classes)}), got {unknown[0]!r}" + (f"; did you mean {meant!r}?" if meant else ""))
+        after = [names.get(c, c) for c in self.classes]
+        if len(set(after)) != len(after):
+            twice = sorted({n for n in after if after.count(n) > 1})
+            raise KanoError(f"--class must give each class folder its own name, got {', '.join(twice)} for two folders of "
+                            f"{self.kind}:{self.root}")
+        samples = [dataclasses.replace(s, class_name=names.get(s.class_name, s.class_name)) for s in self._samples]
+        return Dataset(self.kind, self.root, samples, missing_masks="ignore")
+
     def has_masks(self, class_name: str) -> bool:
         return any(s.mask_path for s in self._samples if s.class_name == class_name and s.label == 1)
 

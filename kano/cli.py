@@ -330,6 +330,10 @@ def eval_cmd(
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
+    class_names: Optional[List[str]] = typer.Option(None, "--class", help="which class a folder of --data is: NAME (--data "
+                                                    "holds one class folder) or NAME=FOLDER (repeatable); the name picks the "
+                                                    "prompt word and the calibration, e.g. --class hazelnut=hazelnut_toy  "
+                                                    "[default: the folder's name]"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="image-decoding processes (>= 0; 0: in the main process: on the CPU the batches run in parallel streams, one per torch thread (at most 4), each decoding its own images)  [default: usable CPU cores - 1, at most 8; 0 on two cores or fewer]"),
@@ -362,14 +366,16 @@ def eval_cmd(
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                                    workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
-                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux)
+                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux,
+                                   class_names=class_names)
         return
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
                           method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
-                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
+                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"),
+                          class_names=class_names)
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -391,9 +397,10 @@ def compare_cmd(
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
-                                                 "manifests with a 'path' column (and optionally 'class')"),
-    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
+    inputs: Optional[List[str]] = typer.Argument(None, help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
+                                                 "manifests with a 'path' column (and optionally 'class'); or give --class NAME=FOLDER"),
+    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle), or NAME=FOLDER: the photos of FOLDER "
+                                   "are class NAME (e.g. hazelnut=hazelnut_toy/test); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
     method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: WinCLIP+ with --method winclip, April-GAN's patch memory with --run or --backbone"),
@@ -423,6 +430,7 @@ def predict_cmd(
     Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
     torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
     Exit code 1 when some image could not be read (its row says why; the others are written)."""
+    class_name, inputs = _class_and_inputs(class_name, inputs)
     if model is not None:
         from kano.deploy import command as deploy_command
 
@@ -437,6 +445,17 @@ def predict_cmd(
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
                          k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size)
+
+
+def _class_and_inputs(class_name: str, inputs: Optional[List[str]]) -> tuple[str, list[str]]:
+    """`kano predict --class NAME=FOLDER`: FOLDER joins the inputs, NAME is the class."""
+    name, eq, folder = (x.strip() for x in class_name.partition("="))
+    if not name or (eq and not folder):
+        raise KanoError(f"--class must be NAME or NAME=FOLDER (e.g. hazelnut=hazelnut_toy/test), got {class_name!r}")
+    inputs = [*(inputs or []), *([folder] if eq else [])]
+    if not inputs:
+        raise KanoError("kano predict needs images: INPUTS (files, folders, globs, lists) or --class NAME=FOLDER, got none")
+    return name, inputs
 
 
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")

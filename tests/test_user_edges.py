@@ -114,3 +114,26 @@ def test_calibrate_warns_of_a_misspelt_class_and_errors_suggest_the_corrected_na
     # a class word nothing resembles: the advice keeps the user's name
     code, _, err = cli("predict", str(held_out), "--class", "gizmo", "--run", run_copy, "--out", tmp_path / "p3")
     assert code == 2 and "--normal gizmo=DIR" in " ".join(err.split()), err
+
+
+def test_eval_and_predict_take_the_class_of_a_folder(run_copy, held_out, synth_root, tmp_path, cli):
+    """Your own defect folder ("my_disc") evaluated against the calibration of "disc"."""
+    root = tmp_path / "mine"
+    shutil.copytree(synth_root / "disc", root / "my_disc")
+    assert cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.2")[0] == 0
+    t = json.loads((run_copy / "calibration.json").read_text())["classes"]["disc"]["image_threshold"]
+    data = f"mvtec:{root}"
+    code, _, err = cli("eval", "--run", run_copy, "--data", data, "--out", tmp_path / "e0", "--n-overlays", "0")
+    assert code == 2 and "got 'my_disc'" in err, err  # without --class: the folder's name, not calibrated
+    for i, given in enumerate(("disc", "disc=my_disc")):
+        code, out, err = cli("eval", "--run", run_copy, "--data", data, "--class", given, "--out", tmp_path / f"e{i + 1}",
+                             "--n-overlays", "0")
+        assert code == 0, err
+        assert f"decision threshold: {t:.6f} from the calibration (class disc)" in out, out
+        assert set(json.loads((tmp_path / f"e{i + 1}" / "metrics.json").read_text())["classes"]) == {"disc"}
+    code, _, err = cli("eval", "--run", run_copy, "--data", data, "--class", "disc=my_dsic", "--out", tmp_path / "e3")
+    assert code == 2 and "FOLDER must be a class folder" in err and "did you mean 'my_disc'" in err, err
+    # predict: --class NAME=FOLDER is the folder's images as class NAME
+    code, out, err = cli("predict", "--class", f"disc={held_out}", "--run", run_copy, "--out", tmp_path / "p")
+    assert code == 0 and f"decision threshold: {t:.6f} from the calibration" in out, err
+    assert len((tmp_path / "p" / "predictions.jsonl").read_text().splitlines()) == len(list(held_out.iterdir()))
