@@ -537,7 +537,16 @@ def _layout_hint(kind: str, root: Path) -> str:
                 if any(_is_class_folder(c) for c in _dirs(d)):
                     return f" (the class folders are one level down: pass {kind}:{d})"
         contents = ", ".join(p.name for p in _dirs(root)[:8])
-        return f" (it holds {contents})" if contents else ""
+        held = f" (it holds {contents})" if contents else ""
+        if kind in ("mvtec", "mpdd"):
+            # the commonest case: a folder of one's own photos, with no defects and no masks yet
+            photos = sum(1 for p in root.iterdir() if is_image(p))
+            return (f"{held}{f', {photos} loose photos' if photos and held else f' ({photos} loose photos)' if photos else ''}. "
+                    f"The {kind} layout is ROOT/CLASS/train/good/*.png (normal), ROOT/CLASS/test/good/*.png and "
+                    f"ROOT/CLASS/test/DEFECT/*.png, ROOT/CLASS/ground_truth/DEFECT/*_mask.png (masks); from a folder of your "
+                    f"own normal photos, make it with: kano data synth --from {root} --classes NAME --out data/synth, then "
+                    f"pass {kind}:data/synth")
+        return held
     except OSError:
         return ""
 

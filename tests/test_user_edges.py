@@ -137,3 +137,24 @@ def test_eval_and_predict_take_the_class_of_a_folder(run_copy, held_out, synth_r
     code, out, err = cli("predict", "--class", f"disc={held_out}", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 0 and f"decision threshold: {t:.6f} from the calibration" in out, err
     assert len((tmp_path / "p" / "predictions.jsonl").read_text().splitlines()) == len(list(held_out.iterdir()))
+
+
+# ------------------------------------------------------------------ 5. the smaller rough edges
+
+
+def test_layout_error_shows_the_layout_and_the_command_that_makes_it(tmp_path, cli):
+    photos = _photos(tmp_path / "my_photos", NAMES[:3])
+    code, _, err = cli("train", "--data", f"mvtec:{photos}", "--backbone", "tiny", "--out", tmp_path / "run")
+    msg = " ".join(err.split())
+    assert code == 2 and "must contain images in the mvtec layout, got none (3 loose photos)" in msg, msg
+    assert "ROOT/CLASS/train/good/*.png" in msg and "ROOT/CLASS/ground_truth/DEFECT/*_mask.png" in msg, msg
+    assert f"kano data synth --from {photos} --classes NAME --out data/synth" in msg, msg
+
+
+def test_missing_weights_error_names_the_offline_backbone(tmp_path, cli):
+    # conftest: HF_HUB_OFFLINE=1 and an empty Hugging Face cache, as on a machine that never downloaded weights
+    photos = _photos(tmp_path / "p", NAMES[:1])
+    code, _, err = cli("predict", str(photos), "--class", "hazelnut", "--backbone", "ViT-B-32-quickgelu:openai",
+                       "--out", tmp_path / "o")
+    msg = " ".join(err.split())
+    assert code == 2 and "must be in the cache" in msg and "Offline with no weights at all: --backbone micro" in msg, msg
