@@ -205,12 +205,11 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     if not dist.main:
         return rows
     s = rows.summary
-    shown = []
-    for r in rows:
-        if len(shown) == PRINT_ROWS:
-            break
-        shown.append(r)
-    title = f"predictions ({class_name}, class word {word!r})" + ("" if s["images"] <= PRINT_ROWS else f", the first {PRINT_ROWS} of {s['images']}")
+    from kano.evaluator.records import worst_first
+
+    shown = worst_first(rows, PRINT_ROWS)  # the flagged first, by score: what a person must look at
+    title = (f"predictions ({class_name}, class word {word!r}), flagged first, by score"
+             + ("" if s["images"] <= PRINT_ROWS else f": the {PRINT_ROWS} highest of {s['images']}"))
     ui.print_table(title, ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
                      "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in shown])

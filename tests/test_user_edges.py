@@ -158,3 +158,27 @@ def test_missing_weights_error_names_the_offline_backbone(tmp_path, cli):
                        "--out", tmp_path / "o")
     msg = " ".join(err.split())
     assert code == 2 and "must be in the cache" in msg and "Offline with no weights at all: --backbone micro" in msg, msg
+
+
+def test_console_and_page_list_the_flagged_first_by_score(tmp_path, cli):
+    import re
+
+    photos = tmp_path / "new"
+    photos.mkdir()
+    for sub in ("good", "colour"):  # 6 good and 17 painted photos, named so that the painted ones sort last
+        for f in sorted((DATA / "hazelnut_toy" / "test" / sub).iterdir()):
+            shutil.copy(f, photos / f"{sub[0]}{f.name}")
+    args = ["predict", str(photos), "--class", "hazelnut", "--method", "median_colour"]
+    assert cli(*args, "--out", tmp_path / "a", "--no-maps", "--no-panels")[0] == 0
+    scores = {Path(r["image"]).name: r["score"] for r in map(json.loads, (tmp_path / "a" / "predictions.jsonl").read_text().splitlines())}
+    thr = sorted(scores.values())[-5]  # the 5 highest scores are flagged (score >= threshold)
+    code, out, err = cli(*args, "--out", tmp_path / "b", "--no-maps", "--no-panels", "--threshold", repr(thr))
+    assert code == 0, err
+    # expected, worked out here: flagged (score >= thr) first, then the rest, each by score from the highest
+    want = sorted(scores, key=lambda n: (scores[n] < thr, -scores[n]))
+    printed = re.findall(r"([cg]\d\d\.jpg)\s.*?\b(yes|no)\b", out)
+    assert [n for n, _ in printed] == want[:20], out
+    assert [d for _, d in printed[:6]] == ["yes"] * 5 + ["no"], out
+    page = (tmp_path / "b" / "index.html").read_text()
+    listed = [Path(p).name for p in re.findall(r"<tr><td>([^<]+)</td><td>[0-9.]+</td>", page)]
+    assert listed == want, listed
