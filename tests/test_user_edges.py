@@ -182,3 +182,64 @@ def test_console_and_page_list_the_flagged_first_by_score(tmp_path, cli):
     page = (tmp_path / "b" / "index.html").read_text()
     listed = [Path(p).name for p in re.findall(r"<tr><td>([^<]+)</td><td>[0-9.]+</td>", page)]
     assert listed == want, listed
+
+
+@pytest.mark.slow  # a real `kano serve` process (torch import, about 10 s)
+def test_service_titles_panels_logs_requests_and_removes_its_folder_on_sigterm(trained_run, synth_root, tmp_path):
+    import base64
+    import io
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from kano.evaluator.visualize import panel
+    from tests.conftest import KANO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([KANO, "serve", "--run", str(trained_run), "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        first = proc.stdout.readline()
+        folder = Path(first.split("folder ")[1].split(")")[0])  # the temporary folder it made and names
+        assert folder.is_dir() and folder.name.startswith("kano-serve-"), first
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.3)
+        img = sorted((synth_root / "disc" / "test" / "good").iterdir())[0]
+        ok = httpx.post(url + "/v1/predict", files={"file": ("my_part.png", img.read_bytes(), "image/png")},
+                        data={"class": "disc"}, timeout=60)
+        bad = httpx.post(url + "/v1/predict", files={"file": ("notes.txt", b"hello", "text/plain")}, data={"class": "disc"},
+                         timeout=60)
+        assert ok.status_code == 200 and bad.status_code == 415
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(ok.json()["panel_png"]))).convert("RGB"))
+        amap = np.asarray(Image.open(io.BytesIO(base64.b64decode(ok.json()["map_png"]))), dtype=np.float32) / 65535
+        r = ok.json()
+        draw = lambda name: np.asarray(panel(Image.open(img).convert("RGB"), amap, name=name, score=r["score"],
+                                             threshold=r["threshold"]))
+        assert got.shape == draw("disc").shape
+        assert (got[:44] == draw("disc / my_part.png")[:44]).all()      # the title band: class and file name
+        assert not (got[:44] == draw("disc")[:44]).all()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [ln for ln in out.splitlines() if "/v1/predict" in ln or "/healthz" in ln]
+    predicts = [ln for ln in lines if "POST /v1/predict" in ln]
+    assert len(predicts) == 2, out
+    assert " 200 " in predicts[0] and "file 'my_part.png'" in predicts[0] and " 415 " in predicts[1], predicts
+    assert not folder.exists(), f"{folder} left behind after SIGTERM"
