@@ -168,10 +168,11 @@ def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path
 
 def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_rate: float, *, batch_size: int = 8,
               device=None, workers: int = 0, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
-              out: str | os.PathLike | None = None, warn: Callable[[str], None] | None = None) -> dict:
+              out: str | os.PathLike | None = None, warn: Callable[[str], None] | None = None, strict: bool = False) -> dict:
     """Score each class's normal images with the run, write RUN/calibration.json; returns the written calibration.
     out: an optional folder for calibration_scores.csv (each image's score and map maximum). warn: where warnings
-    go (default: standard error)."""
+    go (default: standard error). strict: an unreadable image is an error; otherwise it is named, counted and
+    left out (n counts the images scored)."""
     from kano.anomaly_data import Sample, prompt_name
     from kano.anomaly_data.names import known_words, unknown_word_warning
     from kano.evaluator.evaluate import run_inference
@@ -203,9 +204,17 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
         samples = [Sample(str(Path(f).resolve()), None, cls, "good", 0) for f in files]
         advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
         try:
-            scores, maps, _ = run_inference(model, samples, [word] * len(samples), batch_size, dev, workers, advance)
+            errors: dict[int, str] | None = None if strict else {}
+            scores, maps, _ = run_inference(model, samples, [word] * len(samples), batch_size, dev, workers, advance,
+                                            errors=errors)
         finally:
             close()
+        if errors:  # as eval and predict: an unreadable photo is named, counted and left out; --strict stops instead
+            for _, e in sorted(errors.items()):
+                warn(f"not scored (left out of the calibration): {e}")
+            warn(f"{len(errors)} unreadable image(s) of {cls} skipped; --strict makes this an error")
+            keep = [i for i in range(len(files)) if i not in errors]
+            files, scores, maps = [files[i] for i in keep], scores[keep], maps[keep]
         s = scores.double().numpy()
         peaks = maps.flatten(1).amax(dim=1).double().numpy()
         thr, t, k = conformal_threshold(s, a)

@@ -201,6 +201,7 @@ def data_synth(
                                             "missing; --size is then the longest side kept); --classes names the class"),
     foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
                                    "or a folder of masks, one per photo by stem; defects land only there"),
+    strict: bool = typer.Option(False, "--strict", help="with --from: stop at an unreadable photo (default: name it, count it, leave it out and go on)"),
 ):
     """Write procedural textures/objects with exact-mask defects (deterministic), or defects on your own photos (--from)."""
     from kano.anomaly_data import synthesize, synthesize_world
@@ -213,7 +214,8 @@ def data_synth(
         if world is not None or (cls and len(cls) > 1):
             raise KanoError(f"--from takes one class name in --classes and no --world, got --classes {classes} --world {world}")
         typer.echo(describe(synthesize_from_photos(from_dir, out, cls[0] if cls else None, seed=seed, max_side=size,
-                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force)))
+                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force,
+                                                   strict=strict)))
         return
     if world is not None:
         synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
@@ -467,6 +469,7 @@ def calibrate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="also write each image's score (calibration_scores.csv) and a copy of the calibration here"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
+    strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: name it, count it, leave it out and go on)"),
 ):
     """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
     normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
@@ -476,7 +479,7 @@ def calibrate_cmd(
 
     check_common(batch_size)
     cal = calibrate.calibrate(run, _parse_images(normal, "--normal"), alarm_rate, batch_size=batch_size, device=device,
-                              progress=ui.progress_factory("calibrating"), log=typer.echo, out=out)
+                              progress=ui.progress_factory("calibrating"), log=typer.echo, out=out, strict=strict)
     typer.echo(f"wrote {run / calibrate.CALIBRATION_FILE} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))})")
 
 

@@ -243,3 +243,27 @@ def test_service_titles_panels_logs_requests_and_removes_its_folder_on_sigterm(t
     assert len(predicts) == 2, out
     assert " 200 " in predicts[0] and "file 'my_part.png'" in predicts[0] and " 415 " in predicts[1], predicts
     assert not folder.exists(), f"{folder} left behind after SIGTERM"
+
+
+def test_synth_from_and_calibrate_skip_and_count_a_corrupt_photo(run_copy, held_out, tmp_path, cli):
+    photos = _photos(tmp_path / "my_photos", NAMES[:3])
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    args = ["data", "synth", "--from", photos, "--classes", "hazelnut", "--size", "64", "--n-defect", "1", "--defects", "colour"]
+    code, out, err = cli(*args, "--out", tmp_path / "s")
+    msg = " ".join((out + err).split())
+    assert code == 0 and "3 normal photos" in msg and "not used (unreadable): broken.jpg" in msg, msg
+    assert "1 unreadable photo(s) skipped" in msg
+    assert len(list((tmp_path / "s" / "hazelnut" / "train" / "good").iterdir())) == 3
+    code, _, err = cli(*args, "--out", tmp_path / "s2", "--strict")
+    assert code == 2 and "broken.jpg" in err, err
+    # calibrate: 9 readable photos and a broken one -> the 9 calibrate it, the broken one is named and counted
+    normal = tmp_path / "normal"
+    shutil.copytree(held_out, normal)
+    (normal / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={normal}", "--alarm-rate", "0.1")
+    msg = " ".join(err.split())
+    assert code == 0 and "not scored (left out of the calibration)" in msg and "zz_broken.png" in msg, msg
+    assert "1 unreadable image(s) of disc skipped" in msg
+    assert json.loads((run_copy / "calibration.json").read_text())["classes"]["disc"]["n"] == 9
+    code, _, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={normal}", "--alarm-rate", "0.1", "--strict")
+    assert code == 2 and "zz_broken.png" in err, err
