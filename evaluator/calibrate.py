@@ -182,7 +182,7 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
     a = check_alarm_rate(alarm_rate)
     run_dir = Path(run_dir)
     if warn is None:
-        from kano import ui
+        from kano.core import ui
 
         warn = lambda s: ui.err.print(s, markup=False)  # noqa: E731
     if not normal:

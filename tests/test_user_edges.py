@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import DATA
+from conftest import DATA
 
 PHOTOS = DATA / "hazelnut_toy" / "train" / "good"
 NAMES = sorted(p.name for p in PHOTOS.iterdir())  # 28 photos, 00.jpg .. 33.jpg with gaps
@@ -197,7 +197,7 @@ def test_service_titles_panels_logs_requests_and_removes_its_folder_on_sigterm(t
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     from kano.evaluator.visualize import panel
-    from tests.conftest import KANO
+    from conftest import KANO
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
