@@ -267,3 +267,16 @@ def test_synth_from_and_calibrate_skip_and_count_a_corrupt_photo(run_copy, held_
     assert json.loads((run_copy / "calibration.json").read_text())["classes"]["disc"]["n"] == 9
     code, _, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={normal}", "--alarm-rate", "0.1", "--strict")
     assert code == 2 and "zz_broken.png" in err, err
+
+
+def test_readme_recipe_with_its_example_class_prints_no_warning(tmp_path, cli):
+    """The README's own-images recipe names its class `widget`: a class word Kano has never seen is the normal case
+    of a zero-shot detector, not a mistake; a probable misspelling of a known class still warns."""
+    photos = _photos(tmp_path / "my_photos", NAMES[:2])
+    code, out, err = cli("kb", "build", "--classes", "widget", "--llm", "builtin", "--kb", tmp_path / "kb.duckdb")
+    assert code == 0 and "warning" not in (out + err).lower(), err
+    code, out, err = cli("predict", str(photos), "--class", "widget", "--method", "winclip", "--backbone", "tiny",
+                         "--reference", str(photos), "--k-shot", "1", "--out", tmp_path / "p", "--no-panels", "--no-maps")
+    assert code == 0 and "warning" not in (out + err).lower(), err
+    code, out, err = cli("kb", "build", "--classes", "hazlenut", "--llm", "builtin", "--kb", tmp_path / "kb2.duckdb")
+    assert code == 0 and "did you mean 'hazelnut'" in " ".join(err.split()), err
