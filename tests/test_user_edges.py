@@ -280,3 +280,25 @@ def test_readme_recipe_with_its_example_class_prints_no_warning(tmp_path, cli):
     assert code == 0 and "warning" not in (out + err).lower(), err
     code, out, err = cli("kb", "build", "--classes", "hazlenut", "--llm", "builtin", "--kb", tmp_path / "kb2.duckdb")
     assert code == 0 and "did you mean 'hazelnut'" in " ".join(err.split()), err
+
+
+def test_readme_names_the_deploy_extras_and_the_cpu_only_torch():
+    import re
+    import tomllib
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    # the top two commands, unchanged
+    assert blocks[0].strip() == "python3 -m venv .venv && .venv/bin/pip install -q . && .venv/bin/kano demo --out demo_out"
+    assert blocks[1].strip() == "python3 -m venv .venv && .venv/bin/pip install -q '.[test]' && .venv/bin/python -m pytest"
+    deploy = next(b for b in blocks if "kano export" in b)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    install = next(line for line in deploy.splitlines() if line.startswith("pip install"))
+    named = set(re.search(r"\[([a-z,]+)\]", install).group(1).split(","))
+    assert named == {"export", "runtime", "serve"} and named <= set(extras)
+    assert deploy.index("pip install") < deploy.index("kano export")   # said before the commands that need it
+    prose = " ".join(readme.split())
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in prose
+    assert "the install then weighs about" in prose and "CUDA libraries" in prose
