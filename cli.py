@@ -32,9 +32,19 @@ def _names(**query) -> str:
 
 
 def _per_image_with_backbone() -> str:
-    from kano.core.registry import METHODS
+    return _names(needs="backbone", per_image=True)
 
-    return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
+
+def _with_option(option: str) -> str:
+    from kano.core.registry import methods_with_option
+
+    return ", ".join(methods_with_option(option))
+
+
+def _untrained() -> str:
+    from kano.core.registry import UNTRAINED_METHOD
+
+    return UNTRAINED_METHOD
 
 
 METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table "
@@ -264,7 +274,7 @@ def _int_list(name: str, raw: Optional[str], what: str = "block numbers (e.g. 6,
 def train_cmd(
     method: Optional[str] = typer.Option(None, "--method", help=f"what to train: one of {_names(kind='trained')} (the paper's "
                                          "method first; docs/methods.md lists each one's source); the "
-                                         "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
+                                         "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else _names(kind="trained").split(", ")[0])),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
                                        f"split, as in the paper; kinds: {DATA_KINDS}); required"),
@@ -328,7 +338,7 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts (kanoclip-untrained) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
+                                           help=f"instead of --run: the untrained KAnoCLIP with fixed prompts ({_untrained()}) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
@@ -351,12 +361,12 @@ def eval_cmd(
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
-    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method winclip, WinCLIP+; with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
     reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
     strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),
-    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help="with --method musc or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
+    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help=f"with --method {_with_option('rscin_windows')} or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
@@ -404,8 +414,8 @@ def predict_cmd(
     class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle), or NAME=FOLDER: the photos of FOLDER "
                                    "are class NAME (e.g. hazelnut=hazelnut_toy/test); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: WinCLIP+ with --method winclip, April-GAN's patch memory with --run or --backbone"),
+    method: Optional[str] = typer.Option(None, "--method", help=f"a method that needs no training and scores one image at a time: {_names(per_image=True)} (on --backbone: {_names(per_image=True, needs='backbone')}; with --reference and --k-shot: {_names(per_image=True, references=True)}); transductive methods ({_names(kind='transductive')}) need a test set: use kano eval"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); April-GAN's patch memory with --run or --backbone"),
     k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --reference: how many of its images to use"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
@@ -487,9 +497,9 @@ def calibrate_cmd(
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="the graph: PATH.onnx (--format onnx) or PATH.xml (+ .bin, --format openvino); PATH.json beside it"),
     classes: str = typer.Option(..., "--classes", help="comma-separated class names the graph scores (their text features are stored in it)"),
-    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kanoclip, aprilgan or anomalyclip)"),
+    run: Optional[Path] = typer.Option(None, "--run", help=f"a trained run directory (of {_names(exportable=True, trained=True)})"),
     fmt: str = typer.Option("onnx", "--format", show_default=True, help="onnx or openvino"),
-    method: Optional[str] = typer.Option(None, "--method", help="instead of --run, with --backbone: winclip (zero-shot); left out: the untrained KAnoCLIP baseline"),
+    method: Optional[str] = typer.Option(None, "--method", help=f"instead of --run, with --backbone: {_names(exportable=True, trained=False)}; left out: {_untrained()}. Trained methods ({_names(exportable=True, trained=True)}) are exported from their run"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="with --method or alone: MODEL[:PRETRAINED], micro or tiny"),
     fp16: bool = typer.Option(False, "--fp16", help="with --format openvino: store the weights in half precision (compress_to_fp16)"),
 ):
