@@ -79,16 +79,18 @@ class Scorer:
     method: dict
     preprocess: Callable
     score: Callable
+    pixel_thresholds: dict = None  # class -> the calibration's pixel threshold (the maps' colour scale) or None
 
     @staticmethod
     def exported(model_path: str | Path, threads: int | None = None) -> "Scorer":
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score)
+        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score,
+                      dict(m.pixel_thresholds))
 
     @staticmethod
-    def torch_run(run: str | Path, classes: list[str] | None = None) -> "Scorer":
+    def torch_run(run: str | Path, classes: list[str] | None = None, calibration: str | None = None) -> "Scorer":
         """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
         them (kano.api.Detector); classes: the names the service accepts (default: the run's classes)."""
         import torch
@@ -96,7 +98,7 @@ class Scorer:
         from kano.anomaly_data import image_to_tensor
         from kano.api import Detector
 
-        det = Detector.load(run, device="cpu")
+        det = Detector.load(run, device="cpu", calibration=calibration)
         model = det.model
         names = classes or sorted(det.run_words)
         if not names:
@@ -110,7 +112,8 @@ class Scorer:
             return r.image_score.float().numpy(), r.anomaly_map.float().numpy()
 
         return Scorer(names, bb.image_size, {c: det.threshold_for(c)[0] for c in names}, det.method,
-                      lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score)
+                      lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score,
+                      {c: det.pixel_threshold_for(c)[0] for c in names})
 
 
 class Batcher:
@@ -324,7 +327,8 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None,
 
         def draw():
             title = f"{cls} / {filename}" if filename else cls  # as `kano predict` titles its panels
-            return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=title, score=score, threshold=thr))
+            return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=title, score=score, threshold=thr,
+                                                                pixel_threshold=(scorer.pixel_thresholds or {}).get(cls)))
 
         map_b64, panel_b64 = await loop.run_in_executor(None, draw)
         return {"class": cls, "score": round(score, 6), "anomalous": None if thr is None else bool(score >= thr), "threshold": thr,
@@ -342,8 +346,9 @@ def _esc(s: str) -> str:
 
 def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: int = 8000, public: bool = False,
           folder: str | None = None, classes: list[str] | None = None, limits: Limits | None = None,
-          threads: int | None = None) -> None:
-    """Run the service until interrupted (uvicorn, one process)."""
+          threads: int | None = None, calibration: str | None = None) -> None:
+    """Run the service until interrupted (uvicorn, one process). calibration: with --run, a calibration file of
+    the run's mode (default RUN/calibration.json)."""
     if bool(run) == bool(model):
         raise KanoError("kano serve needs exactly one of --run RUN (torch) or --model PATH (an exported .onnx / .xml)")
     if host not in LOOPBACK and not public:
@@ -354,7 +359,10 @@ def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: 
         import uvicorn
     except ImportError:
         raise KanoError("kano serve needs FastAPI and uvicorn: pip install 'kano[serve]'") from None
-    scorer = Scorer.exported(model, threads) if model else Scorer.torch_run(run, classes)
+    if calibration and model:
+        raise KanoError(f"--calibration goes with --run (an exported --model carries the thresholds it was exported with), "
+                        f"got --model {model} --calibration {calibration}")
+    scorer = Scorer.exported(model, threads) if model else Scorer.torch_run(run, classes, calibration)
     made = folder is None  # a folder the service made is the service's to remove; one it was given is not
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="kano-serve-"))
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler found at start: this one
