@@ -211,6 +211,7 @@ def data_synth(
                                             "missing; --size is then the longest side kept); --classes names the class"),
     foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
                                    "or a folder of masks, one per photo by stem; defects land only there"),
+    strict: bool = typer.Option(False, "--strict", help="with --from: stop at an unreadable photo (default: name it, count it, leave it out and go on)"),
 ):
     """Write procedural textures/objects with exact-mask defects (deterministic), or defects on your own photos (--from)."""
     from kano.anomaly_data import synthesize, synthesize_world
@@ -223,7 +224,8 @@ def data_synth(
         if world is not None or (cls and len(cls) > 1):
             raise KanoError(f"--from takes one class name in --classes and no --world, got --classes {classes} --world {world}")
         typer.echo(describe(synthesize_from_photos(from_dir, out, cls[0] if cls else None, seed=seed, max_side=size,
-                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force)))
+                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force,
+                                                   strict=strict)))
         return
     if world is not None:
         synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
@@ -340,6 +342,10 @@ def eval_cmd(
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
+    class_names: Optional[List[str]] = typer.Option(None, "--class", help="which class a folder of --data is: NAME (--data "
+                                                    "holds one class folder) or NAME=FOLDER (repeatable); the name picks the "
+                                                    "prompt word and the calibration, e.g. --class hazelnut=hazelnut_toy  "
+                                                    "[default: the folder's name]"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="image-decoding processes (>= 0; 0: in the main process: on the CPU the batches run in parallel streams, one per torch thread (at most 4), each decoding its own images)  [default: usable CPU cores - 1, at most 8; 0 on two cores or fewer]"),
@@ -374,7 +380,8 @@ def eval_cmd(
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                                    workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
-                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux)
+                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux,
+                                   class_names=class_names)
         return
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
@@ -382,7 +389,7 @@ def eval_cmd(
                           force=force, allow_missing_masks=allow_missing_masks,
                           method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
                           strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"),
-                          calibration=calibration)
+                          calibration=calibration, class_names=class_names)
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -404,9 +411,10 @@ def compare_cmd(
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
-                                                 "manifests with a 'path' column (and optionally 'class')"),
-    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
+    inputs: Optional[List[str]] = typer.Argument(None, help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
+                                                 "manifests with a 'path' column (and optionally 'class'); or give --class NAME=FOLDER"),
+    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle), or NAME=FOLDER: the photos of FOLDER "
+                                   "are class NAME (e.g. hazelnut=hazelnut_toy/test); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
     method: Optional[str] = typer.Option(None, "--method", help=f"a method that needs no training and scores one image at a time: {_names(per_image=True)} (on --backbone: {_names(per_image=True, needs='backbone')}; with --reference and --k-shot: {_names(per_image=True, references=True)}); transductive methods ({_names(kind='transductive')}) need a test set: use kano eval"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); April-GAN's patch memory with --run or --backbone"),
@@ -437,6 +445,7 @@ def predict_cmd(
     Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
     torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
     Exit code 1 when some image could not be read (its row says why; the others are written)."""
+    class_name, inputs = _class_and_inputs(class_name, inputs)
     if model is not None:
         from kano.deploy import command as deploy_command
 
@@ -455,6 +464,17 @@ def predict_cmd(
                          calibration=calibration)
 
 
+def _class_and_inputs(class_name: str, inputs: Optional[List[str]]) -> tuple[str, list[str]]:
+    """`kano predict --class NAME=FOLDER`: FOLDER joins the inputs, NAME is the class."""
+    name, eq, folder = (x.strip() for x in class_name.partition("="))
+    if not name or (eq and not folder):
+        raise KanoError(f"--class must be NAME or NAME=FOLDER (e.g. hazelnut=hazelnut_toy/test), got {class_name!r}")
+    inputs = [*(inputs or []), *([folder] if eq else [])]
+    if not inputs:
+        raise KanoError("kano predict needs images: INPUTS (files, folders, globs, lists) or --class NAME=FOLDER, got none")
+    return name, inputs
+
+
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
 def calibrate_cmd(
     normal: List[str] = typer.Option(..., "--normal", help="CLASS=DIR: normal images of CLASS never used to train or as references (repeatable)"),
@@ -471,6 +491,7 @@ def calibrate_cmd(
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels with --backbone (default: the backbone's); a run uses its own"),
+    strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: name it, count it, leave it out and go on)"),
 ):
     """Split conformal calibration of whatever kano predict runs (the same --run/--backbone/--method/--reference/--k-shot/
     --class-word): each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n normal images, so new
@@ -504,11 +525,8 @@ def calibrate_cmd(
             raise KanoError(f"--class-word names must be --normal classes ({', '.join(images)}), got {', '.join(unknown)}")
     det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, device=device,
                    batch_size=batch_size, image_size=image_size)
-    for cls in images:
-        if (warning := det.word_warning(det.class_word(cls, words.get(cls)))) is not None:
-            ui.err.print(f"warning: {warning}", markup=False)
     cal = calibrate.calibrate_detector(det, images, alarm_rate, calibration, class_words=words,
-                                       progress=ui.progress_factory("calibrating"), log=typer.echo, out=out)
+                                       progress=ui.progress_factory("calibrating"), log=typer.echo, out=out, strict=strict)
     dest = calibration or calibrate.default_destination(det)
     typer.echo(f"wrote {dest} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))}; mode "
                f"{cal['mode']['method']}" + (f", K={cal['mode']['k_shot']}" if cal['mode']['k_shot'] else "") + ")"

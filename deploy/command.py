@@ -26,9 +26,12 @@ def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch
     if given:
         raise KanoError(f"--model scores with the exported graph alone, got {', '.join(given)} beside it (leave them out)")
     records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, force, ui.progress_factory("scoring"))
-    ui.print_table(f"predictions ({class_name}, {Path(model).name})", ["image", "score", "anomalous"],
+    from kano.evaluator.records import worst_first
+
+    ui.print_table(f"predictions ({class_name}, {Path(model).name}), flagged first, by score", ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
-                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
+                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")))
+                    for r in worst_first(records, len(records))])
     failed = [r for r in records if r["error"]]
     for r in failed:
         ui.err.print(f"not scored: {r['error']}")

@@ -90,8 +90,11 @@ class ExportedModel:
 
     def class_index(self, class_name: str) -> int:
         if class_name not in self.classes:
+            from kano.anomaly_data.names import closest
+
+            meant = closest(class_name, self.classes)
             raise KanoError(f"class must be one of the exported classes {', '.join(self.classes)}, got {class_name!r} "
-                            f"(kano export --classes names them)")
+                            + (f"(did you mean {meant!r}? Pass --class {meant})" if meant else "(kano export --classes names them)"))
         return self.classes.index(class_name)
 
     def threshold_for(self, class_name: str, given: float | None = None) -> tuple[float | None, str | None]:

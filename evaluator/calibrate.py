@@ -214,9 +214,16 @@ def calibration_entry(path: Path, cal: dict, mode: dict, class_name: str, word: 
     entry = cal["classes"].get(class_name)
     if entry is None:
         if required:
-            raise KanoError(f"class must be one of the classes calibrated in {path} "
-                            f"({', '.join(sorted(cal['classes'])) or 'none'}), got {class_name!r}: run `kano calibrate "
-                            f"--normal {class_name}=DIR ...` for this mode, or pass --threshold")
+            from kano.anomaly_data.names import closest, known_words
+
+            where = (f"class must be one of the classes calibrated in {path} "
+                     f"({', '.join(sorted(cal['classes'])) or 'none'}), got {class_name!r}")
+            if (meant := closest(class_name, cal["classes"])) is not None:  # a misspelling of a calibrated class
+                raise KanoError(f"{where}: did you mean {meant!r}? Pass --class {meant} (or --threshold)")
+            fixed = closest(class_name, known_words()) or class_name  # advice carries the corrected name, never the typo
+            fixed = fixed.replace(" ", "_")
+            hint = f" (did you mean {fixed!r}?)" if fixed != class_name else ""
+            raise KanoError(f"{where}{hint}: run `kano calibrate --normal {fixed}=DIR ...` for this mode, or pass --threshold")
         return None
     made = entry.get("class_word")
     if word is not None and made is not None and made != word:
@@ -239,36 +246,32 @@ def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sh
     return None if entry is None else float(entry["image_threshold"])
 
 
-def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, str]]:
-    """Calibration files whose bytes equal a file of the run's training data (when that data is still there)."""
+def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path]]:
+    """Calibration files whose decoded pixels equal a normal image of the run's training data (evaluator.overlap),
+    when that data is still there."""
     from kano.anomaly_data import load_dataset
     from kano.kanoclip.runs import read_config
 
+    from .overlap import training_overlap
+
     spec = read_config(run_dir).get("data")
     try:
-        train_files = [Path(s.image_path) for s in load_dataset(str(spec), missing_masks="ignore").samples(split=None)]
+        train_files = [Path(s.image_path) for s in load_dataset(str(spec), missing_masks="ignore").samples(split=None)
+                       if s.label == 0]
     except Exception:  # training data moved or gone: nothing to compare with
         return []
-    sizes: dict[int, list[Path]] = {}
-    for f in files:
-        sizes.setdefault(f.stat().st_size, []).append(f)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
-    mine = {digest(f): f for group in sizes.values() for f in group}
-    hits = []
-    for t in train_files:
-        if t.is_file() and t.stat().st_size in sizes and (d := digest(t)) in mine:
-            hits.append((mine[d], str(t)))
-    return hits
+    return training_overlap(train_files, files)
 
 
 def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_rate: float, *, batch_size: int = 8,
               device=None, workers: int = 0, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
-              out: str | os.PathLike | None = None) -> dict:
+              out: str | os.PathLike | None = None, warn: Callable[[str], None] | None = None, strict: bool = False) -> dict:
     """A trained run scored as it is: RUN/calibration.json (calibrate_detector with Detector.load)."""
     from kano.api import Detector
 
     det = Detector.load(run_dir, device=device, batch_size=batch_size)
-    return calibrate_detector(det, normal, alarm_rate, None, workers=workers, progress=progress, log=log, out=out)
+    return calibrate_detector(det, normal, alarm_rate, None, workers=workers, progress=progress, log=log, out=out, warn=warn,
+                              strict=strict)
 
 
 def default_destination(det) -> Path | None:
@@ -280,15 +283,22 @@ def default_destination(det) -> Path | None:
 
 def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, dest: str | os.PathLike | None, *,
                        class_words: dict[str, str] | None = None, workers: int = 0, progress: Callable | None = None,
-                       log: Callable[[str], None] = lambda s: None, out: str | os.PathLike | None = None) -> dict:
+                       log: Callable[[str], None] = lambda s: None, out: str | os.PathLike | None = None,
+                       warn: Callable[[str], None] | None = None, strict: bool = False) -> dict:
     """Score each class's normal images with the detector (kano.api.Detector: whatever `kano predict` runs) and
     write the calibration of its scoring mode to `dest` (None: default_destination). Returns the calibration.
     class_words: class -> prompt word (default: the detector's rule); out: an optional folder for
-    calibration_scores.csv (each image's score and map maximum) and a copy of the calibration."""
+    calibration_scores.csv (each image's score and map maximum) and a copy of the calibration. warn: where
+    warnings go (default: standard error). strict: an unreadable image is an error; otherwise it is named, counted
+    and left out (n counts the images scored)."""
     from kano.anomaly_data import Sample
     from kano.evaluator.evaluate import run_inference
 
     a = check_alarm_rate(alarm_rate)
+    if warn is None:
+        from kano.core import ui
+
+        warn = lambda s: ui.err.print(s, markup=False)  # noqa: E731
     if not normal:
         raise KanoError("--normal must be given at least once as CLASS=DIR (normal images of that class), got none")
     for cls, files in normal.items():
@@ -302,20 +312,31 @@ def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, de
     if dest.is_dir():
         raise KanoError(f"--calibration must be a file to write (e.g. {dest / 'calibration.json'}), got the folder {dest}")
     if det.run_dir is not None:
-        for f, t in _training_overlap(det.run_dir, [f for fs in normal.values() for f in fs]):
-            raise KanoError(f"calibration image {f} must be one the run never trained on, got the same bytes as its training "
-                            f"image {t}: hold normal images out of training for calibration")
+        if hits := _training_overlap(det.run_dir, [f for fs in normal.values() for f in fs]):
+            from .overlap import overlap_message
+
+            raise KanoError(overlap_message(hits))
     mode = det.mode()
     classes, rows = {}, []
     for cls, files in normal.items():
         word = det.class_word(cls, (class_words or {}).get(cls))
+        if (msg := det.word_warning(word)) is not None:
+            warn(f"warning: --normal {cls}=...: {msg}")  # the same rule as predict: a typo here becomes a class of its own
         det.begin_class(cls, word)
         samples = [Sample(str(Path(f).resolve()), None, cls, "good", 0) for f in files]
         advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
         try:
-            scores, maps, _ = run_inference(det.model, samples, [word] * len(samples), det.batch_size, det.device, workers, advance)
+            errors: dict[int, str] | None = None if strict else {}
+            scores, maps, _ = run_inference(det.model, samples, [word] * len(samples), det.batch_size, det.device, workers,
+                                            advance, errors=errors)
         finally:
             close()
+        if errors:  # as eval and predict: an unreadable photo is named, counted and left out; --strict stops instead
+            for _, e in sorted(errors.items()):
+                warn(f"not scored (left out of the calibration): {e}")
+            warn(f"{len(errors)} unreadable image(s) of {cls} skipped; --strict makes this an error")
+            keep = [i for i in range(len(files)) if i not in errors]
+            files, scores, maps = [files[i] for i in keep], scores[keep], maps[keep]
         s = scores.double().numpy()
         peaks = maps.flatten(1).amax(dim=1).double().numpy()
         thr, t, k = conformal_threshold(s, a)

@@ -50,11 +50,17 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
              reference=None, class_words: str | None = None, strict: bool = False,
-             rscin_windows: list[int] | None = None, scored: dict | None = None, calibration=None) -> dict:
+             rscin_windows: list[int] | None = None, scored: dict | None = None, calibration=None,
+             class_names: list[str] | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
+    folder_names = class_folders(class_names or [], data)  # {FOLDER: NAME}
+    if folder_names:  # the methods read --data's folders (references of --k-shot): they get the folder names
+        name_folders = {n: f for f, n in folder_names.items()}
+        classes_given = classes
+        classes = [name_folders.get(c, c) for c in classes] if classes else None
     dist = _dist(device)
     dev = dist.device
     from kano.kanoclip.registry import methods_with, methods_with_option
@@ -83,6 +89,11 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
         model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"),
                                        data=data, rscin_windows=rscin_windows)
+    if folder_names:
+        classes = classes_given
+        refs = getattr(model, "reference_images", None)
+        if isinstance(refs, dict):
+            model.reference_images = {folder_names.get(c, c): v for c, v in refs.items()}
     from kano.anomaly_data.names import class_word as class_word_rule, known_words, parse_class_words, unknown_word_warning
     from kano.api import weights_sha256
 
@@ -101,7 +112,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
                           progress=ui.progress_factory("evaluating"), method=described, force=force,
                           allow_missing_masks=allow_missing_masks, class_words=words, strict=strict,
                           threshold_for=thresholds.image, pixel_threshold_for=thresholds.pixel,
-                          dist=dist if dist.world > 1 else None, scored=scored)
+                          dist=dist if dist.world > 1 else None, scored=scored, class_names=folder_names or None)
     finally:
         dist.close()
     if not dist.main:
@@ -125,6 +136,30 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         ui.err.print(f"{len(result['unreadable'])} unreadable image(s) skipped; --strict makes this an error", markup=False)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
     return result
+
+
+def class_folders(items: list[str], data: str) -> dict[str, str]:
+    """`kano eval --class`: NAME (the one class folder of --data is class NAME) or NAME=FOLDER, repeatable
+    -> {FOLDER: NAME}."""
+    if not items:
+        return {}
+    from kano.anomaly_data import load_dataset
+
+    folders = load_dataset(data, missing_masks="ignore").classes
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, folder = (x.strip() for x in item.partition("="))
+        if not name or (eq and not folder):
+            raise KanoError(f"--class must be NAME or NAME=FOLDER (e.g. hazelnut=hazelnut_toy), got {item!r}")
+        if not eq:
+            if len(folders) != 1 or len(items) != 1:
+                raise KanoError(f"--class NAME alone must go with a --data of one class folder, got {len(folders)} "
+                                f"({', '.join(folders[:6])}{', ...' if len(folders) > 6 else ''}): use --class NAME=FOLDER")
+            folder = folders[0]
+        if folder in out:
+            raise KanoError(f"--class must name each folder once, got {folder!r} as {out[folder]!r} and {name!r}")
+        out[folder] = name
+    return out
 
 
 class eval_thresholds:
@@ -221,12 +256,11 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     if not dist.main:
         return rows
     s = rows.summary
-    shown = []
-    for r in rows:
-        if len(shown) == PRINT_ROWS:
-            break
-        shown.append(r)
-    title = f"predictions ({class_name}, class word {word!r})" + ("" if s["images"] <= PRINT_ROWS else f", the first {PRINT_ROWS} of {s['images']}")
+    from kano.evaluator.records import worst_first
+
+    shown = worst_first(rows, PRINT_ROWS)  # the flagged first, by score: what a person must look at
+    title = (f"predictions ({class_name}, class word {word!r}), flagged first, by score"
+             + ("" if s["images"] <= PRINT_ROWS else f": the {PRINT_ROWS} highest of {s['images']}"))
     ui.print_table(title, ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
                      "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in shown])

@@ -206,7 +206,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
              force: bool = False, allow_missing_masks: bool = False, threshold_source: str | None = None,
              threshold_for: Callable[[str], tuple] | None = None, class_words: dict[str, str] | None = None,
              strict: bool = False, dist=None, scored: dict | None = None,
-             pixel_threshold_for: Callable[[str], float | None] | None = None) -> dict:
+             pixel_threshold_for: Callable[[str], float | None] | None = None, class_names: dict[str, str] | None = None) -> dict:
     """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
@@ -224,7 +224,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     (sharded_inference), process 0 computes the metrics on all of them and writes the files; every process
     returns the metrics. scored: a dict that receives {class: (samples, image scores (N,), maps (N, S, S), masks
     (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller comparing methods need not score
-    this one again."""
+    this one again. class_names: {FOLDER: NAME} for class folders evaluated under another name (`--class`)."""
     started = time.time()
     device = device or model.backbone.device
     if n_overlays < 0:
@@ -233,6 +233,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
         raise KanoError(f"threshold must be in [0, 1], got {threshold}")
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
     dataset = load_dataset(data, missing_masks="warn" if allow_missing_masks else "error")
+    if class_names:
+        dataset = dataset.renamed(class_names)
     classes, samples = dataset.split_classes("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")

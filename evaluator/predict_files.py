@@ -104,12 +104,9 @@ def finish(out_dir: Path, identity: dict, world: int, total: int, batch_size: in
     if fmt == "parquet":
         records.to_parquet(result, out_dir / records.PARQUET)
         written.append(records.PARQUET)
-    first = []
-    for row in records.read_rows(result):
-        if len(first) == MAX_PAGE_ROWS:
-            break
+    first = records.worst_first(records.read_rows(result), MAX_PAGE_ROWS)  # flagged first, by score
+    for row in first:
         row["rel"] = {k: str(Path(row[k]).relative_to(out_dir)) for k in ("map_npy", "map_png", "panel_png", "mask_png") if row.get(k)}
-        first.append(row)
     header = {"class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source, "total": total,
               "map_scale": map_scale(pixel_threshold, threshold, "calibration").title, "pixel_threshold": pixel_threshold,
               "summary": summary, "provenance": {**report.provenance(method, image_size_px, started, None), "class_words": {class_name: word}}}

@@ -397,7 +397,8 @@ def predict_html(records: list[dict], header: dict) -> str:
     header["summary"]: records.summarize's counts. Maps and panels appear when the records have them."""
     thr = header.get("threshold")
     total = header.get("total", len(records))
-    shown = f"{total} images" if total == len(records) else f"the first {len(records)} of {total} images (all in predictions.jsonl)"
+    shown = (f"{total} images" if total == len(records) else f"the {len(records)} highest-scoring of {total} images (all in "
+             "predictions.jsonl)") + ", the flagged first, then by score"
     counts = header.get("summary")
     counts = f"{counts['scored']} scored, {counts['errors']} not scored; " if counts else ""
     b = [f"<h1>Kano predictions: {_esc(header.get('class'))}</h1>", _prov_html(header.get("provenance")),
