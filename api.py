@@ -13,8 +13,14 @@
 word and the threshold of each class, so the command line and this API decide alike.
 
 Thresholds, first match wins: the one given (`threshold=`, `kano predict --threshold`; source "command
-line") > RUN/calibration.json's image threshold for the class (`kano calibrate`; source "calibration") >
-the run's own, calibrated on its auxiliary data at training (source "run") > none (scores only).
+line") > the calibration's image threshold for the class (`calibration=FILE`, else RUN/calibration.json;
+`kano calibrate`; source "calibration") > the run's own, calibrated on its auxiliary data at training, for
+the run scored as it is (source "run") > none (scores only). A calibration is keyed by the scoring mode it was
+made for (evaluator.calibrate.scoring_mode); one of another mode (few-shot references, K, backbone, weights,
+class word) is refused, naming the field that differs. The calibration's pixel threshold sets the scale the
+maps are drawn on (`pixel_threshold_for`).
+
+    det = kano.Detector.zero_shot(method="median_colour", calibration="floor_cal.json")
 """
 
 from kano.evaluator.detector import (  # noqa: F401  (the public names; the code lives in the evaluator)

@@ -48,6 +48,8 @@ class EvalOptions:
     class_words: str | None = None
     strict: bool = False
     rscin_windows: list[int] | None = None
+    calibration: Path | None = None        # a calibration file of the method's scoring mode (kano calibrate)
+    class_names: list[str] | None = None   # --class NAME|NAME=FOLDER: which class a folder of --data is
 
     @property
     def methods(self) -> list[str]:
@@ -59,7 +61,8 @@ class EvalOptions:
         if len(self.methods) > 1:  # a list: the options of one method's own run
             for name, why in {"mutual": "fuses one method with MuSc", "k_shot": "sets one method's references",
                               "reference": "sets one method's references",
-                              "rscin_windows": "sets MuSc's windows for one method"}.items():
+                              "rscin_windows": "sets MuSc's windows for one method",
+                              "calibration": "holds one scoring mode's thresholds"}.items():
                 if _given(getattr(self, name)):
                     raise KanoError(f"{flag(name)} must go with one --method ({why}; run that method on its own), "
                                     f"got --method {self.method}")
@@ -98,13 +101,15 @@ class PredictOptions:
     panels: bool = True
     fmt: str = "jsonl"
     resume: bool = False
+    calibration: Path | None = None
 
     # the options an exported graph cannot use, with why
     NOT_WITH_MODEL = {"run": "the graph is the model", "backbone": "the graph is the model", "method": "the graph is the model",
                       "reference": "the graph holds no reference memory", "k_shot": "the graph holds no reference memory",
                       "class_word": "the graph's prompt words were fixed at export", "device": "the graph runs on the CPU",
                       "image_size": "the graph has its own size", "workers": "the graph's runtime decodes in its own process",
-                      "resume": "the graph's loop writes its rows in one go"}
+                      "resume": "the graph's loop writes its rows in one go",
+                      "calibration": "the graph carries its thresholds"}
 
     def refuse_unused(self) -> None:
         """Refuse each given option that the chosen source would not use (a method's own checks come when it is

@@ -47,6 +47,11 @@ class PatchMemory(nn.Module):
         self._memory: dict[str, list[torch.Tensor]] = {}
         self._reference_images: dict[str, torch.Tensor] = {}
 
+    def rename_references(self, names: dict[str, str]) -> None:
+        """The references' classes renamed (old -> new; others kept), e.g. a folder to the class it holds."""
+        if self._reference_images:
+            self.set_references({names.get(c, c): v for c, v in self._reference_images.items()})
+
     def set_references(self, references: dict[str, torch.Tensor] | None) -> None:
         """Folder class -> its k normal reference images (k, 3, S, S), normalised as test images; each class's memory
         is built when that class begins (begin_class)."""

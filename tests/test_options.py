@@ -36,7 +36,7 @@ EVAL_PER_METHOD = {
     "--mutual": (None, lambda s: not s.transductive and "backbone" in s.needs),
 }
 EVAL_GENERAL = {"--data", "--out", "--classes", "--batch-size", "--workers", "--image-size", "--device", "--n-overlays",
-                "--threshold", "--force", "--allow-missing-masks", "--method", "--strict"}
+                "--threshold", "--force", "--allow-missing-masks", "--method", "--strict", "--calibration", "--class"}
 
 PREDICT_PER_METHOD = {
     "--run": ("some/run", lambda s: False),
@@ -47,7 +47,7 @@ PREDICT_PER_METHOD = {
     "--image-size": ("32", lambda s: False),  # a method scores at its own size in predict
 }
 PREDICT_GENERAL = {"--class", "--out", "--threshold", "--batch-size", "--workers", "--device", "--force", "--maps",
-                   "--no-maps", "--panels", "--no-panels", "--format", "--resume", "--method", "--model"}
+                   "--no-maps", "--panels", "--no-panels", "--format", "--resume", "--method", "--model", "--calibration"}
 
 
 def test_every_option_is_classified():
@@ -98,7 +98,7 @@ def test_predict_refuses_each_option_its_method_cannot_use(kind, cli, synth_root
 
 
 @pytest.mark.parametrize("option,value", [("--mutual", None), ("--k-shot", "1"), ("--reference", "REF"),
-                                          ("--rscin-windows", "1,2")])
+                                          ("--rscin-windows", "1,2"), ("--calibration", "cal.json")])
 def test_eval_refuses_one_methods_options_with_a_list(option, value, cli, synth_root, tmp_path):
     value = str(synth_root) if value == "REF" else value
     code, _, err = cli("eval", "--method", "darkness,brightness", option, *([value] if value else []), "--data",
@@ -136,7 +136,8 @@ def test_eval_refuses_image_size_with_a_run(cli, synth_root, tmp_path):
 
 @pytest.mark.parametrize("option,value", [("--workers", "2"), ("--resume", None), ("--device", "cpu"),
                                           ("--class-word", "thing"), ("--image-size", "64"), ("--run", "r"),
-                                          ("--backbone", "tiny"), ("--method", "clip"), ("--k-shot", "1")])
+                                          ("--backbone", "tiny"), ("--method", "clip"), ("--k-shot", "1"),
+                                          ("--calibration", "cal.json")])
 def test_predict_model_refuses_what_a_graph_cannot_use(option, value, cli, tmp_path):
     code, _, err = cli("predict", tmp_path, "--class", "a", "--model", tmp_path / "m.onnx", option, *([value] if value else []),
                        "--out", tmp_path / "p")
