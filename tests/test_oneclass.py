@@ -17,7 +17,7 @@ from kano.kanoclip.one_class import (FitData, Moments, gaussian, location_scale,
                                      shrunk_precision, squash)
 from kano.kanoclip.oneclass import OneClass, OneClassConfig, auroc
 
-from .conftest import DATA
+from conftest import DATA
 
 TRAIN = sorted(list_images(DATA / "hazelnut_toy" / "train" / "good"))
 GOOD = sorted(list_images(DATA / "hazelnut_toy" / "test" / "good"))
