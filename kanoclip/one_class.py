@@ -146,6 +146,14 @@ class OneClassModel(nn.Module, MethodDefaults):
         """The names of the fitted tensors this configuration expects (empty: not checked)."""
         return ()
 
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """No text side (kano export's graph signature): a (C, 2, 1) placeholder; class_index selects nothing."""
+        return torch.zeros(len(words), 2, 1)
+
+    def score_bank(self, images: torch.Tensor, text: torch.Tensor) -> InferenceBatch:
+        """The exported graph's call: the photo's score and map, whatever the class row."""
+        return self(images)
+
     def train(self, mode: bool = True):  # nothing is trained by gradient: always eval
         return super().train(False)
 
