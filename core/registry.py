@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-KINDS = ("trained", "zero-shot", "zero-parameter", "transductive", "memory")
+KINDS = ("trained", "one-class", "zero-shot", "zero-parameter", "transductive", "memory")
 NEEDS = ("run", "backbone", "aux", "kb")
 # How a caller names an option in its messages: the command line's flags, or the Python API's arguments.
 CLI = "cli"
@@ -53,8 +53,8 @@ class MethodSpec:
     options: tuple[str, ...] = ()    # method-specific options it takes, by API argument name (e.g. "rscin_windows")
     demo: bool = False               # a row of `kano demo`'s table
     demo_row: tuple[str, str] | None = None  # (row name, kind column) in the demo's table, when not the rule's
-    model: str | None = None         # "module:Class" of the nn.Module (trained methods: what `kano train` builds)
-    config: str | None = None        # trained methods: "module:Class" of the trainable config (its published defaults)
+    model: str | None = None         # "module:Class" of the nn.Module (trained and one-class methods: what `kano train` builds)
+    config: str | None = None        # trained and one-class methods: "module:Class" of the config (its published defaults)
     modules: tuple[str, ...] = ()    # other modules written for this method alone (they may name it)
 
     @property
@@ -102,6 +102,15 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                "prompts, V-V from block 6, the authors' published recipe (kanoclip/anomalyclip.py)", _RUN, ("run",), exportable=True,
                model="kano.kanoclip.anomalyclip:AnomalyCLIP",
                config="kano.kanoclip.anomalyclip:AnomalyCLIPConfig"),
+    # one-class: fitted on normal images only (a dataset's train/good) by `kano train --method NAME`, saved as a run;
+    # the interface is kanoclip/one_class.py's
+    MethodSpec("oneclass", "one-class", "oneclass (Kano's own)", "Kano's own one-class detector (kanoclip/oneclass.py): "
+               "hand-crafted feature banks (colour, contrast, gradient energy and orientation, high-frequency energy at "
+               "three scales) plus the backbone's stages when given, scored at the photo's native resolution; a Gaussian "
+               "over patch features (a mixture, shared or per position) and two over whole-image statistics, each standardised on "
+               "normal photos it was not fitted on, combined by their maximum; variants chosen on synthetic defects only",
+               _RUN, ("run",), exportable=True, one_class=True, model="kano.kanoclip.oneclass:OneClass",
+               config="kano.kanoclip.oneclass:OneClassConfig"),
     MethodSpec("kanoclip-untrained", "zero-shot", "KAnoCLIP untrained (fixed prompts)",
                "KAnoCLIP's model with KnPL, Bi-CMCI and Conv-Adapter off: fixed 'a photo of a normal/abnormal [class]' "
                "prompts on CLIP-VV patch tokens, no training (kanoclip/model.py)", "kano.evaluator.loading:load_untrained",
@@ -180,10 +189,11 @@ def check_given(name: str, given: dict, style: str = CLI) -> MethodSpec:
 
     spec = method_spec(name, f("method"))
     m = f"{f('method')} {name}" if style == CLI else f"method {name!r}"
-    if spec.trained and not given.get("run"):
+    if spec.kind in ("trained", "one-class") and not given.get("run"):
         how = ("evaluate the run with --run RUN_DIR (without --method)" if style == CLI
                else "load its run with Detector.load(RUN_DIR)")
-        raise KanoError(f"{m} is a trained method: train it with `kano train --method {name}` and {how}")
+        verb = "fit" if spec.kind == "one-class" else "train"
+        raise KanoError(f"{m} is a {spec.kind} method: {verb} it with `kano train --method {name}` and {how}")
     for src in ("run", "backbone", "aux"):
         value = given.get(src)
         if src in spec.needs and not value:
@@ -227,6 +237,8 @@ def not_exportable_reason(name: str) -> str:
 
 
 TRAINED_METHODS = methods_with(kind="trained")
+ONE_CLASS_METHODS = methods_with(kind="one-class")
+RUN_METHODS = TRAINED_METHODS + ONE_CLASS_METHODS  # what `kano train --method` makes and `--run` loads
 DEFAULT_METHOD = TRAINED_METHODS[0]  # what `kano train` trains without --method, and what a run without "method" is
 UNTRAINED_METHOD = "kanoclip-untrained"  # what --backbone alone runs (kano eval, predict, export): the untrained model
 DISPLAY_NAMES = {n: s.label for n, s in METHODS.items()}

@@ -27,7 +27,7 @@ reads it back with the same option (predict, eval, the API, export, serve).
 
 The file (never a change to the weights):
     {"format": 2, "mode": {"method", "backbone", "weights_sha256", "references_sha256", "k_shot", "image_size"},
-     "alarm_rate": A, "created": ISO date,
+     "alarm_rate": A, "source": "kano calibrate" or "holdout" (`kano train --holdout`), "created": ISO date,
      "classes": {CLASS: {"image_threshold": float, "pixel_threshold": float, "n": n, "rank": k,
                          "data_sha256": digest of the sorted file names and bytes, "class_word": the prompt word}}}
 A format-1 file (a run's, keyed by its weights alone) is read as the run's own mode.
@@ -246,6 +246,14 @@ def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sh
     return None if entry is None else float(entry["image_threshold"])
 
 
+def _held_out(run_dir: Path) -> list[str]:
+    """The photos a one-class run kept out of its fit (`kano train --holdout`; config.json "holdout")."""
+    from kano.kanoclip.runs import read_config
+
+    h = read_config(run_dir).get("holdout")
+    return [str(f) for f in h.get("files", [])] if isinstance(h, dict) else []
+
+
 def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path]]:
     """Calibration files whose decoded pixels equal a normal image of the run's training data (evaluator.overlap),
     when that data is still there."""
@@ -265,13 +273,15 @@ def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path
 
 def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_rate: float, *, batch_size: int = 8,
               device=None, workers: int = 0, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
-              out: str | os.PathLike | None = None, warn: Callable[[str], None] | None = None, strict: bool = False) -> dict:
-    """A trained run scored as it is: RUN/calibration.json (calibrate_detector with Detector.load)."""
+              out: str | os.PathLike | None = None, warn: Callable[[str], None] | None = None, strict: bool = False,
+              source: str = "kano calibrate") -> dict:
+    """A trained run scored as it is: RUN/calibration.json (calibrate_detector with Detector.load). source: what made
+    the calibration, recorded in the file ("holdout": `kano train --holdout`, on the photos the run kept out of its fit)."""
     from kano.evaluator.detector import Detector
 
     det = Detector.load(run_dir, device=device, batch_size=batch_size)
     return calibrate_detector(det, normal, alarm_rate, None, workers=workers, progress=progress, log=log, out=out, warn=warn,
-                              strict=strict)
+                              strict=strict, source=source)
 
 
 def default_destination(det) -> Path | None:
@@ -284,7 +294,7 @@ def default_destination(det) -> Path | None:
 def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, dest: str | os.PathLike | None, *,
                        class_words: dict[str, str] | None = None, workers: int = 0, progress: Callable | None = None,
                        log: Callable[[str], None] = lambda s: None, out: str | os.PathLike | None = None,
-                       warn: Callable[[str], None] | None = None, strict: bool = False) -> dict:
+                       warn: Callable[[str], None] | None = None, strict: bool = False, source: str = "kano calibrate") -> dict:
     """Score each class's normal images with the detector (kano.api.Detector: whatever `kano predict` runs) and
     write the calibration of its scoring mode to `dest` (None: default_destination). Returns the calibration.
     class_words: class -> prompt word (default: the detector's rule); out: an optional folder for
@@ -312,7 +322,8 @@ def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, de
     if dest.is_dir():
         raise KanoError(f"--calibration must be a file to write (e.g. {dest / 'calibration.json'}), got the folder {dest}")
     if det.run_dir is not None:
-        if hits := _training_overlap(det.run_dir, [f for fs in normal.values() for f in fs]):
+        held_out = set(_held_out(det.run_dir))  # a one-class run's --holdout photos: in its folder, never fitted on
+        if hits := _training_overlap(det.run_dir, [f for fs in normal.values() for f in fs if str(f) not in held_out]):
             from .overlap import overlap_message
 
             raise KanoError(overlap_message(hits))
@@ -348,7 +359,7 @@ def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, de
         log(f"{cls}: n={len(files)}, rank k={k}: image threshold {thr:.6g} (score {t:.6g} and below is normal), "
             f"pixel threshold {pthr:.4g}, class word {word!r}")
     old = _previous(dest, mode, a, log)
-    cal = {"format": FORMAT, "mode": mode, "alarm_rate": a,
+    cal = {"format": FORMAT, "mode": mode, "alarm_rate": a, "source": source,
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "classes": {**old, **classes}}
     _write_json(dest, cal)

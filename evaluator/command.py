@@ -325,7 +325,7 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     from kano.kanoclip.registry import METHODS, methods_with
     from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
-    untrained = methods_with(trained=False)
+    untrained = [m for m in methods_with(trained=False) if METHODS[m].kind != "one-class"]  # one-class: from a run
     names = [m.strip() for m in methods.split(",")]
     bad = [m for m in names if m not in untrained]
     if bad or len(set(names)) != len(names) or len(names) < 2:

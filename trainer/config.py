@@ -23,7 +23,7 @@ CACHE_MODES = ("auto", "memory", "disk", "off")
 
 @dataclass
 class TrainConfig:
-    method: str = DEFAULT_METHOD                      # the trained methods of core/registry.py; default: its first
+    method: str = DEFAULT_METHOD                      # a trained or one-class method of core/registry.py; default: the first trained
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
     backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336
@@ -57,10 +57,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if not self.data:
             raise ValueError("data must be KIND:PATH of the auxiliary dataset, got nothing")
-        from kano.kanoclip.registry import TRAINED_METHODS
+        from kano.kanoclip.registry import RUN_METHODS
 
-        if self.method not in TRAINED_METHODS:
-            raise ValueError(f"method must be one of {', '.join(TRAINED_METHODS)}, got {self.method!r}")
+        if self.method not in RUN_METHODS:
+            raise ValueError(f"method must be one of {', '.join(RUN_METHODS)}, got {self.method!r}")
         self.model = method_model_config(self.method, self.model)
         if "kb" not in _REGISTRY[self.method].needs:
             if self.knowledge_sources is not None:
