@@ -36,13 +36,13 @@ from kano.errors import KanoError
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "openvino")
-EXPORTABLE = ("kanoclip", "aprilgan", "anomalyclip", "winclip")
+EXPORTABLE = ("kanoclip", "aprilgan", "anomalyclip", "mvfa", "winclip")
 # Why the other methods of `kano eval --method` have no graph: named in the refusal.
 NOT_EXPORTABLE = {
     "musc": "MuSc is transductive: it scores each image against the other test images of its batch, so it has no "
             "fixed per-image graph",
     "retrieval": "retrieval scores against a memory of auxiliary images built at load time (not a fixed graph)",
-    "clip": "the plain CLIP baseline is not exported (export kanoclip, aprilgan, anomalyclip or winclip)",
+    "clip": "the plain CLIP baseline is not exported (export kanoclip, aprilgan, anomalyclip, mvfa or winclip)",
     "clip-ac": "export the untrained CLIP-AC baseline as `kano export --backbone SPEC` (KAnoCLIP without training)",
 }
 OPSET = 18  # onnxscript's default for torch 2.14; onnxruntime 1.2x and OpenVINO 2025+ read it
@@ -88,7 +88,7 @@ def text_bank(model: nn.Module, method: str, words: list[str]) -> torch.Tensor:
                 words = [model.cfg.prompt_class] * len(words)
             w_n, w_a = model.text_features(words)
             return torch.stack([w_n, w_a], 1).float()
-        if method == "aprilgan":
+        if method in ("aprilgan", "mvfa"):
             return model.text_features(words).float()
         if method == "anomalyclip":
             return model.text_features().float().unsqueeze(0).expand(len(words), -1, -1).contiguous()

@@ -59,6 +59,9 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                "prompts, V-V from block 6, the authors' published recipe (kanoclip/anomalyclip.py)", _RUN, ("run",),
                model="kano.kanoclip.anomalyclip:AnomalyCLIP",
                config="kano.kanoclip.anomalyclip:AnomalyCLIPConfig"),
+    MethodSpec("mvfa", "trained", "MVFA-AD", "Huang et al., MVFA-AD (CVPR 2024): residual seg/det adapters at four "
+               "stages of the image tower, the authors' published recipe (kanoclip/mvfa.py)", _RUN, ("run",),
+               model="kano.kanoclip.mvfa:MVFA", config="kano.kanoclip.mvfa:MVFAConfig"),
     MethodSpec("kanoclip-untrained", "zero-shot", "KAnoCLIP untrained (fixed prompts)",
                "KAnoCLIP's model with KnPL, Bi-CMCI and Conv-Adapter off: fixed 'a photo of a normal/abnormal [class]' "
                "prompts on CLIP-VV patch tokens, no training (kanoclip/model.py)", "kano.evaluator.loading:load_untrained",

@@ -131,6 +131,15 @@ class AprilGAN(TrainablePeer):
         self._text: dict[str, torch.Tensor] = {}
         self.to(backbone.device)
 
+    @staticmethod
+    def train_recipe(data_kind: str) -> dict:
+        """train.sh of VAND-APRIL-GAN: batch 8, Adam lr 1e-3 betas (0.5, 0.999) (train.py); 3 epochs on MVTec-AD
+        as the auxiliary set, 15 on VisA (Kano: on every other kind)."""
+        mvtec = data_kind == "mvtec"
+        return {"epochs": 3 if mvtec else 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999),
+                "source": f"April-GAN train.sh ({'MVTec-AD' if mvtec else 'VisA'} line): {3 if mvtec else 15} epochs, "
+                          "batch 8, Adam lr 1e-3, betas (0.5, 0.999)"}
+
     # what the feature cache stores for this method: raw Q-K block outputs, width-dimensional
     feature_spec = {"vv": False, "tokens": "raw"}
 

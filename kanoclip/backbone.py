@@ -158,7 +158,8 @@ class Backbone(nn.Module):
 
 
 def build_backbone(spec: str = "tiny", image_size: int | None = None, device: str | torch.device | None = None,
-                   stages: list[int] | None = None, vv_start: int | None = None, pos_resize: str | None = None) -> Backbone:
+                   stages: list[int] | None = None, vv_start: int | None = None, pos_resize: str | None = None,
+                   partial_patches: bool = False) -> Backbone:
     """Build a frozen backbone from "MODEL[:PRETRAINED]" or "tiny".
 
     - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
@@ -199,7 +200,7 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
         else:
             model = create_clip(name, pretrained or None, size)
     bb = Backbone(model, spec, stages=stages, vv_start=vv_start, pos_resize=pos_resize or "bicubic-antialias")
-    if bb.image_size % bb.patch_size:
+    if bb.image_size % bb.patch_size and not partial_patches:
         raise KanoError(f"image size must be a multiple of the patch size {bb.patch_size}, got {bb.image_size}")
     return bb.to(device or "cpu")
 

@@ -36,10 +36,12 @@ class TrainConfig:
     stages: list[int] | None = None
     vv_start: int | None = None
     pos_resize: str | None = None                     # bicubic-antialias | bilinear | bicubic (kanoclip/pos_embed.py)
-    epochs: int = 15                                  # epochs, batch, lr, betas: AnomalyCLIP's settings (not in the paper)
-    batch_size: int = 8
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.999)
+    # epochs, batch, lr, betas: None = the method's published recipe (`train_recipe` on its class, with its source;
+    # kanoclip and anomalyclip: AnomalyCLIP's 15 epochs, batch 8, Adam 1e-3, betas (0.5, 0.999), not in the paper)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
     seed: int = 111
     cache: str = "auto"                               # frozen-feature cache: auto | memory | disk | off
     cache_dir: str | None = None                      # default ~/.cache/kano/features
@@ -50,7 +52,18 @@ class TrainConfig:
     knowledge_sources: list[str] | None = None
     model: Any = None                                 # the method's config dataclass (or a dict of its keys); None: its defaults
 
+    recipe: str | None = None                         # where the unset epochs/batch/lr/betas came from (set here)
+
     def __post_init__(self):
+        if self.method not in _recipe_methods():
+            raise ValueError(f"method must be one of {', '.join(_recipe_methods())}, got {self.method!r}")
+        given = {k: getattr(self, k) for k in RECIPE_KEYS}
+        published = method_recipe(self.method, str(self.data).partition(":")[0])
+        for k in RECIPE_KEYS:
+            if given[k] is None:
+                setattr(self, k, published[k])
+        if any(v is None for v in given.values()):
+            self.recipe = published["source"]
         if not isinstance(self.betas, (list, tuple)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
@@ -162,6 +175,27 @@ class TrainConfig:
             return cls(**base, model=model)
         except (TypeError, ValueError) as exc:
             raise KanoError(str(exc)) from None
+
+
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "betas")
+# AnomalyCLIP's published optimiser settings (code train.py / train.sh), Kano's defaults for kanoclip too
+DEFAULT_RECIPE = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999),
+                  "source": "AnomalyCLIP's train.sh: 15 epochs, batch 8, Adam lr 1e-3, betas (0.5, 0.999)"}
+
+
+def _recipe_methods() -> tuple[str, ...]:
+    from kano.kanoclip.registry import TRAINED_METHODS
+
+    return TRAINED_METHODS
+
+
+def method_recipe(method: str, data_kind: str) -> dict:
+    """The training recipe `method`'s authors published for auxiliary data of `data_kind` (mvtec, visa, ...):
+    {epochs, batch_size, lr, betas, source}; the method's class names it (`train_recipe`), else DEFAULT_RECIPE."""
+    from kano.kanoclip.registry import METHODS, resolve
+
+    fn = getattr(resolve(METHODS[method].model), "train_recipe", None)
+    return {**DEFAULT_RECIPE, **(fn(data_kind) if fn else {})}
 
 
 def method_model_config(method: str, model):

@@ -51,7 +51,7 @@ class TrainInterrupted(KeyboardInterrupt):
 
 
 # keys of the saved train config that may differ on --resume: they change where and how fast, not what is learned
-RESUME_MAY_CHANGE = ("out", "epochs", "cache", "cache_dir", "device", "workers")
+RESUME_MAY_CHANGE = ("out", "epochs", "cache", "cache_dir", "device", "workers", "recipe")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -274,6 +274,8 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.masks = _load_masks(samples, bb.image_size)
     run.cache_mode = choose_mode(cfg.cache, estimate_bytes(model, len(samples)))
+    if not getattr(model, "cacheable", True):  # trainable parts inside the stream (MVFA-AD): encode every batch
+        run.cache_mode = "off"
     if dist.world > 1 and run.cache_mode == "memory":
         run.cache_mode = "disk"  # processes share one memory-mapped cache, each computing its shard
     run.cache_dir = Path(cfg.cache_dir or Path.home() / ".cache" / "kano" / "features")
