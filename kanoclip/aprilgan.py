@@ -17,9 +17,9 @@ dice on the maps. Choices and where they come from:
   not used for it.
 - Loss: per stage, focal(softmax map, mask) + dice(abnormal channel, mask), summed over stages (public code
   train.py; its focal loss has a 1e-5 label smoothing we omit). No image-level loss: the global branch is not trained.
-- Optimiser (public code): Adam, lr 1e-3, betas (0.5, 0.999) — Kano's trainer defaults. train.sh uses batch 64 and 3
-  epochs (MVTec as auxiliary) or 15 (VisA); Kano's defaults are batch 8 and 15 epochs: pass
-  `--batch-size 64 --epochs 3` to reproduce the MVTec recipe.
+- Optimiser and schedule (public code train.py, train.sh): Adam, lr 1e-3, betas (0.5, 0.999), batch 8; 3 epochs with
+  MVTec-AD as the auxiliary set, 15 with VisA (`train_recipe`: 3 on MVTec-layout data, 15 on every other kind).
+  train.sh's 2 x 2 mosaic augmentation on MVTec-AD (`--aug_rate 0.2`) is not in Kano.
 """
 
 from __future__ import annotations
