@@ -283,9 +283,9 @@ def train_cmd(
     pos_resize: Optional[str] = typer.Option(None, "--pos-resize", help="how pretrained position embeddings are resampled to "
                                              "the image size: bicubic-antialias (open_clip), bilinear (AnomalyCLIP's code), "
                                              "bicubic (MuSc's code) (default: the method's authors' own; kanoclip: bilinear)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data" + _d(_TD.epochs if _TD else 15)),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process)" + _d(_TD.batch_size if _TD else 8)),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate" + _d(_TD.lr if _TD else 1e-3)),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data (default: the method's authors' recipe: kanoclip and anomalyclip 15; aprilgan 3 on mvtec data, else 15; mvfa 50)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process) (default: the method's authors' recipe: 8; mvfa 1)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: the method's authors' recipe: 1e-3; mvfa 1e-4)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (initial prompts and heads, data order)" + _d(_TD.seed if _TD else 111)),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length (paper: 12)" + _d(_MD.n_ctx if _MD else 12)),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="σ of the Gaussian smoothing the map, in pixels" + _d(_MD.sigma if _MD else 4.0)),
@@ -465,7 +465,7 @@ def calibrate_cmd(
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="the graph: PATH.onnx (--format onnx) or PATH.xml (+ .bin, --format openvino); PATH.json beside it"),
     classes: str = typer.Option(..., "--classes", help="comma-separated class names the graph scores (their text features are stored in it)"),
-    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kanoclip, aprilgan or anomalyclip)"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kanoclip, aprilgan, anomalyclip or mvfa)"),
     fmt: str = typer.Option("onnx", "--format", show_default=True, help="onnx or openvino"),
     method: Optional[str] = typer.Option(None, "--method", help="instead of --run, with --backbone: winclip (zero-shot); left out: the untrained KAnoCLIP baseline"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="with --method or alone: MODEL[:PRETRAINED], micro or tiny"),

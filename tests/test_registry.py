@@ -40,7 +40,7 @@ def _named(text: str) -> list[str]:
 def test_the_table_holds_the_methods():
     assert list(METHODS) == EXPECTED
     assert methods_with(references=True) == ("winclip",)
-    assert methods_with(kind="trained") == ("kanoclip", "aprilgan", "anomalyclip")
+    assert methods_with(kind="trained") == ("kanoclip", "aprilgan", "anomalyclip", "mvfa")
     assert methods_with(needs="aux") == ("retrieval",)
     assert set(methods_with(kind="transductive")) == {"mutual", "musc", "musc_randconv"}
     with pytest.raises(ValueError, match="kind must be one of trained, zero-shot"):
@@ -59,7 +59,7 @@ def test_eval_help_names_exactly_the_registry(cli):
 def test_train_help_names_the_trained_methods(cli):
     code, out, _ = cli("train", "--help")
     assert code == 0
-    assert _named(out.split("\n  --method ")[1].split("\n  --kb ")[0]) == ["kanoclip", "aprilgan", "anomalyclip"]
+    assert _named(out.split("\n  --method ")[1].split("\n  --kb ")[0]) == ["kanoclip", "aprilgan", "anomalyclip", "mvfa"]
 
 
 def test_eval_method_error_lists_exactly_the_registry(cli, synth_root, tmp_path):
