@@ -286,6 +286,8 @@ def train_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data (default: the method's authors' recipe: kanoclip and anomalyclip 15; aprilgan 3 on mvtec data, else 15; mvfa 50)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process) (default: the method's authors' recipe: 8; mvfa 1)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: the method's authors' recipe: 1e-3; mvfa 1e-4)"),
+    aug_rate: Optional[float] = typer.Option(None, "--aug-rate", help="share of samples made 2 x 2 mosaics of four images of "
+                                             "their class, each epoch (April-GAN's; default: the method's recipe: aprilgan on mvtec data 0.2, else 0)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (initial prompts and heads, data order)" + _d(_TD.seed if _TD else 111)),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length (paper: 12)" + _d(_MD.n_ctx if _MD else 12)),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="σ of the Gaussian smoothing the map, in pixels" + _d(_MD.sigma if _MD else 4.0)),
@@ -315,7 +317,7 @@ def train_cmd(
         method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=_int_list("--stages", stages), vv_start=vv_start, pos_resize=pos_resize, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
+        seed=seed, aug_rate=aug_rate, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
         use_knpl=False if (no_knpl or text_free) else None, text_free=True if text_free else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))

@@ -161,7 +161,7 @@ class MVFA(TrainablePeer):
     @staticmethod
     def train_recipe(data_kind: str) -> dict:
         """train_zero.py:46-50, :69-70: batch 1, 50 epochs, two Adam lr 1e-4, betas (0.5, 0.999), whatever the data."""
-        return {"epochs": 50, "batch_size": 1, "lr": 1e-4, "betas": (0.5, 0.999),
+        return {"epochs": 50, "batch_size": 1, "lr": 1e-4, "betas": (0.5, 0.999), "aug_rate": 0.0,
                 "source": "MVFA-AD train_zero.py:46-50, :69-70: 50 epochs, batch 1, Adam lr 1e-4, betas (0.5, 0.999)"}
 
     def __init__(self, backbone: Backbone, cfg: MVFAConfig | None = None):

@@ -212,3 +212,59 @@ def test_mvfa_run_trains_records_and_serves(synth_root, tmp_path, cli):
     photo = sorted((synth_root / "disc" / "test").rglob("*.png"))[0]
     res = det(str(photo), "disc")
     assert 0.0 <= res.score <= 1.0 and res.map.shape == (128, 128) and res.anomalous is not None
+
+
+# -- April-GAN's 2 x 2 mosaic --------------------------------------------------------------------------------------
+
+def test_mosaic_pairs_each_image_with_its_own_mask(synth_root):
+    """Four samples of one class pasted row-major; each quadrant's mask is its own image's (nearest resize of a 2x
+    canvas: exact), and each quadrant's pixels away from the seams are that image's (the same bicubic weights)."""
+    from kano.anomaly_data import load_dataset, load_image, load_mask
+    from kano.anomaly_data.torch_data import image_to_tensor, mask_to_tensor, mosaic_sample
+
+    ds = load_dataset(f"mvtec:{synth_root}")
+    disc = ds.samples("test", ["disc"])
+    bad = [s for s in disc if s.label == 1]
+    four = [bad[0], disc[0] if disc[0].label == 0 else disc[1], bad[1], bad[2]]
+    assert four[1].label == 0
+    img, mask, label = mosaic_sample(four, 64)
+    assert img.shape == (3, 64, 64) and mask.shape == (64, 64) and label == 1
+    for k, s in enumerate(four):
+        y, x = (k // 2) * 32, (k % 2) * 32
+        own = load_image(s.image_path)
+        want_mask = mask_to_tensor(load_mask(s.mask_path, own.size), 32)
+        assert torch.equal(mask[y:y + 32, x:x + 32], want_mask), f"quadrant {k}"
+        want_img = image_to_tensor(own, 32)
+        assert torch.allclose(img[:, y + 3:y + 29, x + 3:x + 29], want_img[:, 3:29, 3:29], atol=1e-4), f"quadrant {k}"
+    assert mask[32:, :32].sum() > 0 and mask[:32, 32:].sum() == 0        # the normal image's quadrant is empty
+    _, _, label_normal = mosaic_sample([four[1]] * 4, 64)
+    assert label_normal == 0
+
+
+def test_mosaic_plan_follows_the_rate_and_stays_in_the_class(synth_root, tmp_path):
+    from types import SimpleNamespace
+
+    from kano.anomaly_data import load_dataset
+    from kano.trainer.train import mosaic_plan
+
+    samples = load_dataset(f"mvtec:{synth_root}").samples("test")
+    run = SimpleNamespace(samples=samples, cfg=SimpleNamespace(seed=1, aug_rate=1.0))
+    plan = mosaic_plan(run, 0)
+    assert sorted(plan) == list(range(len(samples)))
+    assert all(len(f) == 4 and {samples[j].class_name for j in f} == {samples[i].class_name} for i, f in plan.items())
+    assert mosaic_plan(run, 0) == plan and mosaic_plan(run, 1) != plan
+    run.cfg.aug_rate = 0.0
+    assert mosaic_plan(run, 0) == {}
+    run.cfg.aug_rate = 0.2
+    many = [len(mosaic_plan(SimpleNamespace(samples=samples * 20, cfg=run.cfg), e)) for e in range(5)]
+    assert 0.1 < sum(many) / (5 * 20 * len(samples)) < 0.3
+
+
+def test_aprilgan_on_mvtec_data_trains_with_the_published_recipe(synth_root, tmp_path, cli):
+    run = tmp_path / "ag"
+    cli("train", "--method", "aprilgan", "--data", f"mvtec:{synth_root}", "--backbone", "tiny", "--image-size", "32",
+        "--out", str(run), "--cache", "memory")
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert (cfg["batch_size"], cfg["epochs"], cfg["aug_rate"]) == (8, 3, 0.2) and "train.sh" in cfg["recipe"]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and sum(r["mosaics"] for r in log) > 0

@@ -42,6 +42,9 @@ class TrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     betas: tuple[float, float] | None = None
+    # share of the samples that become a 2 x 2 mosaic of four images of their class with their masks, drawn anew
+    # every epoch (April-GAN's --aug_rate); None = the method's recipe (aprilgan on mvtec data 0.2, else 0)
+    aug_rate: float | None = None
     seed: int = 111
     cache: str = "auto"                               # frozen-feature cache: auto | memory | disk | off
     cache_dir: str | None = None                      # default ~/.cache/kano/features
@@ -109,6 +112,9 @@ class TrainConfig:
         for name in ("kb", "data", "backbone", "out"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.aug_rate, bool) or not isinstance(self.aug_rate, (int, float)) or not 0 <= self.aug_rate <= 1:
+            raise ValueError(f"aug_rate must be a number in [0, 1] (the share of samples made mosaics), got {self.aug_rate!r}")
+        self.aug_rate = float(self.aug_rate)
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -177,9 +183,9 @@ class TrainConfig:
             raise KanoError(str(exc)) from None
 
 
-RECIPE_KEYS = ("epochs", "batch_size", "lr", "betas")
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "betas", "aug_rate")
 # AnomalyCLIP's published optimiser settings (code train.py / train.sh), Kano's defaults for kanoclip too
-DEFAULT_RECIPE = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999),
+DEFAULT_RECIPE = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "aug_rate": 0.0,
                   "source": "AnomalyCLIP's train.sh: 15 epochs, batch 8, Adam lr 1e-3, betas (0.5, 0.999)"}
 
 

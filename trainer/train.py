@@ -67,6 +67,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
     saved = {"method": "kanoclip", **saved}  # runs from before --method are KAnoCLIP runs
+    saved.setdefault("aug_rate", 0.0)  # runs from before the mosaic trained without it
     if saved["method"] != "kanoclip":  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
         try:
             saved["model"] = json.loads(json.dumps(method_model_config(saved["method"], saved.get("model")).to_dict()))
@@ -302,12 +303,16 @@ def train_epoch(run: Run, epoch: int) -> dict:
     advance, close = run.progress(f"epoch {epoch + 1}/{cfg.epochs}")(len(batches)) if run.progress else (lambda k: None, lambda: None)
     train_params = [p for _, p in run.params]
     knowledge = run.knowledge if run.uses_kb and cfg.model.use_knpl else None
+    plan = mosaic_plan(run, epoch)
     for idx in batches:
         optimizer.zero_grad(set_to_none=True)
         stats = [0.0] * len(LOSS_TERMS)
         if len(idx):
-            out = model.forward_features(run.features(idx), [run.sample_names[i] for i in idx.tolist()], run.image_size)
-            terms = model.loss(out, run.masks[idx].to(dist.device).float(), run.labels[idx].to(dist.device), knowledge)
+            feats, masks, labels = run.features(idx), run.masks[idx].to(dist.device).float(), run.labels[idx].to(dist.device)
+            if plan:
+                feats, masks, labels = with_mosaics(run, idx, plan, feats, masks, labels)
+            out = model.forward_features(feats, [run.sample_names[i] for i in idx.tolist()], run.image_size)
+            terms = model.loss(out, masks, labels, knowledge)
             terms["total"].backward()
             stats = [float(terms[k].detach()) for k in LOSS_TERMS]
         _, stats = dist.reduce_step(train_params, len(idx), stats)
@@ -320,7 +325,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     row = {"epoch": epoch + 1, "loss": sums["total"] / n_steps, "loss_kd": sums["kd"] / n_steps,
            "loss_global": sums["global"] / n_steps, "loss_local": sums["local"] / n_steps,
            "seconds": round(time.perf_counter() - t0, 3), "cache_seconds": round(cache_s, 3),
-           "cache": run.cache_mode, "world_size": dist.world, "samples_per_rank": [len(x) for x in shards]}
+           "cache": run.cache_mode, "world_size": dist.world, "samples_per_rank": [len(x) for x in shards],
+           "mosaics": len(plan)}
     if dist.world > 1:
         row["shard_indices"] = shards
     run.history.append(row)
@@ -331,6 +337,59 @@ def train_epoch(run: Run, epoch: int) -> dict:
     run.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} (kd {row['loss_kd']:.4f}, global {row['loss_global']:.4f}, "
             f"local {row['loss_local']:.4f}) in {row['seconds']:.1f}s")
     return row
+
+
+def mosaic_plan(run: Run, epoch: int) -> dict[int, list[int]]:
+    """Which samples become 2 x 2 mosaics this epoch (April-GAN's --aug_rate, its dataset.py:138-144): each with
+    probability aug_rate, made of four samples of its class, each drawn as the code does: a defect type (folder)
+    uniformly, then one of its images uniformly. -> {sample index: the four sample indices}. Seeded by seed and
+    epoch, identical on every process."""
+    rate = run.cfg.aug_rate
+    if not rate:
+        return {}
+    g = torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch + 500)
+    by_class: dict[str, dict[str, list[int]]] = {}
+    for i, s in enumerate(run.samples):
+        by_class.setdefault(s.class_name, {}).setdefault(s.defect, []).append(i)
+    plan = {}
+    draws = torch.rand(len(run.samples), generator=g)
+    for i in torch.nonzero(draws < rate).flatten().tolist():
+        kinds = by_class[run.samples[i].class_name]
+        names = sorted(kinds)
+        four = []
+        for _ in range(4):
+            pool = kinds[names[int(torch.randint(len(names), (1,), generator=g))]]
+            four.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        plan[i] = four
+    return plan
+
+
+def with_mosaics(run: Run, idx: torch.Tensor, plan: dict[int, list[int]], feats: VisualFeatures, masks: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[VisualFeatures, torch.Tensor, torch.Tensor]:
+    """The batch with its planned samples replaced by their mosaics (encoded now: a mosaic is never cached);
+    a mosaic's label is 1 when any of its four images is anomalous."""
+    from kano.anomaly_data.torch_data import mosaic_sample
+
+    pos = [k for k, i in enumerate(idx.tolist()) if i in plan]
+    if not pos:
+        return feats, masks, labels
+    made = [mosaic_sample([run.samples[j] for j in plan[int(idx[k])]], run.image_size, run.images.mean, run.images.std)
+            for k in pos]
+    dev = run.dist.device
+    with backbone_autocast(dev):
+        new = run.model.encode_images(torch.stack([m[0] for m in made]).to(dev))
+    where = torch.tensor(pos, device=dev)
+    glob = feats.global_feature.clone()
+    glob[where] = new.global_feature.to(glob.dtype)
+    patches = []
+    for t, nt in zip(feats.patch_tokens, new.patch_tokens):
+        t = t.clone()
+        t[where] = nt.to(t.dtype)
+        patches.append(t)
+    masks, labels = masks.clone(), labels.clone()
+    masks[where] = torch.stack([m[1] for m in made]).to(dev, masks.dtype)
+    labels[where] = torch.tensor([float(m[2]) for m in made], device=dev, dtype=labels.dtype)
+    return VisualFeatures(glob, patches), masks, labels
 
 
 def calibrate(run: Run) -> float:
