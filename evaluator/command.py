@@ -41,11 +41,19 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
              reference=None, class_words: str | None = None, strict: bool = False,
-             rscin_windows: list[int] | None = None, scored: dict | None = None) -> dict:
+             rscin_windows: list[int] | None = None, scored: dict | None = None, reference_sampling: str | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
+    if reference_sampling is not None:
+        from kano.evaluator.methods import parse_sampling
+
+        parse_sampling(reference_sampling)
+        if not k_shot or reference:
+            raise KanoError(f"--reference-sampling chooses among each class's train images for --k-shot (without "
+                            f"--reference), got --reference-sampling {reference_sampling} "
+                            f"{'with --reference' if reference else 'without --k-shot'}")
     dist = _dist(device)
     dev = dist.device
     if aux and not method:
@@ -57,7 +65,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
-                                  k_shot=k_shot, data=data, classes=classes, references=reference, rscin_windows=rscin_windows)
+                                  k_shot=k_shot, data=data, classes=classes, references=reference, rscin_windows=rscin_windows,
+                                  sampling=reference_sampling)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -65,7 +74,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         if k_shot or reference:  # April-GAN's few-shot memory on the run or the untrained model
             from kano.evaluator.methods import with_patch_memory
 
-            model, described = with_patch_memory(model, described, k_shot, data, reference, classes)
+            model, described = with_patch_memory(model, described, k_shot, data, reference, classes, reference_sampling)
     if mutual:
         from kano.evaluator.methods import with_mutual
 
@@ -75,6 +84,10 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     from kano.api import resolve_threshold, weights_sha256
 
     words = parse_class_words(class_words)
+    if (info.get("config") or {}).get("class_words") == "folder":  # the run's rule: folder names as they are
+        from kano.anomaly_data import load_dataset
+
+        words = {**{c: c for c in (classes or load_dataset(data, missing_masks="warn").classes)}, **words}
     if described.get("kind") != "baseline":  # the floors use no prompts
         known = known_words(info["prompt_names"])
         for w in words.values():

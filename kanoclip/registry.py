@@ -29,7 +29,8 @@ def published_backbone(method: str) -> tuple:
 
 
 def method_backbone(method: str, spec: str, *, image_size: int | None = None, device=None, stages: list[int] | None = None,
-                    vv_start: int | None = None, pos_resize: str | None = None, use_vv: bool = True) -> Backbone:
+                    vv_start: int | None = None, pos_resize: str | None = None, use_vv: bool = True,
+                    activation: str | None = None) -> Backbone:
     """The frozen backbone `method` trains on: what is not given (None) is the method's published value.
     use_vv=False (KAnoCLIP's --no-vv ablation) lifts the check that the V-V path starts by the last stage."""
     layers, default_resize = published_backbone(method)
@@ -37,7 +38,7 @@ def method_backbone(method: str, spec: str, *, image_size: int | None = None, de
     if image_size is None:  # a method that publishes its own size for this backbone (MVFA-AD: 240 on ViT-L-14-336)
         image_size = getattr(cls, "published_sizes", {}).get(spec.partition(":")[0])
     bb = build_backbone(spec, image_size=image_size, device=device, pos_resize=pos_resize or default_resize,
-                        partial_patches=getattr(cls, "partial_patches", False))
+                        partial_patches=getattr(cls, "partial_patches", False), activation=activation)
     st, vv = layers(bb.depth)
     bb.set_layers(stages or st, vv_start if vv_start is not None else vv)
     spec_vv = cls.__dict__.get("feature_spec")  # a dict on the peers; KAnoCLIP's follows its config

@@ -105,7 +105,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     # a run without a recorded pos_resize: None rebuilds it with each loader's own resize, as it was made
     bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"],
                         vv_start=cfg["vv_start"], pos_resize=cfg.get("pos_resize"),
-                        partial_patches=getattr(resolve(METHODS[method].model), "partial_patches", False))
+                        partial_patches=getattr(resolve(METHODS[method].model), "partial_patches", False),
+                        activation=(cfg.get("train") or {}).get("activation"))
     try:
         model = build_model(method, bb, model_config(method, cfg["model"]))
     except (TypeError, ValueError) as exc:

@@ -192,7 +192,7 @@ def test_published_recipe_is_the_default():
     assert (v.epochs, v.batch_size) == (15, 8)
     k = TrainConfig(method="kanoclip", data="mvtec:x", epochs=2)
     assert (k.epochs, k.batch_size, k.lr) == (2, 8, 1e-3)
-    assert TrainConfig(method="mvfa", data="mvtec:x", epochs=1, batch_size=2, lr=1e-3, betas=(0.9, 0.99)).recipe is None
+    assert TrainConfig(method="mvfa", data="mvtec:x", epochs=1, batch_size=2, lr=1e-3, betas=(0.9, 0.99), aug_rate=0.0).recipe is None
 
 
 def test_mvfa_run_trains_records_and_serves(synth_root, tmp_path, cli):
@@ -268,3 +268,74 @@ def test_aprilgan_on_mvtec_data_trains_with_the_published_recipe(synth_root, tmp
     assert (cfg["batch_size"], cfg["epochs"], cfg["aug_rate"]) == (8, 3, 0.2) and "train.sh" in cfg["recipe"]
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and sum(r["mosaics"] for r in log) > 0
+
+
+# -- the authors' quirks as settings ----------------------------------------------------------------------------------
+
+def test_activation_setting_replaces_every_mlp_activation_and_is_recorded(synth_root, tmp_path, cli):
+    from open_clip.transformer import QuickGELU
+
+    from kano.kanoclip.runs import load_run
+
+    quick, gelu = build_backbone("tiny", image_size=SIZE), build_backbone("tiny", image_size=SIZE, activation="gelu")
+    assert quick.activation == "quickgelu" and gelu.activation == "gelu" and gelu.activation_set
+    acts = [b.mlp.gelu for t in (gelu.clip.visual.transformer, gelu.clip.transformer) for b in t.resblocks]
+    assert len(acts) == 6 and all(type(a) is torch.nn.GELU for a in acts)
+    x = torch.linspace(-3, 3, 7)
+    assert torch.allclose(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    images = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b = quick(images, vv=False, raw=True), gelu(images, vv=False, raw=True)
+    diff = (a.patch_tokens[0] - b.patch_tokens[0]).abs().max()             # same weights, another activation
+    assert 1e-4 < float(diff) < 1.0
+    run = tmp_path / "gelu"
+    cli("train", "--method", "aprilgan", "--data", f"mvtec:{synth_root}", "--backbone", "tiny", "--image-size", "32",
+        "--epochs", "1", "--activation", "gelu", "--out", str(run), "--cache", "memory")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["activation"] == "gelu" and cfg["train"]["activation"] == "gelu"
+    model, _ = load_run(run)
+    assert model.backbone.activation == "gelu"
+
+
+def test_folder_class_words_reach_training_eval_and_the_api(synth_root, tmp_path, cli):
+    import shutil
+
+    import kano
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "disc", root / "pcb1")                  # Kano's word: "printed circuit board"
+    run = tmp_path / "run"
+    cli("train", "--method", "aprilgan", "--data", f"mvtec:{root}", "--backbone", "tiny", "--image-size", "32",
+        "--epochs", "1", "--class-words", "folder", "--out", str(run), "--cache", "memory")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["class_words"] == "folder" and cfg["prompt_names"] == {"pcb1": "pcb1"}
+    shutil.copytree(root / "pcb1", tmp_path / "target" / "pcb2")           # a class the run never saw
+    cli("eval", "--run", str(run), "--data", f"mvtec:{tmp_path / 'target'}", "--out", str(tmp_path / "ev"), "--n-overlays", "0")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["provenance"]["class_words"] == {"pcb2": "pcb2"}
+    det = kano.Detector.load(run)
+    assert det.class_word("pcb2") == "pcb2" and det.class_word("pcb2", "board") == "board"
+    kano_rule = tmp_path / "kano_rule"
+    cli("train", "--method", "aprilgan", "--data", f"mvtec:{root}", "--backbone", "tiny", "--image-size", "32",
+        "--epochs", "1", "--out", str(kano_rule), "--cache", "memory")
+    assert json.loads((kano_rule / "config.json").read_text())["prompt_names"] == {"pcb1": "printed circuit board"}
+
+
+def test_seeded_reference_sampling_draws_with_replacement(synth_root, tmp_path, cli):
+    from kano.errors import KanoError
+    from kano.evaluator.methods import reference_images
+
+    bb = build_backbone("tiny", image_size=SIZE)
+    train = sorted(s.image_path for s in __import__("kano.anomaly_data", fromlist=["x"]).load_dataset(
+        f"mvtec:{synth_root}").samples("train", ["disc"]) if s.label == 0)
+    with pytest.raises(KanoError, match="needs 3 normal train images"):
+        reference_images(f"mvtec:{synth_root}", 3, bb, ["disc"])            # first K: not enough images
+    _, files = reference_images(f"mvtec:{synth_root}", 3, bb, ["disc"], "seeded:7")
+    g = torch.Generator().manual_seed(7)
+    assert files["disc"] == [train[int(i)] for i in torch.randint(0, len(train), (3,), generator=g)]
+    assert len(files["disc"]) == 3 and len(set(files["disc"])) < 3          # duplicates: drawn with replacement
+    out = tmp_path / "ev"
+    cli("eval", "--backbone", "tiny", "--image-size", "32", "--data", f"mvtec:{synth_root}", "--classes", "disc",
+        "--k-shot", "2", "--reference-sampling", "seeded", "--out", str(out), "--n-overlays", "0")
+    fs = json.loads((out / "metrics.json").read_text())["provenance"]["method"]["few_shot"]
+    assert fs["sampling"] == "seeded" and "seeded 10" in fs["rule"]

@@ -18,6 +18,8 @@ from kano.errors import KanoError
 from kano.kanoclip import ModelConfig, model_config
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
+CLASS_WORD_RULES = ("kano", "folder")
+ACTIVATIONS = ("gelu", "quickgelu")
 
 
 @dataclass
@@ -55,6 +57,13 @@ class TrainConfig:
     knowledge_sources: list[str] | None = None
     model: Any = None                                 # the method's config dataclass (or a dict of its keys); None: its defaults
 
+    # the [class] word of the prompts: "kano" (anomaly_data/names.py: pcb1 -> "printed circuit board") or "folder"
+    # (the folder name as it is, as April-GAN's prompt_ensemble.py:15-18 and MVFA-AD's code use it)
+    class_words: str = "kano"
+    # the backbone's MLP activation: None = as its spec builds it (what the weights were trained with: QuickGELU
+    # for the -quickgelu OpenAI models); "gelu" runs GELU, as April-GAN's 518 px and MVFA-AD's 240 px scripts do
+    # on ViT-L-14-336 (their open_clip builds it at another size from a config without quick_gelu)
+    activation: str | None = None
     recipe: str | None = None                         # where the unset epochs/batch/lr/betas came from (set here)
 
     def __post_init__(self):
@@ -115,6 +124,11 @@ class TrainConfig:
         if isinstance(self.aug_rate, bool) or not isinstance(self.aug_rate, (int, float)) or not 0 <= self.aug_rate <= 1:
             raise ValueError(f"aug_rate must be a number in [0, 1] (the share of samples made mosaics), got {self.aug_rate!r}")
         self.aug_rate = float(self.aug_rate)
+        if self.class_words not in CLASS_WORD_RULES:
+            raise ValueError(f"class_words must be one of {', '.join(CLASS_WORD_RULES)}, got {self.class_words!r}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} (or unset: as the backbone is built), "
+                             f"got {self.activation!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -231,11 +231,13 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.phase = "while building the model"
     bb = method_backbone(cfg.method, cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages,
-                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=getattr(cfg.model, "use_vv", True))
+                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=getattr(cfg.model, "use_vv", True),
+                         activation=cfg.activation)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = run.model = build_model(cfg.method, bb, cfg.model)
     run.image_size = bb.image_size
-    names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
+    word = (lambda c: c) if cfg.class_words == "folder" else prompt_name
+    names = {c: (cfg.model.prompt_class if uses_kb else None) or word(c) for c in classes}
     kb_info = None
     if uses_kb:
         # rank 0 encodes and caches the knowledge texts first; the others then read them from the cache
@@ -263,7 +265,8 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.config = {
         "kano_version": ckpt.library_versions()["kano"], "backbone": cfg.backbone, "image_size": bb.image_size, "stages": bb.stages,
-        "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "method": cfg.method, "model": model.cfg.to_dict(),
+        "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "activation": bb.activation, "class_words": cfg.class_words,
+        "method": cfg.method, "model": model.cfg.to_dict(),
         "model_used": model.describe() if hasattr(model, "describe") else {}, "train": cfg.to_dict(),
         "kb": kb_info, "train_classes": classes,
         "prompt_names": names, "data": cfg.data, "n_samples": len(samples), "git_commit": ckpt.git_commit(), "seed": cfg.seed,
