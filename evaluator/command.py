@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from kano import ui
-from kano.errors import KanoError
+from kano.core import ui
+from kano.core.errors import KanoError
 
 
 def _device(name: str | None) -> torch.device:
-    from kano.device import resolve_device
+    from kano.core.device import resolve_device
 
     return resolve_device(name)
 
@@ -19,10 +19,19 @@ def _device(name: str | None) -> torch.device:
 def _method(run, backbone, info) -> dict:
     from kano.evaluator.loading import untrained_info
     from kano.evaluator.report import trained_method
+    from kano.kanoclip.registry import UNTRAINED_METHOD
 
     if run:
         return trained_method(run, info["config"])
-    return untrained_info("kanoclip-untrained", backbone)
+    return untrained_info(UNTRAINED_METHOD, backbone)
+
+
+def uses_prompts(described: dict) -> bool:
+    """Whether the method a provenance dict describes scores with prompts naming the class (its registry entry)."""
+    from kano.kanoclip.registry import METHODS
+
+    spec = METHODS.get(described.get("method"))
+    return spec is not None and spec.prompts
 
 
 def check_common(batch_size: int, workers: int | None = 0, threshold: float | None = None, n_overlays: int = 0) -> None:
@@ -56,16 +65,19 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
                             f"{'with --reference' if reference else 'without --k-shot'}")
     dist = _dist(device)
     dev = dist.device
+    from kano.kanoclip.registry import methods_with, methods_with_option
+
     if aux and not method:
-        raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
-    if rscin_windows and not (mutual or method == "musc"):
-        raise KanoError(f"--rscin-windows is used by --method musc and --mutual only, got it with "
-                        f"{'--method ' + method if method else '--run' if run else '--backbone'} and no --mutual")
+        raise KanoError(f"--aux is used by --method {', '.join(methods_with(needs='aux'))} only, got --aux {aux} without --method")
+    if rscin_windows and not (mutual or method in methods_with_option("rscin_windows")):
+        raise KanoError(f"--rscin-windows is used by --method {', '.join(methods_with_option('rscin_windows'))} and --mutual "
+                        f"only, got it with {'--method ' + method if method else '--run' if run else '--backbone'} and no --mutual")
     if method:
         from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
-                                  k_shot=k_shot, data=data, classes=classes, references=reference, rscin_windows=rscin_windows,
+                                  k_shot=k_shot, data=data, classes=classes, references=reference,
+                                  rscin_windows=None if mutual else rscin_windows,
                                   sampling=reference_sampling)
         described = info["method"]
     else:
@@ -88,7 +100,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         from kano.anomaly_data import load_dataset
 
         words = {**{c: c for c in (classes or load_dataset(data, missing_masks="warn").classes)}, **words}
-    if described.get("kind") != "baseline":  # the floors use no prompts
+    if uses_prompts(described):  # the floors and memories use no prompts
         known = known_words(info["prompt_names"])
         for w in words.values():
             if (warning := unknown_word_warning(w, known)) is not None:
@@ -108,7 +120,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
     if method:  # setting, kind and name, each word once ("few-shot winclip+", "per-image zero-shot clip")
-        what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), described["kind"]) if w), described["name"]])
+        kind = None if described.get("setting") == "few-shot" else described["kind"]  # given references, not zero-shot
+        what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), kind) if w), described["name"]])
     else:
         what = "run " + str(run) if run else "untrained " + backbone
     what += " + MuSc (--mutual)" if mutual else ""
@@ -126,7 +139,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
 def _dist(device: str | None):
     """The launch's processes (torchrun / accelerate launch set WORLD_SIZE); one process otherwise."""
-    from kano.distributed import Dist
+    from kano.core.distributed import Dist
 
     return Dist.from_env(device, _device)
 
@@ -145,7 +158,7 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
         if run:
             raise KanoError(f"--method {method} runs a method that needs no training: give --backbone SPEC, not --run, got --run {run}")
         return Detector.zero_shot(method, backbone, references=reference, k_shot=k_shot, threshold=threshold, device=device,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, style="cli")
     if reference and not k_shot or k_shot and not reference:
         raise KanoError(f"--reference DIR and --k-shot K >= 1 go together, got {'--reference ' + str(reference) if reference else '--k-shot ' + str(k_shot)} alone")
     if run:
@@ -217,29 +230,31 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one, --aux to those that need labelled auxiliary data (the registry's `needs`)."""
-    from kano.evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
-    from kano.kanoclip.registry import TRAINED_METHODS
+    from kano.kanoclip.registry import METHODS, methods_with
     from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
+    untrained = methods_with(trained=False)
     names = [m.strip() for m in methods.split(",")]
-    bad = [m for m in names if m not in ALL_METHODS or m in TRAINED_METHODS]
+    bad = [m for m in names if m not in untrained]
     if bad or len(set(names)) != len(names) or len(names) < 2:
         why = (f"unknown {', '.join(repr(m) for m in bad)}" if bad else "a name twice" if len(set(names)) != len(names)
                else "fewer than two")
-        raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of "
-                        f"{', '.join(m for m in ALL_METHODS if m not in TRAINED_METHODS)}), "
+        raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of {', '.join(untrained)}), "
                         f"got {methods!r} ({why})")
-    if not backbone and any(m in BACKBONE_METHODS for m in names):
-        raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(m for m in names if m in BACKBONE_METHODS)}")
-    if aux and not any(m in MEMORY_METHODS for m in names):
-        raise KanoError(f"--aux is used by --method retrieval only, got --method {methods} with --aux {aux}")
+    backbone_methods = [m for m in names if "backbone" in METHODS[m].needs]
+    aux_methods = [m for m in names if "aux" in METHODS[m].needs]
+    if not backbone and backbone_methods:
+        raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(backbone_methods)}")
+    if aux and not aux_methods:
+        raise KanoError(f"--aux is used by --method {', '.join(methods_with(needs='aux'))} only, got --method {methods} "
+                        f"with --aux {aux}")
     out = Path(out)
     dirs = [out / n for n in names]
     identity = {"results": [str(d.resolve()) for d in dirs], "metrics": list(DEFAULT_METRICS)}
     claim_out(out, identity, force)  # before the first evaluation: a refused OUT costs nothing
     for n, d in zip(names, dirs):
-        evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in BACKBONE_METHODS else None,
-                 aux=aux if n in MEMORY_METHODS else None, **common)
+        evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in backbone_methods else None,
+                 aux=aux if n in aux_methods else None, **common)
     tables = comparison_tables(load_results(dirs), DEFAULT_METRICS)
     write_comparison(tables, out, identity, claimed=True)
     ui.out.print(to_markdown(tables), markup=False, highlight=False, soft_wrap=True)  # labels may hold [brackets]

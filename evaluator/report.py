@@ -3,10 +3,11 @@ and self-contained HTML pages (no network, no JavaScript; charts are inline SVG 
 relative links to the PNGs beside the page).
 
 Provenance: `provenance(method, ...)` takes a small method description, a dict with at least
-"kind" ("trained", "baseline", ...) and "name", plus whatever identifies it: a trained run gives
-{"kind": "trained", "name": "KAnoCLIP", "run": path, "config_sha256": ..., "backbone": ...}; a zero-parameter
-baseline gives e.g. {"kind": "baseline", "name": "clip-ac", "backbone": "tiny"} or
-{"kind": "baseline", "name": "median-colour"}. Any method that fills such a dict writes the same schema.
+"kind" (the method's kind in the registry, core/registry.py KINDS: "trained", "zero-shot", "zero-parameter",
+"transductive", "memory"), "name" and "method" (its registry name), plus whatever identifies it: a trained run gives
+{"kind": "trained", "name": "KAnoCLIP", "method": NAME, "run": path, "config_sha256": ..., "backbone": ...}; a
+zero-parameter floor gives e.g. {"kind": "zero-parameter", "name": NAME, "method": NAME, "backbone": None}. Any
+method that fills such a dict writes the same schema.
 
 Units: metrics.json and metrics.csv hold fractions in [0, 1] (metrics.json says so in "units", the CSV in
 its `unit` column); metrics.md and report.html show percent, labelled "(%)".
@@ -42,10 +43,10 @@ def file_sha256(path: Path) -> str:
 
 def trained_method(run_dir: str | Path, config: dict) -> dict:
     """The method description of a trained run: its path and the SHA-256 of its config.json."""
-    from kano.kanoclip.registry import DISPLAY_NAMES
+    from kano.kanoclip.registry import DEFAULT_METHOD, DISPLAY_NAMES
 
     run_dir = Path(run_dir)
-    method = config.get("method", "kanoclip")
+    method = config.get("method", DEFAULT_METHOD)
     return {"kind": "trained", "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
             "config_sha256": file_sha256(run_dir / "config.json"), "backbone": config.get("backbone"),
             "train_data": config.get("data"), "run_threshold": config.get("threshold"), "stages": config.get("stages"),
@@ -53,13 +54,13 @@ def trained_method(run_dir: str | Path, config: dict) -> dict:
             "recipe": {k: (config.get("train") or {}).get(k) for k in ("epochs", "batch_size", "lr", "betas", "aug_rate", "recipe")}}
 
 
-def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
-    """The method description of a zero-parameter baseline (`backbone` None when it uses none)."""
-    return {"kind": "baseline", "name": name, "backbone": backbone, **extra}
+def baseline_method(name: str, kind: str, backbone: str | None = None, **extra) -> dict:
+    """The method description of a floor of evaluator/baselines.py (`backbone` None when it uses none)."""
+    return {"kind": kind, "name": name, "method": name, "backbone": backbone, **extra}
 
 
 def _git_commit() -> str | None:
-    from kano.files import git_commit
+    from kano.core.files import git_commit
 
     return git_commit()
 

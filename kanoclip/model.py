@@ -166,6 +166,11 @@ class FrozenBackboneModel(nn.Module, MethodDefaults):
         self.backbone.train(False)
         return self
 
+    def score_bank(self, images: torch.Tensor, text: torch.Tensor):
+        """What `kano export` writes as the graph: images (N, 3, S, S) scored against each image's rows of the
+        method's text bank (N, 2, E) (text_bank), the text side already computed. -> the method's output."""
+        return self.score_text(self.encode_images(images), text, images.shape[-1])
+
 
 class KAnoCLIP(FrozenBackboneModel):
     """Frozen CLIP-VV backbone + KnPL prompts + Bi-CMCI + Conv-Adapter.
@@ -223,6 +228,14 @@ class KAnoCLIP(FrozenBackboneModel):
     def text_features(self, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(w̄ⁿ, w̄ᵃ) per class, each (C, E), not normalised."""
         return self.prompts(class_names)
+
+    @torch.no_grad()
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """(C, 2, E): each class word's (w̄ⁿ, w̄ᵃ) as forward computes them (what kano export stores)."""
+        if self.cfg.prompt_class:
+            words = [self.cfg.prompt_class] * len(words)
+        w_n, w_a = self.text_features(words)
+        return torch.stack([w_n, w_a], 1).float()
 
     def forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None = None) -> ModelOutput:
         """From (cached) visual features and one prompt class name per image to maps and scores.

@@ -322,7 +322,7 @@ def test_folder_class_words_reach_training_eval_and_the_api(synth_root, tmp_path
 
 
 def test_seeded_reference_sampling_draws_with_replacement(synth_root, tmp_path, cli):
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
     from kano.evaluator.methods import reference_images
 
     bb = build_backbone("tiny", image_size=SIZE)

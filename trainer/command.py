@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kano import ui
+from kano.core import ui
 
 
 def _is_main() -> bool:

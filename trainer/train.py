@@ -14,17 +14,18 @@ import numpy as np
 import torch
 
 from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
-from kano.curves import f1_threshold
-from kano.device import resolve_device
-from kano.errors import KanoError
-from kano.files import atomic_write, read_manifest
+from kano.core.curves import f1_threshold
+from kano.core.device import resolve_device
+from kano.core.errors import KanoError
+from kano.core.files import atomic_write, read_manifest
 from kano.kanoclip import VisualFeatures, backbone_autocast, build_model, method_backbone
+from kano.kanoclip.registry import DEFAULT_METHOD, METHODS
 from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
 from .config import TrainConfig, method_model_config
-from kano.distributed import Dist
+from kano.core.distributed import Dist
 from .knowledge import fallback_warning, knowledge_vectors
 
 
@@ -66,9 +67,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
-    saved = {"method": "kanoclip", **saved}  # runs from before --method are KAnoCLIP runs
+    saved = {"method": DEFAULT_METHOD, **saved}  # runs from before --method are KAnoCLIP runs
     saved.setdefault("aug_rate", 0.0)  # runs from before the mosaic trained without it
-    if saved["method"] != "kanoclip":  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
+    if saved["method"] != DEFAULT_METHOD:  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
         try:
             saved["model"] = json.loads(json.dumps(method_model_config(saved["method"], saved.get("model")).to_dict()))
         except (KeyError, ValueError):
@@ -146,7 +147,7 @@ class Run:
 
     @property
     def uses_kb(self) -> bool:
-        return self.cfg.method == "kanoclip"  # the peers (April-GAN, AnomalyCLIP) use no knowledge base
+        return "kb" in METHODS[self.cfg.method].needs  # the registry says which methods learn from a knowledge base
 
     def warn(self, message: str) -> None:  # plain stderr, unwrapped (a path must stay one word), rank 0 only
         if self.dist.main:

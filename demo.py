@@ -2,7 +2,7 @@
 
 Trains KAnoCLIP on the auxiliary classes of anomaly_data.world (defect kinds SEEN_DEFECTS only) and
 evaluates it zero-shot on the disjoint target classes (every kind, HELD_OUT_DEFECTS included), then
-prints one table beside the registry's demo methods on the same backbone (kano/registry.py, `demo=True`): the
+prints one table beside the registry's demo methods on the same backbone (core/registry.py, `demo=True`): the
 untrained model (fixed prompts), zero-shot CLIP-AC and WinCLIP, the zero-parameter detectors (per image) and
 the transductive floors (which score each test image against the others).
 """
@@ -12,16 +12,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kano import ui
-from kano.registry import METHODS as REGISTRY, methods_with
+from kano.core import ui
+from kano.core.registry import METHODS as REGISTRY, methods_with
 
 DEMO_BACKBONE = "micro"
 DEMO_SIZE = 96           # image side for data, training and evaluation (the micro-CLIP's own size)
 # A narrower Bi-CMCI bottleneck than the default 128 keeps the demo within minutes on two CPU cores.
 DEMO_MODEL = {"bica_dim": 64, "bica_heads": 2}
-# The table's "kind" column per registry kind (and the untrained model's own).
+# The table's "kind" column per registry kind (an entry's `demo_row` may name its own).
 KIND_COLUMN = {"trained": "trained on aux", "zero-shot": "zero-shot, untrained", "zero-parameter": "per-image, 0 params",
-               "transductive": "transductive", "kanoclip-untrained": "untrained"}
+               "transductive": "transductive"}
 
 
 def _classes():
@@ -49,10 +49,12 @@ def rows(backbone: str = DEMO_BACKBONE) -> list[tuple[str, str, str]]:
 def row_label(method: str, backbone: str) -> tuple[str, str]:
     """(name, kind) of a method's row in the demo's table, from its registry entry."""
     spec = REGISTRY[method]
-    kind = KIND_COLUMN.get(method) or KIND_COLUMN[spec.kind]
+    if spec.demo_row:
+        return spec.demo_row
+    kind = KIND_COLUMN[spec.kind]
     if spec.kind == "trained":
         return f"{spec.label} (trained)", kind
-    if spec.kind == "zero-shot" and method != "kanoclip-untrained":
+    if spec.kind == "zero-shot":
         return f"{spec.label} (zero-shot)", kind
     if "backbone" in spec.needs and spec.kind == "transductive":
         return f"{spec.label} ({backbone})", kind

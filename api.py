@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 THRESHOLD_SOURCES = ("command line", "calibration", "run")
 
@@ -164,36 +164,40 @@ class Detector:
         return cls(wrapped, described, references=refs, **kw)
 
     @classmethod
-    def zero_shot(cls, method: str = "winclip", backbone: str = "micro", *, references: str | Path | None = None,
+    def zero_shot(cls, method: str, backbone: str = "micro", *, references: str | Path | None = None,
                   k_shot: int = 0, image_size: int | None = None, threshold: float | None = None, device: str | None = None,
-                  batch_size: int = 8) -> "Detector":
-        """A method that needs no training (`kano eval --method` names that score one image at a time) on a frozen
-        backbone: clip, clip-ac, winclip, or a zero-parameter floor. With `references` (a folder of normal images)
-        and `k_shot` K: the first K images of the folder, sorted by path, as the method's references (WinCLIP+)."""
+                  batch_size: int = 8, style: str = "api") -> "Detector":
+        """A method that needs no training and scores one image at a time (kano.core.registry.methods_with(per_image=True):
+        the zero-shot CLIP methods and the zero-parameter floors), on a frozen backbone when it takes one. With
+        `references` (a folder of normal images) and `k_shot` K, for the methods that take references: the first K
+        images of the folder, sorted by path, as every class's references (WinCLIP+). style: how errors name the
+        options ("api": these arguments; "cli": kano predict's flags)."""
         from kano.evaluator.command import _device
-        from kano.evaluator.methods import BACKBONE_METHODS, load_method, reference_folder
+        from kano.evaluator.methods import load_method, reference_folder
+        from kano.core.registry import METHODS, methods_with, method_spec, option_name
 
+        spec = method_spec(method, option_name("method", style))
+        if not spec.per_image:
+            why = ("is trained: load its run with Detector.load(RUN_DIR)" if spec.trained else
+                   "is transductive (it scores each image against the rest of a test set): use `kano eval --method` on a dataset"
+                   if spec.transductive else "builds its memory from a labelled dataset: use `kano eval --method` with --aux")
+            raise KanoError(f"{option_name('method', style)} must be a method that scores one image at a time (one of "
+                            f"{', '.join(methods_with(per_image=True))}), got {method!r}, which {why}")
         if k_shot and not references:
-            raise KanoError(f"k_shot {k_shot} needs references (a folder of normal images), got none")
-        model, info = load_method(method, None, backbone if method in BACKBONE_METHODS else None, image_size,
-                                  _device(device), k_shot=0)
-        if getattr(model, "transductive", False):
-            raise KanoError(f"method must score one image at a time, got {method!r}, which is transductive (it scores each "
-                            "image against the rest of a test set): use `kano eval --method` on a dataset instead")
+            raise KanoError(f"{option_name('k_shot', style)} {k_shot} needs {option_name('references', style)} (a folder of "
+                            "normal images), got none")
+        model, info = load_method(method, None, backbone if "backbone" in METHODS[method].needs else None, image_size,
+                                  _device(device), k_shot=0, references=None, style=style)
         described = info["method"]
         refs = None
         if references:
-            from kano.evaluator.methods import REFERENCE_METHODS
+            from kano.core.registry import check_given
 
-            if method not in REFERENCE_METHODS:
-                raise KanoError(f"--reference is used by the methods that take reference images ({', '.join(REFERENCE_METHODS)}), "
-                                f"got --method {method} with --reference {references}")
+            check_given(method, {"backbone": backbone if "backbone" in spec.needs else None, "references": references},
+                        style)
             refs = reference_folder(references, k_shot, model.backbone)
-            described = {**described, "name": "winclip+", "kind": "few-shot", "setting": "few-shot", "k_shot": k_shot,
-                         "references": refs[1],
-                         "source": "Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images (the first k "
-                                   f"of {references}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
-                         "parameters": "frozen backbone, no training; a memory of k normal images"}
+            described = {**described, **model.describe_references(k_shot, str(references)), "setting": "few-shot",
+                         "k_shot": k_shot, "references": refs[1]}
         return cls(model, described, threshold=threshold, references=refs, batch_size=batch_size)
 
     # ------------------------------------------------------------------------------------------ rules
@@ -209,7 +213,9 @@ class Detector:
         """A warning when `word` is neither a class the run was trained with nor one of the built-in pack."""
         from kano.anomaly_data.names import known_words, unknown_word_warning
 
-        if self.method.get("kind") == "baseline":  # the floors use no prompts
+        from kano.evaluator.command import uses_prompts
+
+        if not uses_prompts(self.method):  # the floors use no prompts
             return None
         return unknown_word_warning(word, known_words(self.run_words))
 
@@ -220,7 +226,7 @@ class Detector:
     def begin_class(self, class_name: str, word: str) -> None:
         """Give a per-class model (WinCLIP+) its references for this class before it scores the class's images."""
         if self.references is not None:
-            self.model.reference_images = {class_name: self.references[0]}
+            self.model.set_references({class_name: self.references[0]})
         if hasattr(self.model, "begin_class"):
             self.model.begin_class(class_name, word)
 

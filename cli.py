@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from kano.errors import KanoError, os_error_message
+from kano.core.errors import KanoError, os_error_message
 
 
 def _data_kinds() -> str:
@@ -25,16 +25,26 @@ DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/m
 
 
 def _names(**query) -> str:
-    """Method names from the one table (kano/registry.py), comma-separated."""
-    from kano.registry import methods_with
+    """Method names from the one table (core/registry.py), comma-separated."""
+    from kano.core.registry import methods_with
 
     return ", ".join(methods_with(**query))
 
 
 def _per_image_with_backbone() -> str:
-    from kano.registry import METHODS
+    return _names(needs="backbone", per_image=True)
 
-    return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
+
+def _with_option(option: str) -> str:
+    from kano.core.registry import methods_with_option
+
+    return ", ".join(methods_with_option(option))
+
+
+def _untrained() -> str:
+    from kano.core.registry import UNTRAINED_METHOD
+
+    return UNTRAINED_METHOD
 
 
 METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table "
@@ -129,7 +139,7 @@ def kb_sql(
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
 ):
     """Query the knowledge base with SQL (read-only)."""
-    from kano import ui
+    from kano.core import ui
     from kano.knowledge_store import run_sql
 
     if fmt not in ("table", "csv", "json"):
@@ -262,7 +272,7 @@ def _int_list(name: str, raw: Optional[str], what: str = "block numbers (e.g. 6,
 def train_cmd(
     method: Optional[str] = typer.Option(None, "--method", help=f"what to train: one of {_names(kind='trained')} (the paper's "
                                          "method first; docs/methods.md lists each one's source); the "
-                                         "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
+                                         "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else _names(kind="trained").split(", ")[0])),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
                                        f"split, as in the paper; kinds: {DATA_KINDS}); required"),
@@ -332,7 +342,7 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts (kanoclip-untrained) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
+                                           help=f"instead of --run: the untrained KAnoCLIP with fixed prompts ({_untrained()}) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
@@ -351,13 +361,13 @@ def eval_cmd(
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
-    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method winclip, WinCLIP+; with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
     reference_sampling: Optional[str] = typer.Option(None, "--reference-sampling", help="with --k-shot: which train images: first (the first K by path) or seeded[:SEED] (K drawn with replacement, April-GAN's rule, seed 10)  [default: first]"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
     reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
     strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),
-    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help="with --method musc or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
+    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help=f"with --method {_with_option('rscin_windows')} or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
@@ -402,8 +412,8 @@ def predict_cmd(
                                                  "manifests with a 'path' column (and optionally 'class')"),
     class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: WinCLIP+ with --method winclip, April-GAN's patch memory with --run or --backbone"),
+    method: Optional[str] = typer.Option(None, "--method", help=f"a method that needs no training and scores one image at a time: {_names(per_image=True)} (on --backbone: {_names(per_image=True, needs='backbone')}; with --reference and --k-shot: {_names(per_image=True, references=True)}); transductive methods ({_names(kind='transductive')}) need a test set: use kano eval"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); April-GAN's patch memory with --run or --backbone"),
     k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --reference: how many of its images to use"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
@@ -458,7 +468,7 @@ def calibrate_cmd(
 ):
     """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
     normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
-    from kano import ui
+    from kano.core import ui
     from kano.evaluator import calibrate
     from kano.evaluator.command import check_common
 
@@ -472,9 +482,9 @@ def calibrate_cmd(
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="the graph: PATH.onnx (--format onnx) or PATH.xml (+ .bin, --format openvino); PATH.json beside it"),
     classes: str = typer.Option(..., "--classes", help="comma-separated class names the graph scores (their text features are stored in it)"),
-    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kanoclip, aprilgan, anomalyclip or mvfa)"),
+    run: Optional[Path] = typer.Option(None, "--run", help=f"a trained run directory (of {_names(exportable=True, trained=True)})"),
     fmt: str = typer.Option("onnx", "--format", show_default=True, help="onnx or openvino"),
-    method: Optional[str] = typer.Option(None, "--method", help="instead of --run, with --backbone: winclip (zero-shot); left out: the untrained KAnoCLIP baseline"),
+    method: Optional[str] = typer.Option(None, "--method", help=f"instead of --run, with --backbone: {_names(exportable=True, trained=False)}; left out: {_untrained()}. Trained methods ({_names(exportable=True, trained=True)}) are exported from their run"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="with --method or alone: MODEL[:PRETRAINED], micro or tiny"),
     fp16: bool = typer.Option(False, "--fp16", help="with --format openvino: store the weights in half precision (compress_to_fp16)"),
 ):
