@@ -26,7 +26,7 @@ MVFA-AD, file:line of its newest commit):
   softmax), as the code does: the sigmoid of a number in [0, 1].
 - Optimisers: train_zero.py:69-70: two Adam, one per adapter set, lr 1e-4, betas (0.5, 0.999). Adam is
   per-parameter, so Kano's single Adam over both sets with those settings takes the same steps.
-- Pixels: dataset/medical_zero.py:30-33: Resize + ToTensor, no CLIP mean/std (`pixel_norm` "none"; "clip" to
+- Pixels: dataset/medical_zero.py:30-33: Resize + ToTensor, no CLIP mean/std (`pixel_norm` "none"; "mean-std" to
   normalise).
 - Few-shot (train_few.py:94-96 and :168-179, utils.py:32-37, :79-136; test in train_few.py:215-224): a memory of
   the references' seg tokens per stage, every token of each reference and of its 10 augmented copies (rotations by
@@ -51,7 +51,7 @@ from .losses import dice_loss
 from .model import InferenceBatch, backbone_autocast, full_precision
 from .prompts import TextTower
 
-PIXEL_NORMS = ("none", "clip")
+PIXEL_NORMS = ("none", "mean-std")
 # MVFA-AD's image size for its ViT-L-14-336 runs: train_zero.py:48 / train_few.py:49 `--img_size 240`
 PUBLISHED_SIZES = {"ViT-L-14-336": 240, "ViT-L-14-336-quickgelu": 240}
 

@@ -94,9 +94,9 @@ def test_adapters_are_bias_free_width_to_embed():
     assert all(mod.bias is None for ad in m.seg_adapters for mod in (ad.down, ad.up))
     assert bb.mean == (0.0, 0.0, 0.0) and bb.std == (1.0, 1.0, 1.0)   # ToTensor only, as the authors
     bb2 = build_backbone("tiny", image_size=SIZE)
-    MVFA(bb2, MVFAConfig(pixel_norm="clip"))
+    MVFA(bb2, MVFAConfig(pixel_norm="mean-std"))
     assert bb2.mean[0] == pytest.approx(0.48145466)
-    with pytest.raises(ValueError, match="pixel_norm must be one of none, clip, got 'imagenet'"):
+    with pytest.raises(ValueError, match="pixel_norm must be one of none, mean-std, got 'imagenet'"):
         MVFAConfig(pixel_norm="imagenet")
 
 
