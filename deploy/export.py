@@ -79,10 +79,11 @@ def refuse_unexportable(method: str) -> None:
         raise KanoError(f"--method {method} cannot be exported: {why}")
 
 
-def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str]):
-    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source)},
-    source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.api.Detector);
-    --backbone alone is the untrained model, as in `kano eval` and `kano predict`."""
+def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str], calibration=None):
+    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source, pixel
+    threshold)}, source description). Words and thresholds are the ones `kano predict` uses for the same options
+    (kano.api.Detector), with `calibration` (a calibration file of this mode; a run's own by default); --backbone
+    alone is the untrained model, as in `kano eval` and `kano predict`."""
     from kano.anomaly_data.names import class_word
     from kano.core.registry import UNTRAINED_METHOD, methods_with
 
@@ -94,15 +95,15 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
                             f"{'--method' if method else '--backbone'}")
         from kano.api import Detector
 
-        det = Detector.load(run, device="cpu")
+        det = Detector.load(run, device="cpu", calibration=calibration)
         name = det.method["method"]
         refuse_unexportable(name)
-        return (det.model, name, {c: det.class_word(c) for c in classes}, {c: det.threshold_for(c) for c in classes},
-                det.method)
+        return det.model, name, {c: det.class_word(c) for c in classes}, _thresholds(det, classes), det.method
     if not backbone and not method:
         raise KanoError("kano export needs --run RUN, or --method NAME (one of "
                         f"{', '.join(methods_with(exportable=True, trained=False))}, with --backbone SPEC for those that "
                         f"take one), or --backbone SPEC alone ({UNTRAINED_METHOD})")
+    from kano.api import Detector
     from kano.evaluator.methods import load_method
     from kano.core.registry import method_spec
 
@@ -111,7 +112,13 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
         raise KanoError(f"--method {name} is a trained method: export its run with --run RUN_DIR (without --method)")
     refuse_unexportable(name)
     model, info = load_method(name, None, backbone, None, "cpu")
-    return model, name, {c: class_word(c) for c in classes}, {c: (None, None) for c in classes}, info["method"]
+    det = Detector(model, info["method"], calibration=calibration)  # the thresholds of this mode's calibration, if given
+    return model, name, {c: class_word(c) for c in classes}, _thresholds(det, classes), info["method"]
+
+
+def _thresholds(det, classes: list[str]) -> dict:
+    """{class: (threshold, source, pixel threshold)} as `kano predict` resolves them."""
+    return {c: (*det.threshold_for(c), det.pixel_threshold_for(c)[0]) for c in classes}
 
 
 def export_model(model: nn.Module, method: str, words: dict[str, str], thresholds: dict | float | None, out: Path,
@@ -131,6 +138,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
     if not isinstance(thresholds, dict):
         thresholds = {c: (thresholds, None if thresholds is None else "given") for c in classes}
     thr = [thresholds[c][0] for c in classes]
+    pixel = {c: (thresholds[c][2] if len(thresholds[c]) > 2 else None) for c in classes}
     graph = ImageSide(model, text_bank(model, [words[c] for c in classes]), thr).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kano-export-") as tmp:
@@ -145,7 +153,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
                "image_size": bb.image_size, "mean": [float(v) for v in bb.mean], "std": [float(v) for v in bb.std],
                # anomaly_data.image_to_tensor: squash to S x S (no crop, so maps align with the image), bicubic
                "resize": "squash-bicubic", "classes": classes, "prompt_words": [words[c] for c in classes],
-               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
+               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "pixel_thresholds": pixel, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
                "outputs": {"image_score": ["N"], "anomaly_map": ["N", bb.image_size, bb.image_size], "anomalous": ["N"]},
                "opset": OPSET, "source": source or {}, "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -193,8 +201,8 @@ def write_onnx(graph: ImageSide, size: int, path: Path) -> None:
 
 
 def export(*, run: str | None, method: str | None, backbone: str | None, classes: list[str], fmt: str, out: Path,
-           fp16: bool = False) -> dict:
+           fp16: bool = False, calibration=None) -> dict:
     """`kano export`: load the source, write the graph and its sidecar; returns the sidecar dict."""
     check_target(fmt, out, fp16)
-    model, name, words, thresholds, source = load_source(run, method, backbone, classes)
+    model, name, words, thresholds, source = load_source(run, method, backbone, classes, calibration)
     return export_model(model, name, words, thresholds, out, fmt, fp16, source)

@@ -274,7 +274,11 @@ class KAnoCLIP(FrozenBackboneModel):
         summed = grid.mean(1).permute(0, 3, 1, 2)                                    # (N, 2, h, w)
         up = F.interpolate(summed, size=(out_size, out_size), mode="bilinear", align_corners=False)
         m_normal, m_abnormal = up[:, 0], up[:, 1]
-        anomaly_map = gaussian_blur(m_abnormal + 1 - m_normal, self.cfg.sigma) / 2   # eq. 10
+        # eq. 10's 1 − Mⁿ is taken as the stages' mean of 1 − pⁿ = pᵃ (exact for the two-way softmax), not subtracted
+        # from 1: in float32, Mᵃ + 1 − Mⁿ rounds away everything below 6e-8 (half float32's epsilon), so a confident
+        # trained head's map (Mᵃ of 1e-6 and below on normal pixels) came out as rounding steps and exact zeros
+        not_normal = m_abnormal
+        anomaly_map = gaussian_blur(m_abnormal + not_normal, self.cfg.sigma) / 2     # eq. 10
         glob = feats.global_feature.float()
         if self.adapter is not None:
             glob = self.adapter(glob)                                                # eq. 11
