@@ -51,11 +51,20 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
              reference=None, class_words: str | None = None, strict: bool = False,
              rscin_windows: list[int] | None = None, scored: dict | None = None, calibration=None,
-             class_names: list[str] | None = None) -> dict:
+             class_names: list[str] | None = None,
+             reference_sampling: str | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
+    if reference_sampling is not None:
+        from kano.evaluator.methods import parse_sampling
+
+        parse_sampling(reference_sampling)
+        if not k_shot or reference:
+            raise KanoError(f"--reference-sampling chooses among each class's train images for --k-shot (without "
+                            f"--reference), got --reference-sampling {reference_sampling} "
+                            f"{'with --reference' if reference else 'without --k-shot'}")
     folder_names = class_folders(class_names or [], data)  # {FOLDER: NAME}
     if folder_names:  # the methods read --data's folders (references of --k-shot): they get the folder names
         name_folders = {n: f for f, n in folder_names.items()}
@@ -75,7 +84,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
                                   k_shot=k_shot, data=data, classes=classes, references=reference,
-                                  rscin_windows=None if mutual else rscin_windows, class_word=class_words)
+                                  rscin_windows=None if mutual else rscin_windows, class_word=class_words,
+                                  sampling=reference_sampling)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -83,7 +93,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         if k_shot or reference:  # April-GAN's few-shot memory on the run or the untrained model
             from kano.evaluator.methods import with_patch_memory
 
-            model, described = with_patch_memory(model, described, k_shot, data, reference, classes)
+            model, described = with_patch_memory(model, described, k_shot, data, reference, classes, reference_sampling)
     if mutual:
         from kano.evaluator.methods import with_mutual
 
@@ -99,6 +109,10 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     if words and not uses_prompts(described):
         raise KanoError(f"--class-word is used by the methods that score with prompts naming the class, got "
                         f"{described.get('method') or described['name']}, which uses none (got --class-word {class_words})")
+    if (info.get("config") or {}).get("class_words") == "folder":  # the run's rule: folder names as they are
+        from kano.anomaly_data import load_dataset
+
+        words = {**{c: c for c in (classes or load_dataset(data, missing_masks="warn").classes)}, **words}
     if uses_prompts(described):  # the floors and memories use no prompts
         known = known_words(info["prompt_names"])
         for w in words.values():

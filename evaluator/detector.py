@@ -114,6 +114,7 @@ class Detector:
         self.run_dir = Path(run_dir) if run_dir else None
         self.run_threshold = run_threshold
         self.run_words = dict(run_words or {})
+        self.folder_words = False  # Detector.load sets it from the run's class-word rule
         self.weights_sha256 = weights_sha256
         self.threshold = threshold
         self.references = references  # ((k, 3, S, S) tensor, [paths]) shared by every class, or None
@@ -143,6 +144,7 @@ class Detector:
         # the run's own threshold was set on its scores without references: another scale with them
         det.run_dir, det.run_words = Path(run), dict(info["prompt_names"])
         det.run_threshold = info["threshold"] if det.references is None else None
+        det.folder_words = (info.get("config") or {}).get("class_words") == "folder"
         det.weights_sha256 = weights_sha256(cfg)
         return det
 
@@ -206,6 +208,8 @@ class Detector:
         """The prompt word for `class_name` (anomaly_data.names.class_word's rule)."""
         from kano.anomaly_data.names import class_word
 
+        if word is None and self.folder_words:  # a run trained with class_words "folder": the name as it is
+            return class_name
         return class_word(class_name, word, self.run_words)
 
     def word_warning(self, word: str) -> str | None:

@@ -50,6 +50,7 @@ class EvalOptions:
     rscin_windows: list[int] | None = None
     calibration: Path | None = None        # a calibration file of the method's scoring mode (kano calibrate)
     class_names: list[str] | None = None   # --class NAME|NAME=FOLDER: which class a folder of --data is
+    reference_sampling: str | None = None  # with --k-shot: "first" K by path or "seeded[:SEED]" (April-GAN's rule)
 
     @property
     def methods(self) -> list[str]:
@@ -61,6 +62,7 @@ class EvalOptions:
         if len(self.methods) > 1:  # a list: the options of one method's own run
             for name, why in {"mutual": "fuses one method with MuSc", "k_shot": "sets one method's references",
                               "reference": "sets one method's references",
+                              "reference_sampling": "draws one method's references",
                               "rscin_windows": "sets MuSc's windows for one method",
                               "calibration": "holds one scoring mode's thresholds"}.items():
                 if _given(getattr(self, name)):

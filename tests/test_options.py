@@ -31,6 +31,7 @@ EVAL_PER_METHOD = {
     "--aux": ("AUX", lambda s: "aux" in s.needs),
     "--k-shot": ("1", lambda s: s.references),
     "--reference": ("REF", lambda s: s.references),
+    "--reference-sampling": ("seeded", lambda s: s.references),
     "--class-word": ("disc=disc", lambda s: s.prompts),
     "--rscin-windows": ("1,2", lambda s: "rscin_windows" in s.options),
     "--mutual": (None, lambda s: not s.transductive and "backbone" in s.needs),
