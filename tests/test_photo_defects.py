@@ -11,9 +11,9 @@ from PIL import Image
 
 from kano.anomaly_data import load_dataset
 from kano.anomaly_data.photo_defects import PHOTO_DEFECTS, synthesize_from_photos
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
-from .conftest import DATA
+from conftest import DATA
 
 HAZEL = DATA / "hazelnut_toy"
 

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from kano.errors import KanoError, os_error_message
+from kano.core.errors import KanoError, os_error_message
 
 
 def _data_kinds() -> str:
@@ -25,14 +25,14 @@ DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/m
 
 
 def _names(**query) -> str:
-    """Method names from the one table (kano/registry.py), comma-separated."""
-    from kano.registry import methods_with
+    """Method names from the one table (core/registry.py), comma-separated."""
+    from kano.core.registry import methods_with
 
     return ", ".join(methods_with(**query))
 
 
 def _per_image_with_backbone() -> str:
-    from kano.registry import METHODS
+    from kano.core.registry import METHODS
 
     return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
 
@@ -42,7 +42,8 @@ METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (
                f"{_names(kind='zero-shot')}. Zero-parameter, per image: {_names(kind='zero-parameter')}; transductive (sees "
                f"the whole test set): {_names(kind='transductive')} ({_names(kind='transductive', needs='backbone')} with "
                f"--backbone). Memory of labelled auxiliary features: {_names(kind='memory')} (with --backbone and --aux). "
-               f"Trained methods ({_names(kind='trained')}): --run of a `kano train --method` run")
+               f"Trained methods ({_names(kind='trained')}) and one-class methods ({_names(kind='one-class')}): --run of a "
+               "`kano train --method` run")
 
 
 # Plain click help (rich_markup_mode=None): flags read "--force", not "--force <bool>", and help stays
@@ -129,7 +130,7 @@ def kb_sql(
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
 ):
     """Query the knowledge base with SQL (read-only)."""
-    from kano import ui
+    from kano.core import ui
     from kano.knowledge_store import run_sql
 
     if fmt not in ("table", "csv", "json"):
@@ -332,7 +333,7 @@ def train_cmd(
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
     if holdout is not None and isinstance(result, dict) and result.get("holdout_files"):
-        from kano import ui
+        from kano.core import ui
         from kano.evaluator import calibrate
 
         files = {c: [Path(f) for f in fs] for c, fs in result["holdout_files"].items()}
@@ -472,7 +473,7 @@ def calibrate_cmd(
 ):
     """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
     normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
-    from kano import ui
+    from kano.core import ui
     from kano.evaluator import calibrate
     from kano.evaluator.command import check_common
 
