@@ -46,6 +46,7 @@ class PadimConfig:
     stabilizer: float = 1e-5       # anomalib MultiVariateGaussian: + 1e-5 * identity before the inverse
     sigma: float = 4.0             # anomalib padim AnomalyMapGenerator sigma
     stages: tuple[int, ...] | None = None  # None: the first three of four spread blocks (layer1-3's counterpart)
+    encoder_side: int | None = None  # the backbone's input side; None: its own (micro 96, ViT-L-14-336 518)
     seed: int = 0                  # Kano's: seeds the channel subset (anomalib draws from the global generator)
 
     def __post_init__(self):
@@ -58,6 +59,9 @@ class PadimConfig:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
         if self.stages is not None:
             self.stages = tuple(int(v) for v in self.stages)
+        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
+                                              or self.encoder_side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -134,6 +138,10 @@ class Padim(OneClassModel):
         encoder.set_layers(peer_stages(encoder, first_stages(encoder.depth), self.cfg.stages), encoder.depth)
         n_total = encoder.width * len(encoder.stages)
         self.register_fitted("channels", channel_subset(n_total, min(self.cfg.n_features, n_total), self.cfg.seed))
+
+    @classmethod
+    def encoder_image_size(cls, cfg) -> int | None:
+        return cfg.encoder_side
 
     def fitted_names(self) -> tuple[str, ...]:
         return ("channels", "mean", "inv_cov")

@@ -71,6 +71,7 @@ class PatchCoreConfig:
     upsample: str = "bilinear"         # authors: RescaleSegmentor (anomalib's PatchCore map: "nearest")
     max_fit_patches: int = 1_000_000   # Kano's bound on the memory before subsampling
     stages: tuple[int, ...] | None = None  # None: the middle two of four spread blocks (layer2, layer3's counterpart)
+    encoder_side: int | None = None  # the backbone's input side; None: its own (micro 96, ViT-L-14-336 518)
     seed: int = 0                      # authors: run_patchcore.py --seed 0
 
     def __post_init__(self):
@@ -88,6 +89,9 @@ class PatchCoreConfig:
             raise ValueError(f"upsample must be one of bilinear, nearest, got {self.upsample!r}")
         if self.stages is not None:
             self.stages = tuple(int(v) for v in self.stages)
+        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
+                                              or self.encoder_side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -301,6 +305,10 @@ class PatchCore(OneClassModel):
             raise ValueError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
                              "ViT-B-16-quickgelu:openai, ...), got none")
         encoder.set_layers(peer_stages(encoder, middle_stages(encoder.depth), self.cfg.stages), encoder.depth)
+
+    @classmethod
+    def encoder_image_size(cls, cfg) -> int | None:
+        return cfg.encoder_side
 
     def fitted_names(self) -> tuple[str, ...]:
         return ("memory_bank", "support", "score_scale")

@@ -216,3 +216,60 @@ def test_patchcore_and_padim_equal_anomalib_on_identical_features(tmp_path):
     assert pc.memory_bank.shape[0] == int(7 * 64 * 0.1)
     assert (pc_res.image_score - pc_res.stage_maps.flatten(1).amax(1)).abs().min() > 1e-3
     assert (pd_res.image_score.amax() - pd_res.image_score.amin()).item() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ the run, end to end
+@pytest.mark.slow
+@pytest.mark.parametrize("method,fitted", [("patchcore", {"memory_bank": (int(28 * 64 * 0.1), 1024), "support": (179, 9),
+                                                          "score_scale": ()}),
+                                           ("padim", {"channels": (100,), "mean": (64, 100), "inv_cov": (64, 100, 100)})])
+def test_run_through_train_eval_predict_calibrate_export_serve_and_detector(method, fitted, hazelnut_root, tmp_path, cli):
+    """`kano train --method` on the 28 real good photos (tiny backbone at 64 px: an 8 x 8 grid), then every command
+    that takes a run, with no special case; the ONNX graph equals torch within 1e-4."""
+    import json
+
+    from kano.api import Detector
+    from kano.deploy.serve import Scorer
+
+    conf = tmp_path / "train.json"
+    conf.write_text(json.dumps({"model": {"encoder_side": SIZE}}))
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--method", method, "--backbone", "tiny", "--image-size", str(SIZE), "--config", conf,
+                         "--data", f"mvtec:{hazelnut_root}", "--out", run)
+    assert code == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"] == method and cfg["kind"] == "one-class" and cfg["image_size"] == SIZE
+    assert cfg["stages"] == ([2, 3] if method == "patchcore" else [1, 2, 3]) and cfg["model"]["encoder_side"] == SIZE
+    weights = load_file(str(run / "weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == fitted
+    # eval, then predict --run and the Python API on the same photos: one scoring path
+    code, _, err = cli("eval", "--run", run, "--data", f"mvtec:{hazelnut_root}", "--out", tmp_path / "ev", "--n-overlays", "0")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["provenance"]["method"]["kind"] == "one-class"
+    evs = {Path(r.split(",")[2]).name + r.split(",")[1]: float(r.split(",")[4])
+           for r in (tmp_path / "ev" / "scores.csv").read_text().splitlines()[1:]}
+    colour = sorted((hazelnut_root / "hazelnut" / "test" / "colour").glob("*.jpg"))[:3]
+    code, _, err = cli("predict", *colour, "--run", run, "--class", "hazelnut", "--out", tmp_path / "p")
+    assert code == 0, err
+    preds = [json.loads(line) for line in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
+    det = Detector.load(run)
+    res = det(colour, "hazelnut")
+    assert [round(r.score, 6) for r in res] == pytest.approx([p["score"] for p in preds], abs=1e-6)
+    assert [p["score"] for p in preds] == pytest.approx([evs[f.name + "colour"] for f in colour], abs=1e-6)
+    assert all(0 <= r.score < 1 and r.map.shape == Image.open(p).size[::-1] for r, p in zip(res, colour))
+    code, _, err = cli("calibrate", "--run", run, "--normal", f"hazelnut={hazelnut_root / 'hazelnut' / 'test' / 'good'}",
+                       "--alarm-rate", "0.2")
+    assert code == 0, err
+    assert json.loads((run / "calibration.json").read_text())["classes"]["hazelnut"]["n"] == 6
+    # export: the memory bank or the Gaussians as graph constants; onnxruntime equals torch; serve scores either way
+    pytest.importorskip("onnxruntime")
+    code, _, err = cli("export", "--run", run, "--classes", "hazelnut", "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    onnx_scorer, torch_scorer = Scorer.exported(tmp_path / "m.onnx"), Scorer.torch_run(run)
+    x = np.stack([onnx_scorer.preprocess(Image.open(p).convert("RGB")) for p in colour])
+    s_onnx, m_onnx = onnx_scorer.score(x, np.zeros(len(colour), dtype=np.int64))
+    s_torch, m_torch = torch_scorer.score(x, np.zeros(len(colour), dtype=np.int64))
+    np.testing.assert_allclose(s_onnx, s_torch, atol=1e-4)
+    np.testing.assert_allclose(m_onnx, m_torch, atol=1e-4)
+    assert float(m_torch.max() - m_torch.min()) > 1e-2                   # the maps are not flat: equality means something
