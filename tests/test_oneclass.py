@@ -133,6 +133,9 @@ def dark_spot(im: Image.Image, cx: int, cy: int, d: int) -> tuple[Image.Image, n
 
 
 def test_whole_image_and_small_defects_found_on_real_photos(nut_model):
+    from kano.kanoclip.protocol import Method, Preprocessing
+
+    assert isinstance(nut_model, Method) and isinstance(nut_model.backbone, Preprocessing)  # what the evaluator reads
     good = [v for f in GOOD for v in views(f, 256)[:2]]                   # 12 unseen normal photos
     s_good, _ = score(nut_model, good)
     blurred = [g.filter(ImageFilter.GaussianBlur(1.5)) for g in good[:4]]
