@@ -59,9 +59,9 @@ class PadimConfig:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
         if self.stages is not None:
             self.stages = tuple(int(v) for v in self.stages)
-        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
-                                              or self.encoder_side < 8):
-            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
+        side = self.encoder_side
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {side!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
