@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from kano.core.errors import KanoError
+
 from .backbone import Backbone, spread_stages
 from .model import InferenceBatch, full_precision
 from .one_class import OneClassModel
@@ -133,7 +135,7 @@ class Padim(OneClassModel):
     def __init__(self, encoder: Backbone, cfg: PadimConfig | None = None, image_size: int = 256):
         super().__init__(encoder, cfg or PadimConfig(), image_size)
         if encoder is None:
-            raise ValueError("padim reads a backbone's patch features: --backbone must name one (tiny, micro, "
+            raise KanoError("padim reads a backbone's patch features: --backbone must name one (tiny, micro, "
                              "ViT-B-16-quickgelu:openai, ...), got none")
         encoder.set_layers(peer_stages(encoder, first_stages(encoder.depth), self.cfg.stages), encoder.depth)
         n_total = encoder.width * len(encoder.stages)

@@ -50,8 +50,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from kano.core.errors import KanoError
 
 from .backbone import Backbone, grid_hw, spread_stages
 from .model import InferenceBatch, backbone_autocast, full_precision
@@ -344,7 +345,7 @@ class PatchCore(OneClassModel):
     def __init__(self, encoder: Backbone, cfg: PatchCoreConfig | None = None, image_size: int = 256):
         super().__init__(encoder, cfg or PatchCoreConfig(), image_size)
         if encoder is None:
-            raise ValueError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
+            raise KanoError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
                              "ViT-B-16-quickgelu:openai, ...), got none")
         encoder.set_layers(peer_stages(encoder, middle_stages(encoder.depth), self.cfg.stages), encoder.depth)
 

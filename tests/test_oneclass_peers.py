@@ -285,3 +285,21 @@ def test_run_through_train_eval_predict_calibrate_export_serve_and_detector(meth
     np.testing.assert_allclose(s_onnx, s_torch, atol=1e-4)
     np.testing.assert_allclose(m_onnx, m_torch, atol=1e-4)
     assert float(m_torch.max() - m_torch.min()) > 1e-2                   # the maps are not flat: equality means something
+
+
+@pytest.mark.parametrize("method,model,expected", [
+    ("patchcore", None, "patchcore reads a backbone's patch features: --backbone must name one"),
+    ("padim", None, "padim reads a backbone's patch features: --backbone must name one"),
+    ("patchcore", {"coreset_ratio": 2}, "coreset_ratio must be in (0, 1], got 2"),
+    ("padim", {"regularizer": 0, "stabilizer": 0}, "regularizer and stabilizer must be >= 0 with a positive sum"),
+])
+def test_bad_input_is_refused_with_clear_messages(method, model, expected, hazelnut_root, tmp_path, cli):
+    import json
+
+    extra = []
+    if model is not None:
+        (tmp_path / "c.json").write_text(json.dumps({"model": model}))
+        extra = ["--config", tmp_path / "c.json"]
+    code, out, err = cli("train", "--method", method, "--backbone", "none" if model is None else "tiny", *extra,
+                         "--data", f"mvtec:{hazelnut_root}", "--out", tmp_path / "run")
+    assert code == 2 and expected in " ".join((out + err).split()) and "Traceback" not in err
