@@ -262,10 +262,14 @@ def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, Path
 
     from .overlap import training_overlap
 
-    spec = read_config(run_dir).get("data")
+    cfg = read_config(run_dir)
+    spec = cfg.get("data")
     try:
-        train_files = [Path(s.image_path) for s in load_dataset(str(spec), missing_masks="ignore").samples(split=None)
-                       if s.label == 0]
+        ds = load_dataset(str(spec), missing_masks="ignore")
+        if cfg.get("kind") == "one-class":  # fitted on train/good only: the dataset's test photos were never seen
+            train_files = [Path(s.image_path) for s in ds.samples("train", cfg.get("train_classes")) if s.label == 0]
+        else:
+            train_files = [Path(s.image_path) for s in ds.samples(split=None) if s.label == 0]
     except Exception:  # training data moved or gone: nothing to compare with
         return []
     return training_overlap(train_files, files)

@@ -205,8 +205,8 @@ DEFAULT_RECIPE = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.99
 
 
 def _recipe_methods() -> tuple[str, ...]:
-    """Every method `kano train` runs: the trained ones and the one-class ones (whose recipe is DEFAULT_RECIPE's,
-    unused: they fit in one pass)."""
+    """What `kano train --method` takes: the trained methods and the one-class ones (fitted, with the default
+    batch size for their batches of normal photos)."""
     from kano.kanoclip.registry import RUN_METHODS
 
     return RUN_METHODS
