@@ -17,6 +17,7 @@ lower).
 
 RUN/calibration.json (never a change to the weights):
     {"format": 1, "run_weights_sha256": the digest config.json records, "alarm_rate": A, "created": ISO date,
+     "source": "kano calibrate" or "holdout" (`kano train --holdout`),
      "classes": {CLASS: {"image_threshold": float, "pixel_threshold": float, "n": n, "rank": k,
                          "data_sha256": digest of the sorted file names and bytes, "class_word": the prompt word}}}
 Calibrating again with the same alarm rate keeps the other classes; another alarm rate starts the file anew.
@@ -142,6 +143,15 @@ def calibrated_threshold(run_dir: str | os.PathLike, class_name: str, weights_sh
     return float(entry["image_threshold"])
 
 
+def _held_out(run_dir: Path) -> list[str]:
+    """The photos a one-class run kept out of its fit (`kano train --holdout`; config.json "holdout"): part of its
+    training folder, never fitted on."""
+    from kano.kanoclip.runs import read_config
+
+    h = read_config(run_dir).get("holdout")
+    return [str(f) for f in h.get("files", [])] if isinstance(h, dict) else []
+
+
 def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, str]]:
     """Calibration files whose bytes equal a file of the run's training data (when that data is still there)."""
     from kano.anomaly_data import load_dataset
@@ -166,9 +176,10 @@ def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, str]
 
 def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_rate: float, *, batch_size: int = 8,
               device=None, workers: int = 0, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
-              out: str | os.PathLike | None = None) -> dict:
+              out: str | os.PathLike | None = None, source: str = "kano calibrate") -> dict:
     """Score each class's normal images with the run, write RUN/calibration.json; returns the written calibration.
-    out: an optional folder for calibration_scores.csv (each image's score and map maximum)."""
+    out: an optional folder for calibration_scores.csv (each image's score and map maximum). source: what made the
+    calibration, recorded in the file ("holdout": `kano train --holdout`, on the photos the run kept out of its fit)."""
     from kano.anomaly_data import Sample, prompt_name
     from kano.evaluator.evaluate import run_inference
     from kano.evaluator.loading import load_model
@@ -181,7 +192,8 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
     for cls, files in normal.items():
         conformal_rank(len(files), a)  # too few images: refused before any scoring
     digest = run_digest(run_dir)
-    for f, t in _training_overlap(run_dir, [f for fs in normal.values() for f in fs]):
+    held_out = set(_held_out(run_dir))
+    for f, t in _training_overlap(run_dir, [f for fs in normal.values() for f in fs if str(f) not in held_out]):
         raise KanoError(f"calibration image {f} must be one the run never trained on, got the same bytes as its training "
                         f"image {t}: hold normal images out of training for calibration")
     dev = resolve_device(device)
@@ -206,7 +218,7 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
         log(f"{cls}: n={len(files)}, rank k={k}: image threshold {thr:.6f} (score {t:.6f} and below is normal), "
             f"pixel threshold {pthr:.4g}, class word {word!r}")
     old = _previous(run_dir, a, log)
-    cal = {"format": FORMAT, "run_weights_sha256": digest, "alarm_rate": a,
+    cal = {"format": FORMAT, "run_weights_sha256": digest, "alarm_rate": a, "source": source,
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "classes": {**old, **classes}}
     _write_json(run_dir / CALIBRATION_FILE, cal)

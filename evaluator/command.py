@@ -205,7 +205,7 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one, --aux to those that need labelled auxiliary data (the registry's `needs`)."""
     from kano.evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
-    from kano.kanoclip.registry import TRAINED_METHODS
+    from kano.kanoclip.registry import RUN_METHODS as TRAINED_METHODS  # trained and one-class: from a run, not by name
     from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
     names = [m.strip() for m in methods.split(",")]

@@ -263,7 +263,9 @@ def _int_list(name: str, raw: Optional[str], what: str = "block numbers (e.g. 6,
 def train_cmd(
     method: Optional[str] = typer.Option(None, "--method", help=f"what to train: one of {_names(kind='trained')} (the paper's "
                                          "method first; docs/methods.md lists each one's source); the "
-                                         "peers need no --kb and run with their published settings" + _d(_TD.method if _TD else "kanoclip")),
+                                         "peers need no --kb and run with their published settings; or fit a one-class "
+                                         f"method on the normal photos of --data's train/good: {_names(kind='one-class')}"
+                                         + _d(_TD.method if _TD else "kanoclip")),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
                                        f"split, as in the paper; kinds: {DATA_KINDS}); required"),
@@ -305,14 +307,24 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last finished epoch"),
     allow_missing_masks: bool = typer.Option(False, "--allow-missing-masks",
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
+    holdout: Optional[float] = typer.Option(None, "--holdout", help="one-class methods: keep this fraction of the normal "
+                                            "photos out of the fit and calibrate the run on them (split conformal, as "
+                                            "`kano calibrate`), e.g. 0.25"),
+    alarm_rate: float = typer.Option(0.05, "--alarm-rate", show_default=True, help="with --holdout: the share of new normal "
+                                     "photos the calibration accepts to flag"),
 ):
-    """Learn the prompts and fusion heads on an auxiliary dataset.
+    """Learn the prompts and fusion heads on an auxiliary dataset, or fit a one-class method on normal photos.
 
     Several processes train one run: torchrun --nproc_per_node N --no-python kano train ... (gloo on CPU, NCCL on CUDA).
     """
     from kano.trainer import command as train_command
 
-    train_command.train(config, resume, allow_missing_masks=allow_missing_masks, overrides=dict(
+    min_holdout = 0
+    if holdout is not None:
+        from kano.evaluator.calibrate import images_needed
+
+        min_holdout = images_needed(alarm_rate)
+    result = train_command.train(config, resume, allow_missing_masks=allow_missing_masks, holdout=holdout, min_holdout=min_holdout, overrides=dict(
         method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=_int_list("--stages", stages), vv_start=vv_start, pos_resize=pos_resize, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -320,6 +332,15 @@ def train_cmd(
         use_knpl=False if (no_knpl or text_free) else None, text_free=True if text_free else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
+    if holdout is not None and isinstance(result, dict) and result.get("holdout_files"):
+        from kano import ui
+        from kano.evaluator import calibrate
+
+        files = {c: [Path(f) for f in fs] for c, fs in result["holdout_files"].items()}
+        cal = calibrate.calibrate(result["run_dir"], files, alarm_rate, progress=ui.progress_factory("calibrating on the held-out photos"),
+                                  log=typer.echo, source="holdout")
+        typer.echo(f"wrote {Path(result['run_dir']) / calibrate.CALIBRATION_FILE} (alarm rate {cal['alarm_rate']:g}, on "
+                   f"{sum(len(v) for v in files.values())} held-out photos)")
 
 
 @app.command("eval", short_help="Metrics per class, report.html and overlays on a dataset.")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-KINDS = ("trained", "zero-shot", "zero-parameter", "transductive", "memory")
+KINDS = ("trained", "one-class", "zero-shot", "zero-parameter", "transductive", "memory")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class MethodSpec:
     needs: tuple[str, ...] = ()      # of "run", "backbone", "aux"
     references: bool = False         # takes k normal reference images per class (--k-shot)
     demo: bool = False               # a row of `kano demo`'s table
-    model: str | None = None         # trained methods: "module:Class" of the nn.Module
-    config: str | None = None        # trained methods: "module:Class" of the trainable config (its published defaults)
+    model: str | None = None         # trained and one-class methods: "module:Class" of the nn.Module
+    config: str | None = None        # trained and one-class methods: "module:Class" of the config (its published defaults)
 
     def loader(self) -> Callable:
         return resolve(self.build)
@@ -59,6 +59,14 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                "prompts, V-V from block 6, the authors' published recipe (kanoclip/anomalyclip.py)", _RUN, ("run",),
                model="kano.kanoclip.anomalyclip:AnomalyCLIP",
                config="kano.kanoclip.anomalyclip:AnomalyCLIPConfig"),
+    # one-class: fitted on normal images only (a dataset's train/good) by `kano train --method NAME`, saved as a run;
+    # the interface is kanoclip/one_class.py's
+    MethodSpec("oneclass", "one-class", "oneclass (Kano's own)", "Kano's own one-class detector (kanoclip/oneclass.py): "
+               "hand-crafted feature banks (colour, contrast, gradient energy and orientation, high-frequency energy at "
+               "three scales) plus the backbone's stages when given, scored at the photo's native resolution; a Gaussian "
+               "over patch features (shared or per position) and one over whole-image statistics, each standardised on "
+               "normal photos it was not fitted on, combined by their maximum; variants chosen on synthetic defects only",
+               _RUN, ("run",), model="kano.kanoclip.oneclass:OneClass", config="kano.kanoclip.oneclass:OneClassConfig"),
     MethodSpec("kanoclip-untrained", "zero-shot", "KAnoCLIP untrained (fixed prompts)",
                "KAnoCLIP's model with KnPL, Bi-CMCI and Conv-Adapter off: fixed 'a photo of a normal/abnormal [class]' "
                "prompts on CLIP-VV patch tokens, no training (kanoclip/model.py)", "kano.evaluator.loading:load_untrained",
@@ -114,6 +122,8 @@ def method_spec(name: str, flag: str = "--method") -> MethodSpec:
 
 
 TRAINED_METHODS = methods_with(kind="trained")
+ONE_CLASS_METHODS = methods_with(kind="one-class")
+RUN_METHODS = TRAINED_METHODS + ONE_CLASS_METHODS  # what `kano train --method` makes and `--run` loads
 DISPLAY_NAMES = {n: s.label for n, s in METHODS.items()}
 
 

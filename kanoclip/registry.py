@@ -5,15 +5,20 @@ from __future__ import annotations
 
 from kano.errors import KanoError
 from kano.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
-from kano.registry import TRAINED_METHODS
+from kano.registry import ONE_CLASS_METHODS, RUN_METHODS, TRAINED_METHODS  # noqa: F401
 
 from .backbone import Backbone, build_backbone
 
 
-def check_method(method: str) -> str:
-    if method not in TRAINED_METHODS:
-        raise ValueError(f"method must be one of {', '.join(TRAINED_METHODS)}, got {method!r}")
+def check_method(method: str, allowed: tuple[str, ...] = RUN_METHODS) -> str:
+    if method not in allowed:
+        raise ValueError(f"method must be one of {', '.join(allowed)}, got {method!r}")
     return method
+
+
+def is_one_class(method: str) -> bool:
+    """True for a method fitted on normal images only (kanoclip/one_class.py's interface)."""
+    return method in ONE_CLASS_METHODS
 
 
 def model_config(method: str, values: dict | None = None):
@@ -32,6 +37,7 @@ def method_backbone(method: str, spec: str, *, image_size: int | None = None, de
                     vv_start: int | None = None, pos_resize: str | None = None, use_vv: bool = True) -> Backbone:
     """The frozen backbone `method` trains on: what is not given (None) is the method's published value.
     use_vv=False (KAnoCLIP's --no-vv ablation) lifts the check that the V-V path starts by the last stage."""
+    check_method(method, TRAINED_METHODS)
     layers, default_resize = published_backbone(method)
     bb = build_backbone(spec, image_size=image_size, device=device, pos_resize=pos_resize or default_resize)
     st, vv = layers(bb.depth)
@@ -45,4 +51,18 @@ def method_backbone(method: str, spec: str, *, image_size: int | None = None, de
 
 def build_model(method: str, backbone: Backbone, cfg=None):
     """-> the method's nn.Module on a frozen backbone (cfg: its config dataclass, None for the defaults)."""
-    return resolve(METHODS[check_method(method)].model)(backbone, cfg if cfg is not None else model_config(method))
+    return resolve(METHODS[check_method(method, TRAINED_METHODS)].model)(backbone, cfg if cfg is not None else model_config(method))
+
+
+def build_one_class(method: str, spec: str | None, cfg=None, image_size: int | None = None, device=None,
+                    stages: list[int] | None = None):
+    """-> the one-class method's nn.Module, not yet fitted (or to be given a run's fitted tensors): its frozen encoder
+    built from `spec` (None or "none": no encoder, the method reads pixels only) at the size the class asks for,
+    `stages` (None: the backbone's default spread), and `image_size` the working side (None: the class's default)."""
+    cls = resolve(METHODS[check_method(method, ONE_CLASS_METHODS)].model)
+    cfg = cfg if cfg is not None else model_config(method)
+    encoder = None
+    if spec and spec != "none":
+        encoder = build_backbone(spec, image_size=cls.encoder_image_size(cfg), device=device, stages=stages)
+    size = image_size or getattr(cls, "default_image_size", 256)
+    return cls(encoder, cfg, size).to(device or "cpu")

@@ -19,6 +19,7 @@ from kano.files import atomic_write, fsync, umask
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 RUN_KEYS = ("backbone", "image_size", "stages", "vv_start", "model")
+ONE_CLASS_RUN_KEYS = ("backbone", "image_size", "model")
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -80,7 +81,7 @@ def read_weights(weights: Path, cfg: dict) -> dict[str, torch.Tensor]:
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None):
     """Rebuild the model of a finished run (KAnoCLIP or the trained peer its config.json names). Returns (model, config dict)."""
     from .backbone import build_backbone
-    from .registry import TRAINED_METHODS, build_model, model_config
+    from .registry import RUN_METHODS, build_model, is_one_class, model_config
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -88,9 +89,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if not weights.is_file():
         raise KanoError(f"run directory {run_dir} must contain {WEIGHTS} (training not finished?), got no such file")
     method = cfg.get("method", "kanoclip")  # runs made before the peers existed are KAnoCLIP runs
-    if method not in TRAINED_METHODS:
-        raise KanoError(f"{run_dir / CONFIG}: method must be one of {', '.join(TRAINED_METHODS)}, got {method!r}")
-    missing = [k for k in RUN_KEYS if k not in cfg]
+    if method not in RUN_METHODS:
+        raise KanoError(f"{run_dir / CONFIG}: method must be one of {', '.join(RUN_METHODS)}, got {method!r}")
+    one_class = is_one_class(method)
+    missing = [k for k in (ONE_CLASS_RUN_KEYS if one_class else RUN_KEYS) if k not in cfg]
     if missing:
         raise KanoError(f"{run_dir / CONFIG} must have the keys {', '.join(RUN_KEYS)} (as `kano train` writes it), "
                         f"got none for {', '.join(missing)}")
@@ -102,6 +104,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if cfg.get("pos_resize") is not None and cfg["pos_resize"] not in MODES:
         raise KanoError(f"{run_dir / CONFIG}: pos_resize must be one of {', '.join(MODES)} (or absent), got {cfg['pos_resize']!r}")
     tensors = read_weights(weights, cfg)
+    if one_class:
+        return _load_one_class(run_dir, method, cfg, tensors, device), cfg
     # a run without a recorded pos_resize: None rebuilds it with each loader's own resize, as it was made
     bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"],
                         vv_start=cfg["vv_start"], pos_resize=cfg.get("pos_resize"))
@@ -115,3 +119,22 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         raise KanoError(f"{weights} does not fit the model described by its config.json: {exc}") from None
     model.eval()
     return model, cfg
+
+
+def _load_one_class(run_dir: Path, method: str, cfg: dict, tensors: dict[str, torch.Tensor], device):
+    """A one-class run (kanoclip/one_class.py): the module built by name, its fitted tensors restored."""
+    from .registry import build_one_class, model_config
+
+    size = cfg["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise KanoError(f"{run_dir / CONFIG}: image_size must be an integer >= 8, got {size!r}")
+    try:
+        mcfg = model_config(method, cfg["model"])
+    except (TypeError, ValueError) as exc:
+        raise KanoError(f"{run_dir / CONFIG}: \"model\" must hold {method}'s model config, got {exc}") from None
+    model = build_one_class(method, cfg["backbone"], mcfg, size, device, stages=cfg.get("stages"))
+    try:
+        model.load_trainable_state_dict({k: v for k, v in tensors.items()})
+    except ValueError as exc:
+        raise KanoError(f"{run_dir / WEIGHTS} does not fit the model described by its config.json: {exc}") from None
+    return model.eval()

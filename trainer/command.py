@@ -45,7 +45,8 @@ class _TermAsInterrupt:
             signal.signal(signal.SIGTERM, self.old)
 
 
-def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool = False) -> dict:
+def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool = False, holdout: float | None = None,
+          min_holdout: int = 0) -> dict:
     from kano.trainer import TrainConfig, train as run_train
     from kano.trainer.checkpoint import read_config
     from kano.trainer.train import TrainInterrupted
@@ -56,6 +57,14 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
                                               **{k: v for k, v in overrides.items() if v is not None}})
     else:
         cfg = TrainConfig.from_sources(str(config_file) if config_file else None, overrides)
+    from kano.kanoclip.registry import is_one_class
+
+    if is_one_class(cfg.method):
+        return fit(cfg, resume, holdout, min_holdout)
+    if holdout is not None:
+        from kano.errors import KanoError
+
+        raise KanoError(f"--holdout is used by the one-class methods (fitted on normal photos), got it with --method {cfg.method}")
     main = _is_main()
     if main:
         ui.err.print(f"training {cfg.method} on {cfg.backbone} with {cfg.data} -> {cfg.out}")
@@ -76,4 +85,29 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
                    [(r["epoch"], r["loss"], r["loss_kd"], r["loss_global"], r["loss_local"], r["seconds"]) for r in log])
     ui.out.print(f"run saved to {result['run_dir']} (decision threshold {result['threshold']:.4f}, from the auxiliary data"
                  + (f"; {result['world_size']} processes" if result["world_size"] > 1 else "") + ")")
+    return result
+
+
+def fit(cfg, resume: bool, holdout: float | None, min_holdout: int) -> dict:
+    """`kano train --method NAME` of a one-class method: fit, print what was chosen and where the run is."""
+    from kano.errors import KanoError
+    from kano.trainer.one_class import fit_run
+
+    if resume:
+        raise KanoError(f"--resume continues an interrupted training; --method {cfg.method} is fitted in one pass: run the "
+                        "command again without --resume into a new --out")
+    if holdout is not None and (isinstance(holdout, bool) or not 0.0 < holdout < 1.0):
+        raise KanoError(f"--holdout must be a fraction in (0, 1) of the normal photos to keep out of the fit, got {holdout}")
+    ui.err.print(f"fitting {cfg.method} on {cfg.backbone} with {cfg.data} -> {cfg.out}")
+    result = fit_run(cfg, holdout=holdout, min_holdout=min_holdout, log=ui.out.print)
+    info = result["fit"]
+    rows = info.get("variants") or []
+    if rows:
+        keys = [k for k in rows[0] if k != "chosen"]
+        ui.print_table("variants (validation on the synthetic defects, out-of-fold)", [*keys, "chosen"],
+                       [(*(r[k] for k in keys), "*" if r.get("chosen") else "") for r in rows])
+    thr = result["threshold"]
+    ui.out.print(f"run saved to {result['run_dir']} ({result['image_size']} px, fitted in {result['seconds']:.1f}s; "
+                 + (f"decision threshold {thr:.4f}, F1-best on the synthetic defects)" if thr is not None else
+                    "no decision threshold: calibrate it with `kano calibrate`)"))
     return result

@@ -22,7 +22,7 @@ CACHE_MODES = ("auto", "memory", "disk", "off")
 
 @dataclass
 class TrainConfig:
-    method: str = "kanoclip"                          # kanoclip | aprilgan | anomalyclip (kanoclip/registry.py)
+    method: str = "kanoclip"                          # a trained or one-class method of kano/registry.py
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
     backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336
@@ -56,10 +56,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if not self.data:
             raise ValueError("data must be KIND:PATH of the auxiliary dataset, got nothing")
-        from kano.kanoclip.registry import TRAINED_METHODS
+        from kano.kanoclip.registry import RUN_METHODS
 
-        if self.method not in TRAINED_METHODS:
-            raise ValueError(f"method must be one of {', '.join(TRAINED_METHODS)}, got {self.method!r}")
+        if self.method not in RUN_METHODS:
+            raise ValueError(f"method must be one of {', '.join(RUN_METHODS)}, got {self.method!r}")
         self.model = method_model_config(self.method, self.model)
         if self.method != "kanoclip":
             if self.knowledge_sources is not None:
