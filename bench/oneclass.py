@@ -236,8 +236,9 @@ def _source_photos(spec: SetSpec, seed: int, hazel: Path) -> tuple[list[np.ndarr
 
 
 def build_set(spec: SetSpec, seed: int, out: Path, hazel: Path) -> dict:
-    """Write OUT/fit/NNN.png, OUT/test/{good,KIND}/NNN.png, OUT/masks/KIND/NNN.png and OUT/labels.json; return the
-    labels: per test image its path, kind, group (good, small or whole) and mask path (None for good)."""
+    """Write OUT/fit/NNN.png, OUT/test/{good,KIND}/NNN.png, OUT/masks/KIND/NNN.png, OUT/test.txt and OUT/labels.json;
+    return the labels: per test image its path, kind, group (good, small or whole), mask path (None for good) and
+    the good test photo it was drawn on (None for good and painted photos)."""
     shutil.rmtree(out, ignore_errors=True)
     fit, good = _source_photos(spec, seed, hazel)
     (out / "fit").mkdir(parents=True)
@@ -245,7 +246,7 @@ def build_set(spec: SetSpec, seed: int, out: Path, hazel: Path) -> dict:
         Image.fromarray(p).save(out / "fit" / f"{i:03d}.png", compress_level=1)
     rows = []
 
-    def save(kind: str, group: str, i: int, img: np.ndarray, mask: np.ndarray | None) -> None:
+    def save(kind: str, group: str, i: int, img: np.ndarray, mask: np.ndarray | None, source: int | None = None) -> None:
         (out / "test" / kind).mkdir(parents=True, exist_ok=True)
         path = out / "test" / kind / f"{i:03d}.png"
         Image.fromarray(img).save(path, compress_level=1)
@@ -254,21 +255,22 @@ def build_set(spec: SetSpec, seed: int, out: Path, hazel: Path) -> dict:
             (out / "masks" / kind).mkdir(parents=True, exist_ok=True)
             mpath = out / "masks" / kind / f"{i:03d}.png"
             Image.fromarray(mask.astype(np.uint8) * 255).save(mpath, compress_level=1)
-        rows.append({"image": str(path), "kind": kind, "group": group, "mask": str(mpath) if mpath else None})
+        rows.append({"image": str(path), "kind": kind, "group": group, "mask": str(mpath) if mpath else None,
+                     "source": None if source is None else str(out / "test" / "good" / f"{source:03d}.png")})
 
     for i, p in enumerate(good):
         save("good", "good", i, p, None)
     for kind in (TINY if spec.tiny else SMALL):
         for i in range(spec.n_small):
             r = _rng(seed, spec.name, kind, i)
-            src = good[int(r.integers(len(good)))]
-            img, mask = small_defect(kind, src, object_region(src), r, tiny=spec.tiny)
-            save(kind, "small", i, img, mask)
+            j = int(r.integers(len(good)))
+            img, mask = small_defect(kind, good[j], object_region(good[j]), r, tiny=spec.tiny)
+            save(kind, "small", i, img, mask, j)
     for kind in WHOLE if spec.n_whole else ():
         for i in range(spec.n_whole):
             r = _rng(seed, spec.name, kind, i)
-            src = good[int(r.integers(len(good)))]
-            save(kind, "whole", i, whole_defect(kind, src, r), np.ones(src.shape[:2], bool))
+            j = int(r.integers(len(good)))
+            save(kind, "whole", i, whole_defect(kind, good[j], r), np.ones(good[j].shape[:2], bool), j)
     if spec.painted:
         for i, f in enumerate(sorted((hazel / "test" / "colour").iterdir())):
             img = Image.open(f).convert("RGB").resize((spec.side, spec.side), Image.Resampling.LANCZOS)
