@@ -36,7 +36,14 @@ from kano.errors import KanoError
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "openvino")
-EXPORTABLE = ("kanoclip", "aprilgan", "anomalyclip", "winclip")
+def _one_class_methods() -> tuple[str, ...]:
+    from kano.registry import ONE_CLASS_METHODS
+
+    return ONE_CLASS_METHODS
+
+
+# one-class methods (kanoclip/one_class.py): their fitted tensors are the graph's constants, no text side
+EXPORTABLE = ("kanoclip", "aprilgan", "anomalyclip", "winclip", *_one_class_methods())
 # Why the other methods of `kano eval --method` have no graph: named in the refusal.
 NOT_EXPORTABLE = {
     "musc": "MuSc is transductive: it scores each image against the other test images of its batch, so it has no "
@@ -69,7 +76,9 @@ class ImageSide(nn.Module):
         self.register_buffer("threshold", torch.tensor([float("inf") if t is None else float(t) for t in thresholds]))
 
     def forward(self, images: torch.Tensor, class_index: torch.Tensor):
-        if self.method == "winclip":
+        if getattr(self.model, "one_class", False):  # fitted on one product's normal photos: class_index selects nothing
+            res = self.model(images)
+        elif self.method == "winclip":
             res = self.model.score_text(images, self.text[class_index])
         else:
             feats = self.model.encode_images(images)
@@ -83,6 +92,8 @@ class ImageSide(nn.Module):
 def text_bank(model: nn.Module, method: str, words: list[str]) -> torch.Tensor:
     """(C, 2, E): each class word's text features as the method's own forward computes them."""
     with torch.no_grad():
+        if getattr(model, "one_class", False):  # no text side: a (C, 2, 1) placeholder keeps the graph's signature
+            return torch.zeros(len(words), 2, 1)
         if method == "kanoclip":
             if model.cfg.prompt_class:
                 words = [model.cfg.prompt_class] * len(words)

@@ -271,9 +271,9 @@ def load_method(method: str, run, backbone: str | None, image_size: int | None, 
                 classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None):
     """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME."""
     spec = method_spec(method)
-    if spec.kind == "trained":
-        raise KanoError(f"--method {method} is a trained method: train it with `kano train --method {method}` and "
-                        f"evaluate the run with --run RUN_DIR (without --method)")
+    if spec.kind in ("trained", "one-class"):
+        raise KanoError(f"--method {method} is a {spec.kind} method: {'fit' if spec.kind == 'one-class' else 'train'} it with "
+                        f"`kano train --method {method}` and evaluate the run with --run RUN_DIR (without --method)")
     if aux and "aux" not in spec.needs:
         raise KanoError(f"--aux is used by --method {', '.join(MEMORY_METHODS)} only, got --method {method} with --aux {aux}")
     if k_shot and not spec.references:

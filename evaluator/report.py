@@ -46,7 +46,8 @@ def trained_method(run_dir: str | Path, config: dict) -> dict:
 
     run_dir = Path(run_dir)
     method = config.get("method", "kanoclip")
-    return {"kind": "trained", "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
+    kind = "one-class" if config.get("kind") == "one-class" else "trained"
+    return {"kind": kind, "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
             "config_sha256": file_sha256(run_dir / "config.json"), "backbone": config.get("backbone"),
             "train_data": config.get("data"), "run_threshold": config.get("threshold"), "stages": config.get("stages"),
             "vv_start": config.get("vv_start"), "pos_resize": config.get("pos_resize")}  # None: a run without it (each loader's own resize)
@@ -82,8 +83,8 @@ def provenance(method: dict, image_size: int | None, started: float, data: str |
 
 def describe_method(method: dict) -> str:
     """One line for headings: 'trained run /runs/x (config sha256 1a2b3c4d5e6f), backbone tiny'."""
-    if method.get("kind") == "trained":
-        s = f"trained run {method.get('run')} (config sha256 {str(method.get('config_sha256'))[:12]})"
+    if method.get("kind") in ("trained", "one-class"):
+        s = f"{method['kind']} run {method.get('run')} (config sha256 {str(method.get('config_sha256'))[:12]})"
     else:
         s = f"{method.get('kind')} {method.get('name')}"
     if method.get("setting"):

@@ -104,7 +104,7 @@ def method_label(method: dict) -> str:
     'KAnoCLIP (RUN FOLDER, backbone)'."""
     name = str(method.get("name") or method.get("kind") or "method")
     parts = []
-    if method.get("kind") == "trained" and method.get("run"):
+    if method.get("kind") in ("trained", "one-class") and method.get("run"):
         parts.append(Path(str(method["run"])).name)
     if method.get("backbone"):
         parts.append(str(method["backbone"]))

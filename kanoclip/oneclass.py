@@ -52,6 +52,8 @@ LAYOUTS = ("shared", "per-position")
 BANKS = ("pixels", "pixels+backbone")
 PIXEL_DIM = 12
 SCALES = (1, 2, 4)
+PARTS = ("patch", "image", "photo")   # the standardised parts whose maximum is the photo's score
+CACHE_BYTES = 1 << 30                 # features kept between the two fitting passes (else computed again)
 EPS = 1e-4  # energy floor inside the logs: luminance is in [0, 1], Sobel / 8 is a per-pixel slope
 
 
@@ -125,6 +127,17 @@ def pixel_maps(x: torch.Tensor) -> dict[int, torch.Tensor]:
     return out
 
 
+def photo_vector(x: torch.Tensor, maps: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The whole photo's own statistics (N, 12): mean R, G, B; log standard deviation of R, G, B (contrast); log mean
+    gradient energy and log mean high-frequency energy at scales 1, 2, 4 (blur, noise, texture scale). Means over the
+    photo before the log, so that flat regions (whose log-energies are sensor noise) do not drown the textured ones."""
+    m = [maps[s].mean((2, 3)) for s in SCALES]
+    logstd = torch.log(x.flatten(2).std(2) + EPS)
+    energy = torch.stack([m[0][:, 5], m[1][:, 0], m[2][:, 0]], 1)
+    hf = torch.stack([m[0][:, 8], m[1][:, 1], m[2][:, 1]], 1)
+    return torch.cat([m[0][:, 0:3], logstd, torch.log(energy + EPS), torch.log(hf + EPS)], 1)
+
+
 def pixel_cells(maps: dict[int, torch.Tensor], cell: int) -> torch.Tensor:
     """The twelve cell features (module docstring, part 1) on the grid of `cell`-px cells, stride cell/2:
     (N, 12, G, G), G = (S - cell) / (cell / 2) + 1."""
@@ -175,7 +188,7 @@ class OneClass(OneClassModel):
         return int(min(max_side, max(64, 8 * round(med / 8))))
 
     def fitted_names(self) -> tuple[str, ...]:
-        names = ["patch_mean", "patch_precision", "image_mean", "image_precision", "standardise"]
+        names = ["patch_mean", "patch_precision", "image_mean", "image_precision", "photo_mean", "photo_precision", "standardise"]
         return tuple(names + (["enc_proj"] if self.banks == "pixels+backbone" else []))
 
     # -------------------------------------------------------------------------------------- features
@@ -224,22 +237,23 @@ class OneClass(OneClassModel):
     def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
         x = images.float()
         proj = self.enc_proj if self.banks == "pixels+backbone" else None
-        f = self.cell_features(x, (self.cell,), self.banks, proj)[self.cell]              # (N, G, G, D)
+        maps = pixel_maps(x)
+        f = self.cell_features(x, (self.cell,), self.banks, proj, maps=maps)[self.cell]   # (N, G, G, D)
         d2 = mahalanobis_sq(f, self.patch_mean, self.patch_precision)                      # (N, G, G)
-        g = self.image_vector(f)
-        r_img = torch.log1p(mahalanobis_sq(g, self.image_mean, self.image_precision).clamp_min(0.0))
-        st = self.standardise                                                              # (4,) loc/scale patch, image
+        r_img = torch.log1p(mahalanobis_sq(self.image_vector(f), self.image_mean, self.image_precision).clamp_min(0.0))
+        r_photo = torch.log1p(mahalanobis_sq(photo_vector(x, maps), self.photo_mean, self.photo_precision).clamp_min(0.0))
+        st = self.standardise                                       # (6,): location, scale of patch, image, photo
         zmap = (torch.log1p(d2.clamp_min(0.0)) - st[0]) / st[1]
-        z_patch = zmap.flatten(1).amax(1)
-        z_img = (r_img - st[2]) / st[3]
-        score = squash(torch.maximum(z_patch, z_img))
+        z = torch.stack([zmap.flatten(1).amax(1), (r_img - st[2]) / st[3], (r_photo - st[4]) / st[5]], 1)
+        score = squash(z.amax(1))
         grid = squash(zmap).unsqueeze(1)
         amap = F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[:, 0]
         return InferenceBatch(score, amap, grid)
 
     def describe(self) -> dict:
         return {**super().describe(), "cell": self.cell, "stride": self.cell // 2, "layout": self.layout, "banks": self.banks,
-                "grid": self.grid(), "feature_dim": int(self.patch_precision.shape[0]) if hasattr(self, "patch_precision") else None}
+                "grid": self.grid(), "parts": list(PARTS),
+                "feature_dim": int(self.patch_precision.shape[0]) if hasattr(self, "patch_precision") else None}
 
     # -------------------------------------------------------------------------------------- fitting
     def fit(self, data: FitData) -> dict:
@@ -250,12 +264,10 @@ class OneClass(OneClassModel):
         k = min(cfg.folds, n)
         fold = torch.arange(n) % k                                   # photo i is in fold i mod k
         has_enc = self.encoder is not None
-        banks = [self.banks] if not (cfg.choose and cfg.banks == "auto" and has_enc) else list(BANKS)
         has_val = cfg.choose and data.validation() is not None
+        banks = list(BANKS) if (has_val and cfg.banks == "auto" and has_enc) else [self.banks]
         cells = tuple(c for c in (cfg.cells if has_val else (self.cell,)) if c <= self.image_size) or (self.cell,)
         layouts = LAYOUTS if has_val else (self.layout,)
-        if not has_val:
-            banks = [self.banks]
         proj = None
         if has_enc:
             width = self.encoder.width * len(self.encoder.stages)
@@ -263,12 +275,23 @@ class OneClass(OneClassModel):
             q, _ = torch.linalg.qr(torch.randn(width, cfg.encoder_dim, generator=gen, dtype=torch.float64))
             proj = q.float().to(self.backbone.device)
         variants = [(c, b) for b in banks for c in cells]
-        # pass 1: per fold, per (cell, banks): shared moments, per-position sums, and each photo's whole-image vector
+        # pass 1: per fold, per (cell, banks): shared moments, per-position sums; each photo's image and photo vectors.
+        # The features are kept for pass 2 while they fit in CACHE_BYTES (else computed again).
         sums: dict = {}
         gvec: dict = {v: [None] * n for v in variants}
+        pvec: list = [None] * n
+        cache, cached_bytes = [], 0
         for x, idx in data.good():
             x = x.to(self.backbone.device).float()
-            feats = self._features(x, cells, banks, proj)
+            feats, photo = self._features(x, cells, banks, proj)
+            nbytes = sum(f.numel() * 4 for f in feats.values())
+            if cache is not None and cached_bytes + nbytes <= CACHE_BYTES:
+                cache.append((feats, photo, idx))
+                cached_bytes += nbytes
+            else:
+                cache = None
+            for j, i in enumerate(idx.tolist()):
+                pvec[i] = photo[j].double().cpu()
             for (c, b), f in feats.items():
                 f64 = f.double().cpu()
                 for j, i in enumerate(idx.tolist()):
@@ -279,29 +302,31 @@ class OneClass(OneClassModel):
                     sums[key][1] += f64[j]
                     sums[key][2] += 1
                     gvec[(c, b)][i] = self.image_vector(f[j:j + 1]).double().cpu()[0]
+        complete = cache is not None and sum(len(c[2]) for c in cache) == n
         models = {}
         for v in variants:
             for layout in layouts:
-                models[(v, layout)] = [self._fit_parts(v, layout, sums, gvec, k, fold, held) for held in [*range(k), None]]
+                models[(v, layout)] = [self._fit_parts(v, layout, sums, gvec, pvec, k, fold, held) for held in [*range(k), None]]
         # pass 2: out-of-fold scores of the normal photos; then the synthetic defects, by the folds that did not see
         # the photo each was drawn on
-        oof = {key: torch.zeros(n, 2, dtype=torch.float64) for key in models}
-        for x, idx in data.good():
-            x = x.to(self.backbone.device).float()
-            feats = self._features(x, cells, banks, proj)
+        oof = {key: torch.zeros(n, len(PARTS), dtype=torch.float64) for key in models}
+        second = cache if complete else ((*self._features(x.to(self.backbone.device).float(), cells, banks, proj), idx)
+                                         for x, idx in data.good())
+        for feats, photo, idx in second:
             for (v, layout), fits in models.items():
                 for j, i in enumerate(idx.tolist()):
-                    oof[(v, layout)][i] = self._raw(feats[v][j:j + 1], fits[int(fold[i])])[0]
+                    oof[(v, layout)][i] = self._raw(feats[v][j:j + 1], photo[j:j + 1], fits[int(fold[i])])[0]
+        del cache, second
         val_scores = {key: [] for key in models}
         kinds: list[str] = []
         if has_val:
             for x, labels, kind, src in data.validation():
-                x = x.to(self.backbone.device).float()
-                feats = self._features(x, cells, banks, proj)
+                feats, photo = self._features(x.to(self.backbone.device).float(), cells, banks, proj)
                 kinds += list(kind)
                 for (v, layout), fits in models.items():
                     for j, s in enumerate(src.tolist()):
-                        val_scores[(v, layout)].append(self._raw(feats[v][j:j + 1], fits[int(fold[s])] if s >= 0 else fits[k])[0])
+                        fit = fits[int(fold[s])] if s >= 0 else fits[k]
+                        val_scores[(v, layout)].append(self._raw(feats[v][j:j + 1], photo[j:j + 1], fit)[0])
         rows, best = [], None
         for (v, layout) in models:
             st = self._standardisation(oof[(v, layout)])
@@ -310,7 +335,8 @@ class OneClass(OneClassModel):
             if has_val and val_scores[(v, layout)]:
                 z_bad = self._combine(torch.stack(val_scores[(v, layout)]), st)
                 per_kind = {kd: auroc(z_good, z_bad[[i for i, q in enumerate(kinds) if q == kd]]) for kd in dict.fromkeys(kinds)}
-                row.update({"image_auroc": round(auroc(z_good, z_bad), 4), "mean_kind_auroc": round(sum(per_kind.values()) / len(per_kind), 4),
+                row.update({"image_auroc": round(auroc(z_good, z_bad), 4),
+                            "mean_kind_auroc": round(sum(per_kind.values()) / len(per_kind), 4),
                             "worst_kind": min(per_kind, key=per_kind.get), "worst_kind_auroc": round(min(per_kind.values()), 4)})
                 row["_z_bad"] = z_bad
                 key = (row["mean_kind_auroc"], row["image_auroc"])
@@ -320,24 +346,22 @@ class OneClass(OneClassModel):
             rows.append(row)
         chosen = best[1] if best else ((self.cell, self.banks), self.layout)
         (self.cell, self.banks), self.layout = chosen
-        self.cfg.cell, self.cfg.layout = self.cell, self.layout
-        self.cfg.banks = self.banks
+        self.cfg.cell, self.cfg.layout, self.cfg.banks = self.cell, self.layout, self.banks
         full = models[chosen][k]
         st = self._standardisation(oof[chosen])
-        self.register_fitted("patch_mean", full["patch_mean"].float())
-        self.register_fitted("patch_precision", full["patch_precision"].float())
-        self.register_fitted("image_mean", full["image_mean"].float())
-        self.register_fitted("image_precision", full["image_precision"].float())
+        for name in ("patch_mean", "patch_precision", "image_mean", "image_precision", "photo_mean", "photo_precision"):
+            self.register_fitted(name, full[name].float())
         self.register_fitted("standardise", torch.tensor(st, dtype=torch.float32))
         if self.banks == "pixels+backbone":
             self.register_fitted("enc_proj", proj.float())
         info = {"variant": {"cell": self.cell, "layout": self.layout, "banks": self.banks}, "folds": k,
                 "chosen_on": "synthetic defects (data synth --from), out-of-fold" if has_val else
                              "no synthetic defects: the configured variant",
-                "standardisation": {"patch": {"location": st[0], "scale": st[1]}, "image": {"location": st[2], "scale": st[3]}}}
+                "standardisation": {p: {"location": st[2 * i], "scale": st[2 * i + 1]} for i, p in enumerate(PARTS)},
+                "features_cached": bool(complete)}
         if has_val:
-            info["variants"] = [{**{k2: v2 for k2, v2 in r.items() if not k2.startswith("_")}, "chosen": (
-                (r["cell"], r["banks"]), r["layout"]) == chosen} for r in rows]
+            info["variants"] = [{**{k2: v2 for k2, v2 in r.items() if not k2.startswith("_")},
+                                 "chosen": ((r["cell"], r["banks"]), r["layout"]) == chosen} for r in rows]
             crow = next(r for r in rows if ((r["cell"], r["banks"]), r["layout"]) == chosen)
             scores = torch.cat([squash(crow["_z_good"]), squash(crow["_z_bad"])])
             info["validation_scores"] = {"labels": [0] * n + [1] * len(kinds), "scores": [round(float(s), 7) for s in scores],
@@ -347,17 +371,18 @@ class OneClass(OneClassModel):
                      f"{crow['worst_kind_auroc']:.4f})")
         return info
 
-    def _features(self, x, cells, banks, proj) -> dict:
+    def _features(self, x, cells, banks, proj) -> tuple[dict, torch.Tensor]:
+        """-> ({(cell, banks): (N, G, G, D)}, photo vectors (N, 12)): one feature pass serves every variant."""
         maps = pixel_maps(x)
         enc = self.encoder_map(x, proj) if "pixels+backbone" in banks else None
         out = {}
         for b in banks:
             for c, f in self.cell_features(x, cells, b, proj, maps=maps, enc=enc).items():
                 out[(c, b)] = f
-        return out
+        return out, photo_vector(x, maps)
 
-    def _fit_parts(self, v, layout, sums, gvec, k, fold, held) -> dict:
-        """The patch and whole-image Gaussians of variant v from every fold but `held` (None: all folds)."""
+    def _fit_parts(self, v, layout, sums, gvec, pvec, k, fold, held) -> dict:
+        """The patch, image and photo Gaussians of variant v from every fold but `held` (None: all folds)."""
         keep = [q for q in range(k) if q != held]
         mom = sums[(v, keep[0])][0]
         pos, cnt = sums[(v, keep[0])][1].clone(), sums[(v, keep[0])][2]
@@ -368,34 +393,39 @@ class OneClass(OneClassModel):
         if layout == "shared":
             mean, prec = gaussian(mom, shrinkage=0.0)
         else:
-            mu = pos / cnt                                                     # (G, G, D) per-position mean
-            flat = mu.reshape(-1, mu.shape[-1])
+            mean = pos / cnt                                                   # (G, G, D) per-position mean
+            flat = mean.reshape(-1, mean.shape[-1])
             # residual scatter: sum over photos and positions of (f - mu_pos)(f - mu_pos)^T = S2 - n sum_pos mu mu^T
             scatter = mom.s2 - cnt * flat.T @ flat
-            prec = shrunk_precision(scatter / max(mom.n - flat.shape[0], 1.0), 0.0)     # dof: samples - position means
-            mean = mu
-        g = torch.stack([gvec[v][i] for i in range(len(fold)) if int(fold[i]) != held or held is None])
-        gm, gp = gaussian(Moments.of(g))
-        return {"patch_mean": mean, "patch_precision": prec, "image_mean": gm, "image_precision": gp}
+            prec = shrunk_precision(scatter / max(mom.n - flat.shape[0], 1.0), 0.0)  # dof: samples - position means
+        rows = [i for i in range(len(fold)) if held is None or int(fold[i]) != held]
+        gm, gp = gaussian(Moments.of(torch.stack([gvec[v][i] for i in rows])))
+        pm, pp = gaussian(Moments.of(torch.stack([pvec[i] for i in rows])))
+        return {"patch_mean": mean, "patch_precision": prec, "image_mean": gm, "image_precision": gp,
+                "photo_mean": pm, "photo_precision": pp}
 
     @staticmethod
-    def _raw(f: torch.Tensor, fits: dict) -> torch.Tensor:
-        """(1, G, G, D) -> (1, 2): raw patch score log(1 + max d2) and image score log(1 + d2), float64."""
+    def _raw(f: torch.Tensor, photo: torch.Tensor, fits: dict) -> torch.Tensor:
+        """(1, G, G, D), (1, 12) -> (1, 3) raw part scores, float64: log(1 + the worst cell's d2), log(1 + d2) of the
+        image vector and of the photo vector."""
         f = f.double().cpu()
         d2 = mahalanobis_sq(f, fits["patch_mean"], fits["patch_precision"])
-        g = OneClass.image_vector(f)
-        gi = mahalanobis_sq(g, fits["image_mean"], fits["image_precision"])
-        return torch.stack([torch.log1p(d2.flatten(1).amax(1).clamp_min(0)), torch.log1p(gi.clamp_min(0))], 1)
+        gi = mahalanobis_sq(OneClass.image_vector(f), fits["image_mean"], fits["image_precision"])
+        ph = mahalanobis_sq(photo.double().cpu(), fits["photo_mean"], fits["photo_precision"])
+        return torch.stack([torch.log1p(d2.flatten(1).amax(1).clamp_min(0)), torch.log1p(gi.clamp_min(0)),
+                            torch.log1p(ph.clamp_min(0))], 1)
 
     @staticmethod
     def _standardisation(raw: torch.Tensor) -> list[float]:
-        lp, sp = location_scale(raw[:, 0].tolist())
-        li, si = location_scale(raw[:, 1].tolist())
-        return [lp, sp, li, si]
+        """(n, 3) out-of-fold raw scores -> [location, scale] of each part, flattened (6,)."""
+        return [v for p in range(raw.shape[1]) for v in location_scale(raw[:, p].tolist())]
 
     @staticmethod
     def _combine(raw: torch.Tensor, st: list[float]) -> torch.Tensor:
-        return torch.maximum((raw[:, 0] - st[0]) / st[1], (raw[:, 1] - st[2]) / st[3])
+        """(M, 3) raw part scores -> (M,) the largest standardised part."""
+        loc = torch.tensor(st[0::2], dtype=raw.dtype)
+        scale = torch.tensor(st[1::2], dtype=raw.dtype)
+        return ((raw - loc) / scale).amax(1)
 
 
 def auroc(neg: torch.Tensor, pos: torch.Tensor) -> float:
