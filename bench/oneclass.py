@@ -384,6 +384,18 @@ class Runner:
         return {"code": code, "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}
 
 
+def git_commit() -> str:
+    """The checkout's commit (with '+changes' when files differ from it), or 'unknown' outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def available_methods() -> set[str]:
     from kano.registry import METHODS as REG
 
@@ -394,6 +406,7 @@ def available_methods() -> set[str]:
 def run_set(kano: Runner, spec: SetSpec, seed: int, labels: dict, set_dir: Path, work: Path, methods: list[str],
             have: set[str], args, kb: Path, config: Path) -> list[dict]:
     rows = []
+    commit = git_commit()
     test_list, fit_dir, cls = set_dir / "test.txt", set_dir / "fit", spec.name
     n_test = len(labels["images"])
     synth, synth_s = work / "synth", None
@@ -408,7 +421,8 @@ def run_set(kano: Runner, spec: SetSpec, seed: int, labels: dict, set_dir: Path,
         return res
 
     for m in methods:
-        row = {"set": spec.name, "seed": seed, "method": m, "n_test": n_test, "n_fit": labels["n_fit"], "side": spec.side}
+        row = {"set": spec.name, "seed": seed, "method": m, "n_test": n_test, "n_fit": labels["n_fit"], "side": spec.side,
+               "kano_commit": commit, "threads": os.environ.get("OMP_NUM_THREADS")}
         if m not in have:
             row["error"] = "not in this Kano's method table (kano.registry)"
             print(f"- {m}: missing from this Kano, skipped", flush=True)
@@ -506,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k-shot", type=int, default=4, help="WinCLIP+'s reference photos (the first K fit photos)")
     ap.add_argument("--n-defect", type=int, default=2, help="`data synth --from`'s images per kind (14 kinds)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every set's photo and defect counts")
+    ap.add_argument("--fresh", action="store_true", help="score every method again (default: keep the scored rows of "
+                                                          "OUT/results.json for the same set, seed, method and options)")
     ap.add_argument("--hazelnut", type=Path, default=None, help="the Hazelnut Toy folder (default: ../shared/data/hazelnut_toy, "
                                                                 "else tests/data/hazelnut_toy)")
     args = ap.parse_args(argv)
@@ -530,6 +546,13 @@ def main(argv: list[str] | None = None) -> None:
         config.write_text(json.dumps({"model": DEMO_MODEL}))  # the demo's narrower Bi-CMCI: minutes on two cores
         if not kb.is_file():
             kano("kb", "build", "--classes", ",".join(sets), "--llm", "builtin", "--kb", kb)
+    # rows kept from an earlier run into OUT with the same options (the sets are rebuilt byte for byte from the seed)
+    same = ("epochs", "k_shot", "n_defect", "scale")
+    kept: dict = {}
+    if not args.fresh and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        if all(old.get("args", {}).get(k) == getattr(args, k) for k in same):
+            kept = {(r["set"], r["seed"], r["method"]): r for r in old["rows"] if "metrics" in r}
     rows: list[dict] = []
     for seed in seeds:
         for name in sets:
@@ -540,7 +563,11 @@ def main(argv: list[str] | None = None) -> None:
             for im in labels["images"]:
                 counts[im["group"]] = counts.get(im["group"], 0) + 1
             print(f"== {name}, seed {seed}: {spec.side} px, {labels['n_fit']} fit photos, test {counts}", flush=True)
-            rows += run_set(kano, spec, seed, labels, set_dir, out / "work" / f"seed{seed}" / name, methods, have, args, kb, config)
+            todo = [m for m in methods if (name, seed, m) not in kept]
+            rows += [kept[(name, seed, m)] for m in methods if (name, seed, m) in kept]
+            if todo != methods:
+                print(f"kept from {out / 'results.json'}: {', '.join(m for m in methods if m not in todo)}", flush=True)
+            rows += run_set(kano, spec, seed, labels, set_dir, out / "work" / f"seed{seed}" / name, todo, have, args, kb, config)
             (out / "results.json").write_text(json.dumps({"hazelnut": str(hazel), "args": vars(args) | {"out": str(out), "hazelnut": str(hazel)},
                                                           "rows": rows}, indent=1, default=str))
     md = tables(rows, methods, sets)
