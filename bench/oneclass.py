@@ -407,7 +407,8 @@ def run_set(kano: Runner, spec: SetSpec, seed: int, labels: dict, set_dir: Path,
             have: set[str], args, kb: Path, config: Path) -> list[dict]:
     rows = []
     commit = git_commit()
-    test_list, fit_dir, cls = set_dir / "test.txt", set_dir / "fit", spec.name
+    # the class (and the prompts' word) is what the photos show: hazelnut for both hazelnut sets
+    test_list, fit_dir, cls = set_dir / "test.txt", set_dir / "fit", spec.source
     n_test = len(labels["images"])
     synth, synth_s = work / "synth", None
 
@@ -545,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
 
         config.write_text(json.dumps({"model": DEMO_MODEL}))  # the demo's narrower Bi-CMCI: minutes on two cores
         if not kb.is_file():
-            kano("kb", "build", "--classes", ",".join(sets), "--llm", "builtin", "--kb", kb)
+            kano("kb", "build", "--classes", ",".join(sorted({all_sets[n].source for n in sets})), "--llm", "builtin", "--kb", kb)
     # rows kept from an earlier run into OUT with the same options (the sets are rebuilt byte for byte from the seed)
     same = ("epochs", "k_shot", "n_defect", "scale")
     kept: dict = {}
