@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ImageFile.LOAD_TRUNCATED_IMAGES = False

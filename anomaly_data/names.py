@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 PROMPT_NAMES: dict[str, str] = {
     # MVTec-AD

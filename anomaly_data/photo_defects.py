@@ -87,7 +87,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .io import IMAGE_EXTS, is_image, load_image, load_mask, pair_masks
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .io import MASK_SUFFIXES, is_image, pair_masks
 
@@ -87,7 +87,7 @@ class Dataset:
                     + (f"; {len(missing) - 1} more image(s) lack one" if len(missing) > 1 else ""))
             if not warn:
                 raise KanoError(text + "; pass --allow-missing-masks to use them with all-normal masks")
-            from kano import ui
+            from kano.core import ui
 
             ui.err.print(f"warning: {text}; --allow-missing-masks: they count as having no defect pixels")
 
@@ -126,7 +126,7 @@ class Dataset:
 
 
 def _stderr_warning(text: str) -> None:
-    from kano import ui
+    from kano.core import ui
 
     ui.err.print(text)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from . import world
 from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .io import image_to_array, load_image, load_mask
 from .readers import Sample

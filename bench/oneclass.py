@@ -397,7 +397,7 @@ def git_commit() -> str:
 
 
 def available_methods() -> set[str]:
-    from kano.registry import METHODS as REG
+    from kano.core.registry import METHODS as REG
 
     have = set(REG)
     return {m for m in METHODS if (m.rstrip("+") if m == "winclip+" else m) in have}
@@ -425,7 +425,7 @@ def run_set(kano: Runner, spec: SetSpec, seed: int, labels: dict, set_dir: Path,
         row = {"set": spec.name, "seed": seed, "method": m, "n_test": n_test, "n_fit": labels["n_fit"], "side": spec.side,
                "kano_commit": commit, "threads": os.environ.get("OMP_NUM_THREADS")}
         if m not in have:
-            row["error"] = "not in this Kano's method table (kano.registry)"
+            row["error"] = "not in this Kano's method table (kano.core.registry)"
             print(f"- {m}: missing from this Kano, skipped", flush=True)
             rows.append(row)
             continue

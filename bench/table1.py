@@ -93,7 +93,7 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
 
     from kano.evaluator.methods import load_method, with_mutual
     from kano.kanoclip.runs import load_run
-    from kano.registry import METHODS
+    from kano.core.registry import METHODS
 
     dev, size, bb = torch.device("cpu"), SIZE, args.backbone
     trained = [m for m, s in METHODS.items() if s.kind == "trained"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kano import ui
-from kano.errors import KanoError
+from kano.core import ui
+from kano.core.errors import KanoError
 
 
 def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bool) -> dict:

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "openvino")
 def _one_class_methods() -> tuple[str, ...]:
-    from kano.registry import ONE_CLASS_METHODS
+    from kano.core.registry import ONE_CLASS_METHODS
 
     return ONE_CLASS_METHODS
 

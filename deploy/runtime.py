@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from kano.anomaly_data.io import image_to_array, load_image
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 SIDECAR_VERSION = 1  # kano.deploy.export.SIDECAR_VERSION (not imported from there: that module needs torch)
 SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}

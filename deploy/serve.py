@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/bmp": ".bmp", "image/tiff": ".tif", "image/webp": ".webp"}

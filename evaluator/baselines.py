@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip.model import InferenceBatch
 from kano.kanoclip.protocol import MethodDefaults, PixelPreprocessing
 from kano.kanoclip.registry import METHODS as REGISTRY, methods_with

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = 1
@@ -183,7 +183,7 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
     from kano.anomaly_data import Sample, prompt_name
     from kano.evaluator.evaluate import run_inference
     from kano.evaluator.loading import load_model
-    from kano.device import resolve_device
+    from kano.core.device import resolve_device
 
     a = check_alarm_rate(alarm_rate)
     run_dir = Path(run_dir)

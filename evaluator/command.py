@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from kano import ui
-from kano.errors import KanoError
+from kano.core import ui
+from kano.core.errors import KanoError
 
 
 def _device(name: str | None) -> torch.device:
-    from kano.device import resolve_device
+    from kano.core.device import resolve_device
 
     return resolve_device(name)
 
@@ -113,7 +113,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
 def _dist(device: str | None):
     """The launch's processes (torchrun / accelerate launch set WORLD_SIZE); one process otherwise."""
-    from kano.distributed import Dist
+    from kano.core.distributed import Dist
 
     return Dist.from_env(device, _device)
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from kano.anomaly_data import SampleDataset, load_dataset, load_image, raise_batch_errors
 from kano.anomaly_data.names import class_word
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from . import outputs, report
 from .metrics import METRIC_KEYS, all_metrics
@@ -216,7 +216,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     unreadable image is an error; otherwise it is recorded, counted and left out of the metrics.
     n_overlays: gallery images per class. A model with `transductive = True` gets each class's
     whole test set as one batch. allow_missing_masks: an anomalous image without a mask (its
-    class having masks) warns instead of failing. dist: the launch's processes (kano.distributed.Dist or
+    class having masks) warns instead of failing. dist: the launch's processes (kano.core.distributed.Dist or
     anything with rank, world, gather and broadcast): each scores its share of every class's batches
     (sharded_inference), process 0 computes the metrics on all of them and writes the files; every process
     returns the metrics. scored: a dict that receives {class: (samples, image scores (N,), maps (N, S, S), masks

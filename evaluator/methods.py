@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip.registry import METHODS, method_spec, methods_with
 
 ALL_METHODS = tuple(METHODS)  # every name --method accepts (trained ones point to --run)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kano.curves import Curves, _curves, _flat, _t  # the one ranking sweep
+from kano.core.curves import Curves, _curves, _flat, _t  # the one ranking sweep
 
 
 def _auroc(c: Curves) -> float:

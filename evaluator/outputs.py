@@ -21,8 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
-from kano.errors import KanoError
-from kano.files import MANIFEST, read_manifest, write_manifest  # noqa: F401  (train refuses a results folder too)
+from kano.core.errors import KanoError
+from kano.core.files import MANIFEST, read_manifest, write_manifest  # noqa: F401  (train refuses a results folder too)
 
 # What Kano writes into an --out folder: recognised in folders from before the manifest existed.
 OWNED_FILES = ("metrics.json", "metrics.csv", "metrics.md", "scores.csv", "report.html", "predictions.jsonl", "index.html",

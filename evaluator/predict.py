@@ -39,7 +39,7 @@ import torch
 
 from kano.anomaly_data import Sample
 from kano.anomaly_data.names import class_word
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from . import outputs, records
 from .evaluate import cpu_streams, gather, run_inference
@@ -136,7 +136,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     manifest's `class` column names its own); prompt: its class word (None: anomaly_data.names.class_word's
     rule); prompts: class -> class word for a manifest's other classes (the rule fills the rest); their
     decisions use `threshold` too. threshold_source: where `threshold` came from ("command line",
-    "calibration", "run"), recorded beside it. dist: the launch's processes (kano.distributed.Dist or
+    "calibration", "run"), recorded beside it. dist: the launch's processes (kano.core.distributed.Dist or
     anything with rank, world, gather and broadcast); None: this process alone."""
     started = time.time()
     device = device or model.backbone.device

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kano.anomaly_data.io import image_size, load_image
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from . import outputs, records, report
 from .stream import batch_sizes

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 RESULT = "predictions.jsonl"
 PARQUET = "predictions.parquet"

@@ -59,7 +59,7 @@ def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
 
 
 def _git_commit() -> str | None:
-    from kano.files import git_commit
+    from kano.core.files import git_commit
 
     return git_commit()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kano.anomaly_data import IMAGE_EXTS, is_image_path, list_images
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 TEXT_LISTS = (".txt", ".lst")
 MANIFESTS = (".csv", ".parquet")

@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from . import outputs
 from .report import CSS, LABELS, _esc, describe_method, stamp

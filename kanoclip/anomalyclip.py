@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .aprilgan import PeerOutput, TrainablePeer
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers

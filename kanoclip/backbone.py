@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .pos_embed import check_mode, resize_visual
 

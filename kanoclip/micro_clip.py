@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 MODEL_NAME = "kano-micro"
 VOCAB = 49408

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .model import InferenceBatch
 from .protocol import MethodDefaults

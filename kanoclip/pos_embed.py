@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 MODES = ("bicubic-antialias", "bilinear", "bicubic")
 _ARGS = {"bicubic-antialias": {"mode": "bicubic", "antialias": True},

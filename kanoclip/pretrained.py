@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 PROBE_TIMEOUT_S = 1.5  # how long to wait for the weights' server before calling the network absent
 

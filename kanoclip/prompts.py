@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 FIXED_NORMAL = "a photo of a normal {}."
 FIXED_ABNORMAL = "a photo of an abnormal {}."

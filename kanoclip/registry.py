@@ -1,11 +1,11 @@
 """The trained methods by name, for `kano train --method` and `kanoclip.runs.load_run`: their nn.Module and
-config dataclass as the method table (kano/registry.py) names them. Every method, trained or not, is listed there."""
+config dataclass as the method table (core/registry.py) names them. Every method, trained or not, is listed there."""
 
 from __future__ import annotations
 
-from kano.errors import KanoError
-from kano.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
-from kano.registry import ONE_CLASS_METHODS, RUN_METHODS, TRAINED_METHODS  # noqa: F401
+from kano.core.errors import KanoError
+from kano.core.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
+from kano.core.registry import ONE_CLASS_METHODS, RUN_METHODS, TRAINED_METHODS  # noqa: F401
 
 from .backbone import Backbone, build_backbone
 

@@ -13,8 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kano.errors import KanoError
-from kano.files import atomic_write, fsync, umask
+from kano.core.errors import KanoError
+from kano.core.files import atomic_write, fsync, umask
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

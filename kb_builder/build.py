@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.knowledge_store import CallRecord, Description, KnowledgeStore
 
 from .builtin import builtin_descriptions

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from kano import ui
-from kano.errors import KanoError
+from kano.core import ui
+from kano.core.errors import KanoError
 
 
 def resolve_endpoints(llm_base_url: str | None, vqa_base_url: str | None, env=None) -> dict:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 PROVIDERS = ("openai", "transformers", "builtin", "none")
 

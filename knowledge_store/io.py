@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 import jsonlines
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .store import SOURCES, Description, KnowledgeStore, _connect, database_errors
 

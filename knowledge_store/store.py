@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import duckdb
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 from .migrations import MIGRATIONS, SCHEMA_VERSION, description_key_v3
 

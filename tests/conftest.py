@@ -16,15 +16,9 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
-# Test the installed package, not the source tree: pytest put the repository root on sys.path to import
-# this `tests` package. Without it, each Kano module is imported once, from what pip installed (an editable
-# install still maps to the source), and stays bound there when pytest adds the root again later.
-_saved = list(sys.path)
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-for _mod in ("kano", "kano.cli", "kano.demo", "kano.knowledge_store", "kano.kb_builder", "kano.kanoclip", "kano.anomaly_data",
-             "kano.trainer", "kano.evaluator"):
-    __import__(_mod)
-sys.path[:] = _saved
+# `kano` is the installed package (an editable install maps it to this repository's root): the root holds no
+# folder named `kano`, so nothing on sys.path can shadow it. pytest puts tests/ on sys.path (no __init__.py
+# here), so the test helpers import as `from conftest import ...`, `from fake_openai import ...`.
 KANO = str(Path(sys.executable).parent / "kano")  # the installed entry point, for subprocess tests
 
 
@@ -93,7 +87,7 @@ def hazelnut_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_openai():
-    from tests.fake_openai import FakeOpenAI
+    from fake_openai import FakeOpenAI
 
     with FakeOpenAI(slow_s=3.0) as srv:
         yield srv

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kano.errors import KanoError
-from tests.conftest import DATA, ROOT
+from kano.core.errors import KanoError
+from conftest import DATA, ROOT
 
 HAZEL = DATA / "hazelnut_toy"
 

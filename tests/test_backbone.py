@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip import build_backbone
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.evaluator.calibrate import calibrated_threshold, conformal_rank, conformal_threshold, images_needed
 
 

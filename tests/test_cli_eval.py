@@ -138,7 +138,7 @@ def test_cpu_streams_give_the_one_stream_results_in_order_and_give_the_threads_b
     from kano.anomaly_data import load_dataset
     from kano.evaluator import load_model
     from kano.evaluator.evaluate import cpu_streams, run_inference
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
 
     model, _ = load_model(None, "tiny", 64, torch.device("cpu"))
     samples = load_dataset(f"mvtec:{hazelnut_root}").samples("test")

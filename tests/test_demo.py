@@ -23,7 +23,7 @@ MARGIN_UNTRAINED = 0.03  # over CLIP-AC on the same backbone, each of the three 
 def demo_run(tmp_path_factory):
     import subprocess
 
-    from tests.conftest import KANO
+    from conftest import KANO
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     proc = subprocess.run([KANO, "demo", "--out", str(out)], capture_output=True, text=True, timeout=1800)

@@ -13,7 +13,7 @@ import torch
 
 from kano.anomaly_data.io import image_to_array, list_images, load_image
 
-from .conftest import DATA
+from conftest import DATA
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="pip install 'kano[export,runtime]'")
 

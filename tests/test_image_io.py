@@ -15,7 +15,7 @@ from PIL import Image
 
 from kano.anomaly_data import load_image, load_mask
 from kano.anomaly_data.io import MAX_PIXELS_DEFAULT, image_size, max_pixels
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 PHOTO = Path(__file__).parent / "data" / "hazelnut_toy" / "test" / "colour" / "00.jpg"
 MASK = Path(__file__).parent / "data" / "hazelnut_toy" / "ground_truth" / "colour" / "00.png"

@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from kano.knowledge_store import KnowledgeStore, normalise_text
-from tests.conftest import KANO
+from conftest import KANO
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 KEY = "sk-test-SECRET-0123456789abcdef"

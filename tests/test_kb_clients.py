@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from kano.knowledge_store import KnowledgeStore, migrate
-from tests.fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.slow  # a side venv with duckdb 1.1 and a second process holding the KB
 

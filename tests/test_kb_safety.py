@@ -15,8 +15,8 @@ import duckdb
 import pytest
 
 from kano.knowledge_store import KnowledgeStore
-from tests.conftest import KANO
-from tests.fake_openai import FakeOpenAI
+from conftest import KANO
+from fake_openai import FakeOpenAI
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
 COLOUR = sorted((DATA / "test" / "colour").iterdir())

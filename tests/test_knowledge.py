@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip import KAnoCLIP, tokenize
 from kano.knowledge_store import Description, KnowledgeStore
 from kano.trainer import TrainConfig

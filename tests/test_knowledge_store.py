@@ -3,7 +3,7 @@ import json
 import duckdb
 import pytest
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.knowledge_store import (SCHEMA_VERSION, CallRecord, Description, KnowledgeStore, export, import_jsonl, migrate, run_sql,
                              schema_version, stats, upgrade)
 

@@ -1,6 +1,6 @@
 """The package layers, read from the source with `ast` (imports inside functions included): the trainer and
-the evaluator do not import each other (what both need lives below them: kano/files.py, kano/device.py,
-kano/curves.py, kanoclip/runs.py), and the nn.Module files of kanoclip/ do no file or network I/O (weight
+the evaluator do not import each other (what both need lives below them: core/files.py, core/device.py,
+core/curves.py, kanoclip/runs.py), and the nn.Module files of kanoclip/ do no file or network I/O (weight
 resolution is kanoclip/pretrained.py, the run format kanoclip/runs.py)."""
 
 import ast
@@ -17,7 +17,7 @@ NO_IO = ("huggingface_hub", "urllib", "requests", "http", "socket", "threading",
 
 def imports(path: Path) -> set[str]:
     """Every module `path` imports, absolute names (relative ones resolved within the kano namespace)."""
-    pkg = "kano." + path.parent.name if path.parent != ROOT / "kano" else "kano"
+    pkg = "kano" if path.parent == ROOT else "kano." + path.parent.name
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -78,8 +78,29 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path):
 
 
 def test_the_bottom_layer_helpers_import_no_stage():
-    for name in ("files", "device", "curves", "registry"):
-        mods = imports(ROOT / "kano" / f"{name}.py")
+    for path in sorted((ROOT / "core").glob("*.py")):
+        mods = imports(path)
         stages = [m for m in mods for s in ("trainer", "evaluator", "kanoclip", "anomaly_data", "kb_builder", "knowledge_store")
                   if m.startswith(f"kano.{s}")]
-        assert stages == [], name
+        assert stages == [], path.name
+
+
+def test_every_module_of_the_tree_is_kano_dot_its_path():
+    """The repository root is the `kano` package: `kano.X` is `./X` for every module of the packages, nothing
+    remapped (the installed file of each dotted name sits at the same relative path as the source file)."""
+    import importlib.util
+
+    import kano
+
+    installed = Path(kano.__file__).resolve().parent
+    folders = [ROOT] + [p for p in sorted(ROOT.iterdir()) if (p / "__init__.py").is_file()]
+    checked = 0
+    for folder in folders:
+        for f in sorted(folder.glob("*.py")):
+            rel = f.relative_to(ROOT)
+            parts = ["kano", *rel.parent.parts] + ([] if f.stem == "__init__" else [f.stem])
+            spec = importlib.util.find_spec(".".join(parts))
+            assert spec is not None and spec.origin is not None, ".".join(parts)
+            assert Path(spec.origin).resolve().relative_to(installed) == rel, (".".join(parts), spec.origin)
+            checked += 1
+    assert checked > 50 and (ROOT / "cli.py").is_file() and (ROOT / "core" / "registry.py").is_file()

@@ -1,12 +1,12 @@
 """Each trained method's own config (TrainConfig.model is the method's dataclass, named by the registry), older
-run configs still read, and the threshold `kano train` calibrates from the shared ranking curve (kano/curves.py)."""
+run configs still read, and the threshold `kano train` calibrates from the shared ranking curve (core/curves.py)."""
 
 import json
 
 import pytest
 import torch
 
-from kano.curves import f1_threshold
+from kano.core.curves import f1_threshold
 from kano.kanoclip import ModelConfig, build_backbone, build_model
 from kano.kanoclip.anomalyclip import AnomalyCLIPConfig
 from kano.kanoclip.aprilgan import AprilGANConfig

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip import build_backbone
 
 MICRO_DIR = Path(str(resources.files("kano.kanoclip").joinpath("micro")))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.knowledge_store import KnowledgeStore
 
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"

@@ -15,7 +15,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, sys, time
     import open_clip  # imported before the clock starts: every backbone pays for it, it is not the lookup
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
     from kano.kanoclip import build_backbone
     t = time.perf_counter()
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KANO, ROOT
+from conftest import KANO, ROOT
 
 
 def _editable() -> bool:
@@ -41,11 +41,11 @@ def test_imports_come_from_the_installed_package():
 
 
 def test_bottom_layer_imports_nothing_above_it():
-    """kano/errors.py and kano/ui.py are the bottom layer: they import no other Kano package."""
+    """core/errors.py and core/ui.py are the bottom layer: they import no other Kano package."""
     import kano
 
     for name in ("errors.py", "ui.py"):
-        text = (Path(kano.__file__).parent / name).read_text()
+        text = (Path(kano.__file__).parent / "core" / name).read_text()
         for pkg in ("cli", "demo", "knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator"):
             assert f"kano.{pkg}" not in text and f"from kano import {pkg}" not in text, f"{name} imports {pkg} upward"
 
@@ -76,7 +76,9 @@ def test_wheel_installs_only_kano_into_a_fresh_venv(tmp_path):
     added = {p.name for p in site.iterdir()} - before
     assert added == {"kano", f"kano-{__version__}.dist-info"}, sorted(added)
     assert {p.name for p in (env / "bin").iterdir()} - bin_before == {"kano"}
-    for sub in ("evaluator", "kanoclip", "trainer", "kb_builder", "knowledge_store", "anomaly_data"):
+    for sub in ("core", "evaluator", "kanoclip", "trainer", "kb_builder", "knowledge_store", "anomaly_data", "deploy"):
         assert (site / "kano" / sub / "__init__.py").is_file(), f"kano/{sub} missing from the wheel"
+    assert {"cli.py", "api.py", "demo.py", "__init__.py"} <= {p.name for p in (site / "kano").glob("*.py")}
+    assert not {"tests", "bench", "tools", "docs"} & {p.name for p in (site / "kano").iterdir()}, "only the packages install"
     res = subprocess.run([str(py), "-c", "import kano; print(kano.__version__)"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == __version__, res.stderr

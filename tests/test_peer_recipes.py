@@ -231,7 +231,7 @@ def test_rscin_keeps_negative_similarities_as_the_public_code_does():
 def test_musc_map_is_on_the_public_codes_scale():
     """MuSc's stage maps are the MSM distances themselves (mean over r), not halved: checked against the numpy
     references of tests/test_musc.py on the tiny backbone's stage tokens."""
-    from tests.test_musc import np_lnamd, np_msm
+    from test_musc import np_lnamd, np_msm
 
     bb = build_backbone("tiny", image_size=32)
     torch.manual_seed(2)

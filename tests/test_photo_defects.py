@@ -11,9 +11,9 @@ from PIL import Image
 
 from kano.anomaly_data import load_dataset
 from kano.anomaly_data.photo_defects import LOCAL_DEFECTS, PHOTO_DEFECTS, WHOLE_DEFECTS, synthesize_from_photos, whole_change
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
-from .conftest import DATA
+from conftest import DATA
 
 HAZEL = DATA / "hazelnut_toy"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import KANO
+from conftest import KANO
 
 FAST = ("--backbone", "tiny", "--image-size", "32", "--no-maps", "--no-panels")
 

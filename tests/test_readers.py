@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from kano.anomaly_data import load_dataset, load_image, load_mask, prompt_name, synthesize, write_meta
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 
 def img(path: Path, size=(32, 32), mode="RGB", value=128, fmt=None):

@@ -1,4 +1,4 @@
-"""One table of methods (kano/registry.py): the CLI help, `kano eval --method`'s error, the demo's table and
+"""One table of methods (core/registry.py): the CLI help, `kano eval --method`'s error, the demo's table and
 docs/methods.md name exactly its methods; the registry's queries; the untrained KAnoCLIP has its own name and
 `clip-ac` means only WinCLIP's CLIP-AC; every built method meets the Protocol."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kano.registry import METHODS, methods_with
+from kano.core.registry import METHODS, methods_with
 
 ROOT = Path(__file__).resolve().parent.parent
 # Written out by hand: the table a newcomer reads. A new method changes this list and the registry, nothing else.

@@ -13,7 +13,7 @@ from PIL import Image
 
 import kano
 from kano.evaluator.metrics import METRIC_KEYS
-from tests.browser import check_page, no_external_references, screenshot
+from browser import check_page, no_external_references, screenshot
 
 
 @pytest.fixture(scope="module")

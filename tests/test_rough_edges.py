@@ -8,7 +8,7 @@ from PIL import Image
 
 from kano.evaluator import report
 from kano.evaluator import visualize as V
-from tests.conftest import DATA
+from conftest import DATA
 
 
 def _overlay_cell(p: Image.Image) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import KANO
+from conftest import KANO
 
 pytest.importorskip("onnxruntime", reason="pip install 'kano[export,runtime]'")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import KANO
+from conftest import KANO
 
 httpx = pytest.importorskip("httpx", reason="pip install 'kano[serve]' httpx")
 pytest.importorskip("fastapi", reason="pip install 'kano[serve]'")
@@ -265,7 +265,7 @@ def cdp_session(chromium: str, profile: Path):
 
 @pytest.mark.slow
 def test_page_uploads_through_the_file_input_and_shows_decision_and_panel(server, synth_root, tmp_path):
-    from .browser import require_chromium
+    from browser import require_chromium
 
     chromium = require_chromium()
     url, _, _ = server

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from kano.evaluator import table
-from tests.browser import check_page, no_external_references
+from browser import check_page, no_external_references
 
 
 def _result(folder, data, classes, name="m", kind="baseline", setting="per-image", backbone=None, run=None):

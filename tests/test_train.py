@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip import Backbone
 from kano.trainer import TrainConfig, train
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import KANO
+from conftest import KANO
 
 pytestmark = pytest.mark.slow  # two torchrun processes
 

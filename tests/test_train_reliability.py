@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import KANO
+from conftest import KANO
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def _empty(p: Path):
 @pytest.fixture(scope="module")
 def pristine(world, tmp_path_factory):
     """A finished disk cache and the weights trained on it (in this process)."""
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     root = tmp_path_factory.mktemp("pristine")
 

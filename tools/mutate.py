@@ -8,9 +8,9 @@ Your own tree is never edited. A mutant is "killed" when the tests fail, "surviv
     .venv/bin/python tools/mutate.py --only M1,M7    # some
     .venv/bin/python tools/mutate.py --list
 
-The copy is imported ahead of any installed (or editable) Kano: a directory of links laid out as the
-installed `kano` package goes first on PYTHONPATH (tests/conftest.py drops only the copy's root from sys.path). A baseline run
-without a mutant must pass, and the script checks that the imported kanoclip is the copy's.
+The copy is imported ahead of any installed (or editable) Kano: it lies in a folder named `kano` whose parent
+goes first on PYTHONPATH. A baseline run without a mutant must pass, and the script checks that the imported
+kanoclip is the copy's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator"]  # installed as kano.NAME
 MODEL_TESTS = ["tests/test_equations.py", "tests/test_model.py", "tests/test_backbone.py"]
 BACKBONE_TESTS = ["tests/test_backbone.py", "tests/test_equations.py", "tests/test_model.py"]
 KNOWLEDGE_TESTS = ["tests/test_knowledge.py"]
@@ -174,20 +173,17 @@ def tests_for(path: str) -> list[str]:
 
 
 def prepare(tmp: Path) -> tuple[Path, Path]:
-    tree = tmp / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "runs", "demo_out"))
-    links = tmp / "site"
-    pkg = links / "kano"  # the installed layout, kano/ with the top-level folders inside, as links into the copy
-    pkg.mkdir(parents=True)
-    for item in (tree / "kano").iterdir():
-        (pkg / item.name).symlink_to(item)
-    for name in PACKAGES:
-        (pkg / name).symlink_to(tree / name)
-    return tree, links
+    """Copy the tree into TMP/site/kano: the repository root is the `kano` package, so TMP/site on PYTHONPATH
+    makes the copy what `import kano` finds, ahead of an editable install (whose finder comes last)."""
+    site = tmp / "site"
+    tree = site / "kano"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", ".pytest_cache",
+                                                              "runs", "demo_out", "build"))
+    return tree, site
 
 
-def run_tests(tree: Path, links: Path, tests: list[str], timeout: int) -> tuple[bool, float, str]:
-    env = dict(os.environ, PYTHONPATH=str(links), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+def run_tests(tree: Path, site: Path, tests: list[str], timeout: int) -> tuple[bool, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     t0 = time.perf_counter()
     try:
@@ -222,17 +218,15 @@ def main() -> int:
     if stale:
         sys.exit(f"mutants must match their file exactly once; stale (the code moved): {', '.join(stale)}")
     with tempfile.TemporaryDirectory(prefix="kano-mutate-") as td:
-        tree, links = prepare(Path(td))
-        env = dict(os.environ, PYTHONPATH=str(links))
-        # run from the links, not the tree: the tree's own kano/ (without the stage folders) would come first on
-        # sys.path and send kano.kanoclip to the editable install (pytest's conftest drops the tree's root itself)
+        tree, site = prepare(Path(td))
+        env = dict(os.environ, PYTHONPATH=str(site))
         where = subprocess.run([sys.executable, "-c", "import kano.kanoclip as k, kano.trainer as t; print(k.__file__, t.__file__)"],
-                               cwd=links, env=env, capture_output=True, text=True).stdout.split()
+                               cwd=site, env=env, capture_output=True, text=True).stdout.split()
         if not where or not all(w.startswith(td) for w in where):
             sys.exit(f"the copy must be what Python imports, got {where}")
         if not args.skip_baseline:
             files = sorted({t for m in chosen for t in tests_for(m[1])})
-            ok, secs, tail = run_tests(tree, links, files, args.timeout)
+            ok, secs, tail = run_tests(tree, site, files, args.timeout)
             print(f"baseline (no mutant): {'pass' if ok else 'FAIL'} in {secs:.0f}s  {tail}", flush=True)
             if not ok:
                 return 2
@@ -242,7 +236,7 @@ def main() -> int:
             original = f.read_text()
             f.write_text(original.replace(old, new, 1))
             try:
-                passed, secs, tail = run_tests(tree, links, tests_for(path), args.timeout)
+                passed, secs, tail = run_tests(tree, site, tests_for(path), args.timeout)
             finally:
                 f.write_text(original)
             status = "survived" if passed else "killed"

@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from kano.anomaly_data import Sample, SampleDataset, raise_batch_errors
-from kano.errors import KanoError
-from kano.files import umask
+from kano.core.errors import KanoError
+from kano.core.files import umask
 from kano.kanoclip import KAnoCLIP, VisualFeatures, backbone_autocast
 
-from kano.distributed import Dist
+from kano.core.distributed import Dist
 
 
 def backbone_fingerprint(model: KAnoCLIP) -> str:

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kano.errors import KanoError
-from kano.files import atomic_write, git_commit, library_versions  # noqa: F401  (the records a run writes)
+from kano.core.errors import KanoError
+from kano.core.files import atomic_write, git_commit, library_versions  # noqa: F401  (the records a run writes)
 from kano.kanoclip.runs import CONFIG, RUN_KEYS, WEIGHTS, load_run, read_config, save_config, save_weights, weights_digest  # noqa: F401
 
 LOG = "train_log.jsonl"

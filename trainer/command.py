@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kano import ui
+from kano.core import ui
 
 
 def _is_main() -> bool:
@@ -62,7 +62,7 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
     if is_one_class(cfg.method):
         return fit(cfg, resume, holdout, min_holdout)
     if holdout is not None:
-        from kano.errors import KanoError
+        from kano.core.errors import KanoError
 
         raise KanoError(f"--holdout is used by the one-class methods (fitted on normal photos), got it with --method {cfg.method}")
     main = _is_main()
@@ -90,7 +90,7 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
 
 def fit(cfg, resume: bool, holdout: float | None, min_holdout: int) -> dict:
     """`kano train --method NAME` of a one-class method: fit, print what was chosen and where the run is."""
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
     from kano.trainer.one_class import fit_run
 
     if resume:

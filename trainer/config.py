@@ -2,7 +2,7 @@
 
 Defaults and their source: the backbone (ViT-L/14@336) is the paper's; image size 518, stages 6/12/18/24,
 Adam 1e-3 with betas (0.5, 0.999), batch 8 and 15 epochs are AnomalyCLIP's published settings, which the
-KAnoCLIP paper does not state. `model` is the chosen method's own config dataclass (kano/registry.py names it:
+KAnoCLIP paper does not state. `model` is the chosen method's own config dataclass (core/registry.py names it:
 KAnoCLIP's ModelConfig, AprilGANConfig, AnomalyCLIPConfig), with that method's published defaults.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip import ModelConfig, model_config
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
@@ -22,7 +22,7 @@ CACHE_MODES = ("auto", "memory", "disk", "off")
 
 @dataclass
 class TrainConfig:
-    method: str = "kanoclip"                          # a trained or one-class method of kano/registry.py
+    method: str = "kanoclip"                          # a trained or one-class method of core/registry.py
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
     backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 from kano.kanoclip import KAnoCLIP, knowledge_vector
 from kano.knowledge_store import KnowledgeStore
 

@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 
 from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, raise_batch_errors
-from kano.curves import f1_threshold
-from kano.device import resolve_device
-from kano.errors import KanoError
-from kano.files import read_manifest
+from kano.core.curves import f1_threshold
+from kano.core.device import resolve_device
+from kano.core.errors import KanoError
+from kano.core.files import read_manifest
 
 from . import checkpoint as ckpt
 from .config import TrainConfig

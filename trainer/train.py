@@ -14,17 +14,17 @@ import numpy as np
 import torch
 
 from kano.anomaly_data import Sample, SampleDataset, image_size, load_dataset, load_mask, mask_to_tensor, prompt_name, raise_batch_errors
-from kano.curves import f1_threshold
-from kano.device import resolve_device
-from kano.errors import KanoError
-from kano.files import atomic_write, read_manifest
+from kano.core.curves import f1_threshold
+from kano.core.device import resolve_device
+from kano.core.errors import KanoError
+from kano.core.files import atomic_write, read_manifest
 from kano.kanoclip import VisualFeatures, backbone_autocast, build_model, method_backbone
 from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
 from .cache import FeatureStore, build_feature_store, choose_mode, estimate_bytes
 from .config import TrainConfig, method_model_config
-from kano.distributed import Dist
+from kano.core.distributed import Dist
 from .knowledge import fallback_warning, knowledge_vectors
 
 

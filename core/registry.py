@@ -114,7 +114,7 @@ def methods_with(kind: str | None = None, needs: str | None = None, references: 
 
 def method_spec(name: str, flag: str = "--method") -> MethodSpec:
     """The registry entry of `name`, or a KanoError listing every method."""
-    from kano.errors import KanoError
+    from kano.core.errors import KanoError
 
     if name not in METHODS:
         raise KanoError(f"{flag} must be one of {', '.join(METHODS)}, got {name!r}")

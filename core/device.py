@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 
 def resolve_device(device: str | None) -> torch.device:

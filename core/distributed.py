@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 
 class Dist:

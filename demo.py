@@ -2,7 +2,7 @@
 
 Trains KAnoCLIP on the auxiliary classes of anomaly_data.world (defect kinds SEEN_DEFECTS only) and
 evaluates it zero-shot on the disjoint target classes (every kind, HELD_OUT_DEFECTS included), then
-prints one table beside the registry's demo methods on the same backbone (kano/registry.py, `demo=True`): the
+prints one table beside the registry's demo methods on the same backbone (core/registry.py, `demo=True`): the
 untrained model (fixed prompts), zero-shot CLIP-AC and WinCLIP, the zero-parameter detectors (per image) and
 the transductive floors (which score each test image against the others).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kano import ui
-from kano.registry import METHODS as REGISTRY, methods_with
+from kano.core import ui
+from kano.core.registry import METHODS as REGISTRY, methods_with
 
 DEMO_BACKBONE = "micro"
 DEMO_SIZE = 96           # image side for data, training and evaluation (the micro-CLIP's own size)

@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from kano.errors import KanoError
+from kano.core.errors import KanoError
 
 THRESHOLD_SOURCES = ("command line", "calibration", "run")
 

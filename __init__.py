@@ -8,9 +8,8 @@ runtime may import this package.
     det = kano.Detector.load("runs/x")          # a trained run
     res = det("photo.png", class_name="bottle")   # -> kano.Result: score, map (H, W), decision, threshold
 
-The packages of the stages install under this namespace: kano.knowledge_store, kano.kb_builder,
-kano.kanoclip, kano.anomaly_data, kano.trainer, kano.evaluator. kano.errors and kano.ui are the bottom
-layer: they import no other Kano package.
+This file is the repository's root: `kano.X` is `./X` (kano.cli is ./cli.py, kano.trainer is ./trainer/).
+kano.core is the bottom layer: it imports no other Kano package.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Detector": "kano.api",
     "Result": "kano.api",
-    "KanoError": "kano.errors",
+    "KanoError": "kano.core.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

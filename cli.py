@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from kano.errors import KanoError, os_error_message
+from kano.core.errors import KanoError, os_error_message
 
 
 def _data_kinds() -> str:
@@ -25,14 +25,14 @@ DATA_HELP = f"dataset as KIND:PATH, KIND one of {DATA_KINDS} (e.g. mvtec:/data/m
 
 
 def _names(**query) -> str:
-    """Method names from the one table (kano/registry.py), comma-separated."""
-    from kano.registry import methods_with
+    """Method names from the one table (core/registry.py), comma-separated."""
+    from kano.core.registry import methods_with
 
     return ", ".join(methods_with(**query))
 
 
 def _per_image_with_backbone() -> str:
-    from kano.registry import METHODS
+    from kano.core.registry import METHODS
 
     return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
 
@@ -129,7 +129,7 @@ def kb_sql(
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
 ):
     """Query the knowledge base with SQL (read-only)."""
-    from kano import ui
+    from kano.core import ui
     from kano.knowledge_store import run_sql
 
     if fmt not in ("table", "csv", "json"):
@@ -473,7 +473,7 @@ def calibrate_cmd(
 ):
     """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
     normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
-    from kano import ui
+    from kano.core import ui
     from kano.evaluator import calibrate
     from kano.evaluator.command import check_common
 
