@@ -7,13 +7,14 @@
 Evaluation sets (made here, per seed; the seed changes the split, the crops and the defects):
 - hazelnut: the real hazelnut photos (Intel's Hazelnut Toy, CC-BY-4.0: ../shared/data/hazelnut_toy, the 512-px
   originals, when present, else the 256-px copies in tests/data/hazelnut_toy): its 34 good photos at 256 px,
-  shuffled, 18 to fit and 16 good test photos; small local defects and whole-image defects drawn here on the
-  test photos, and the set's 17 real painted defects (small) with their masks.
+  shuffled, 18 to fit and 12 good test photos; small local defects (3 per kind) and whole-image defects (1 per
+  kind) drawn here on the test photos, and 8 of the set's 17 real painted defects (small) with their masks.
 - brick, grass: crops of 128 px from two CC0 texture photos of scikit-image (bench/data/textures, SOURCE.md
-  there): fit crops from the upper half of the photo, test crops from the lower half, so no test pixel was seen
-  in fitting; small and whole-image defects drawn here.
-- hazelnut1024: the hazelnut photos scaled to 1024 px (from the 512-px originals), 10 to fit, 8 good test photos
-  and 8 with a defect of about 1 % of the side (a 10-15 px spot or stain).
+  there): 20 fit crops from the upper half of the photo, 12 good test crops from the lower half, so no test pixel
+  was seen in fitting; small (3 per kind) and whole-image defects (1 per kind) drawn here.
+- hazelnut1024: the hazelnut photos scaled to 1024 px (from the 512-px originals), 10 to fit, 6 good test photos
+  and 6 with a defect of about 1 % of the side (a 10-15 px spot or stain).
+--scale multiplies every count (fit sets at least 4 photos).
 
 Defects: the kinds below are drawn by this file's own code from its own random streams (BENCH_SALT), with other
 formulas than `kano data synth --from` where both have a kind of the same sort (PIL's enhancers against
@@ -90,7 +91,7 @@ class SetSpec:
     n_good: int
     n_small: int         # images per small kind
     n_whole: int         # images per whole-image kind
-    painted: bool = False
+    n_painted: int = 0   # real painted defects (hazelnut: up to 17)
     tiny: bool = False
 
 
@@ -98,10 +99,10 @@ def default_sets(scale: float = 1.0) -> dict[str, SetSpec]:
     """The sets at `scale` x their default counts (at least 1 each, fit at least 4)."""
     n = lambda v, low=1: max(low, int(round(v * scale)))
     return {
-        "hazelnut": SetSpec("hazelnut", "hazelnut", 256, n(18, 4), n(16), n(4), n(2), painted=True),
-        "brick": SetSpec("brick", "brick", 128, n(20, 4), n(16), n(4), n(2)),
-        "grass": SetSpec("grass", "grass", 128, n(20, 4), n(16), n(4), n(2)),
-        "hazelnut1024": SetSpec("hazelnut1024", "hazelnut", 1024, n(10, 4), n(8), n(4), 0, tiny=True),
+        "hazelnut": SetSpec("hazelnut", "hazelnut", 256, n(18, 4), n(12), n(3), n(1), n_painted=min(17, n(8))),
+        "brick": SetSpec("brick", "brick", 128, n(20, 4), n(12), n(3), n(1)),
+        "grass": SetSpec("grass", "grass", 128, n(20, 4), n(12), n(3), n(1)),
+        "hazelnut1024": SetSpec("hazelnut1024", "hazelnut", 1024, n(10, 4), n(6), n(3), 0, tiny=True),
     }
 
 
@@ -271,8 +272,10 @@ def build_set(spec: SetSpec, seed: int, out: Path, hazel: Path) -> dict:
             r = _rng(seed, spec.name, kind, i)
             j = int(r.integers(len(good)))
             save(kind, "whole", i, whole_defect(kind, good[j], r), np.ones(good[j].shape[:2], bool), j)
-    if spec.painted:
-        for i, f in enumerate(sorted((hazel / "test" / "colour").iterdir())):
+    if spec.n_painted:
+        painted = sorted((hazel / "test" / "colour").iterdir())
+        pick = sorted(_rng(seed, spec.name, "painted").permutation(len(painted))[:spec.n_painted])
+        for i, f in enumerate(painted[k] for k in pick):
             img = Image.open(f).convert("RGB").resize((spec.side, spec.side), Image.Resampling.LANCZOS)
             m = Image.open(hazel / "ground_truth" / "colour" / f"{f.stem}.png").convert("L")
             mask = np.asarray(m.resize((spec.side, spec.side), Image.Resampling.NEAREST)) > 127
@@ -523,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every set's photo and defect counts")
     ap.add_argument("--fresh", action="store_true", help="score every method again (default: keep the scored rows of "
                                                           "OUT/results.json for the same set, seed, method and options)")
+    ap.add_argument("--redo", default="", help="comma-separated methods to score again even when OUT/results.json has them")
     ap.add_argument("--hazelnut", type=Path, default=None, help="the Hazelnut Toy folder (default: ../shared/data/hazelnut_toy, "
                                                                 "else tests/data/hazelnut_toy)")
     args = ap.parse_args(argv)
@@ -553,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.fresh and (out / "results.json").is_file():
         old = json.loads((out / "results.json").read_text())
         if all(old.get("args", {}).get(k) == getattr(args, k) for k in same):
-            kept = {(r["set"], r["seed"], r["method"]): r for r in old["rows"] if "metrics" in r}
+            redo = {m.strip() for m in args.redo.split(",") if m.strip()}
+            kept = {(r["set"], r["seed"], r["method"]): r for r in old["rows"] if "metrics" in r and r["method"] not in redo}
     rows: list[dict] = []
     for seed in seeds:
         for name in sets:

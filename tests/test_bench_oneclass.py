@@ -35,7 +35,7 @@ def test_auroc_by_hand():
 @pytest.fixture(scope="module")
 def small_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
-    hz = oc.SetSpec("hazelnut", "hazelnut", 96, 5, 4, 1, 1, painted=True)
+    hz = oc.SetSpec("hazelnut", "hazelnut", 96, 5, 4, 1, 1, n_painted=3)
     tex = oc.SetSpec("brick", "brick", 64, 4, 3, 1, 1)
     big = oc.SetSpec("big", "hazelnut", 512, 4, 2, 2, 0, tiny=True)
     return {s.name: (s, oc.build_set(s, 3, root / s.name, HAZEL), root / s.name) for s in (hz, tex, big)}
@@ -45,7 +45,7 @@ def test_masks_groups_and_sources(small_sets):
     for spec, labels, _ in small_sets.values():
         groups = [r["group"] for r in labels["images"]]
         assert groups.count("good") == spec.n_good
-        n_small = len(oc.TINY if spec.tiny else oc.SMALL) * spec.n_small + (17 if spec.painted else 0)
+        n_small = len(oc.TINY if spec.tiny else oc.SMALL) * spec.n_small + spec.n_painted
         assert groups.count("small") == n_small and groups.count("whole") == (len(oc.WHOLE) * spec.n_whole)
         for r in labels["images"]:
             img = _rgb(r["image"])
