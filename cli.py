@@ -42,7 +42,8 @@ METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (
                f"{_names(kind='zero-shot')}. Zero-parameter, per image: {_names(kind='zero-parameter')}; transductive (sees "
                f"the whole test set): {_names(kind='transductive')} ({_names(kind='transductive', needs='backbone')} with "
                f"--backbone). Memory of labelled auxiliary features: {_names(kind='memory')} (with --backbone and --aux). "
-               f"Trained methods ({_names(kind='trained')}): --run of a `kano train --method` run")
+               f"Trained methods ({_names(kind='trained')}) and one-class methods ({_names(kind='one-class')}): --run of a "
+               "`kano train --method` run")
 
 
 # Plain click help (rich_markup_mode=None): flags read "--force", not "--force <bool>", and help stays
@@ -333,7 +334,7 @@ def train_cmd(
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
     if holdout is not None and isinstance(result, dict) and result.get("holdout_files"):
-        from kano import ui
+        from kano.core import ui
         from kano.evaluator import calibrate
 
         files = {c: [Path(f) for f in fs] for c, fs in result["holdout_files"].items()}
