@@ -67,6 +67,16 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                "over patch features (shared or per position) and one over whole-image statistics, each standardised on "
                "normal photos it was not fitted on, combined by their maximum; variants chosen on synthetic defects only",
                _RUN, ("run",), model="kano.kanoclip.oneclass:OneClass", config="kano.kanoclip.oneclass:OneClassConfig"),
+    MethodSpec("patchcore", "one-class", "PatchCore", "Roth et al., PatchCore (CVPR 2022), the authors' recipe "
+               "(github.com/amazon-science/patchcore-inspection): locally aware features of two middle stages (3x3 "
+               "neighbourhoods, adaptive average pooling to 1024), greedy k-center coreset of 10 % after a random "
+               "projection, nearest-neighbour distance, the paper's image-score reweighting; equal to anomalib 2.7.0's "
+               "PatchcoreModel on identical features (kanoclip/patchcore.py; docs/peers.md)", _RUN, ("run",),
+               model="kano.kanoclip.patchcore:PatchCore", config="kano.kanoclip.patchcore:PatchCoreConfig"),
+    MethodSpec("padim", "one-class", "PaDiM", "Defard et al., PaDiM (ICPR 2020): a Gaussian per position over three "
+               "stages' concatenated features (a random subset of 100 channels), Mahalanobis distance, anomalib's "
+               "regulariser; equal to anomalib 2.7.0's PadimModel on identical features (kanoclip/padim.py; "
+               "docs/peers.md)", _RUN, ("run",), model="kano.kanoclip.padim:Padim", config="kano.kanoclip.padim:PadimConfig"),
     MethodSpec("kanoclip-untrained", "zero-shot", "KAnoCLIP untrained (fixed prompts)",
                "KAnoCLIP's model with KnPL, Bi-CMCI and Conv-Adapter off: fixed 'a photo of a normal/abnormal [class]' "
                "prompts on CLIP-VV patch tokens, no training (kanoclip/model.py)", "kano.evaluator.loading:load_untrained",

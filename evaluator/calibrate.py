@@ -157,9 +157,14 @@ def _training_overlap(run_dir: Path, files: list[Path]) -> list[tuple[Path, str]
     from kano.anomaly_data import load_dataset
     from kano.kanoclip.runs import read_config
 
-    spec = read_config(run_dir).get("data")
+    cfg = read_config(run_dir)
+    spec = cfg.get("data")
     try:
-        train_files = [Path(s.image_path) for s in load_dataset(str(spec), missing_masks="ignore").samples(split=None)]
+        ds = load_dataset(str(spec), missing_masks="ignore")
+        if cfg.get("kind") == "one-class":  # fitted on train/good only: the dataset's test photos were never seen
+            train_files = [Path(s.image_path) for s in ds.samples("train", cfg.get("train_classes")) if s.label == 0]
+        else:
+            train_files = [Path(s.image_path) for s in ds.samples(split=None)]
     except Exception:  # training data moved or gone: nothing to compare with
         return []
     sizes: dict[int, list[Path]] = {}

@@ -28,16 +28,13 @@ anomalib/models/components/stats; the paper; docs/peers.md lists file and line o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import Backbone, spread_stages
 from .model import InferenceBatch, full_precision
-from .patchcore import smooth, stage_grids
-from .protocol import MethodDefaults
+from .one_class import OneClassModel
+from .patchcore import peer_stages, smooth, stage_grids, to_encoder_side, unit
 
 
 @dataclass
@@ -48,6 +45,8 @@ class PadimConfig:
     regularizer: float = 0.01      # anomalib MultiVariateGaussian: + 0.01 * identity (the paper's ε I)
     stabilizer: float = 1e-5       # anomalib MultiVariateGaussian: + 1e-5 * identity before the inverse
     sigma: float = 4.0             # anomalib padim AnomalyMapGenerator sigma
+    stages: tuple[int, ...] | None = None  # None: the first three of four spread blocks (layer1-3's counterpart)
+    encoder_side: int | None = None  # the backbone's input side; None: its own (micro 96, ViT-L-14-336 518)
     seed: int = 0                  # Kano's: seeds the channel subset (anomalib draws from the global generator)
 
     def __post_init__(self):
@@ -58,9 +57,16 @@ class PadimConfig:
                              f"invertible), got {self.regularizer} and {self.stabilizer}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
+        if self.stages is not None:
+            self.stages = tuple(int(v) for v in self.stages)
+        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
+                                              or self.encoder_side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["stages"] = list(self.stages) if self.stages is not None else None
+        return d
 
 
 def first_stages(depth: int) -> list[int]:
@@ -112,35 +118,41 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> t
     return q.clamp_min(0).sqrt()
 
 
-class Padim(nn.Module, MethodDefaults):
-    """PaDiM on a frozen backbone whose `stages` are the three PaDiM stages (`first_stages`).
+class Padim(OneClassModel):
+    """PaDiM (module docstring) on a frozen backbone. forward(images (N, 3, S, S) normalised with the backbone's
+    mean and std, class_names ignored) -> InferenceBatch: anomaly_map (N, S, S) in [0, 1) (`unit` of the smoothed
+    Mahalanobis map, scale sqrt(d): a normal feature's expected distance), image_score (N,) its maximum,
+    stage_maps (N, 1, g, g) (the raw distances). `raw(images)` gives the distances, as anomalib reports them.
 
-    Buffers (saved as safetensors, exported as graph constants): `channels` (d,), `mean` (L, d), `inv_cov`
-    (L, d, d). forward(images (N, 3, S, S) normalised, class_names [N]) -> InferenceBatch: image_score (N,) (the
-    smoothed map's maximum), anomaly_map (N, S, S), stage_maps (N, 1, g, g) (the Mahalanobis distances)."""
+    Fitted tensors (buffers: saved in the run, graph constants in the export): channels (d,), mean (L, d),
+    inv_cov (L, d, d)."""
 
-    feature_spec = {"vv": False, "raw": True}
+    method = "padim"
+    default_image_size = 256   # anomalib's and the authors' resize side (Kano squashes instead of centre-cropping)
 
-    def __init__(self, backbone: Backbone, cfg: PadimConfig | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.cfg = cfg or PadimConfig()
-        n_total = backbone.width * len(backbone.stages)
-        self.register_buffer("channels", channel_subset(n_total, min(self.cfg.n_features, n_total), self.cfg.seed))
-        self.register_buffer("mean", torch.zeros(0, self.channels.numel()))
-        self.register_buffer("inv_cov", torch.zeros(0, self.channels.numel(), self.channels.numel()))
+    def __init__(self, encoder: Backbone, cfg: PadimConfig | None = None, image_size: int = 256):
+        super().__init__(encoder, cfg or PadimConfig(), image_size)
+        if encoder is None:
+            raise ValueError("padim reads a backbone's patch features: --backbone must name one (tiny, micro, "
+                             "ViT-B-16-quickgelu:openai, ...), got none")
+        encoder.set_layers(peer_stages(encoder, first_stages(encoder.depth), self.cfg.stages), encoder.depth)
+        n_total = encoder.width * len(encoder.stages)
+        self.register_fitted("channels", channel_subset(n_total, min(self.cfg.n_features, n_total), self.cfg.seed))
 
-    @staticmethod
-    def published_layers(depth: int) -> tuple[list[int], int]:
-        """(stages, vv_start): the first three of four spread stages; no V-V path (vv_start = depth)."""
-        return first_stages(depth), depth
+    @classmethod
+    def encoder_image_size(cls, cfg) -> int | None:
+        return cfg.encoder_side
 
-    def train(self, mode: bool = True):  # nothing trains by gradient; the backbone stays frozen
-        return super().train(False)
+    def fitted_names(self) -> tuple[str, ...]:
+        return ("channels", "mean", "inv_cov")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "stages": list(self.encoder.stages), "encoder_side": self.encoder.image_size,
+                "n_features": int(self.channels.numel())}
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images -> (the chosen channels of the concatenated stages (N, g * g, d), (g, g))."""
-        grids = stage_grids(self.backbone, images)
+        """images (N, 3, S, S) -> (the chosen channels of the concatenated stages (N, g * g, d), (g, g))."""
+        grids = stage_grids(self.encoder, to_encoder_side(images, self.encoder.image_size))
         return self.select(grids), tuple(grids[0].shape[-2:])
 
     def select(self, grids: list[torch.Tensor]) -> torch.Tensor:
@@ -151,10 +163,11 @@ class Padim(nn.Module, MethodDefaults):
         return cat.index_select(1, self.channels).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> dict:
-        """batches of normal images (n, 3, S, S) -> fits the Gaussians; returns what was fitted."""
+    def fit(self, data) -> dict:
+        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches."""
+        batches = data.good() if hasattr(data, "good") else ((x, None) for x in data)
         moments = GaussianMoments()
-        for images in batches:
+        for images, _ in batches:
             emb, _ = self.embed(images.to(self.backbone.device))
             moments.add(emb)
         return self.fit_moments(moments)
@@ -162,24 +175,31 @@ class Padim(nn.Module, MethodDefaults):
     @torch.no_grad()
     def fit_moments(self, moments: GaussianMoments) -> dict:
         if moments.n == 0:
-            raise ValueError("PaDiM needs at least 2 normal images to fit, got none")
-        self.mean, self.inv_cov = moments.gaussian(self.cfg.regularizer, self.cfg.stabilizer)
-        return {"images": moments.n, "positions": int(self.mean.shape[0]), "n_features": int(self.mean.shape[1])}
+            raise ValueError("padim needs at least 2 normal images to fit, got none")
+        mean, inv_cov = moments.gaussian(self.cfg.regularizer, self.cfg.stabilizer)
+        self.register_fitted("mean", mean.to(self.backbone.device))
+        self.register_fitted("inv_cov", inv_cov.to(self.backbone.device))
+        return {"images": moments.n, "positions": int(mean.shape[0]), "n_features": int(mean.shape[1])}
 
     def score_embedding(self, emb: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> InferenceBatch:
-        """embedding (N, L, d) on grid (g, g) -> InferenceBatch at `size`."""
-        if self.mean.shape[0] == 0:
-            raise ValueError("PaDiM's Gaussians are not fitted: fit it on normal images first")
+        """embedding (N, L, d) on grid (g, g) -> raw InferenceBatch (distances) at `size`."""
+        if getattr(self, "mean", None) is None:
+            raise ValueError("padim's Gaussians are not fitted: fit it on normal images first")
         if emb.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"PaDiM was fitted on a grid of {self.mean.shape[0]} positions, got {emb.shape[1]} "
-                             f"(images must have the size it was fitted at)")
+            raise ValueError(f"padim was fitted on a grid of {self.mean.shape[0]} positions, got {emb.shape[1]}")
         dist = mahalanobis(emb, self.mean, self.inv_cov).view(-1, 1, *grid)
         up = F.interpolate(dist, size=size, mode="bilinear", align_corners=False)[:, 0]
         amap = smooth(up, self.cfg.sigma)
         return InferenceBatch(amap.flatten(1).amax(1), amap, dist)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
+    def raw(self, images: torch.Tensor) -> InferenceBatch:
         emb, grid = self.embed(images)
         with full_precision(images.device):
             return self.score_embedding(emb.float(), grid, tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
+        r = self.raw(images)
+        scale = float(self.channels.numel()) ** 0.5
+        return InferenceBatch(unit(r.image_score, scale), unit(r.anomaly_map, scale), r.stage_maps)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, grid_hw, spread_stages
 from .model import InferenceBatch, backbone_autocast, full_precision
-from .protocol import MethodDefaults
+from .one_class import OneClassModel
 
 
 @dataclass
@@ -71,6 +70,8 @@ class PatchCoreConfig:
     sigma: float = 4.0                 # authors: common.py RescaleSegmentor.smoothing; anomalib sigma
     upsample: str = "bilinear"         # authors: RescaleSegmentor (anomalib's PatchCore map: "nearest")
     max_fit_patches: int = 1_000_000   # Kano's bound on the memory before subsampling
+    stages: tuple[int, ...] | None = None  # None: the middle two of four spread blocks (layer2, layer3's counterpart)
+    encoder_side: int | None = None  # the backbone's input side; None: its own (micro 96, ViT-L-14-336 518)
     seed: int = 0                      # authors: run_patchcore.py --seed 0
 
     def __post_init__(self):
@@ -86,9 +87,16 @@ class PatchCoreConfig:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
         if self.upsample not in ("bilinear", "nearest"):
             raise ValueError(f"upsample must be one of bilinear, nearest, got {self.upsample!r}")
+        if self.stages is not None:
+            self.stages = tuple(int(v) for v in self.stages)
+        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
+                                              or self.encoder_side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["stages"] = list(self.stages) if self.stages is not None else None
+        return d
 
 
 # ---------------------------------------------------------------- shared by PatchCore and PaDiM
@@ -145,31 +153,14 @@ def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- locally aware patch features
 
-def adaptive_bins(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bins of torch's adaptive average pooling from n_in to n_out, as gather indices (n_out, w) and weights
-    (n_out, w) (1 / bin length inside the bin, 0 in the padding): bin i is [floor(i n_in / n_out),
-    ceil((i + 1) n_in / n_out))."""
-    starts = [(i * n_in) // n_out for i in range(n_out)]
-    ends = [-((-(i + 1) * n_in) // n_out) for i in range(n_out)]
-    width = max(e - s for s, e in zip(starts, ends))
-    idx = torch.zeros(n_out, width, dtype=torch.long)
-    wts = torch.zeros(n_out, width)
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        idx[i, : e - s] = torch.arange(s, e)
-        idx[i, e - s:] = s
-        wts[i, : e - s] = 1.0 / (e - s)
-    return idx, wts
-
-
 def adaptive_mean(x: torch.Tensor, n_out: int) -> torch.Tensor:
-    """x (..., n_in) -> (..., n_out): adaptive average pooling over the last axis (the authors' `MeanMapper`
-    and `Aggregator`), written as a gather and a weighted sum so that it exports for any sizes."""
+    """x (..., n_in) -> (..., n_out): adaptive average pooling over the last axis, bin i = [floor(i n_in / n_out),
+    ceil((i + 1) n_in / n_out)) (the authors' `MeanMapper` and `Aggregator`; it exports to ONNX for any sizes)."""
     n_in = x.shape[-1]
     if n_in == n_out:
         return x
-    idx, wts = adaptive_bins(n_in, n_out)
-    g = x[..., idx.to(x.device)]                                     # (..., n_out, w)
-    return (g * wts.to(x.device, x.dtype)).sum(-1)
+    lead = x.shape[:-1]
+    return F.adaptive_avg_pool1d(x.reshape(-1, 1, n_in), n_out).reshape(*lead, n_out)
 
 
 def neighbourhoods(grid: torch.Tensor, size: int) -> torch.Tensor:
@@ -252,82 +243,99 @@ def support_sets(bank: torch.Tensor, b: int, chunk: int = 1024) -> torch.Tensor:
     return torch.cat(out)
 
 
-# ---------------------------------------------------------------- the scorer and the method
+# ---------------------------------------------------------------- scoring and the method
 
-class PatchCoreScorer(nn.Module):
-    """The fitted part: `memory_bank` (M, D) and `support` (M, b), both buffers (saved as safetensors, exported
-    as graph constants). forward(embedding (N, L, D)) -> (patch distances (N, L), image scores (N,))."""
-
-    def __init__(self, dim: int, num_neighbors: int):
-        super().__init__()
-        self.num_neighbors = num_neighbors
-        self.register_buffer("memory_bank", torch.zeros(0, dim))
-        self.register_buffer("support", torch.zeros(0, num_neighbors, dtype=torch.long))
-
-    @torch.no_grad()
-    def set_memory(self, bank: torch.Tensor) -> None:
-        self.memory_bank = bank.float().contiguous()
-        self.support = support_sets(self.memory_bank, self.num_neighbors)
-
-    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.memory_bank.shape[0] == 0:
-            raise ValueError("PatchCore's memory bank is empty: fit it on normal images first")
-        n, l, _ = embedding.shape
-        dist = euclidean(embedding, self.memory_bank)                   # (N, L, M)
-        scores, nearest = dist.min(-1)                                   # (N, L)
-        if self.num_neighbors == 1:
-            return scores, scores.amax(1)
-        worst = scores.argmax(1)                                         # m^test,* per image
-        rows = torch.arange(n, device=embedding.device)
-        s_star = scores[rows, worst]
-        m_star = nearest[rows, worst]
-        feat = embedding[rows, worst].unsqueeze(1)                       # (N, 1, D)
-        neigh = self.memory_bank[self.support[m_star]]                   # (N, b, D), m* first
-        w = 1 - torch.softmax(euclidean(feat, neigh)[:, 0], dim=-1)[:, 0]
-        return scores, w * s_star
+def patchcore_scores(embedding: torch.Tensor, bank: torch.Tensor, support: torch.Tensor,
+                     num_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """embedding (N, L, D), bank (M, D), support (M, b) -> (patch distances (N, L), image scores (N,)): the nearest
+    memory entry's distance per patch (a matrix product and a minimum), and the paper's eq. 7 on the worst patch."""
+    n = embedding.shape[0]
+    dist = euclidean(embedding, bank)                                    # (N, L, M)
+    scores, nearest = dist.min(-1)                                       # (N, L)
+    if num_neighbors == 1:
+        return scores, scores.amax(1)
+    worst = scores.argmax(1)                                             # m^test,* per image
+    rows = torch.arange(n, device=embedding.device)
+    s_star = scores[rows, worst]
+    m_star = nearest[rows, worst]
+    feat = embedding[rows, worst].unsqueeze(1)                           # (N, 1, D)
+    neigh = bank[support[m_star]]                                        # (N, b, D), m* first
+    w = 1 - torch.softmax(euclidean(feat, neigh)[:, 0], dim=-1)[:, 0]
+    return scores, w * s_star
 
 
-class PatchCore(nn.Module, MethodDefaults):
-    """PatchCore on a frozen backbone whose `stages` are the two PatchCore stages (`middle_stages`).
+def unit(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A distance x >= 0 -> x / (x + scale) in [0, 1), increasing (ranks and AUROC unchanged); x = scale is 0.5."""
+    return x / (x + scale)
 
-    forward(images (N, 3, S, S) normalised, class_names [N]) -> InferenceBatch: image_score (N,) (the
-    reweighted distance, unbounded), anomaly_map (N, S, S) (smoothed distances), stage_maps (N, 1, g, g) (the patch
-    distances). Fit with `fit(batches)` on normal images."""
 
-    feature_spec = {"vv": False, "raw": True}
+def to_encoder_side(images: torch.Tensor, side: int) -> torch.Tensor:
+    """images (N, 3, S, S) -> (N, 3, side, side): bilinear with antialiasing (the authors resize with PIL's
+    antialiased bilinear), unchanged when S is already the encoder's side."""
+    if images.shape[-1] == side and images.shape[-2] == side:
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
-    def __init__(self, backbone: Backbone, cfg: PatchCoreConfig | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.cfg = cfg or PatchCoreConfig()
-        self.scorer = PatchCoreScorer(self.cfg.target_embed_dim, self.cfg.num_neighbors)
 
-    @staticmethod
-    def published_layers(depth: int) -> tuple[list[int], int]:
-        """(stages, vv_start): the middle two of four spread stages; no V-V path (vv_start = depth)."""
-        return middle_stages(depth), depth
+def peer_stages(encoder: Backbone, published: list[int], given: tuple[int, ...] | None) -> list[int]:
+    """The stages a one-class peer reads: `given` (its config), else those the encoder was built with when they are
+    not the default spread (`--stages`, or a run's recorded stages), else the published choice."""
+    if given:
+        return list(given)
+    if list(encoder.stages) != spread_stages(encoder.depth):
+        return list(encoder.stages)
+    return published
 
-    def train(self, mode: bool = True):  # nothing trains by gradient; the backbone stays frozen
-        return super().train(False)
+
+class PatchCore(OneClassModel):
+    """PatchCore (module docstring) on a frozen backbone. forward(images (N, 3, S, S) normalised with the
+    backbone's mean and std, class_names ignored) -> InferenceBatch: image_score (N,) and anomaly_map (N, S, S) in
+    [0, 1) (`unit` of the reweighted distance and of the smoothed distance map), stage_maps (N, 1, g, g) (the raw
+    patch distances). `raw(images)` gives the distances themselves, as anomalib reports them.
+
+    Fitted tensors (buffers: saved in the run, graph constants in the export): memory_bank (M, D), support (M, b),
+    score_scale () = the median distance from a memory entry to its nearest other entry."""
+
+    method = "patchcore"
+    default_image_size = 256   # authors: bin/run_patchcore.py --resize 256 (then a 224 centre crop; Kano squashes)
+
+    def __init__(self, encoder: Backbone, cfg: PatchCoreConfig | None = None, image_size: int = 256):
+        super().__init__(encoder, cfg or PatchCoreConfig(), image_size)
+        if encoder is None:
+            raise ValueError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
+                             "ViT-B-16-quickgelu:openai, ...), got none")
+        encoder.set_layers(peer_stages(encoder, middle_stages(encoder.depth), self.cfg.stages), encoder.depth)
+
+    @classmethod
+    def encoder_image_size(cls, cfg) -> int | None:
+        return cfg.encoder_side
+
+    def fitted_names(self) -> tuple[str, ...]:
+        return ("memory_bank", "support", "score_scale")
+
+    def describe(self) -> dict:
+        bank = getattr(self, "memory_bank", None)
+        return {**super().describe(), "stages": list(self.encoder.stages), "encoder_side": self.encoder.image_size,
+                "memory_bank": None if bank is None else list(bank.shape)}
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images -> (embedding (N, g * g, target_embed_dim), (g, g))."""
-        grids = stage_grids(self.backbone, images)
+        """images (N, 3, S, S) -> (embedding (N, g * g, target_embed_dim), (g, g)) at the encoder's side."""
+        grids = stage_grids(self.encoder, to_encoder_side(images, self.encoder.image_size))
         with full_precision(images.device):
             return locally_aware(grids, self.cfg), tuple(grids[0].shape[-2:])
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> dict:
-        """batches of normal images (n, 3, S, S) -> fills the memory bank; returns what was fitted."""
+    def fit(self, data) -> dict:
+        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches."""
+        batches = data.good() if hasattr(data, "good") else ((x, None) for x in data)
         store, seen = [], 0
-        for images in batches:
+        for images, _ in batches:
             emb, _ = self.embed(images.to(self.backbone.device))
             store.append(emb.flatten(0, 1).cpu())
             seen += store[-1].shape[0]
         if not store:
-            raise ValueError("PatchCore needs at least one normal image to fit, got none")
-        bank = torch.cat(store)
-        return self.fit_embeddings(bank, seen)
+            raise ValueError("patchcore needs at least one normal image to fit, got none")
+        return self.fit_embeddings(torch.cat(store), seen)
 
     @torch.no_grad()
     def fit_embeddings(self, bank: torch.Tensor, seen: int | None = None, projection: torch.Tensor | None = None) -> dict:
@@ -337,12 +345,25 @@ class PatchCore(nn.Module, MethodDefaults):
             g = torch.Generator().manual_seed(self.cfg.seed)
             bank = bank[torch.randperm(bank.shape[0], generator=g)[: self.cfg.max_fit_patches]]
         keep = coreset_indices(bank, self.cfg, projection)
-        self.scorer.set_memory(bank[keep].to(self.backbone.device))
-        return {"patches_seen": seen, "patches_subsampled": int(bank.shape[0]), "memory_bank": int(keep.numel())}
+        memory = bank[keep].float().contiguous()
+        support = support_sets(memory, self.cfg.num_neighbors)
+        if memory.shape[0] > 1:
+            other = euclidean(memory, memory).fill_diagonal_(float("inf")).amin(1)
+            scale = other.median().clamp_min(1e-6)
+        else:
+            scale = torch.tensor(1.0)
+        dev = self.backbone.device
+        self.register_fitted("memory_bank", memory.to(dev))
+        self.register_fitted("support", support.to(dev))
+        self.register_fitted("score_scale", scale.float().to(dev))
+        return {"patches_seen": seen, "patches_subsampled": int(bank.shape[0]), "memory_bank": int(keep.numel()),
+                "score_scale": float(scale)}
 
     def score_embedding(self, emb: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> InferenceBatch:
-        """embedding (N, L, D) on grid (g, g) -> InferenceBatch at `size`."""
-        scores, image = self.scorer(emb)
+        """embedding (N, L, D) on grid (g, g) -> raw InferenceBatch (distances) at `size`."""
+        if not self.fitted:
+            raise ValueError("patchcore's memory bank is empty: fit it on normal images first")
+        scores, image = patchcore_scores(emb, self.memory_bank, self.support, self.cfg.num_neighbors)
         patch = scores.view(-1, 1, *grid)
         if self.cfg.upsample == "bilinear":
             up = F.interpolate(patch, size=size, mode="bilinear", align_corners=False)
@@ -351,7 +372,13 @@ class PatchCore(nn.Module, MethodDefaults):
         return InferenceBatch(image, smooth(up[:, 0], self.cfg.sigma), patch)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
+    def raw(self, images: torch.Tensor) -> InferenceBatch:
+        """The distances: image_score (N,) = eq. 7, anomaly_map (N, S, S) smoothed, stage_maps the patch distances."""
         emb, grid = self.embed(images)
         with full_precision(images.device):
             return self.score_embedding(emb, grid, tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
+        r = self.raw(images)
+        return InferenceBatch(unit(r.image_score, self.score_scale), unit(r.anomaly_map, self.score_scale), r.stage_maps)

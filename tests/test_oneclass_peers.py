@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from kano.kanoclip import build_backbone
 from kano.kanoclip.padim import GaussianMoments, Padim, PadimConfig, first_stages, mahalanobis
-from kano.kanoclip.patchcore import (PatchCore, PatchCoreConfig, PatchCoreScorer, adaptive_mean, coreset_indices,
-                                     kcenter_greedy, locally_aware, middle_stages, neighbourhoods, random_projection,
-                                     smooth, stage_grids)
+from kano.kanoclip.patchcore import (PatchCore, PatchCoreConfig, adaptive_mean, coreset_indices, kcenter_greedy,
+                                     locally_aware, middle_stages, neighbourhoods, patchcore_scores, random_projection,
+                                     smooth, stage_grids, support_sets)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
@@ -60,10 +60,12 @@ def test_coreset_size_and_memory_bound(tiny64):
     bank = torch.randn(123, 8)
     keep = coreset_indices(bank, cfg)
     assert keep.numel() == 12 and keep.unique().numel() == 12          # int(123 * 0.1), all distinct
-    capped = PatchCore(tiny64, PatchCoreConfig(coreset_ratio=0.5, max_fit_patches=40, target_embed_dim=8))
+    tiny64.set_layers()
+    capped = PatchCore(tiny64, PatchCoreConfig(coreset_ratio=0.5, max_fit_patches=40, target_embed_dim=8), SIZE)
     info = capped.fit_embeddings(bank)
-    assert info == {"patches_seen": 123, "patches_subsampled": 40, "memory_bank": 20}
-    assert capped.scorer.memory_bank.shape == (20, 8)
+    assert {k: info[k] for k in ("patches_seen", "patches_subsampled", "memory_bank")} == \
+        {"patches_seen": 123, "patches_subsampled": 40, "memory_bank": 20}
+    assert capped.memory_bank.shape == (20, 8) and capped.support.shape == (20, 9)
 
 
 def test_adaptive_mean_and_neighbourhoods_equal_torch():
@@ -88,19 +90,16 @@ def test_locally_aware_with_channel_sized_pooling_is_a_3x3_mean():
 
 def test_patchcore_image_score_by_hand():
     """Paper eq. 7 on a 2-D memory: s = (1 - softmax(distances to m*'s b nearest))[m*] * s*."""
-    scorer = PatchCoreScorer(2, num_neighbors=2)
-    scorer.set_memory(torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]]))
-    assert scorer.support.tolist() == [[0, 1], [1, 0], [2, 0]]
-    emb = torch.tensor([[[0.0, 1.0], [4.0, 0.0]]])                      # patch distances 1 and 1: the first max
-    emb2 = torch.tensor([[[0.0, 1.0], [6.0, 0.0]]])                     # distances 1 and 3: patch 2, m* = (3, 0)
-    scores, image = scorer(emb2)
+    bank = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    support = support_sets(bank, 2)
+    assert support.tolist() == [[0, 1], [1, 0], [2, 0]]
+    emb = torch.tensor([[[0.0, 1.0], [6.0, 0.0]]])                      # distances 1 and 3: patch 2, m* = (3, 0)
+    scores, image = patchcore_scores(emb, bank, support, 2)
     assert scores[0].tolist() == pytest.approx([1.0, 3.0])
     d = torch.tensor([3.0, 6.0])                                        # (6, 0) to m* = (3, 0) and to (0, 0)
     want = (1 - torch.exp(d[0]) / torch.exp(d).sum()) * 3.0
     assert image.item() == pytest.approx(want.item(), rel=1e-6)
-    one = PatchCoreScorer(2, num_neighbors=1)
-    one.set_memory(scorer.memory_bank)
-    assert one(emb)[1].item() == pytest.approx(1.0)                     # b = 1: the maximum itself
+    assert patchcore_scores(emb, bank, support_sets(bank, 1), 1)[1].item() == pytest.approx(3.0)  # b = 1: the maximum
 
 
 def test_smooth_equals_scipy():
@@ -136,17 +135,19 @@ def test_fit_and_score_real_photos(tiny64):
     bb = tiny64
     train, test = photos(split("train/good", 7), bb), photos(split("test/good", 2) + split("test/colour", 4), bb)
     for cls, cfg in ((PatchCore, PatchCoreConfig()), (Padim, PadimConfig())):
-        bb.set_layers(cls.published_layers(bb.depth)[0], bb.depth)
-        model = cls(bb, cfg)
+        bb.set_layers()
+        model = cls(bb, cfg, SIZE)
         model.fit([train[:4], train[4:]])
         res = model(test, ["hazelnut"] * 6)
         assert res.image_score.shape == (6,) and res.anomaly_map.shape == (6, SIZE, SIZE)
-        assert torch.isfinite(res.anomaly_map).all() and (res.anomaly_map >= 0).all()
+        assert torch.isfinite(res.anomaly_map).all() and (res.anomaly_map >= 0).all() and (res.anomaly_map < 1).all()
         assert (res.anomaly_map.amax((1, 2)) - res.anomaly_map.amin((1, 2))).min() > 0
-    bb.set_layers(PatchCore.published_layers(bb.depth)[0], bb.depth)
-    full = PatchCore(bb, PatchCoreConfig(coreset_ratio=1.0))
+        raw = model.raw(test)  # the [0, 1) scores are an increasing function of the distances: same order
+        assert torch.equal(raw.image_score.argsort(), res.image_score.argsort())
+    bb.set_layers()
+    full = PatchCore(bb, PatchCoreConfig(coreset_ratio=1.0), SIZE)
     assert full.fit([train])["memory_bank"] == len(train) * 64
-    seen, unseen = full(train[:2]), full(test[:2])
+    seen, unseen = full.raw(train[:2]), full.raw(test[:2])
     # 0 up to the round-off of |x|² - 2 x·m + |m|² (about sqrt(1e-7) |x|), far below any unseen photo's distance
     assert seen.stage_maps.abs().max() < 0.01 * unseen.stage_maps.amax((1, 2, 3)).min()
 
@@ -162,16 +163,17 @@ def test_patchcore_and_padim_equal_anomalib_on_identical_features(tmp_path):
     # PatchCore with the pooling sizes at which the authors' aggregation is anomalib's (3 x 3 mean, concatenation),
     # and anomalib's nearest upsampling of the map; the coreset's projection and start are Kano's, handed to anomalib
     pc_cfg = PatchCoreConfig(pretrain_embed_dim=C, target_embed_dim=2 * C, upsample="nearest", coreset_ratio=0.1, seed=3)
-    bb.set_layers(PatchCore.published_layers(bb.depth)[0], bb.depth)
-    pc = PatchCore(bb, pc_cfg)
+    pc = PatchCore(bb, pc_cfg, SIZE)
+    assert bb.stages == [2, 3]
     pc_train, pc_test = stage_grids(bb, train), stage_grids(bb, test)
     projection = random_projection(2 * C, pc_cfg.projection_dim, pc_cfg.seed)
     pc.fit_embeddings(locally_aware(pc_train, pc_cfg).flatten(0, 1), projection=projection)
-    pc_res = pc(test)
-    bb.set_layers(Padim.published_layers(bb.depth)[0], bb.depth)
-    pd = Padim(bb, PadimConfig())
+    pc_res = pc.raw(test)
+    bb.set_layers()
+    pd = Padim(bb, PadimConfig(), SIZE)
+    assert bb.stages == [1, 2, 3]
     pd.fit([train[:4], train[4:]])
-    pd_res = pd(test)
+    pd_res = pd.raw(test)
     pd_train, pd_test = stage_grids(bb, train), stage_grids(bb, test)
 
     given = {"patchcore.image_size": torch.tensor([SIZE]), "patchcore.projection": projection,
@@ -196,7 +198,7 @@ def test_patchcore_and_padim_equal_anomalib_on_identical_features(tmp_path):
                 (a.double() - a64).abs().max().item() / scale)
 
     report = {}
-    for name, ours, key in (("patchcore memory bank", pc.scorer.memory_bank, "patchcore.memory_bank"),
+    for name, ours, key in (("patchcore memory bank", pc.memory_bank, "patchcore.memory_bank"),
                             ("patchcore image score", pc_res.image_score, "patchcore.pred_score"),
                             ("patchcore map", pc_res.anomaly_map, "patchcore.anomaly_map"),
                             ("padim mean", pd.mean.T, "padim.mean"), ("padim inverse covariance", pd.inv_cov, "padim.inv_covariance"),
@@ -211,6 +213,63 @@ def test_patchcore_and_padim_equal_anomalib_on_identical_features(tmp_path):
         # own float32 run is up to about 1e-5 from its float64 one here: the covariance inverse amplifies round-off)
         assert d32 <= 1e-4 and d64 <= 1e-4, name
     # the steps that could silently agree by being trivial did not: the coreset kept a tenth, eq. 7 changed the score
-    assert pc.scorer.memory_bank.shape[0] == int(7 * 64 * 0.1)
+    assert pc.memory_bank.shape[0] == int(7 * 64 * 0.1)
     assert (pc_res.image_score - pc_res.stage_maps.flatten(1).amax(1)).abs().min() > 1e-3
     assert (pd_res.image_score.amax() - pd_res.image_score.amin()).item() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ the run, end to end
+@pytest.mark.slow
+@pytest.mark.parametrize("method,fitted", [("patchcore", {"memory_bank": (int(28 * 64 * 0.1), 1024), "support": (179, 9),
+                                                          "score_scale": ()}),
+                                           ("padim", {"channels": (100,), "mean": (64, 100), "inv_cov": (64, 100, 100)})])
+def test_run_through_train_eval_predict_calibrate_export_serve_and_detector(method, fitted, hazelnut_root, tmp_path, cli):
+    """`kano train --method` on the 28 real good photos (tiny backbone at 64 px: an 8 x 8 grid), then every command
+    that takes a run, with no special case; the ONNX graph equals torch within 1e-4."""
+    import json
+
+    from kano.api import Detector
+    from kano.deploy.serve import Scorer
+
+    conf = tmp_path / "train.json"
+    conf.write_text(json.dumps({"model": {"encoder_side": SIZE}}))
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--method", method, "--backbone", "tiny", "--image-size", str(SIZE), "--config", conf,
+                         "--data", f"mvtec:{hazelnut_root}", "--out", run)
+    assert code == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"] == method and cfg["kind"] == "one-class" and cfg["image_size"] == SIZE
+    assert cfg["stages"] == ([2, 3] if method == "patchcore" else [1, 2, 3]) and cfg["model"]["encoder_side"] == SIZE
+    weights = load_file(str(run / "weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == fitted
+    # eval, then predict --run and the Python API on the same photos: one scoring path
+    code, _, err = cli("eval", "--run", run, "--data", f"mvtec:{hazelnut_root}", "--out", tmp_path / "ev", "--n-overlays", "0")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["provenance"]["method"]["kind"] == "one-class"
+    evs = {Path(r.split(",")[2]).name + r.split(",")[1]: float(r.split(",")[4])
+           for r in (tmp_path / "ev" / "scores.csv").read_text().splitlines()[1:]}
+    colour = sorted((hazelnut_root / "hazelnut" / "test" / "colour").glob("*.jpg"))[:3]
+    code, _, err = cli("predict", *colour, "--run", run, "--class", "hazelnut", "--out", tmp_path / "p")
+    assert code == 0, err
+    preds = [json.loads(line) for line in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
+    det = Detector.load(run)
+    res = det(colour, "hazelnut")
+    assert [round(r.score, 6) for r in res] == pytest.approx([p["score"] for p in preds], abs=1e-6)
+    assert [p["score"] for p in preds] == pytest.approx([evs[f.name + "colour"] for f in colour], abs=1e-6)
+    assert all(0 <= r.score < 1 and r.map.shape == Image.open(p).size[::-1] for r, p in zip(res, colour))
+    code, _, err = cli("calibrate", "--run", run, "--normal", f"hazelnut={hazelnut_root / 'hazelnut' / 'test' / 'good'}",
+                       "--alarm-rate", "0.2")
+    assert code == 0, err
+    assert json.loads((run / "calibration.json").read_text())["classes"]["hazelnut"]["n"] == 6
+    # export: the memory bank or the Gaussians as graph constants; onnxruntime equals torch; serve scores either way
+    pytest.importorskip("onnxruntime")
+    code, _, err = cli("export", "--run", run, "--classes", "hazelnut", "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    onnx_scorer, torch_scorer = Scorer.exported(tmp_path / "m.onnx"), Scorer.torch_run(run)
+    x = np.stack([onnx_scorer.preprocess(Image.open(p).convert("RGB")) for p in colour])
+    s_onnx, m_onnx = onnx_scorer.score(x, np.zeros(len(colour), dtype=np.int64))
+    s_torch, m_torch = torch_scorer.score(x, np.zeros(len(colour), dtype=np.int64))
+    np.testing.assert_allclose(s_onnx, s_torch, atol=1e-4)
+    np.testing.assert_allclose(m_onnx, m_torch, atol=1e-4)
+    assert float(m_torch.max() - m_torch.min()) > 1e-2                   # the maps are not flat: equality means something
