@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every set's photo and defect counts")
     ap.add_argument("--fresh", action="store_true", help="score every method again (default: keep the scored rows of "
                                                           "OUT/results.json for the same set, seed, method and options)")
+    ap.add_argument("--table-from", default="", help="comma-separated results.json files: print their rows' tables (for the "
+                                                     "--sets and --methods given), run nothing")
     ap.add_argument("--redo", default="", help="comma-separated methods to score again even when OUT/results.json has them")
     ap.add_argument("--hazelnut", type=Path, default=None, help="the Hazelnut Toy folder (default: ../shared/data/hazelnut_toy, "
                                                                 "else tests/data/hazelnut_toy)")
@@ -538,6 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     bad = [s for s in sets if s not in all_sets] + [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--sets must be of {', '.join(all_sets)} and --methods of {', '.join(METHODS)}, got {', '.join(bad)}")
+    if args.table_from:
+        rows = [r for f in args.table_from.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        commits = sorted({r.get("kano_commit", "unknown") for r in rows if r["method"] in methods and r["set"] in sets})
+        print(tables(rows, methods, sets) + f"\n\nRows from {args.table_from}; Kano commits {', '.join(commits)}.")
+        return
     hazel = _hazel_dir(args.hazelnut)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
