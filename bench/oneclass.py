@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fresh", action="store_true", help="score every method again (default: keep the scored rows of "
                                                           "OUT/results.json for the same set, seed, method and options)")
     ap.add_argument("--table-from", default="", help="comma-separated results.json files: print their rows' tables (for the "
-                                                     "--sets and --methods given), run nothing")
+                                                     "--sets and --methods given; a later file's row replaces an earlier "
+                                                     "one's), run nothing")
     ap.add_argument("--redo", default="", help="comma-separated methods to score again even when OUT/results.json has them")
     ap.add_argument("--hazelnut", type=Path, default=None, help="the Hazelnut Toy folder (default: ../shared/data/hazelnut_toy, "
                                                                 "else tests/data/hazelnut_toy)")
@@ -541,7 +542,10 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"--sets must be of {', '.join(all_sets)} and --methods of {', '.join(METHODS)}, got {', '.join(bad)}")
     if args.table_from:
-        rows = [r for f in args.table_from.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        latest = {}  # a later file's row replaces an earlier one's for the same set, seed and method
+        for f in args.table_from.split(","):
+            latest.update({(r["set"], r["seed"], r["method"]): r for r in json.loads(Path(f).read_text())["rows"]})
+        rows = list(latest.values())
         commits = sorted({r.get("kano_commit", "unknown") for r in rows if r["method"] in methods and r["set"] in sets})
         print(tables(rows, methods, sets) + f"\n\nRows from {args.table_from}; Kano commits {', '.join(commits)}.")
         return
