@@ -407,7 +407,8 @@ def available_methods() -> set[str]:
 
 
 def run_set(kano: Runner, spec: SetSpec, seed: int, labels: dict, set_dir: Path, work: Path, methods: list[str],
-            have: set[str], args, kb: Path, config: Path) -> list[dict]:
+            have: set[str], args, kb: Path, config: Path, save=lambda rows: None) -> list[dict]:
+    """Every method on one set and seed; `save(rows so far)` after each, so a stopped run keeps its scored rows."""
     rows = []
     commit = git_commit()
     # the class (and the prompts' word) is what the photos show: hazelnut for both hazelnut sets
@@ -460,6 +461,7 @@ def run_set(kano: Runner, spec: SetSpec, seed: int, labels: dict, set_dir: Path,
         if "error" in row:
             print(f"- {m}: {row['error']}", flush=True)
         rows.append(row)
+        save(rows)
     return rows
 
 
@@ -584,9 +586,11 @@ def main(argv: list[str] | None = None) -> None:
             rows += [kept[(name, seed, m)] for m in methods if (name, seed, m) in kept]
             if todo != methods:
                 print(f"kept from {out / 'results.json'}: {', '.join(m for m in methods if m not in todo)}", flush=True)
-            rows += run_set(kano, spec, seed, labels, set_dir, out / "work" / f"seed{seed}" / name, todo, have, args, kb, config)
-            (out / "results.json").write_text(json.dumps({"hazelnut": str(hazel), "args": vars(args) | {"out": str(out), "hazelnut": str(hazel)},
-                                                          "rows": rows}, indent=1, default=str))
+            def save(new: list[dict], before: list[dict] = list(rows)) -> None:
+                (out / "results.json").write_text(json.dumps({"hazelnut": str(hazel), "args": vars(args) | {"out": str(out), "hazelnut": str(hazel)},
+                                                              "rows": before + new}, indent=1, default=str))
+            rows += run_set(kano, spec, seed, labels, set_dir, out / "work" / f"seed{seed}" / name, todo, have, args, kb, config, save)
+            save([], rows)
     md = tables(rows, methods, sets)
     took = time.perf_counter() - t0
     footer = (f"\nImage / pixel AUROC in percent: the mean over seeds {args.seeds} (min-max); the 'mean over sets' rows take, per "
