@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.table_from:
         latest = {}  # a later file's row replaces an earlier one's for the same set, seed and method
         for f in args.table_from.split(","):
+            if not Path(f).is_file():
+                raise SystemExit(f"--table-from must name results.json files of this script, got no file {f}")
             latest.update({(r["set"], r["seed"], r["method"]): r for r in json.loads(Path(f).read_text())["rows"]})
         rows = list(latest.values())
         commits = sorted({r.get("kano_commit", "unknown") for r in rows if r["method"] in methods and r["set"] in sets})
