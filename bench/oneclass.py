@@ -509,7 +509,7 @@ def tables(rows: list[dict], methods: list[str], sets: list[str]) -> str:
                     return [r["metrics"][g][key] for r in ok]
             cells = [_pct(agg(g, "image_auroc")) for g in GROUPS] + [_pct(agg(g, "pixel_auroc")) for g in GROUPS]
             peak = [max(r.get("peak_mb_fit") or 0, r.get("peak_mb_predict") or 0) for r in ok]
-            cells += [_num([r.get("fit_s") for r in ok], ".1f"), _num([r.get("img_per_s") for r in ok], ".1f"), _num(peak, ".0f")]
+            cells += [_num([r.get("fit_s") for r in ok], ".1f"), _num([r.get("img_per_s") for r in ok], ".2f"), _num(peak, ".0f")]
             missing = len(sel) - len(ok)
             lines.append(f"| {m}{f' ({missing} failed)' if missing else ''} | " + " | ".join(cells) + " |")
         md.append("\n".join(lines))
