@@ -487,7 +487,7 @@ def tables(rows: list[dict], methods: list[str], sets: list[str]) -> str:
     for name in sets + ["mean over sets"]:
         lines = [f"### {name}", "", head]
         for m in methods:
-            sel = [r for r in rows if r["method"] == m and (r["set"] == name or name == "mean over sets")]
+            sel = [r for r in rows if r["method"] == m and (r["set"] == name or (name == "mean over sets" and r["set"] in sets))]
             ok = [r for r in sel if "metrics" in r]
             if not ok:
                 why = sel[0].get("error", "not run") if sel else "not run"
