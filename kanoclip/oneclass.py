@@ -15,25 +15,31 @@ Parts (each default below names its source; "Kano's own" where it has none):
    encoder's own input side (no resize: native resolution), tokens of two middle stages (PatchCore's choice of
    mid-level features, Roth et al. CVPR 2022), a seeded orthonormal projection to `encoder_dim` numbers, resampled
    to the cell grid. `--backbone none`: the pixel bank alone.
-3. The patch model: one Gaussian over the cell features of every normal photo ("shared", for textures and for
-   objects that move), or one mean per cell position with a shared covariance of the residuals ("per-position",
-   PaDiM's idea for aligned objects, Defard et al. ICPR 2020, with one covariance instead of one per position to keep
-   memory at D x D). Squared Mahalanobis distance per cell = the map; the photo's patch score is log(1 + its maximum)
-   (the probe's "image score = the worst patch").
-4. The whole-image model: one Gaussian over the mean and the standard deviation over cells of every cell feature (2D
-   numbers per photo: brightness, colour cast, contrast, blur, noise, texture scale), shrunk towards a scaled
-   identity (kanoclip/one_class.py `gaussian`), score log(1 + squared Mahalanobis distance).
+3. The patch model ("layout"): a mixture of up to `components` Gaussians over the cells of every normal photo
+   ("mixture", the default: an object photo's cells are of several sorts, background, surface, edges, and one
+   Gaussian makes its rare normal cells score like defects; components from k-means++ on a sample of cells
+   whitened by the shared Gaussian), one Gaussian over all cells ("shared", plain textures), or one mean per cell
+   position with a shared covariance of the residuals ("per-position", PaDiM's idea for aligned objects, Defard et
+   al. ICPR 2020, with one covariance instead of one per position to keep memory at D x D). The map is the squared
+   Mahalanobis distance per cell (the mixture's: the smallest d2 + log det - 2 log weight); the photo's patch score
+   is log(1 + its maximum) (the probe's "image score = the worst patch").
+4. The whole-image models: one Gaussian over the mean and the standard deviation over cells of every cell feature
+   ("image"), and one over the photo's own twelve statistics (`photo_vector`: colour, contrast, gradient and
+   high-frequency energy at three scales: brightness, colour cast, contrast loss, blur, noise, texture scale), both
+   shrunk towards a scaled identity (kanoclip/one_class.py `gaussian`), score log(1 + squared Mahalanobis distance).
 5. Standardisation without peeking: the normal photos are split into `folds` folds; each photo is scored by the
    models fitted on the other folds (out-of-fold), and each part's score is standardised by the mean and standard
-   deviation of those out-of-fold scores. The photo's score is the larger standardised part, squashed into (0, 1)
+   deviation of those out-of-fold scores. The photo's score is the largest standardised part, squashed into (0, 1)
    (one_class.squash); the map is the patch part's standardised map, squashed and bilinearly upsampled to S x S.
-6. Choosing without peeking: the variants (cell 8 / 16 / 32 px, shared / per-position, pixel bank alone / with the
-   backbone) are scored on the synthetic defects `kano data synth --from` wrote (each defect scored by the fold
-   models that did not see the photo it was drawn on) against the out-of-fold normal photos; the variant with the
-   best mean per-kind image AUROC is kept (ties: the first in the order above). The table goes into the run.
+6. Choosing without peeking: the variants (cell 8 / 16 / 32 px, mixture / shared / per-position, pixel bank alone /
+   with the backbone) are scored on the synthetic defects `kano data synth --from` wrote (each defect scored by the
+   fold models that did not see the photo it was drawn on) against the out-of-fold normal photos; the best mean
+   per-kind image AUROC replaces the default variant only when it wins by more than MARGIN. The table goes into
+   the run.
 
-Fitting keeps per-fold sums only (moments for the shared Gaussian, per-position sums for the per-position one, the
-whole-image vectors): memory K x (cells x D + D x D) per variant whatever the number of photos.
+Fitting keeps per-fold sums (moments for the shared Gaussian, per-position sums for the per-position one, the
+whole-image vectors) and a bounded sample of cells for the mixture: memory K x (cells x D + D x D) + `reservoir` x D
+per variant whatever the number of photos.
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ import torch.nn.functional as F
 from .one_class import FitData, Moments, OneClassModel, gaussian, location_scale, mahalanobis_sq, shrunk_precision, squash
 from .model import InferenceBatch
 
-LAYOUTS = ("shared", "per-position")
+LAYOUTS = ("shared", "mixture", "per-position")
 BANKS = ("pixels", "pixels+backbone")
 PIXEL_DIM = 12
 SCALES = (1, 2, 4)
+MARGIN = 0.02                         # mean per-kind AUROC another variant must gain over the default to be chosen
 PARTS = ("patch", "image", "photo")   # the standardised parts whose maximum is the photo's score
 CACHE_BYTES = 1 << 30                 # features kept between the two fitting passes (else computed again)
 EPS = 1e-4  # energy floor inside the logs: luminance is in [0, 1], Sobel / 8 is a per-pixel slope
@@ -63,13 +70,15 @@ class OneClassConfig:
     three scales' pooling exact), stride cell / 2; 5 folds for the out-of-fold standardisation (the usual k of
     k-fold cross-validation); 16 projected backbone numbers; every variant tried when synthetic defects exist."""
 
-    cell: int = 16
-    layout: str = "shared"
+    cell: int | None = None                   # None: 8 px below a 512-px working side, else 16
+    layout: str = "mixture"
     banks: str = "auto"                       # auto: pixels+backbone with a backbone, else pixels
     choose: bool = True                       # choose among `cells` x LAYOUTS x banks on synthetic defects
     cells: tuple[int, ...] = (8, 16, 32)
     folds: int = 5
     encoder_dim: int = 16
+    components: int = 8                       # the mixture layout's Gaussians (fewer when the sample is small)
+    reservoir: int = 50000                    # cells sampled (evenly over the photos) for the mixture's k-means
     encoder_stages: tuple[int, ...] | None = None   # None: two middle blocks (depth/2, 3 depth/4)
     seed: int = 0
 
@@ -77,7 +86,7 @@ class OneClassConfig:
         self.cells = tuple(int(c) for c in self.cells)
         if self.encoder_stages is not None:
             self.encoder_stages = tuple(int(s) for s in self.encoder_stages)
-        for c in (self.cell, *self.cells):
+        for c in ((self.cell,) if self.cell is not None else ()) + self.cells:
             if isinstance(c, bool) or not isinstance(c, int) or c < 8 or c % 8:
                 raise ValueError(f"cell sizes must be multiples of 8 px (>= 8: three scales pool evenly), got {c!r}")
         if self.layout not in LAYOUTS:
@@ -86,6 +95,10 @@ class OneClassConfig:
             raise ValueError(f"banks must be one of auto, {', '.join(BANKS)}, got {self.banks!r}")
         if not isinstance(self.folds, int) or self.folds < 2:
             raise ValueError(f"folds must be an integer >= 2, got {self.folds!r}")
+        if not isinstance(self.components, int) or self.components < 1:
+            raise ValueError(f"components must be an integer >= 1, got {self.components!r}")
+        if not isinstance(self.reservoir, int) or self.reservoir < 1000:
+            raise ValueError(f"reservoir must be an integer >= 1000 (cells sampled for the mixture), got {self.reservoir!r}")
         if not isinstance(self.encoder_dim, int) or self.encoder_dim < 1:
             raise ValueError(f"encoder_dim must be an integer >= 1, got {self.encoder_dim!r}")
 
@@ -174,7 +187,8 @@ class OneClass(OneClassModel):
             self.register_buffer("enc_mean", torch.tensor(encoder.mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("enc_std", torch.tensor(encoder.std).view(1, 3, 1, 1), persistent=False)
         # the variant in use; `fit` may change it, a run's config.json restores it (cfg.cell / cfg.layout / cfg.banks)
-        self.cell, self.layout = self.cfg.cell, self.cfg.layout
+        self.cell = self.cfg.cell or (8 if image_size < 512 else 16)
+        self.layout = self.cfg.layout
         self.banks = self.cfg.banks if self.cfg.banks != "auto" else ("pixels+backbone" if encoder is not None else "pixels")
         if self.banks == "pixels+backbone" and encoder is None:
             raise ValueError("banks pixels+backbone needs a backbone, got --backbone none")
@@ -188,7 +202,7 @@ class OneClass(OneClassModel):
         return int(min(max_side, max(64, 8 * round(med / 8))))
 
     def fitted_names(self) -> tuple[str, ...]:
-        names = ["patch_mean", "patch_precision", "image_mean", "image_precision", "photo_mean", "photo_precision", "standardise"]
+        names = ["patch_mean", "patch_precision", "patch_offset", "image_mean", "image_precision", "photo_mean", "photo_precision", "standardise"]
         return tuple(names + (["enc_proj"] if self.banks == "pixels+backbone" else []))
 
     # -------------------------------------------------------------------------------------- features
@@ -239,7 +253,7 @@ class OneClass(OneClassModel):
         proj = self.enc_proj if self.banks == "pixels+backbone" else None
         maps = pixel_maps(x)
         f = self.cell_features(x, (self.cell,), self.banks, proj, maps=maps)[self.cell]   # (N, G, G, D)
-        d2 = mahalanobis_sq(f, self.patch_mean, self.patch_precision)                      # (N, G, G)
+        d2 = patch_distance(f, self.patch_mean, self.patch_precision, self.patch_offset, self.layout)   # (N, G, G)
         r_img = torch.log1p(mahalanobis_sq(self.image_vector(f), self.image_mean, self.image_precision).clamp_min(0.0))
         r_photo = torch.log1p(mahalanobis_sq(photo_vector(x, maps), self.photo_mean, self.photo_precision).clamp_min(0.0))
         st = self.standardise                                       # (6,): location, scale of patch, image, photo
@@ -266,7 +280,7 @@ class OneClass(OneClassModel):
         has_enc = self.encoder is not None
         has_val = cfg.choose and data.validation() is not None
         banks = list(BANKS) if (has_val and cfg.banks == "auto" and has_enc) else [self.banks]
-        cells = tuple(c for c in (cfg.cells if has_val else (self.cell,)) if c <= self.image_size) or (self.cell,)
+        cells = tuple(dict.fromkeys((self.cell, *(c for c in cfg.cells if c <= self.image_size)))) if has_val else (self.cell,)
         layouts = LAYOUTS if has_val else (self.layout,)
         proj = None
         if has_enc:
@@ -278,6 +292,9 @@ class OneClass(OneClassModel):
         # pass 1: per fold, per (cell, banks): shared moments, per-position sums; each photo's image and photo vectors.
         # The features are kept for pass 2 while they fit in CACHE_BYTES (else computed again).
         sums: dict = {}
+        reservoir: dict = {v: [] for v in variants}
+        per_photo = max(16, cfg.reservoir // n)
+        rgen = torch.Generator().manual_seed(cfg.seed)
         gvec: dict = {v: [None] * n for v in variants}
         pvec: list = [None] * n
         cache, cached_bytes = [], 0
@@ -302,11 +319,17 @@ class OneClass(OneClassModel):
                     sums[key][1] += f64[j]
                     sums[key][2] += 1
                     gvec[(c, b)][i] = self.image_vector(f[j:j + 1]).double().cpu()[0]
+                    if "mixture" in layouts:
+                        cells_j = f64[j].reshape(-1, f.shape[-1])
+                        pick = torch.randperm(cells_j.shape[0], generator=rgen)[:per_photo]
+                        reservoir[(c, b)].append((cells_j[pick], i))
         complete = cache is not None and sum(len(c[2]) for c in cache) == n
         models = {}
         for v in variants:
+            clusters = self._clusters(reservoir[v], sums, v, k) if "mixture" in layouts else None
             for layout in layouts:
-                models[(v, layout)] = [self._fit_parts(v, layout, sums, gvec, pvec, k, fold, held) for held in [*range(k), None]]
+                models[(v, layout)] = [self._fit_parts(v, layout, sums, gvec, pvec, k, fold, held, clusters)
+                                       for held in [*range(k), None]]
         # pass 2: out-of-fold scores of the normal photos; then the synthetic defects, by the folds that did not see
         # the photo each was drawn on
         oof = {key: torch.zeros(n, len(PARTS), dtype=torch.float64) for key in models}
@@ -327,7 +350,8 @@ class OneClass(OneClassModel):
                     for j, s in enumerate(src.tolist()):
                         fit = fits[int(fold[s])] if s >= 0 else fits[k]
                         val_scores[(v, layout)].append(self._raw(feats[v][j:j + 1], photo[j:j + 1], fit)[0])
-        rows, best = [], None
+        rows, best, default = [], None, ((self.cell, self.banks), self.layout)
+        keys = {}
         for (v, layout) in models:
             st = self._standardisation(oof[(v, layout)])
             z_good = self._combine(oof[(v, layout)], st)
@@ -339,17 +363,19 @@ class OneClass(OneClassModel):
                             "mean_kind_auroc": round(sum(per_kind.values()) / len(per_kind), 4),
                             "worst_kind": min(per_kind, key=per_kind.get), "worst_kind_auroc": round(min(per_kind.values()), 4)})
                 row["_z_bad"] = z_bad
-                key = (row["mean_kind_auroc"], row["image_auroc"])
+                key = keys[(v, layout)] = (row["mean_kind_auroc"], row["image_auroc"])
                 if best is None or key > best[0]:
                     best = (key, (v, layout))
             row["_z_good"] = z_good
             rows.append(row)
-        chosen = best[1] if best else ((self.cell, self.banks), self.layout)
+        # another variant replaces the default only when it wins by more than MARGIN: a few synthetic defects per
+        # kind make differences of one or two defects noise
+        chosen = best[1] if best and best[0][0] > keys[default][0] + MARGIN else default
         (self.cell, self.banks), self.layout = chosen
         self.cfg.cell, self.cfg.layout, self.cfg.banks = self.cell, self.layout, self.banks
         full = models[chosen][k]
         st = self._standardisation(oof[chosen])
-        for name in ("patch_mean", "patch_precision", "image_mean", "image_precision", "photo_mean", "photo_precision"):
+        for name in ("patch_mean", "patch_precision", "patch_offset", "image_mean", "image_precision", "photo_mean", "photo_precision"):
             self.register_fitted(name, full[name].float())
         self.register_fitted("standardise", torch.tensor(st, dtype=torch.float32))
         if self.banks == "pixels+backbone":
@@ -358,7 +384,8 @@ class OneClass(OneClassModel):
                 "chosen_on": "synthetic defects (data synth --from), out-of-fold" if has_val else
                              "no synthetic defects: the configured variant",
                 "standardisation": {p: {"location": st[2 * i], "scale": st[2 * i + 1]} for i, p in enumerate(PARTS)},
-                "features_cached": bool(complete)}
+                "features_cached": bool(complete), "default": {"cell": default[0][0], "layout": default[1],
+                                                               "banks": default[0][1]}, "margin": MARGIN}
         if has_val:
             info["variants"] = [{**{k2: v2 for k2, v2 in r.items() if not k2.startswith("_")},
                                  "chosen": ((r["cell"], r["banks"]), r["layout"]) == chosen} for r in rows]
@@ -381,7 +408,21 @@ class OneClass(OneClassModel):
                 out[(c, b)] = f
         return out, photo_vector(x, maps)
 
-    def _fit_parts(self, v, layout, sums, gvec, pvec, k, fold, held) -> dict:
+    def _clusters(self, samples: list, sums: dict, v, k: int):
+        """k-means of the sampled cells in the whitened space of the shared Gaussian (all photos) -> (cells (M, D),
+        their photo (M,), their component (M,), K). K = components, fewer when under 20 D cells per component."""
+        x = torch.cat([c for c, _ in samples])
+        owner = torch.cat([torch.full((len(c),), i, dtype=torch.long) for c, i in samples])
+        d = x.shape[1]
+        kk = max(1, min(self.cfg.components, x.shape[0] // (20 * d)))
+        total = sums[(v, 0)][0]
+        for q in range(1, k):
+            total = total + sums[(v, q)][0]
+        mean, prec = gaussian(total, shrinkage=0.0)
+        y = (x - mean) @ torch.linalg.cholesky(prec)
+        return x, owner, kmeans(y, kk, self.cfg.seed), kk
+
+    def _fit_parts(self, v, layout, sums, gvec, pvec, k, fold, held, clusters=None) -> dict:
         """The patch, image and photo Gaussians of variant v from every fold but `held` (None: all folds)."""
         keep = [q for q in range(k) if q != held]
         mom = sums[(v, keep[0])][0]
@@ -390,8 +431,26 @@ class OneClass(OneClassModel):
             mom = mom + sums[(v, q)][0]
             pos += sums[(v, q)][1]
             cnt += sums[(v, q)][2]
+        offset = torch.zeros(1, dtype=torch.float64)
         if layout == "shared":
             mean, prec = gaussian(mom, shrinkage=0.0)
+            mean, prec = mean[None], prec[None]
+        elif layout == "mixture":
+            x, owner, label, kk = clusters
+            keep_rows = torch.ones(len(owner), dtype=torch.bool) if held is None else (fold[owner] != held)
+            means, precs, costs = [], [], []
+            for c in range(kk):
+                rows = keep_rows & (label == c)
+                if int(rows.sum()) < x.shape[1] + 2:            # too few cells of this component in this fold
+                    continue
+                mc, pc = gaussian(Moments.of(x[rows]))
+                means.append(mc)
+                precs.append(pc)
+                # negative log-likelihood up to a constant: d2 + log det(cov) - 2 log(weight)
+                costs.append(-torch.linalg.slogdet(pc)[1] - 2.0 * math.log(float(rows.sum()) / float(keep_rows.sum())))
+            mean, prec = torch.stack(means), torch.stack(precs)
+            costs = torch.stack(costs)
+            offset = costs - costs.min()
         else:
             mean = pos / cnt                                                   # (G, G, D) per-position mean
             flat = mean.reshape(-1, mean.shape[-1])
@@ -401,7 +460,7 @@ class OneClass(OneClassModel):
         rows = [i for i in range(len(fold)) if held is None or int(fold[i]) != held]
         gm, gp = gaussian(Moments.of(torch.stack([gvec[v][i] for i in rows])))
         pm, pp = gaussian(Moments.of(torch.stack([pvec[i] for i in rows])))
-        return {"patch_mean": mean, "patch_precision": prec, "image_mean": gm, "image_precision": gp,
+        return {"patch_mean": mean, "patch_precision": prec, "patch_offset": offset, "image_mean": gm, "image_precision": gp,
                 "photo_mean": pm, "photo_precision": pp}
 
     @staticmethod
@@ -409,7 +468,8 @@ class OneClass(OneClassModel):
         """(1, G, G, D), (1, 12) -> (1, 3) raw part scores, float64: log(1 + the worst cell's d2), log(1 + d2) of the
         image vector and of the photo vector."""
         f = f.double().cpu()
-        d2 = mahalanobis_sq(f, fits["patch_mean"], fits["patch_precision"])
+        d2 = patch_distance(f, fits["patch_mean"], fits["patch_precision"], fits["patch_offset"],
+                            "per-position" if fits["patch_precision"].dim() == 2 else "shared")
         gi = mahalanobis_sq(OneClass.image_vector(f), fits["image_mean"], fits["image_precision"])
         ph = mahalanobis_sq(photo.double().cpu(), fits["photo_mean"], fits["photo_precision"])
         return torch.stack([torch.log1p(d2.flatten(1).amax(1).clamp_min(0)), torch.log1p(gi.clamp_min(0)),
@@ -426,6 +486,34 @@ class OneClass(OneClassModel):
         loc = torch.tensor(st[0::2], dtype=raw.dtype)
         scale = torch.tensor(st[1::2], dtype=raw.dtype)
         return ((raw - loc) / scale).amax(1)
+
+
+def patch_distance(f: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, offset: torch.Tensor, layout: str) -> torch.Tensor:
+    """Cell features f (N, G, G, D) -> (N, G, G): per-position, the squared Mahalanobis distance to the cell's own mean
+    (mean (G, G, D), precision (D, D)); shared and mixture, the smallest over the K Gaussians (mean (K, D), precision
+    (K, D, D)) of d2 + offset_k (offset: log det(cov_k) - 2 log(weight_k) less its minimum; 0 for one Gaussian)."""
+    if layout == "per-position":
+        return mahalanobis_sq(f, mean, precision)
+    best = None
+    for c in range(mean.shape[0]):
+        d = mahalanobis_sq(f, mean[c], precision[c]) + offset[c]
+        best = d if best is None else torch.minimum(best, d)
+    return best
+
+
+def kmeans(y: torch.Tensor, k: int, seed: int, iters: int = 20) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding (Arthur and Vassilvitskii, 2007), seeded: y (M, D) -> labels (M,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = y[torch.randint(len(y), (1,), generator=g)]
+    for _ in range(1, k):
+        d = torch.cdist(y, centres).amin(1) ** 2
+        centres = torch.cat([centres, y[torch.multinomial(d / d.sum(), 1, generator=g)]])
+    for _ in range(iters):
+        label = torch.cdist(y, centres).argmin(1)
+        for c in range(k):
+            if bool((label == c).any()):
+                centres[c] = y[label == c].mean(0)
+    return torch.cdist(y, centres).argmin(1)
 
 
 def auroc(neg: torch.Tensor, pos: torch.Tensor) -> float:

@@ -186,7 +186,7 @@ def test_run_through_train_eval_predict_calibrate_export_and_detector(synth, tmp
     assert "chose cell" in out and "variants" in out
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["method"] == "oneclass" and cfg["kind"] == "one-class" and cfg["image_size"] == 128
-    assert len(cfg["fit"]["variants"]) == 6 and sum(v["chosen"] for v in cfg["fit"]["variants"]) == 1
+    assert len(cfg["fit"]["variants"]) == 9 and sum(v["chosen"] for v in cfg["fit"]["variants"]) == 1
     assert cfg["fit"]["variant"]["cell"] in (8, 16, 32) and cfg["threshold"] is not None
     # eval on the real photos (their own defects: painted colour spots), through the run alone
     code, out, err = cli("eval", "--run", run, "--data", f"mvtec:{DATA / 'hazelnut_toy'}", "--out", tmp_path / "ev")
