@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from kano.core.errors import KanoError
+
 from .backbone import Backbone, spread_stages
 from .model import InferenceBatch, full_precision
 from .one_class import OneClassModel
@@ -59,9 +61,9 @@ class PadimConfig:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
         if self.stages is not None:
             self.stages = tuple(int(v) for v in self.stages)
-        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
-                                              or self.encoder_side < 8):
-            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
+        side = self.encoder_side
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {side!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -133,7 +135,7 @@ class Padim(OneClassModel):
     def __init__(self, encoder: Backbone, cfg: PadimConfig | None = None, image_size: int = 256):
         super().__init__(encoder, cfg or PadimConfig(), image_size)
         if encoder is None:
-            raise ValueError("padim reads a backbone's patch features: --backbone must name one (tiny, micro, "
+            raise KanoError("padim reads a backbone's patch features: --backbone must name one (tiny, micro, "
                              "ViT-B-16-quickgelu:openai, ...), got none")
         encoder.set_layers(peer_stages(encoder, first_stages(encoder.depth), self.cfg.stages), encoder.depth)
         n_total = encoder.width * len(encoder.stages)

@@ -40,7 +40,8 @@ Departures (docs/peers.md says why): the backbone (ViT blocks, above); the autho
 from the mean distance to 10 random points, anomalib's exact greedy from one random point, which Kano follows so
 that both steps can be checked against anomalib; features are projected only when they have more than
 `projection_dim` dimensions (the authors also project up); the memory before subsampling is capped at
-`max_fit_patches` patches (a seeded uniform subset beyond it), so that fitting memory is bounded.
+`max_fit_patches` patches (a seeded uniform subset beyond it, drawn while the images stream in), so that fitting
+memory is bounded.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from kano.core.errors import KanoError
 
 from .backbone import Backbone, grid_hw, spread_stages
 from .model import InferenceBatch, backbone_autocast, full_precision
@@ -69,7 +71,7 @@ class PatchCoreConfig:
     num_neighbors: int = 9             # anomalib: num_neighbors (b of the paper's eq. 7)
     sigma: float = 4.0                 # authors: common.py RescaleSegmentor.smoothing; anomalib sigma
     upsample: str = "bilinear"         # authors: RescaleSegmentor (anomalib's PatchCore map: "nearest")
-    max_fit_patches: int = 1_000_000   # Kano's bound on the memory before subsampling
+    max_fit_patches: int = 250_000     # Kano's bound on the patches kept before subsampling (1 GiB at D = 1024)
     stages: tuple[int, ...] | None = None  # None: the middle two of four spread blocks (layer2, layer3's counterpart)
     encoder_side: int | None = None  # the backbone's input side; None: its own (micro 96, ViT-L-14-336 518)
     seed: int = 0                      # authors: run_patchcore.py --seed 0
@@ -89,9 +91,9 @@ class PatchCoreConfig:
             raise ValueError(f"upsample must be one of bilinear, nearest, got {self.upsample!r}")
         if self.stages is not None:
             self.stages = tuple(int(v) for v in self.stages)
-        if self.encoder_side is not None and (isinstance(self.encoder_side, bool) or not isinstance(self.encoder_side, int)
-                                              or self.encoder_side < 8):
-            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {self.encoder_side!r}")
+        side = self.encoder_side
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
+            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {side!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -243,6 +245,47 @@ def support_sets(bank: torch.Tensor, b: int, chunk: int = 1024) -> torch.Tensor:
     return torch.cat(out)
 
 
+def nearest_other(bank: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """bank (M, D), M >= 2 -> (M,): each entry's distance to its nearest other entry (chunked: memory chunk x M)."""
+    out = []
+    for i in range(0, bank.shape[0], chunk):
+        d = euclidean(bank[i: i + chunk], bank)
+        rows = torch.arange(d.shape[0])
+        d[rows, rows + i] = float("inf")
+        out.append(d.amin(1))
+    return torch.cat(out)
+
+
+class PatchReservoir:
+    """A seeded uniform sample of at most `cap` patches from a stream of batches (each patch gets a random key; the
+    `cap` largest keys are kept), in arrival order: memory cap x D whatever the number of images, and every patch
+    kept while the stream holds at most `cap`."""
+
+    def __init__(self, cap: int, seed: int):
+        self.cap, self.seen = cap, 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.store: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.order: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=self.gen)
+        order = torch.arange(self.seen, self.seen + x.shape[0])
+        self.seen += x.shape[0]
+        if self.store is None:
+            self.store, self.keys, self.order = x, keys, order
+        else:
+            self.store = torch.cat([self.store, x])
+            self.keys, self.order = torch.cat([self.keys, keys]), torch.cat([self.order, order])
+        if self.store.shape[0] > self.cap:
+            top = self.keys.topk(self.cap).indices
+            top = top[self.order[top].argsort()]
+            self.store, self.keys, self.order = self.store[top], self.keys[top], self.order[top]
+
+    def bank(self) -> torch.Tensor:
+        return self.store
+
+
 # ---------------------------------------------------------------- scoring and the method
 
 def patchcore_scores(embedding: torch.Tensor, bank: torch.Tensor, support: torch.Tensor,
@@ -302,7 +345,7 @@ class PatchCore(OneClassModel):
     def __init__(self, encoder: Backbone, cfg: PatchCoreConfig | None = None, image_size: int = 256):
         super().__init__(encoder, cfg or PatchCoreConfig(), image_size)
         if encoder is None:
-            raise ValueError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
+            raise KanoError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
                              "ViT-B-16-quickgelu:openai, ...), got none")
         encoder.set_layers(peer_stages(encoder, middle_stages(encoder.depth), self.cfg.stages), encoder.depth)
 
@@ -326,32 +369,28 @@ class PatchCore(OneClassModel):
 
     @torch.no_grad()
     def fit(self, data) -> dict:
-        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches."""
+        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches. The
+        patches are kept up to `max_fit_patches` (a seeded uniform subset beyond it, drawn as they stream in)."""
         batches = data.good() if hasattr(data, "good") else ((x, None) for x in data)
-        store, seen = [], 0
+        sampler = PatchReservoir(self.cfg.max_fit_patches, self.cfg.seed)
         for images, _ in batches:
             emb, _ = self.embed(images.to(self.backbone.device))
-            store.append(emb.flatten(0, 1).cpu())
-            seen += store[-1].shape[0]
-        if not store:
+            sampler.add(emb.flatten(0, 1).cpu())
+        if sampler.seen == 0:
             raise ValueError("patchcore needs at least one normal image to fit, got none")
-        return self.fit_embeddings(torch.cat(store), seen)
+        return self.fit_embeddings(sampler.bank(), sampler.seen)
 
     @torch.no_grad()
     def fit_embeddings(self, bank: torch.Tensor, seen: int | None = None, projection: torch.Tensor | None = None) -> dict:
         """bank (N, D) of normal patch features -> memory bank by coreset (the capped, seeded subset first)."""
-        seen = bank.shape[0] if seen is None else seen
-        if bank.shape[0] > self.cfg.max_fit_patches:
-            g = torch.Generator().manual_seed(self.cfg.seed)
-            bank = bank[torch.randperm(bank.shape[0], generator=g)[: self.cfg.max_fit_patches]]
+        if seen is None:
+            sampler = PatchReservoir(self.cfg.max_fit_patches, self.cfg.seed)
+            sampler.add(bank)
+            bank, seen = sampler.bank(), sampler.seen
         keep = coreset_indices(bank, self.cfg, projection)
         memory = bank[keep].float().contiguous()
         support = support_sets(memory, self.cfg.num_neighbors)
-        if memory.shape[0] > 1:
-            other = euclidean(memory, memory).fill_diagonal_(float("inf")).amin(1)
-            scale = other.median().clamp_min(1e-6)
-        else:
-            scale = torch.tensor(1.0)
+        scale = nearest_other(memory).median().clamp_min(1e-6) if memory.shape[0] > 1 else torch.tensor(1.0)
         dev = self.backbone.device
         self.register_fitted("memory_bank", memory.to(dev))
         self.register_fitted("support", support.to(dev))

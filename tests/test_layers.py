@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ("model", "backbone", "bicmci", "adapter", "prompts", "losses", "anomalyclip", "aprilgan", "winclip", "musc",
-        "retrieval", "protocol", "one_class", "oneclass")
+        "retrieval", "protocol", "one_class", "oneclass", "patchcore", "padim")
 NO_IO = ("huggingface_hub", "urllib", "requests", "http", "socket", "threading", "safetensors", "json", "pathlib",
          "shutil", "tempfile", "subprocess", "io", "duckdb", "PIL", "open_clip.pretrained")
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from kano.kanoclip import build_backbone
 from kano.kanoclip.padim import GaussianMoments, Padim, PadimConfig, first_stages, mahalanobis
-from kano.kanoclip.patchcore import (PatchCore, PatchCoreConfig, adaptive_mean, coreset_indices, kcenter_greedy,
-                                     locally_aware, middle_stages, neighbourhoods, patchcore_scores, random_projection,
-                                     smooth, stage_grids, support_sets)
+from kano.kanoclip.patchcore import (PatchCore, PatchCoreConfig, PatchReservoir, adaptive_mean, coreset_indices,
+                                     kcenter_greedy, locally_aware, middle_stages, neighbourhoods, patchcore_scores,
+                                     random_projection, smooth, stage_grids, support_sets)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "hazelnut_toy"
@@ -66,6 +66,18 @@ def test_coreset_size_and_memory_bound(tiny64):
     assert {k: info[k] for k in ("patches_seen", "patches_subsampled", "memory_bank")} == \
         {"patches_seen": 123, "patches_subsampled": 40, "memory_bank": 20}
     assert capped.memory_bank.shape == (20, 8) and capped.support.shape == (20, 9)
+    # the cap applied while batches stream in: a uniform subset of the right size, in arrival order, every patch
+    # kept while the stream is within the cap
+    res = PatchReservoir(40, 0)
+    for a in range(0, 123, 10):
+        res.add(bank[a:a + 10])
+    kept = res.bank()
+    idx = [int((bank == row).all(1).nonzero()) for row in kept]
+    assert res.seen == 123 and kept.shape == (40, 8) and idx == sorted(set(idx))
+    whole = PatchReservoir(200, 0)
+    whole.add(bank[:60])
+    whole.add(bank[60:])
+    assert torch.equal(whole.bank(), bank)
 
 
 def test_adaptive_mean_and_neighbourhoods_equal_torch():
@@ -273,3 +285,21 @@ def test_run_through_train_eval_predict_calibrate_export_serve_and_detector(meth
     np.testing.assert_allclose(s_onnx, s_torch, atol=1e-4)
     np.testing.assert_allclose(m_onnx, m_torch, atol=1e-4)
     assert float(m_torch.max() - m_torch.min()) > 1e-2                   # the maps are not flat: equality means something
+
+
+@pytest.mark.parametrize("method,model,expected", [
+    ("patchcore", None, "patchcore reads a backbone's patch features: --backbone must name one"),
+    ("padim", None, "padim reads a backbone's patch features: --backbone must name one"),
+    ("patchcore", {"coreset_ratio": 2}, "coreset_ratio must be in (0, 1], got 2"),
+    ("padim", {"regularizer": 0, "stabilizer": 0}, "regularizer and stabilizer must be >= 0 with a positive sum"),
+])
+def test_bad_input_is_refused_with_clear_messages(method, model, expected, hazelnut_root, tmp_path, cli):
+    import json
+
+    extra = []
+    if model is not None:
+        (tmp_path / "c.json").write_text(json.dumps({"model": model}))
+        extra = ["--config", tmp_path / "c.json"]
+    code, out, err = cli("train", "--method", method, "--backbone", "none" if model is None else "tiny", *extra,
+                         "--data", f"mvtec:{hazelnut_root}", "--out", tmp_path / "run")
+    assert code == 2 and expected in " ".join((out + err).split()) and "Traceback" not in err
