@@ -1,6 +1,6 @@
 """One-class benchmark: methods fitted on good photos only, scored on small local and whole-image defects.
 
-    python bench/oneclass.py [--out oneclass_out] [--seeds 0,1] [--sets hazelnut,brick,grass,hazelnut1024]
+    python bench/oneclass.py [--out oneclass_out] [--seeds 0,1] [--sets hazelnut,brick,hazelnut1024 (grass too)]
                              [--methods oneclass,patchcore,padim,kanoclip,winclip+,median_colour,self_similarity]
                              [--epochs 2] [--k-shot 4] [--scale 1.0] [--hazelnut DIR]
 
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("oneclass_out"))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--sets", default="hazelnut,brick,grass,hazelnut1024")
+    ap.add_argument("--sets", default="hazelnut,brick,hazelnut1024", help="of hazelnut, brick, grass, hazelnut1024")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--epochs", type=int, default=2, help="KAnoCLIP's training epochs")
     ap.add_argument("--k-shot", type=int, default=4, help="WinCLIP+'s reference photos (the first K fit photos)")
