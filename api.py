@@ -13,8 +13,14 @@
 word and the threshold of each class, so the command line and this API decide alike.
 
 Thresholds, first match wins: the one given (`threshold=`, `kano predict --threshold`; source "command
-line") > RUN/calibration.json's image threshold for the class (`kano calibrate`; source "calibration") >
-the run's own, calibrated on its auxiliary data at training (source "run") > none (scores only).
+line") > the calibration's image threshold for the class (`calibration=FILE`, else RUN/calibration.json;
+`kano calibrate`; source "calibration") > the run's own, calibrated on its auxiliary data at training, for
+the run scored as it is (source "run") > none (scores only). A calibration is keyed by the scoring mode it was
+made for (evaluator.calibrate.scoring_mode); one of another mode (few-shot references, K, backbone, weights,
+class word) is refused, naming the field that differs. The calibration's pixel threshold sets the scale the
+maps are drawn on (`pixel_threshold_for`).
+
+    det = kano.Detector.zero_shot(method="median_colour", calibration="floor_cal.json")
 """
 
 from __future__ import annotations
@@ -64,13 +70,16 @@ def weights_sha256(config: dict | None) -> str | None:
 
 
 def resolve_threshold(given: float | None, run_dir: str | Path | None, class_name: str, run_threshold: float | None,
-                      weights_sha256: str | None = None) -> tuple[float | None, str | None]:
-    """-> (threshold, source): command line > RUN/calibration.json for the class (evaluator.calibrate; a class
+                      weights_sha256: str | None = None, *, calibration: dict | None = None) -> tuple[float | None, str | None]:
+    """-> (threshold, source): command line > the calibration's entry for the class (`calibration`, already
+    checked against the mode: Detector.calibration_entry), else RUN/calibration.json (evaluator.calibrate; a class
     missing from an existing calibration is an error) > the run's > (None, None)."""
     if given is not None:
         if isinstance(given, bool) or not 0.0 <= given <= 1.0:
             raise KanoError(f"threshold must be a number in [0, 1] (scores are in [0, 1]), got {given}")
         return float(given), "command line"
+    if calibration is not None:
+        return float(calibration["image_threshold"]), "calibration"
     if run_dir is not None:
         from kano.evaluator.calibrate import calibrated_threshold
 
@@ -114,8 +123,12 @@ class Detector:
 
     def __init__(self, model, method: dict, *, run_dir: str | Path | None = None, run_threshold: float | None = None,
                  run_words: dict[str, str] | None = None, weights_sha256: str | None = None, threshold: float | None = None,
-                 references: "tuple | None" = None, device=None, batch_size: int = 8):
+                 references: "tuple | None" = None, device=None, batch_size: int = 8,
+                 calibration: str | Path | None = None):
         self.model = model
+        self.calibration = Path(calibration) if calibration else None  # a calibration file (`kano calibrate --calibration`)
+        self._mode = None
+        self._cal = None
         self.method = method
         self.run_dir = Path(run_dir) if run_dir else None
         self.run_threshold = run_threshold
@@ -131,18 +144,22 @@ class Detector:
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def load(cls, run: str | Path, *, threshold: float | None = None, device: str | None = None, batch_size: int = 8,
-             references: str | Path | None = None, k_shot: int = 0) -> "Detector":
+             references: str | Path | None = None, k_shot: int = 0, calibration: str | Path | None = None) -> "Detector":
         """A trained run (`kano train --out RUN`): KAnoCLIP, April-GAN or AnomalyCLIP. With `references` (a folder
         of normal images) and `k_shot` K: April-GAN's few-shot memory of the folder's first K images, sorted by
-        path (kanoclip/fewshot.py)."""
+        path (kanoclip/fewshot.py); the run's own threshold (of its scores without references) is then not used.
+        calibration: a calibration file of this mode (default: RUN/calibration.json, refused if of another mode)."""
         from kano.evaluator.command import _device
         from kano.evaluator.loading import load_model
         from kano.evaluator.report import trained_method
 
         model, info = load_model(str(run), None, None, _device(device))
         cfg = info["config"]
-        det = cls.with_references(model, trained_method(run, cfg), references, k_shot, threshold=threshold, batch_size=batch_size)
-        det.run_dir, det.run_threshold, det.run_words = Path(run), info["threshold"], dict(info["prompt_names"])
+        det = cls.with_references(model, trained_method(run, cfg), references, k_shot, threshold=threshold, batch_size=batch_size,
+                                  calibration=calibration)
+        # the run's own threshold was set on its scores without references: another scale with them
+        det.run_dir, det.run_words = Path(run), dict(info["prompt_names"])
+        det.run_threshold = info["threshold"] if det.references is None else None
         det.weights_sha256 = weights_sha256(cfg)
         return det
 
@@ -162,37 +179,42 @@ class Detector:
         return cls(wrapped, described, references=refs, **kw)
 
     @classmethod
-    def zero_shot(cls, method: str = "winclip", backbone: str = "micro", *, references: str | Path | None = None,
+    def zero_shot(cls, method: str, backbone: str = "micro", *, references: str | Path | None = None,
                   k_shot: int = 0, image_size: int | None = None, threshold: float | None = None, device: str | None = None,
-                  batch_size: int = 8) -> "Detector":
-        """A method that needs no training (`kano eval --method` names that score one image at a time) on a frozen
-        backbone: clip, clip-ac, winclip, or a zero-parameter floor. With `references` (a folder of normal images)
-        and `k_shot` K: the first K images of the folder, sorted by path, as the method's references (WinCLIP+)."""
+                  batch_size: int = 8, style: str = "api", calibration: str | Path | None = None) -> "Detector":
+        """A method that needs no training and scores one image at a time (kano.core.registry.methods_with(per_image=True):
+        the zero-shot CLIP methods and the zero-parameter floors), on a frozen backbone when it takes one. With
+        `references` (a folder of normal images) and `k_shot` K, for the methods that take references: the first K
+        images of the folder, sorted by path, as every class's references (WinCLIP+). style: how errors name the
+        options ("api": these arguments; "cli": kano predict's flags). calibration: a calibration file of this mode
+        (`kano calibrate --calibration FILE`)."""
         from kano.evaluator.command import _device
-        from kano.evaluator.methods import BACKBONE_METHODS, load_method, reference_folder
+        from kano.evaluator.methods import load_method, reference_folder
+        from kano.core.registry import METHODS, methods_with, method_spec, option_name
 
+        spec = method_spec(method, option_name("method", style))
+        if not spec.per_image:
+            why = ("is trained: load its run with Detector.load(RUN_DIR)" if spec.trained else
+                   "is transductive (it scores each image against the rest of a test set): use `kano eval --method` on a dataset"
+                   if spec.transductive else "builds its memory from a labelled dataset: use `kano eval --method` with --aux")
+            raise KanoError(f"{option_name('method', style)} must be a method that scores one image at a time (one of "
+                            f"{', '.join(methods_with(per_image=True))}), got {method!r}, which {why}")
         if k_shot and not references:
-            raise KanoError(f"k_shot {k_shot} needs references (a folder of normal images), got none")
-        model, info = load_method(method, None, backbone if method in BACKBONE_METHODS else None, image_size,
-                                  _device(device), k_shot=0)
-        if getattr(model, "transductive", False):
-            raise KanoError(f"method must score one image at a time, got {method!r}, which is transductive (it scores each "
-                            "image against the rest of a test set): use `kano eval --method` on a dataset instead")
+            raise KanoError(f"{option_name('k_shot', style)} {k_shot} needs {option_name('references', style)} (a folder of "
+                            "normal images), got none")
+        model, info = load_method(method, None, backbone if "backbone" in METHODS[method].needs else None, image_size,
+                                  _device(device), k_shot=0, references=None, style=style)
         described = info["method"]
         refs = None
         if references:
-            from kano.evaluator.methods import REFERENCE_METHODS
+            from kano.core.registry import check_given
 
-            if method not in REFERENCE_METHODS:
-                raise KanoError(f"--reference is used by the methods that take reference images ({', '.join(REFERENCE_METHODS)}), "
-                                f"got --method {method} with --reference {references}")
+            check_given(method, {"backbone": backbone if "backbone" in spec.needs else None, "references": references},
+                        style)
             refs = reference_folder(references, k_shot, model.backbone)
-            described = {**described, "name": "winclip+", "kind": "few-shot", "setting": "few-shot", "k_shot": k_shot,
-                         "references": refs[1],
-                         "source": "Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images (the first k "
-                                   f"of {references}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
-                         "parameters": "frozen backbone, no training; a memory of k normal images"}
-        return cls(model, described, threshold=threshold, references=refs, batch_size=batch_size)
+            described = {**described, **model.describe_references(k_shot, str(references)), "setting": "few-shot",
+                         "k_shot": k_shot, "references": refs[1]}
+        return cls(model, described, threshold=threshold, references=refs, batch_size=batch_size, calibration=calibration)
 
     # ------------------------------------------------------------------------------------------ rules
     def class_word(self, class_name: str, word: str | None = None) -> str:
@@ -205,18 +227,53 @@ class Detector:
         """A warning when `word` is neither a class the run was trained with nor one of the built-in pack."""
         from kano.anomaly_data.names import known_words, unknown_word_warning
 
-        if self.method.get("kind") == "baseline":  # the floors use no prompts
+        from kano.evaluator.command import uses_prompts
+
+        if not uses_prompts(self.method):  # the floors use no prompts
             return None
         return unknown_word_warning(word, known_words(self.run_words))
 
-    def threshold_for(self, class_name: str) -> tuple[float | None, str | None]:
-        """-> (threshold, source) for `class_name` (the module docstring's order)."""
-        return resolve_threshold(self.threshold, self.run_dir, class_name, self.run_threshold, self.weights_sha256)
+    def mode(self) -> dict:
+        """The scoring mode a calibration is keyed by (evaluator.calibrate.scoring_mode)."""
+        if self._mode is None:
+            from kano.evaluator.calibrate import scoring_mode
+
+            self._mode = scoring_mode(self.method, self.model, self.weights_sha256)
+        return self._mode
+
+    def calibration_entry(self, class_name: str, word: str | None = None) -> dict | None:
+        """The class's calibration (image_threshold, pixel_threshold, n, rank, class_word), checked against this
+        detector's mode and the class word: `calibration` given, else RUN/calibration.json, else None. A
+        calibration of another mode is refused, a class it lacks is an error."""
+        from kano.evaluator import calibrate as C
+
+        path = self.calibration or (self.run_dir / C.CALIBRATION_FILE if self.run_dir is not None else None)
+        if path is None or (self.calibration is None and not path.is_file()):
+            return None
+        if self._cal is None:
+            self._cal = C.load_calibration(self.run_dir) if self.calibration is None else C.read_calibration(path)
+        return C.calibration_entry(path, self._cal, self.mode(), class_name, self.class_word(class_name, word))
+
+    def threshold_for(self, class_name: str, word: str | None = None) -> tuple[float | None, str | None]:
+        """-> (threshold, source) for `class_name` (the module docstring's order); word: the class word in use
+        when it is not the rule's (checked against the calibration's)."""
+        if self.threshold is not None:
+            return resolve_threshold(self.threshold, None, class_name, None)
+        entry = self.calibration_entry(class_name, word)
+        return resolve_threshold(None, None, class_name, self.run_threshold, calibration=entry)
+
+    def pixel_threshold_for(self, class_name: str, word: str | None = None) -> tuple[float | None, str | None]:
+        """-> (the calibration's pixel threshold for the class, "calibration"), or (None, None) without one: the
+        level the maps are drawn relative to and the masks are cut at (evaluator.visualize.MapScale)."""
+        if self.threshold is not None and self.calibration is None:  # --threshold alone: the run's file is not consulted
+            return None, None
+        entry = self.calibration_entry(class_name, word)
+        return (None, None) if entry is None else (float(entry["pixel_threshold"]), "calibration")
 
     def begin_class(self, class_name: str, word: str) -> None:
         """Give a per-class model (WinCLIP+) its references for this class before it scores the class's images."""
         if self.references is not None:
-            self.model.reference_images = {class_name: self.references[0]}
+            self.model.set_references({class_name: self.references[0]})
         if hasattr(self.model, "begin_class"):
             self.model.begin_class(class_name, word)
 
@@ -238,7 +295,7 @@ class Detector:
         word = self.class_word(class_name, class_word)
         if (msg := self.word_warning(word)) is not None:
             warnings.warn(msg, stacklevel=2)
-        threshold, source = self.threshold_for(class_name)
+        threshold, source = self.threshold_for(class_name, word)
         self.begin_class(class_name, word)
         bb = self.model.backbone
         results: list[Result] = []

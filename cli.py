@@ -32,9 +32,19 @@ def _names(**query) -> str:
 
 
 def _per_image_with_backbone() -> str:
-    from kano.core.registry import METHODS
+    return _names(needs="backbone", per_image=True)
 
-    return ", ".join(m for m in _names(needs="backbone").split(", ") if METHODS[m].kind != "transductive")
+
+def _with_option(option: str) -> str:
+    from kano.core.registry import methods_with_option
+
+    return ", ".join(methods_with_option(option))
+
+
+def _untrained() -> str:
+    from kano.core.registry import UNTRAINED_METHOD
+
+    return UNTRAINED_METHOD
 
 
 METHOD_HELP = ("a method instead of a model, or a comma-separated list of them (each into OUT/NAME, their comparison table "
@@ -203,6 +213,7 @@ def data_synth(
                                             "--defects local or whole picks a half; --size is then the longest side kept); --classes names the class"),
     foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
                                    "or a folder of masks, one per photo by stem; defects land only there"),
+    strict: bool = typer.Option(False, "--strict", help="with --from: stop at an unreadable photo (default: name it, count it, leave it out and go on)"),
 ):
     """Write procedural textures/objects with exact-mask defects (deterministic), or defects on your own photos (--from)."""
     from kano.anomaly_data import synthesize, synthesize_world
@@ -215,7 +226,8 @@ def data_synth(
         if world is not None or (cls and len(cls) > 1):
             raise KanoError(f"--from takes one class name in --classes and no --world, got --classes {classes} --world {world}")
         typer.echo(describe(synthesize_from_photos(from_dir, out, cls[0] if cls else None, seed=seed, max_side=size,
-                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force)))
+                                                   n_per_defect=n_defect, defects=kinds, foreground=foreground, force=force,
+                                                   strict=strict)))
         return
     if world is not None:
         synthesize_world(out, world, seed=seed, size=size, n_train=n_train, n_good=n_good, n_per_defect=n_defect, classes=cls,
@@ -266,7 +278,7 @@ def train_cmd(
                                          "method first; docs/methods.md lists each one's source); the "
                                          "peers need no --kb and run with their published settings; or fit a one-class "
                                          f"method on the normal photos of --data's train/good: {_names(kind='one-class')}"
-                                         + _d(_TD.method if _TD else "kanoclip")),
+                                         + _d(_TD.method if _TD else _names(kind="trained").split(", ")[0])),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge base made by `kano kb build` (kanoclip only)" + _d(_TD.kb if _TD else "kb.duckdb")),
     data: Optional[str] = typer.Option(None, "--data", help="auxiliary dataset KIND:PATH, e.g. mvtec:/data/mvtec (its test "
                                        f"split, as in the paper; kinds: {DATA_KINDS}); required"),
@@ -349,10 +361,14 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help=DATA_HELP + "; its test split is evaluated"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
-                                           help="instead of --run: the untrained KAnoCLIP with fixed prompts (kanoclip-untrained) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
+                                           help=f"instead of --run: the untrained KAnoCLIP with fixed prompts ({_untrained()}) on MODEL[:PRETRAINED], tiny or micro; with --method: the backbone of " + _names(needs="backbone")),
     out: Path = typer.Option(Path("results"), "--out", show_default=True,
                              help="results folder: report.html, metrics.json/.csv/.md, scores.csv, overlays/ (refused if it holds another run's results)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated classes to evaluate  [default: all]"),
+    class_names: Optional[List[str]] = typer.Option(None, "--class", help="which class a folder of --data is: NAME (--data "
+                                                    "holds one class folder) or NAME=FOLDER (repeatable); the name picks the "
+                                                    "prompt word and the calibration, e.g. --class hazelnut=hazelnut_toy  "
+                                                    "[default: the folder's name]"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="image-decoding processes (>= 0; 0: in the main process: on the CPU the batches run in parallel streams, one per torch thread (at most 4), each decoding its own images)  [default: usable CPU cores - 1, at most 8; 0 on two cores or fewer]"),
@@ -368,31 +384,35 @@ def eval_cmd(
                                              help="warn (not fail) when an anomalous image has no mask; its pixels count as normal"),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
-    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method winclip, WinCLIP+; with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
     reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
     strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),
-    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help="with --method musc or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
+    rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help=f"with --method {_with_option('rscin_windows')} or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="a calibration file of this scoring mode (`kano calibrate ... --calibration FILE`)  [default: RUN/calibration.json; one made for another mode is refused]"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
 
     if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual or k_shot or rscin_windows:
-            flag = "--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows"
+        if mutual or k_shot or rscin_windows or calibration:
+            flag = ("--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows" if rscin_windows
+                    else "--calibration (one scoring mode's)")
             raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
         eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
                                    classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                                    workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
-                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux)
+                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux,
+                                   class_names=class_names)
         return
     eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
                           classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
                           workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
                           force=force, allow_missing_masks=allow_missing_masks,
                           method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
-                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"))
+                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"),
+                          calibration=calibration, class_names=class_names)
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -414,12 +434,13 @@ def compare_cmd(
 
 @app.command("predict", short_help="Score images: decision, panel, raw map, JSON line each.")
 def predict_cmd(
-    inputs: List[str] = typer.Argument(..., help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
-                                                 "manifests with a 'path' column (and optionally 'class')"),
-    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle); its prompt word by the rule of --class-word"),
+    inputs: Optional[List[str]] = typer.Argument(None, help="image files, folders, glob patterns, .txt lists of paths, .csv/.parquet "
+                                                 "manifests with a 'path' column (and optionally 'class'); or give --class NAME=FOLDER"),
+    class_name: str = typer.Option(..., "--class", help="what the images show (e.g. bottle), or NAME=FOLDER: the photos of FOLDER "
+                                   "are class NAME (e.g. hazelnut=hazelnut_toy/test); its prompt word by the rule of --class-word"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="the prompts' [class] word  [default: the run's word for --class, else the built-in table (pcb1 -> printed circuit board), else --class with _ as spaces]"),
-    method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, on --backbone: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, darkness, brightness, local_median, self_similarity, self_similarity_randconv); transductive methods need a test set: use kano eval"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: WinCLIP+ with --method winclip, April-GAN's patch memory with --run or --backbone"),
+    method: Optional[str] = typer.Option(None, "--method", help=f"a method that needs no training and scores one image at a time: {_names(per_image=True)} (on --backbone: {_names(per_image=True, needs='backbone')}; with --reference and --k-shot: {_names(per_image=True, references=True)}); transductive methods ({_names(kind='transductive')}) need a test set: use kano eval"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="a folder of normal images of the class; its first --k-shot images (sorted by path) are the references: with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); April-GAN's patch memory with --run or --backbone"),
     k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --reference: how many of its images to use"),
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
     backbone: Optional[str] = typer.Option(None, "--backbone",
@@ -440,12 +461,14 @@ def predict_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out (refused if its options differ); "
                                                         "running the same command again does the same"),
     model: Optional[Path] = typer.Option(None, "--model", help="instead of --run: a graph from `kano export` (.onnx through onnxruntime, .xml through OpenVINO); needs no torch"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="a calibration file of this scoring mode (`kano calibrate ... --calibration FILE`)  [default: RUN/calibration.json; one made for another mode is refused]"),
 ):
     """Score images as a stream: decision, labelled panel, raw map (NPY, 16-bit PNG), one JSON line each, index.html.
 
     Rows are appended a batch at a time, so a killed run continues where it stopped when run again. Under
     torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
     Exit code 1 when some image could not be read (its row says why; the others are written)."""
+    class_name, inputs = _class_and_inputs(class_name, inputs)
     if model is not None:
         from kano.deploy import command as deploy_command
 
@@ -453,51 +476,102 @@ def predict_cmd(
                                batch_size=batch_size, force=force, others={"--run": run, "--backbone": backbone, "--device": device, "--image-size": image_size,
                                        "--resume": resume, "--method": method, "--reference": reference, "--k-shot": k_shot,
                                        "--class-word": class_word, "--no-maps": not maps, "--no-panels": not panels,
+                                       "--calibration (the graph carries its thresholds)": calibration,
                                        f"--format {fmt}": fmt != "jsonl"})
         return
     from kano.evaluator import command as eval_command
 
     eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
                          batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
-                         k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size)
+                         k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size,
+                         calibration=calibration)
+
+
+def _class_and_inputs(class_name: str, inputs: Optional[List[str]]) -> tuple[str, list[str]]:
+    """`kano predict --class NAME=FOLDER`: FOLDER joins the inputs, NAME is the class."""
+    name, eq, folder = (x.strip() for x in class_name.partition("="))
+    if not name or (eq and not folder):
+        raise KanoError(f"--class must be NAME or NAME=FOLDER (e.g. hazelnut=hazelnut_toy/test), got {class_name!r}")
+    inputs = [*(inputs or []), *([folder] if eq else [])]
+    if not inputs:
+        raise KanoError("kano predict needs images: INPUTS (files, folders, globs, lists) or --class NAME=FOLDER, got none")
+    return name, inputs
 
 
 @app.command("calibrate", short_help="Per-class thresholds with a guaranteed false-alarm rate, from normal images.")
 def calibrate_cmd(
-    run: Path = typer.Option(..., "--run", help="a trained run directory (kano train --out); calibration.json is written into it"),
-    normal: List[str] = typer.Option(..., "--normal", help="CLASS=DIR: normal images of CLASS the run never trained on (repeatable)"),
+    normal: List[str] = typer.Option(..., "--normal", help="CLASS=DIR: normal images of CLASS never used to train or as references (repeatable)"),
     alarm_rate: float = typer.Option(..., "--alarm-rate", help="A in (0, 1): the share of new normal images you accept to flag; "
                                      "needs at least 1/A - 1 images per class (A=0.1: 9)"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kano train --out); or give --backbone"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="instead of --run: the untrained zero-shot baseline (or --method's backbone): MODEL[:PRETRAINED], micro or tiny"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method that needs no training, as kano predict takes it: clip, clip-ac, winclip (WinCLIP+ with --reference and --k-shot), or a per-image zero-parameter floor (median_colour, ...)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="as kano predict: a folder of normal images whose first --k-shot (sorted by path) are the references"),
+    k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="with --reference: how many of its images to use"),
+    class_word: Optional[str] = typer.Option(None, "--class-word", help="WORD (one --normal class) or NAME=WORD[,NAME=WORD]: the prompts' [class] word, as kano predict will use it  [default: the run's word, else the built-in table, else the name with _ as spaces]"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="the calibration file to write (then pass it to predict, eval, export, serve)  [default: RUN/calibration.json for a run scored as it is; required for every other mode]"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write each image's score (calibration_scores.csv) and a copy of the calibration here"),
     batch_size: int = typer.Option(8, "--batch-size", show_default=True, help="images per forward pass (>= 1)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N  [default: cuda if available, else cpu]"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input size in pixels with --backbone (default: the backbone's); a run uses its own"),
+    strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: name it, count it, leave it out and go on)"),
 ):
-    """Split conformal calibration: each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n
-    normal images, so new normal images are flagged at most at rate A; kano predict then uses it."""
+    """Split conformal calibration of whatever kano predict runs (the same --run/--backbone/--method/--reference/--k-shot/
+    --class-word): each class's image threshold is the ceil((n+1)(1-A))-th smallest score of its n normal images, so new
+    normal images are flagged at most at rate A. The file is keyed by that scoring mode; predict, eval, export and
+    serve use it for that mode only and refuse it, naming what differs, for any other."""
     from kano.core import ui
+    from kano.anomaly_data.names import parse_class_words
     from kano.evaluator import calibrate
-    from kano.evaluator.command import check_common
+    from kano.evaluator.command import check_common, detector
 
     check_common(batch_size)
-    cal = calibrate.calibrate(run, _parse_images(normal, "--normal"), alarm_rate, batch_size=batch_size, device=device,
-                              progress=ui.progress_factory("calibrating"), log=typer.echo, out=out)
-    typer.echo(f"wrote {run / calibrate.CALIBRATION_FILE} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))})")
+    if not run and not backbone and not method:
+        raise KanoError("kano calibrate needs what kano predict scores with: --run RUN, --backbone SPEC or --method NAME "
+                        "(with --backbone for the methods that take one), got none of them")
+    if calibration is None and (not run or reference):
+        raise KanoError(f"--calibration FILE must name where to write the calibration of this scoring mode "
+                        f"({'few-shot on a run (--reference)' if run else '--method ' + method if method else '--backbone ' + str(backbone)}), "
+                        f"got none: only a run scored as it is keeps its calibration in the run folder; pass the same "
+                        f"--calibration FILE to predict, eval, export and serve")
+    images = _parse_images(normal, "--normal")
+    words = {}
+    if class_word:
+        if "=" in class_word:
+            words = parse_class_words(class_word)
+        elif len(images) == 1:
+            words = {next(iter(images)): class_word.strip()}
+        else:
+            raise KanoError(f"--class-word must be NAME=WORD[,NAME=WORD] with several --normal classes, got {class_word!r}")
+        unknown = sorted(set(words) - set(images))
+        if unknown:
+            raise KanoError(f"--class-word names must be --normal classes ({', '.join(images)}), got {', '.join(unknown)}")
+    det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, device=device,
+                   batch_size=batch_size, image_size=image_size)
+    cal = calibrate.calibrate_detector(det, images, alarm_rate, calibration, class_words=words,
+                                       progress=ui.progress_factory("calibrating"), log=typer.echo, out=out, strict=strict)
+    dest = calibration or calibrate.default_destination(det)
+    typer.echo(f"wrote {dest} (alarm rate {cal['alarm_rate']:g}; classes {', '.join(sorted(cal['classes']))}; mode "
+               f"{cal['mode']['method']}" + (f", K={cal['mode']['k_shot']}" if cal['mode']['k_shot'] else "") + ")"
+               + ("" if dest == calibrate.default_destination(det) else f"; pass --calibration {dest} to predict, eval, export and serve"))
 
 
 @app.command("export", short_help="A run (or a zero-shot method) as one ONNX graph or OpenVINO IR, text side baked in.")
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="the graph: PATH.onnx (--format onnx) or PATH.xml (+ .bin, --format openvino); PATH.json beside it"),
     classes: str = typer.Option(..., "--classes", help="comma-separated class names the graph scores (their text features are stored in it)"),
-    run: Optional[Path] = typer.Option(None, "--run", help="a trained run directory (kanoclip, aprilgan or anomalyclip)"),
+    run: Optional[Path] = typer.Option(None, "--run", help=f"a trained run directory (of {_names(exportable=True, trained=True)})"),
     fmt: str = typer.Option("onnx", "--format", show_default=True, help="onnx or openvino"),
-    method: Optional[str] = typer.Option(None, "--method", help="instead of --run, with --backbone: winclip (zero-shot); left out: the untrained KAnoCLIP baseline"),
+    method: Optional[str] = typer.Option(None, "--method", help=f"instead of --run, with --backbone: {_names(exportable=True, trained=False)}; left out: {_untrained()}. Trained methods ({_names(exportable=True, trained=True)}) are exported from their run"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="with --method or alone: MODEL[:PRETRAINED], micro or tiny"),
     fp16: bool = typer.Option(False, "--fp16", help="with --format openvino: store the weights in half precision (compress_to_fp16)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="the calibration of this mode whose thresholds the graph carries  [default: RUN/calibration.json]"),
 ):
     """Export the image side (backbone, heads, scoring) with the classes' text features and the run's threshold as constants."""
     from kano.deploy import command as deploy_command
 
-    deploy_command.export(run=run, method=method, backbone=backbone, classes=classes, fmt=fmt, out=out, fp16=fp16)
+    deploy_command.export(run=run, method=method, backbone=backbone, classes=classes, fmt=fmt, out=out, fp16=fp16,
+                          calibration=calibration)
 
 
 @app.command("serve", short_help="HTTP service: POST /v1/predict, GET /healthz, GET / (a page to drop images on).")
@@ -515,13 +589,14 @@ def serve_cmd(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", show_default=True, help="largest request body, MB (413 above); pixels: $KANO_MAX_PIXELS"),
     timeout_s: float = typer.Option(30.0, "--timeout", show_default=True, help="seconds a request may take (504 after)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="inference threads  [default: $OMP_NUM_THREADS, else all cores]"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="with --run: a calibration file of the run's mode  [default: RUN/calibration.json]; an exported --model carries its own"),
 ):
     """Serve a detector over HTTP (FastAPI on uvicorn); loopback only unless --public."""
     from kano.deploy import command as deploy_command
 
     deploy_command.serve(run=run, model=model, host=host, port=port, public=public, classes=classes, folder=folder, batch=batch,
                          batch_wait_ms=batch_wait_ms, queue_length=queue_length, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
-                         threads=threads)
+                         threads=threads, calibration=calibration)
 
 
 @app.command("demo")

@@ -71,13 +71,33 @@ def known_words(run_words: dict[str, str] | None = None) -> set[str]:
     return known
 
 
+# difflib similarity from which a word counts as a misspelling of a known one: one letter swapped, dropped or
+# changed in a word of 4 letters or more (hazlenut/hazelnut 0.88, disk/disc 0.75), while distinct short words
+# stay apart (part/carpet 0.60, scales/cable 0.73)
+TYPO_SIMILARITY = 0.75
+
+
+def closest(name: str, choices) -> str | None:
+    """The one choice `name` most likely misspells (difflib, similarity >= TYPO_SIMILARITY), or None: for "did
+    you mean" and for the corrected name in a command an error suggests."""
+    import difflib
+
+    if name in choices:
+        return name
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=TYPO_SIMILARITY)
+    return close[0] if close else None
+
+
 def unknown_word_warning(word: str, known: set[str], what: str = "class word") -> str | None:
-    """A warning for a word outside `known`, naming the closest known ones (difflib); None when known."""
+    """A warning when `word` looks like a misspelling of a known class (difflib), naming the closest ones; None
+    when it is known or resembles none. A new class word is no mistake: scoring classes never seen in training
+    is what a zero-shot detector is for, and `kano kb build --llm builtin` gives any class generic descriptions."""
     import difflib
 
     if word in known or word.replace(" ", "_") in known:
         return None
-    close = difflib.get_close_matches(word, sorted(known), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    close = difflib.get_close_matches(word, sorted(known), n=3, cutoff=TYPO_SIMILARITY)
+    if not close:
+        return None
     return (f"{what} {word!r} is not a class the knowledge base or the built-in pack describes, so the prompts carry "
-            f"no learned knowledge of it{hint}")
+            f"no learned knowledge of it; did you mean {', '.join(repr(c) for c in close)}?")

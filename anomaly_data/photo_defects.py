@@ -110,6 +110,7 @@ class PhotoSynthResult:
     n_photos: int
     counts: dict[str, int] = field(default_factory=dict)
     whole_image_foreground: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unreadable photos left out: "NAME: why"
 
 
 def _rng(seed: int, *keys) -> np.random.Generator:
@@ -146,6 +147,10 @@ def _fit(img: Image.Image, max_side: int) -> Image.Image:
         return img
     f = max_side / max(w, h)
     return img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS)
+
+
+# the shrinking above, for evaluator.overlap: a calibration photo is compared with what this module wrote of it
+fit_long_side = _fit
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -513,9 +518,10 @@ def _foregrounds(photos: list[np.ndarray], files: list[Path], foreground: str | 
 
 def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | None = None, *, seed: int = 0,
                            max_side: int = 256, n_per_defect: int = 3, defects: tuple[str, ...] | None = None,
-                           foreground: str | Path = "auto", force: bool = False) -> PhotoSynthResult:
+                           foreground: str | Path = "auto", force: bool = False, strict: bool = False) -> PhotoSynthResult:
     """Write the dataset described in the module docstring. Returns a summary (counts per kind, photos whose
-    automatic foreground fell back to the whole photo)."""
+    automatic foreground fell back to the whole photo, unreadable photos left out). strict: an unreadable
+    photo is an error (default: as eval and predict, it is named, counted and left out)."""
     from .readers import Dataset, read_mvtec, write_meta
     from .synth import _check_count
 
@@ -537,13 +543,23 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
         raise KanoError(f"--out must be outside the photos' folder --from {src}, got {out}")
     if not force and out.is_dir() and any(out.iterdir()):
         raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
-    photos = []
+    photos, kept, skipped = [], [], []
     for f in files:
-        img = _fit(load_image(f), max_side)
+        try:
+            img = _fit(load_image(f), max_side)
+        except KanoError as exc:
+            if strict:
+                raise
+            skipped.append(f"{f.name}: {exc}")
+            continue
+        kept.append(f)
         if min(img.size) < MIN_SIDE:
             raise KanoError(f"photo {f} must be at least {MIN_SIDE} px on its short side for the defect sizes "
                             f"(scars 2 px wide, blobs 4-12 % of the side), got {img.size[0]}x{img.size[1]}")
         photos.append(np.asarray(img, dtype=np.uint8).copy())
+    if not photos:
+        raise KanoError(f"--from {src} must hold at least one readable photo, got {len(files)} unreadable: {skipped[0]}")
+    files = kept
     fgs, whole = _foregrounds(photos, files, foreground)
     base = out / cls
     for sub in ("train/good", "test/good"):
@@ -574,7 +590,7 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
         counts[kind] = n_per_defect
     (base / "defects.json").write_text(json.dumps({"seed": seed, "foreground": str(foreground), "defects": records}, indent=1))
     write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")
-    return PhotoSynthResult(out, cls, len(photos), counts, whole)
+    return PhotoSynthResult(out, cls, len(photos), counts, whole, skipped)
 
 
 def describe(result: PhotoSynthResult) -> str:
@@ -582,6 +598,9 @@ def describe(result: PhotoSynthResult) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in result.counts.items())
     lines = [f"wrote {result.out}: class {result.class_name}, {result.n_photos} normal photos (train/good and test/good), "
              f"defects: {kinds} (meta.json, {result.class_name}/defects.json included)"]
+    if result.skipped:
+        lines += [f"not used (unreadable): {s}" for s in result.skipped[:20]]
+        lines.append(f"{len(result.skipped)} unreadable photo(s) skipped; --strict makes this an error")
     if result.whole_image_foreground:
         names = result.whole_image_foreground
         lines.append(f"no object found against the border colour in {len(names)} photo(s) ({', '.join(names[:3])}"

@@ -121,6 +121,26 @@ class Dataset:
             chosen = [c for c in chosen if c in have]
         return chosen, samples
 
+    def renamed(self, names: dict[str, str]) -> "Dataset":
+        """The same images with class FOLDER called NAME for each {FOLDER: NAME} (`kano eval --class NAME=FOLDER`):
+        the name then picks the prompt word, the calibration and the report's rows."""
+        import dataclasses
+
+        from .names import closest
+
+        unknown = [f for f in names if f not in self.classes]
+        if unknown:
+            meant = closest(unknown[0], self.classes)
+            raise KanoError(f"--class NAME=FOLDER: FOLDER must be a class folder of {self.kind}:{self.root} "
+                            f"({', '.join(self.classes)}), got {unknown[0]!r}" + (f"; did you mean {meant!r}?" if meant else ""))
+        after = [names.get(c, c) for c in self.classes]
+        if len(set(after)) != len(after):
+            twice = sorted({n for n in after if after.count(n) > 1})
+            raise KanoError(f"--class must give each class folder its own name, got {', '.join(twice)} for two folders of "
+                            f"{self.kind}:{self.root}")
+        samples = [dataclasses.replace(s, class_name=names.get(s.class_name, s.class_name)) for s in self._samples]
+        return Dataset(self.kind, self.root, samples, missing_masks="ignore")
+
     def has_masks(self, class_name: str) -> bool:
         return any(s.mask_path for s in self._samples if s.class_name == class_name and s.label == 1)
 
@@ -517,7 +537,16 @@ def _layout_hint(kind: str, root: Path) -> str:
                 if any(_is_class_folder(c) for c in _dirs(d)):
                     return f" (the class folders are one level down: pass {kind}:{d})"
         contents = ", ".join(p.name for p in _dirs(root)[:8])
-        return f" (it holds {contents})" if contents else ""
+        held = f" (it holds {contents})" if contents else ""
+        if kind in ("mvtec", "mpdd"):
+            # the commonest case: a folder of one's own photos, with no defects and no masks yet
+            photos = sum(1 for p in root.iterdir() if is_image(p))
+            return (f"{held}{f', {photos} loose photos' if photos and held else f' ({photos} loose photos)' if photos else ''}. "
+                    f"The {kind} layout is ROOT/CLASS/train/good/*.png (normal), ROOT/CLASS/test/good/*.png and "
+                    f"ROOT/CLASS/test/DEFECT/*.png, ROOT/CLASS/ground_truth/DEFECT/*_mask.png (masks); from a folder of your "
+                    f"own normal photos, make it with: kano data synth --from {root} --classes NAME --out data/synth, then "
+                    f"pass {kind}:data/synth")
+        return held
     except OSError:
         return ""
 

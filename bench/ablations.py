@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     if "kanoclip-untrained (fixed prompts)" not in results:
         model, _ = load_model(None, args.backbone)
         results["kanoclip-untrained (fixed prompts)"] = {"seeds": [None], "seconds": [0], "metrics": [
-            {t: evaluate(model, spec, out / "eval" / f"clip_ac_{t.split()[0]}", {}) for t, spec in targets.items()}]}
+            {t: evaluate(model, spec, out / "eval" / f"untrained_{t.split()[0]}", {}) for t, spec in targets.items()}]}
         results_path.write_text(json.dumps(results, indent=1))
     for name, over in variants.items():
         for seed in seeds:

@@ -173,7 +173,7 @@ def zero_shot(bb, model, size: int, seed: int = 0) -> dict:
     except ImportError:
         pass
     pairs = {"flawless/damaged": ("a photo of a flawless {}.", "a photo of a damaged {}."),
-             "normal/abnormal (CLIP-AC)": ("a photo of a normal {}.", "a photo of an abnormal {}.")}
+             "normal/abnormal (fixed prompts, as kanoclip-untrained)": ("a photo of a normal {}.", "a photo of an abnormal {}.")}
 
     def text(tn, ta, word):
         tok = open_clip.tokenize([tn.format(word), ta.format(word)], context_length=model.context_length)
@@ -196,7 +196,7 @@ def zero_shot(bb, model, size: int, seed: int = 0) -> dict:
                         for kind in sorted(set(kinds) - {"good"}):
                             sel = np.array([k in ("good", kind) for k in kinds])
                             per_kind.setdefault(kind, []).append(auroc(y[sel], p[sel]))
-            t = text(*pairs["normal/abnormal (CLIP-AC)"], cls)
+            t = text(*pairs["normal/abnormal (fixed prompts, as kanoclip-untrained)"], cls)
             for name, ff in (("CLIP-VV tokens", f), ("Q-K tokens", bb(x, vv=False))):
                 maps = torch.stack([(MAP_SCALE * F.normalize(p, dim=-1) @ t.t()).softmax(-1)[..., 1] for p in ff.patch_tokens]).mean(0)
                 side = int(math.isqrt(maps.shape[1]))
@@ -205,7 +205,7 @@ def zero_shot(bb, model, size: int, seed: int = 0) -> dict:
                     pix[name].append(auroc(gt.flatten(), up.numpy().flatten()))
         out[set_name] = {"classes": len(img_auc["flawless/damaged"]),
                          **{f"image_auroc {k}": float(np.nanmean(v)) for k, v in img_auc.items()},
-                         **{f"pixel_auroc CLIP-AC map, {k}": float(np.nanmean(v)) for k, v in pix.items() if v},
+                         **{f"pixel_auroc fixed-prompt map, {k}": float(np.nanmean(v)) for k, v in pix.items() if v},
                          "image_auroc flawless/damaged per defect kind": {k: round(float(np.nanmean(v)), 3) for k, v in sorted(per_kind.items())}}
     return out
 

@@ -8,11 +8,11 @@ from kano.core import ui
 from kano.core.errors import KanoError
 
 
-def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bool) -> dict:
+def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bool, calibration=None) -> dict:
     from .export import export as run_export
 
     side = run_export(run=str(run) if run else None, method=method, backbone=backbone,
-                      classes=[c.strip() for c in classes.split(",")], fmt=fmt, out=Path(out), fp16=fp16)
+                      classes=[c.strip() for c in classes.split(",")], fmt=fmt, out=Path(out), fp16=fp16, calibration=calibration)
     thr = ", ".join(f"{c} {'none' if t is None else f'{t:.4f}'}" for c, t in side["thresholds"].items())
     ui.out.print(f"written {out} ({side['model_format']}, {side['precision']}) and {Path(out).with_suffix('.json')}: "
                  f"{side['method']} on {side['backbone']}, {side['image_size']} px, classes {', '.join(side['classes'])}; thresholds {thr}")
@@ -26,9 +26,12 @@ def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch
     if given:
         raise KanoError(f"--model scores with the exported graph alone, got {', '.join(given)} beside it (leave them out)")
     records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, force, ui.progress_factory("scoring"))
-    ui.print_table(f"predictions ({class_name}, {Path(model).name})", ["image", "score", "anomalous"],
+    from kano.evaluator.records import worst_first
+
+    ui.print_table(f"predictions ({class_name}, {Path(model).name}), flagged first, by score", ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
-                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in records])
+                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")))
+                    for r in worst_first(records, len(records))])
     failed = [r for r in records if r["error"]]
     for r in failed:
         ui.err.print(f"not scored: {r['error']}")
@@ -39,11 +42,11 @@ def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch
 
 
 def serve(*, run, model, host, port, public, classes, folder, batch, batch_wait_ms, queue_length, max_upload_mb, timeout_s,
-          threads) -> None:
+          threads, calibration=None) -> None:
     from .serve import Limits, serve as run_serve
 
     limits = Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), queue_length=queue_length, timeout_s=timeout_s,
                     batch=batch, batch_wait_ms=batch_wait_ms)
     run_serve(run=str(run) if run else None, model=str(model) if model else None, host=host, port=port, public=public,
               folder=str(folder) if folder else None, classes=[c.strip() for c in classes.split(",")] if classes else None,
-              limits=limits, threads=threads)
+              limits=limits, threads=threads, calibration=str(calibration) if calibration else None)

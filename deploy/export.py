@@ -36,22 +36,6 @@ from kano.core.errors import KanoError
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "openvino")
-def _one_class_methods() -> tuple[str, ...]:
-    from kano.core.registry import ONE_CLASS_METHODS
-
-    return ONE_CLASS_METHODS
-
-
-# one-class methods (kanoclip/one_class.py): their fitted tensors are the graph's constants, no text side
-EXPORTABLE = ("kanoclip", "aprilgan", "anomalyclip", "winclip", *_one_class_methods())
-# Why the other methods of `kano eval --method` have no graph: named in the refusal.
-NOT_EXPORTABLE = {
-    "musc": "MuSc is transductive: it scores each image against the other test images of its batch, so it has no "
-            "fixed per-image graph",
-    "retrieval": "retrieval scores against a memory of auxiliary images built at load time (not a fixed graph)",
-    "clip": "the plain CLIP baseline is not exported (export kanoclip, aprilgan, anomalyclip or winclip)",
-    "clip-ac": "export the untrained CLIP-AC baseline as `kano export --backbone SPEC` (KAnoCLIP without training)",
-}
 OPSET = 18  # onnxscript's default for torch 2.14; onnxruntime 1.2x and OpenVINO 2025+ read it
 
 
@@ -66,87 +50,75 @@ class ImageSide(nn.Module):
     """The deployed graph: a method's image side with the text features as a buffer.
 
     images (N, 3, S, S), class_index (N,) int64 -> (image_score (N,), anomaly_map (N, S, S), anomalous (N,) bool).
-    text: (C, 2, E) per exported class (normal, abnormal), or (2, E) for AnomalyCLIP's class-agnostic prompts."""
+    The method's module gives both halves: `text_bank(words)` -> (C, 2, E) per exported class (normal, abnormal),
+    and `score_bank(images, rows (N, 2, E))`, the image side against each image's rows."""
 
-    def __init__(self, model: nn.Module, method: str, text: torch.Tensor, thresholds: list[float | None]):
+    def __init__(self, model: nn.Module, text: torch.Tensor, thresholds: list[float | None]):
         super().__init__()
-        self.model, self.method = model, method
+        self.model = model
         self.register_buffer("text", text.detach().float().clone())
         # per class; none: +inf, so that `anomalous` is false for that class (the sidecar says null)
         self.register_buffer("threshold", torch.tensor([float("inf") if t is None else float(t) for t in thresholds]))
 
     def forward(self, images: torch.Tensor, class_index: torch.Tensor):
-        if getattr(self.model, "one_class", False):  # fitted on one product's normal photos: class_index selects nothing
-            res = self.model(images)
-        elif self.method == "winclip":
-            res = self.model.score_text(images, self.text[class_index])
-        else:
-            feats = self.model.encode_images(images)
-            # AnomalyCLIP's prompts are class-agnostic; class_index still selects a row (all rows equal), so the
-            # graph keeps that input and every exported method has the same signature
-            text = self.text[class_index][0] if self.method == "anomalyclip" else self.text[class_index]
-            res = self.model.score_text(feats, text, images.shape[-1])
+        res = self.model.score_bank(images, self.text[class_index])
         return res.image_score, res.anomaly_map, res.image_score >= self.threshold[class_index]
 
 
-def text_bank(model: nn.Module, method: str, words: list[str]) -> torch.Tensor:
+def text_bank(model: nn.Module, words: list[str]) -> torch.Tensor:
     """(C, 2, E): each class word's text features as the method's own forward computes them."""
     with torch.no_grad():
-        if getattr(model, "one_class", False):  # no text side: a (C, 2, 1) placeholder keeps the graph's signature
-            return torch.zeros(len(words), 2, 1)
-        if method == "kanoclip":
-            if model.cfg.prompt_class:
-                words = [model.cfg.prompt_class] * len(words)
-            w_n, w_a = model.text_features(words)
-            return torch.stack([w_n, w_a], 1).float()
-        if method == "aprilgan":
-            return model.text_features(words).float()
-        if method == "anomalyclip":
-            return model.text_features().float().unsqueeze(0).expand(len(words), -1, -1).contiguous()
-        if method == "winclip":
-            return model.text(words).float()
-    raise KanoError(f"method must be one of {', '.join(EXPORTABLE)}, got {method!r}")
+        return model.text_bank(words).float()
 
 
-def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str]):
-    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source)},
-    source description). A run's words and thresholds are the ones `kano predict --run` uses (kano.api.Detector)."""
+def refuse_unexportable(method: str) -> None:
+    """A KanoError saying why `method` has no graph (from its registry entry), or nothing when it has one."""
+    from kano.core.registry import not_exportable_reason
+
+    if why := not_exportable_reason(method):
+        raise KanoError(f"--method {method} cannot be exported: {why}")
+
+
+def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str], calibration=None):
+    """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source, pixel
+    threshold)}, source description). Words and thresholds are the ones `kano predict` uses for the same options
+    (kano.api.Detector), with `calibration` (a calibration file of this mode; a run's own by default); --backbone
+    alone is the untrained model, as in `kano eval` and `kano predict`."""
     from kano.anomaly_data.names import class_word
+    from kano.core.registry import UNTRAINED_METHOD, methods_with
 
     if not classes or any(not c.strip() for c in classes) or len(set(classes)) != len(classes):
         raise KanoError(f"--classes must be distinct, non-empty class names separated by commas, got {','.join(classes)!r}")
-    if method and method in NOT_EXPORTABLE:
-        raise KanoError(f"--method {method} cannot be exported: {NOT_EXPORTABLE[method]}")
     if run:
         if method or backbone:
             raise KanoError("give --run RUN alone (its config names the method and backbone), got --run with "
                             f"{'--method' if method else '--backbone'}")
         from kano.api import Detector
 
-        det = Detector.load(run, device="cpu")
-        name = det.model.method
-        return (det.model, name, {c: det.class_word(c) for c in classes}, {c: det.threshold_for(c) for c in classes},
-                det.method)
-    if not backbone:
-        raise KanoError("kano export needs --run RUN, or --backbone SPEC (with --method winclip, or alone for the untrained "
-                        "KAnoCLIP baseline)")
-    from kano.evaluator.report import baseline_method
+        det = Detector.load(run, device="cpu", calibration=calibration)
+        name = det.method["method"]
+        refuse_unexportable(name)
+        return det.model, name, {c: det.class_word(c) for c in classes}, _thresholds(det, classes), det.method
+    if not backbone and not method:
+        raise KanoError("kano export needs --run RUN, or --method NAME (one of "
+                        f"{', '.join(methods_with(exportable=True, trained=False))}, with --backbone SPEC for those that "
+                        f"take one), or --backbone SPEC alone ({UNTRAINED_METHOD})")
+    from kano.api import Detector
+    from kano.evaluator.methods import load_method
+    from kano.core.registry import method_spec
 
-    words = {c: class_word(c) for c in classes}
-    none = {c: (None, None) for c in classes}
-    if method in (None, "kanoclip"):
-        from kano.evaluator.loading import load_model
+    name = method or UNTRAINED_METHOD
+    if method_spec(name).trained:
+        raise KanoError(f"--method {name} is a trained method: export its run with --run RUN_DIR (without --method)")
+    refuse_unexportable(name)
+    model, info = load_method(name, None, backbone, None, "cpu")
+    det = Detector(model, info["method"], calibration=calibration)  # the thresholds of this mode's calibration, if given
+    return model, name, {c: class_word(c) for c in classes}, _thresholds(det, classes), info["method"]
 
-        model, _ = load_model(None, backbone, None, "cpu")
-        return model, "kanoclip", words, none, baseline_method("clip-ac", backbone, prompts="a photo of a normal/abnormal [class]")
-    if method != "winclip":
-        raise KanoError(f"--method must be winclip (or left out, for the untrained KAnoCLIP baseline) with --backbone, "
-                        f"got {method!r}; trained methods are exported from their run with --run")
-    from kano.kanoclip import build_backbone
-    from kano.kanoclip.winclip import build_zero_shot
 
-    return build_zero_shot("winclip", build_backbone(backbone, device="cpu")), "winclip", words, none, \
-        {"kind": "zero-shot", "name": "WinCLIP", "backbone": backbone}
+def _thresholds(det, classes: list[str]) -> dict:
+    """{class: (threshold, source, pixel threshold)} as `kano predict` resolves them."""
+    return {c: (*det.threshold_for(c), det.pixel_threshold_for(c)[0]) for c in classes}
 
 
 def export_model(model: nn.Module, method: str, words: dict[str, str], thresholds: dict | float | None, out: Path,
@@ -155,9 +127,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
     words: class -> prompt word, in class_index order; thresholds: class -> (threshold, source), or one threshold
     for every class (None: no decisions)."""
     check_target(fmt, out, fp16)
-    if method not in EXPORTABLE:
-        raise KanoError(f"method must be one of {', '.join(EXPORTABLE)}, got {method!r}"
-                        + (f" ({NOT_EXPORTABLE[method]})" if method in NOT_EXPORTABLE else ""))
+    refuse_unexportable(method)
     out = Path(out)
     _need("onnx", "export")
     if fmt == "openvino":
@@ -168,7 +138,8 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
     if not isinstance(thresholds, dict):
         thresholds = {c: (thresholds, None if thresholds is None else "given") for c in classes}
     thr = [thresholds[c][0] for c in classes]
-    graph = ImageSide(model, method, text_bank(model, method, [words[c] for c in classes]), thr).eval()
+    pixel = {c: (thresholds[c][2] if len(thresholds[c]) > 2 else None) for c in classes}
+    graph = ImageSide(model, text_bank(model, [words[c] for c in classes]), thr).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kano-export-") as tmp:
         onnx_path = out if fmt == "onnx" else Path(tmp) / "model.onnx"
@@ -182,7 +153,7 @@ def export_model(model: nn.Module, method: str, words: dict[str, str], threshold
                "image_size": bb.image_size, "mean": [float(v) for v in bb.mean], "std": [float(v) for v in bb.std],
                # anomaly_data.image_to_tensor: squash to S x S (no crop, so maps align with the image), bicubic
                "resize": "squash-bicubic", "classes": classes, "prompt_words": [words[c] for c in classes],
-               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
+               "thresholds": dict(zip(classes, thr)), "threshold_sources": {c: thresholds[c][1] for c in classes}, "pixel_thresholds": pixel, "inputs": {"image": ["N", 3, bb.image_size, bb.image_size], "class_index": ["N"]},
                "outputs": {"image_score": ["N"], "anomaly_map": ["N", bb.image_size, bb.image_size], "anomalous": ["N"]},
                "opset": OPSET, "source": source or {}, "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -230,8 +201,8 @@ def write_onnx(graph: ImageSide, size: int, path: Path) -> None:
 
 
 def export(*, run: str | None, method: str | None, backbone: str | None, classes: list[str], fmt: str, out: Path,
-           fp16: bool = False) -> dict:
+           fp16: bool = False, calibration=None) -> dict:
     """`kano export`: load the source, write the graph and its sidecar; returns the sidecar dict."""
     check_target(fmt, out, fp16)
-    model, name, words, thresholds, source = load_source(run, method, backbone, classes)
+    model, name, words, thresholds, source = load_source(run, method, backbone, classes, calibration)
     return export_model(model, name, words, thresholds, out, fmt, fp16, source)

@@ -58,6 +58,8 @@ class ExportedModel:
         self.words: dict[str, str] = dict(zip(self.classes, meta["prompt_words"]))
         self.thresholds: dict[str, float | None] = dict(meta["thresholds"])
         self.threshold_sources: dict[str, str | None] = dict(meta.get("threshold_sources") or {})
+        # the calibration's pixel thresholds (the maps' colour scale, the masks' cut); absent in older sidecars
+        self.pixel_thresholds: dict[str, float | None] = dict(meta.get("pixel_thresholds") or {})
         self.engine = SUFFIXES[path.suffix]
         n = _threads(threads)
         if self.engine == "onnxruntime":
@@ -88,8 +90,11 @@ class ExportedModel:
 
     def class_index(self, class_name: str) -> int:
         if class_name not in self.classes:
+            from kano.anomaly_data.names import closest
+
+            meant = closest(class_name, self.classes)
             raise KanoError(f"class must be one of the exported classes {', '.join(self.classes)}, got {class_name!r} "
-                            f"(kano export --classes names them)")
+                            + (f"(did you mean {meant!r}? Pass --class {meant})" if meant else "(kano export --classes names them)"))
         return self.classes.index(class_name)
 
     def threshold_for(self, class_name: str, given: float | None = None) -> tuple[float | None, str | None]:
@@ -172,11 +177,12 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
                     c = classes[j]
                     t, src = (threshold, source) if c == class_name else model.threshold_for(c, threshold_given)
                     s, m = got.get(j, (None, None))
-                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, True, True))
+                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, True, True,
+                                       model.pixel_thresholds.get(c)))
                 writer.append(rows)
                 advance(len(chunk))
     finally:
         close()
     pf.finish(out_dir, identity, 1, len(items), batch_size, "jsonl", method, model.image_size, class_name, word, threshold, source,
-              started, merge=False)
+              started, merge=False, pixel_threshold=model.pixel_thresholds.get(class_name))
     return list(records.read_rows(out_dir / records.RESULT))

@@ -22,6 +22,8 @@ import base64
 import io
 import os
 import queue
+import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -77,16 +79,18 @@ class Scorer:
     method: dict
     preprocess: Callable
     score: Callable
+    pixel_thresholds: dict = None  # class -> the calibration's pixel threshold (the maps' colour scale) or None
 
     @staticmethod
     def exported(model_path: str | Path, threads: int | None = None) -> "Scorer":
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score)
+        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score,
+                      dict(m.pixel_thresholds))
 
     @staticmethod
-    def torch_run(run: str | Path, classes: list[str] | None = None) -> "Scorer":
+    def torch_run(run: str | Path, classes: list[str] | None = None, calibration: str | None = None) -> "Scorer":
         """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
         them (kano.api.Detector); classes: the names the service accepts (default: the run's classes)."""
         import torch
@@ -94,7 +98,7 @@ class Scorer:
         from kano.anomaly_data import image_to_tensor
         from kano.api import Detector
 
-        det = Detector.load(run, device="cpu")
+        det = Detector.load(run, device="cpu", calibration=calibration)
         model = det.model
         names = classes or sorted(det.run_words)
         if not names:
@@ -108,7 +112,8 @@ class Scorer:
             return r.image_score.float().numpy(), r.anomaly_map.float().numpy()
 
         return Scorer(names, bb.image_size, {c: det.threshold_for(c)[0] for c in names}, det.method,
-                      lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score)
+                      lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score,
+                      {c: det.pixel_threshold_for(c)[0] for c in names})
 
 
 class Batcher:
@@ -169,8 +174,26 @@ def _png_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None):
-    """The FastAPI application. folder: the service's own folder (uploads are decoded there)."""
+def _shown_name(filename: str | None) -> str | None:
+    """The upload's own file name as the panel's title shows it: the last path part, printable, at most 80
+    characters (it is shown, never used as a path)."""
+    if not filename:
+        return None
+    name = "".join(ch for ch in filename.replace("\\", "/").rsplit("/", 1)[-1] if ch.isprintable())[:80]
+    return name or None
+
+
+def _log_line(method: str, path: str, status: int, ms: float, client: str | None, note: str | None) -> str:
+    """One request's line in the service's log: when, who, what, the answer and how long it took."""
+    import datetime as _dt
+
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return f"{when} {client or '-'} {method} {path} {status} {ms:.0f} ms" + (f" {note}" if note else "")
+
+
+def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None, log: Callable[[str], None] | None = None):
+    """The FastAPI application. folder: the service's own folder (uploads are decoded there). log: where each
+    request's line goes (default: standard output, flushed at once)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse
@@ -191,6 +214,19 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     app.state.batcher = batcher
     app.router.add_event_handler("shutdown", batcher.close)
     pixel_limit = max_pixels()
+    log = log or (lambda line: print(line, flush=True))
+
+    @app.middleware("http")
+    async def _log_request(request: Request, call_next):
+        t0 = time.monotonic()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            log(_log_line(request.method, request.url.path, status, 1000 * (time.monotonic() - t0),
+                          request.client.host if request.client else None, getattr(request.state, "note", None)))
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, exc: HTTPError):
@@ -206,8 +242,9 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     async def page():
         return PAGE.replace("__CLASSES__", "".join(f"<option>{_esc(c)}</option>" for c in scorer.classes))
 
-    async def read_form(request: Request) -> tuple[bytes, str, str]:
-        """-> (file bytes, content type, class); refuses before reading more than the upload limit."""
+    async def read_form(request: Request) -> tuple[bytes, str, str, str | None]:
+        """-> (file bytes, content type, class, the upload's file name to show); refuses before reading more than
+        the upload limit."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise HTTPError(415, f"the request must be multipart/form-data with fields file and class, got content type {ctype or 'none'!r}")
@@ -239,7 +276,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         data = await f.read()
         if not data:
             raise HTTPError(400, "the file field must hold an image, got an empty file")
-        return data, (f.content_type or ""), cls
+        return data, (f.content_type or ""), cls, _shown_name(f.filename)
 
     def decode(data: bytes, ctype: str):
         """bytes -> PIL RGB through anomaly_data.io.load_image (its checks: format, truncation, pixel limit)."""
@@ -269,9 +306,14 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
     @app.post("/v1/predict")
     async def predict(request: Request):
         t0 = time.monotonic()
-        data, ctype, cls = await read_form(request)
+        data, ctype, cls, filename = await read_form(request)
+        request.state.note = f"class {cls!r} file {filename!r}"
         if cls not in scorer.classes:
-            raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}")
+            from kano.anomaly_data.names import closest
+
+            meant = closest(cls, scorer.classes)
+            raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}"
+                            + (f"; did you mean {meant!r}?" if meant else ""))
         loop = asyncio.get_running_loop()
         img = await loop.run_in_executor(None, decode, data, ctype)
         x = await loop.run_in_executor(None, scorer.preprocess, img)
@@ -284,7 +326,9 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None)
         thr = scorer.thresholds.get(cls)
 
         def draw():
-            return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=cls, score=score, threshold=thr))
+            title = f"{cls} / {filename}" if filename else cls  # as `kano predict` titles its panels
+            return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=title, score=score, threshold=thr,
+                                                                pixel_threshold=(scorer.pixel_thresholds or {}).get(cls)))
 
         map_b64, panel_b64 = await loop.run_in_executor(None, draw)
         return {"class": cls, "score": round(score, 6), "anomalous": None if thr is None else bool(score >= thr), "threshold": thr,
@@ -302,8 +346,9 @@ def _esc(s: str) -> str:
 
 def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: int = 8000, public: bool = False,
           folder: str | None = None, classes: list[str] | None = None, limits: Limits | None = None,
-          threads: int | None = None) -> None:
-    """Run the service until interrupted (uvicorn, one process)."""
+          threads: int | None = None, calibration: str | None = None) -> None:
+    """Run the service until interrupted (uvicorn, one process). calibration: with --run, a calibration file of
+    the run's mode (default RUN/calibration.json)."""
     if bool(run) == bool(model):
         raise KanoError("kano serve needs exactly one of --run RUN (torch) or --model PATH (an exported .onnx / .xml)")
     if host not in LOOPBACK and not public:
@@ -314,12 +359,38 @@ def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: 
         import uvicorn
     except ImportError:
         raise KanoError("kano serve needs FastAPI and uvicorn: pip install 'kano[serve]'") from None
-    scorer = Scorer.exported(model, threads) if model else Scorer.torch_run(run, classes)
+    if calibration and model:
+        raise KanoError(f"--calibration goes with --run (an exported --model carries the thresholds it was exported with), "
+                        f"got --model {model} --calibration {calibration}")
+    scorer = Scorer.exported(model, threads) if model else Scorer.torch_run(run, classes, calibration)
+    made = folder is None  # a folder the service made is the service's to remove; one it was given is not
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="kano-serve-"))
-    app = create_app(scorer, folder, limits)
-    print(f"kano serve: http://{host}:{port}/  (classes {', '.join(scorer.classes)}; folder {folder})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KANO_SERVE_LOG", "warning"),
-                limit_concurrency=(limits or Limits()).queue_length * 4)
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler found at start: this one
+    # turns it into an exception, so that the folder below is removed (the default action ends the process at once)
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        app = create_app(scorer, folder, limits)
+        print(f"kano serve: http://{host}:{port}/  (classes {', '.join(scorer.classes)}; folder {folder}); one line per request "
+              "follows", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KANO_SERVE_LOG", "warning"),
+                    limit_concurrency=(limits or Limits()).queue_length * 4)
+    except _Terminated:
+        pass
+    finally:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached `kano serve` after uvicorn's graceful stop."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
 
 
 PAGE = """<!doctype html>

@@ -224,27 +224,23 @@ def method_info(method: str, backbone: str | None, image_size: int) -> dict:
     """What metrics.json records under "method"."""
     from kano.evaluator.report import baseline_method
 
-    return baseline_method(method, backbone if method == "mutual" else None,
-                           setting="transductive" if method in TRANSDUCTIVE else "per-image",
-                           parameters="none (zero-parameter)" if method != "mutual" else "frozen backbone, no training",
+    spec = REGISTRY[method]
+    return baseline_method(method, spec.kind, backbone if "backbone" in spec.needs else None,
+                           setting="transductive" if spec.transductive else "per-image",
+                           parameters="frozen backbone, no training" if "backbone" in spec.needs else "none (zero-parameter)",
                            image_size=image_size)
 
 
 def load_baseline(method: str, run, backbone: str | None, image_size: int | None, device: torch.device, **_):
-    """-> (ZeroParameterDetector, info) for `kano eval --method`; the same info keys as `load_model`."""
-    if run:
-        raise KanoError(f"--method {method} evaluates a zero-parameter baseline: give no --run")
+    """-> (ZeroParameterDetector, info) for `kano eval --method`; the same info keys as `load_model` (load_method has
+    checked the sources: a backbone exactly for the entries that need one)."""
     if method not in METHODS:
         raise KanoError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     bb = None
-    if method == "mutual":
-        if not backbone:
-            raise KanoError("--method mutual needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED): it scores that backbone's patch tokens")
+    if backbone:
         from kano.kanoclip import build_backbone
 
         bb = build_backbone(backbone, image_size=image_size, device=device)
-    elif backbone:
-        raise KanoError(f"--backbone is used by --method {', '.join(methods_with(needs='backbone'))} only, got --method {method} with --backbone {backbone}")
     model = ZeroParameterDetector(method, image_size or 128, bb, device).eval()
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {},
                    "method": method_info(method, backbone, model.backbone.image_size)}

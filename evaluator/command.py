@@ -19,10 +19,19 @@ def _device(name: str | None) -> torch.device:
 def _method(run, backbone, info) -> dict:
     from kano.evaluator.loading import untrained_info
     from kano.evaluator.report import trained_method
+    from kano.kanoclip.registry import UNTRAINED_METHOD
 
     if run:
         return trained_method(run, info["config"])
-    return untrained_info("kanoclip-untrained", backbone)
+    return untrained_info(UNTRAINED_METHOD, backbone)
+
+
+def uses_prompts(described: dict) -> bool:
+    """Whether the method a provenance dict describes scores with prompts naming the class (its registry entry)."""
+    from kano.kanoclip.registry import METHODS
+
+    spec = METHODS.get(described.get("method"))
+    return spec is not None and spec.prompts
 
 
 def check_common(batch_size: int, workers: int | None = 0, threshold: float | None = None, n_overlays: int = 0) -> None:
@@ -41,23 +50,32 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              threshold: float | None = None, force: bool = False, allow_missing_masks: bool = False,
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
              reference=None, class_words: str | None = None, strict: bool = False,
-             rscin_windows: list[int] | None = None, scored: dict | None = None) -> dict:
+             rscin_windows: list[int] | None = None, scored: dict | None = None, calibration=None,
+             class_names: list[str] | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
+    folder_names = class_folders(class_names or [], data)  # {FOLDER: NAME}
+    if folder_names:  # the methods read --data's folders (references of --k-shot): they get the folder names
+        name_folders = {n: f for f, n in folder_names.items()}
+        classes_given = classes
+        classes = [name_folders.get(c, c) for c in classes] if classes else None
     dist = _dist(device)
     dev = dist.device
+    from kano.kanoclip.registry import methods_with, methods_with_option
+
     if aux and not method:
-        raise KanoError(f"--aux is used by --method retrieval only, got --aux {aux} without --method")
-    if rscin_windows and not (mutual or method == "musc"):
-        raise KanoError(f"--rscin-windows is used by --method musc and --mutual only, got it with "
-                        f"{'--method ' + method if method else '--run' if run else '--backbone'} and no --mutual")
+        raise KanoError(f"--aux is used by --method {', '.join(methods_with(needs='aux'))} only, got --aux {aux} without --method")
+    if rscin_windows and not (mutual or method in methods_with_option("rscin_windows")):
+        raise KanoError(f"--rscin-windows is used by --method {', '.join(methods_with_option('rscin_windows'))} and --mutual "
+                        f"only, got it with {'--method ' + method if method else '--run' if run else '--backbone'} and no --mutual")
     if method:
         from kano.evaluator.methods import load_method
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
-                                  k_shot=k_shot, data=data, classes=classes, references=reference, rscin_windows=rscin_windows)
+                                  k_shot=k_shot, data=data, classes=classes, references=reference,
+                                  rscin_windows=None if mutual else rscin_windows)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -71,22 +89,30 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
         model, described = with_mutual(model, described, f"--method {method}" if method else (f"--run {run}" if run else f"--backbone {backbone}"),
                                        data=data, rscin_windows=rscin_windows)
-    from kano.anomaly_data.names import known_words, parse_class_words, unknown_word_warning
-    from kano.api import resolve_threshold, weights_sha256
+    if folder_names:
+        classes = classes_given
+        refs = getattr(model, "reference_images", None)
+        if isinstance(refs, dict):
+            model.reference_images = {folder_names.get(c, c): v for c, v in refs.items()}
+    from kano.anomaly_data.names import class_word as class_word_rule, known_words, parse_class_words, unknown_word_warning
+    from kano.api import weights_sha256
 
     words = parse_class_words(class_words)
-    if described.get("kind") != "baseline":  # the floors use no prompts
+    if uses_prompts(described):  # the floors and memories use no prompts
         known = known_words(info["prompt_names"])
         for w in words.values():
             if (warning := unknown_word_warning(w, known)) is not None:
                 ui.err.print(f"warning: {warning}", markup=False)
     digest = weights_sha256(info.get("config"))
+    thresholds = eval_thresholds(threshold, run, calibration, described, model, digest,
+                                 None if (k_shot or reference or mutual) else info["threshold"],
+                                 lambda c: class_word_rule(c, words.get(c), info["prompt_names"]))
     try:
         result = run_eval(model, data, Path(out), classes, batch_size, workers, dev, info["prompt_names"], n_overlays=n_overlays,
                           progress=ui.progress_factory("evaluating"), method=described, force=force,
                           allow_missing_masks=allow_missing_masks, class_words=words, strict=strict,
-                          threshold_for=lambda c: resolve_threshold(threshold, run, c, info["threshold"], digest),
-                          dist=dist if dist.world > 1 else None, scored=scored)
+                          threshold_for=thresholds.image, pixel_threshold_for=thresholds.pixel,
+                          dist=dist if dist.world > 1 else None, scored=scored, class_names=folder_names or None)
     finally:
         dist.close()
     if not dist.main:
@@ -95,7 +121,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
     rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
     if method:  # setting, kind and name, each word once ("few-shot winclip+", "per-image zero-shot clip")
-        what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), described["kind"]) if w), described["name"]])
+        kind = None if described.get("setting") == "few-shot" else described["kind"]  # given references, not zero-shot
+        what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), kind) if w), described["name"]])
     else:
         what = "run " + str(run) if run else "untrained " + backbone
     what += " + MuSc (--mutual)" if mutual else ""
@@ -111,6 +138,62 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     return result
 
 
+def class_folders(items: list[str], data: str) -> dict[str, str]:
+    """`kano eval --class`: NAME (the one class folder of --data is class NAME) or NAME=FOLDER, repeatable
+    -> {FOLDER: NAME}."""
+    if not items:
+        return {}
+    from kano.anomaly_data import load_dataset
+
+    folders = load_dataset(data, missing_masks="ignore").classes
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, folder = (x.strip() for x in item.partition("="))
+        if not name or (eq and not folder):
+            raise KanoError(f"--class must be NAME or NAME=FOLDER (e.g. hazelnut=hazelnut_toy), got {item!r}")
+        if not eq:
+            if len(folders) != 1 or len(items) != 1:
+                raise KanoError(f"--class NAME alone must go with a --data of one class folder, got {len(folders)} "
+                                f"({', '.join(folders[:6])}{', ...' if len(folders) > 6 else ''}): use --class NAME=FOLDER")
+            folder = folders[0]
+        if folder in out:
+            raise KanoError(f"--class must name each folder once, got {folder!r} as {out[folder]!r} and {name!r}")
+        out[folder] = name
+    return out
+
+
+class eval_thresholds:
+    """Per class, eval's decision threshold and map scale: --threshold > the calibration of this scoring mode
+    (--calibration FILE, else RUN/calibration.json; one of another mode is refused by name) > the run's own (None
+    with references or --mutual: it was set on the run's plain scores) > none."""
+
+    def __init__(self, given, run, calibration, described: dict, model, digest: str | None, run_threshold, word_of):
+        from kano.evaluator import calibrate as C
+
+        self.given, self.run_threshold, self.word_of = given, run_threshold, word_of
+        self.path = Path(calibration) if calibration else (Path(run) / C.CALIBRATION_FILE if run else None)
+        self.cal = None
+        if self.path is not None and (calibration or self.path.is_file()):
+            self.cal = C.read_calibration(self.path) if calibration else C.load_calibration(run)
+            self.mode = C.scoring_mode(described, model, digest)
+
+    def entry(self, c: str) -> dict | None:
+        from kano.evaluator import calibrate as C
+
+        return None if self.cal is None else C.calibration_entry(self.path, self.cal, self.mode, c, self.word_of(c))
+
+    def image(self, c: str) -> tuple:
+        from kano.api import resolve_threshold
+
+        if self.given is not None:
+            return resolve_threshold(self.given, None, c, None)
+        return resolve_threshold(None, None, c, self.run_threshold, calibration=self.entry(c))
+
+    def pixel(self, c: str) -> float | None:
+        e = self.entry(c)
+        return None if e is None else float(e["pixel_threshold"])
+
+
 def _dist(device: str | None):
     """The launch's processes (torchrun / accelerate launch set WORLD_SIZE); one process otherwise."""
     from kano.core.distributed import Dist
@@ -123,7 +206,7 @@ PRINT_ROWS = 20
 
 
 def detector(*, run, backbone, method: str | None = None, reference=None, k_shot: int = 0, threshold: float | None = None,
-             device: str | None = None, batch_size: int = 8, image_size: int | None = None):
+             device: str | None = None, batch_size: int = 8, image_size: int | None = None, calibration=None):
     """The Detector `kano predict` scores with (the Python API's object): a run, a per-image --method on
     --backbone (with --reference DIR --k-shot K for the methods that take references), or the untrained model."""
     from kano.api import Detector
@@ -132,21 +215,22 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
         if run:
             raise KanoError(f"--method {method} runs a method that needs no training: give --backbone SPEC, not --run, got --run {run}")
         return Detector.zero_shot(method, backbone, references=reference, k_shot=k_shot, threshold=threshold, device=device,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, style="cli", image_size=image_size, calibration=calibration)
     if reference and not k_shot or k_shot and not reference:
         raise KanoError(f"--reference DIR and --k-shot K >= 1 go together, got {'--reference ' + str(reference) if reference else '--k-shot ' + str(k_shot)} alone")
     if run:
-        return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size, references=reference, k_shot=k_shot)
+        return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size, references=reference, k_shot=k_shot,
+                             calibration=calibration)
     from kano.evaluator import load_model
 
     model, info = load_model(None, backbone, image_size, _device(device))
     return Detector.with_references(model, _method(None, backbone, info), reference, k_shot, threshold=threshold,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, calibration=calibration)
 
 
 def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,
             method: str | None = None, reference=None, k_shot: int = 0, class_word: str | None = None, maps: bool = True,
-            panels: bool = True, fmt: str = "jsonl", resume: bool = False, image_size: int | None = None):
+            panels: bool = True, fmt: str = "jsonl", resume: bool = False, image_size: int | None = None, calibration=None):
     from kano.evaluator import predict as run_predict
 
     check_common(batch_size, workers, threshold)
@@ -156,27 +240,27 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     dist = _dist(device)
     try:
         det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, threshold=threshold,
-                       device=str(dist.device), batch_size=batch_size, image_size=image_size)
+                       device=str(dist.device), batch_size=batch_size, image_size=image_size, calibration=calibration)
         word = det.class_word(class_name, class_word)
         if (warning := det.word_warning(word)) is not None and dist.main:
             ui.err.print(f"warning: {warning}", markup=False)
-        threshold, source = det.threshold_for(class_name)
+        threshold, source = det.threshold_for(class_name, word)
+        pixel_threshold, _ = det.pixel_threshold_for(class_name, word)
         det.begin_class(class_name, word)
         rows = run_predict(det.model, inputs, class_name, Path(out), threshold, batch_size, det.device, word,
                            progress=ui.progress_factory("scoring"), method=det.method, force=force, workers=workers,
                            threshold_source=source, maps=maps, panels=panels, fmt=fmt, resume=resume,
-                           dist=dist if dist.world > 1 else None, prompts=det.run_words)
+                           dist=dist if dist.world > 1 else None, prompts=det.run_words, pixel_threshold=pixel_threshold)
     finally:
         dist.close()
     if not dist.main:
         return rows
     s = rows.summary
-    shown = []
-    for r in rows:
-        if len(shown) == PRINT_ROWS:
-            break
-        shown.append(r)
-    title = f"predictions ({class_name}, class word {word!r})" + ("" if s["images"] <= PRINT_ROWS else f", the first {PRINT_ROWS} of {s['images']}")
+    from kano.evaluator.records import worst_first
+
+    shown = worst_first(rows, PRINT_ROWS)  # the flagged first, by score: what a person must look at
+    title = (f"predictions ({class_name}, class word {word!r}), flagged first, by score"
+             + ("" if s["images"] <= PRINT_ROWS else f": the {PRINT_ROWS} highest of {s['images']}"))
     ui.print_table(title, ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
                      "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in shown])
@@ -193,6 +277,8 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
     files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
     files += (["maps/ (npy and 16-bit png)"] if maps else []) + (["panels/"] if panels else [])
+    if pixel_threshold is not None and s["anomalous"] and (Path(out) / "masks").is_dir():
+        files.append(f"masks/ (each flagged image's defect mask at the pixel threshold {pixel_threshold:.3g})")
     ui.out.print(f"written to {out}: {', '.join(files)}")
     if s["errors"]:
         raise SystemExit(1)
@@ -204,29 +290,31 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one, --aux to those that need labelled auxiliary data (the registry's `needs`)."""
-    from kano.evaluator.methods import ALL_METHODS, BACKBONE_METHODS, MEMORY_METHODS
-    from kano.kanoclip.registry import RUN_METHODS as TRAINED_METHODS  # trained and one-class: from a run, not by name
+    from kano.kanoclip.registry import METHODS, methods_with
     from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
+    untrained = [m for m in methods_with(trained=False) if METHODS[m].kind != "one-class"]  # one-class: from a run
     names = [m.strip() for m in methods.split(",")]
-    bad = [m for m in names if m not in ALL_METHODS or m in TRAINED_METHODS]
+    bad = [m for m in names if m not in untrained]
     if bad or len(set(names)) != len(names) or len(names) < 2:
         why = (f"unknown {', '.join(repr(m) for m in bad)}" if bad else "a name twice" if len(set(names)) != len(names)
                else "fewer than two")
-        raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of "
-                        f"{', '.join(m for m in ALL_METHODS if m not in TRAINED_METHODS)}), "
+        raise KanoError(f"--method must be a comma-separated list of distinct NAME (one of {', '.join(untrained)}), "
                         f"got {methods!r} ({why})")
-    if not backbone and any(m in BACKBONE_METHODS for m in names):
-        raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(m for m in names if m in BACKBONE_METHODS)}")
-    if aux and not any(m in MEMORY_METHODS for m in names):
-        raise KanoError(f"--aux is used by --method retrieval only, got --method {methods} with --aux {aux}")
+    backbone_methods = [m for m in names if "backbone" in METHODS[m].needs]
+    aux_methods = [m for m in names if "aux" in METHODS[m].needs]
+    if not backbone and backbone_methods:
+        raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(backbone_methods)}")
+    if aux and not aux_methods:
+        raise KanoError(f"--aux is used by --method {', '.join(methods_with(needs='aux'))} only, got --method {methods} "
+                        f"with --aux {aux}")
     out = Path(out)
     dirs = [out / n for n in names]
     identity = {"results": [str(d.resolve()) for d in dirs], "metrics": list(DEFAULT_METRICS)}
     claim_out(out, identity, force)  # before the first evaluation: a refused OUT costs nothing
     for n, d in zip(names, dirs):
-        evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in BACKBONE_METHODS else None,
-                 aux=aux if n in MEMORY_METHODS else None, **common)
+        evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in backbone_methods else None,
+                 aux=aux if n in aux_methods else None, **common)
     tables = comparison_tables(load_results(dirs), DEFAULT_METRICS)
     write_comparison(tables, out, identity, claimed=True)
     ui.out.print(to_markdown(tables), markup=False, highlight=False, soft_wrap=True)  # labels may hold [brackets]

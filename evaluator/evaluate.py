@@ -36,9 +36,10 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
-def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path, source: str | None = None) -> None:
+def _draw(out_dir: Path, threshold, sample, amap, mask, name: str, score: float, path: Path, source: str | None = None,
+          pixel_threshold: float | None = None) -> None:
     pic = panel(load_image(sample.image_path), amap, mask=mask, name=name, score=score, threshold=threshold, label=sample.label,
-                threshold_source=source)
+                threshold_source=source, pixel_threshold=pixel_threshold)
     save_png(pic, outputs.inside(out_dir, path))  # fast: the panels are many, the bytes cheap
 
 
@@ -204,14 +205,16 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
              force: bool = False, allow_missing_masks: bool = False, threshold_source: str | None = None,
              threshold_for: Callable[[str], tuple] | None = None, class_words: dict[str, str] | None = None,
-             strict: bool = False, dist=None, scored: dict | None = None) -> dict:
+             strict: bool = False, dist=None, scored: dict | None = None,
+             pixel_threshold_for: Callable[[str], float | None] | None = None, class_names: dict[str, str] | None = None) -> dict:
     """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
     method: the method description recorded in the provenance (evaluator.report); default: the model's
     backbone as an unnamed model. threshold: the decision threshold shown in titles and histograms (None: no
     decision), recorded with `threshold_source` ("command line", "calibration", "run"); threshold_for: class ->
-    (threshold, source), when thresholds differ per class (calibration). class_words: explicit prompt words
+    (threshold, source), when thresholds differ per class (calibration); pixel_threshold_for: class -> the
+    calibration's pixel threshold or None (the gallery's colour scale, evaluator.visualize). class_words: explicit prompt words
     {class: word} (anomaly_data.names.class_word's rule fills the rest from prompt_names). strict: an
     unreadable image is an error; otherwise it is recorded, counted and left out of the metrics.
     n_overlays: gallery images per class. A model with `transductive = True` gets each class's
@@ -221,7 +224,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     (sharded_inference), process 0 computes the metrics on all of them and writes the files; every process
     returns the metrics. scored: a dict that receives {class: (samples, image scores (N,), maps (N, S, S), masks
     (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller comparing methods need not score
-    this one again."""
+    this one again. class_names: {FOLDER: NAME} for class folders evaluated under another name (`--class`)."""
     started = time.time()
     device = device or model.backbone.device
     if n_overlays < 0:
@@ -230,6 +233,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
         raise KanoError(f"threshold must be in [0, 1], got {threshold}")
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
     dataset = load_dataset(data, missing_masks="warn" if allow_missing_masks else "error")
+    if class_names:
+        dataset = dataset.renamed(class_names)
     classes, samples = dataset.split_classes("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
@@ -247,6 +252,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     names_map = {c: class_word(c, (class_words or {}).get(c), prompt_names) for c in classes}
     thresholds = {c: threshold_for(c) if threshold_for else (threshold, None if threshold is None else threshold_source)
                   for c in classes}
+    pixel_thresholds = {c: pixel_threshold_for(c) if pixel_threshold_for else None for c in classes}
     identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",
                 "classes": list(classes), "image_size": image_size, "class_words": names_map,
                 "thresholds": {c: {"threshold": t, "source": src} for c, (t, src) in thresholds.items()}}
@@ -306,7 +312,8 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
                 rel = f"overlays/{names[id(s)]}.png"
                 drawing.append(pool.submit(_draw, out_dir, thr, s, maps[i].numpy().copy(),
                                            masks[i].numpy().copy() if with_masks else None,
-                                           f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel, src))
+                                           f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel, src,
+                                           pixel_thresholds.get(cls)))
                 written.append(rel)
                 details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
                                            "score": float(scores[i]), "label": s.label})

@@ -6,6 +6,7 @@ import torch
 
 from kano.core.errors import KanoError
 from kano.kanoclip import KAnoCLIP, ModelConfig, build_backbone
+from kano.kanoclip.registry import METHODS, UNTRAINED_METHOD
 
 
 def load_model(run: str | None, backbone: str | None, image_size: int | None = None, device: torch.device | str = "cpu"):
@@ -18,17 +19,13 @@ def load_model(run: str | None, backbone: str | None, image_size: int | None = N
         model, cfg = load_run(run, device)
         return model, {"run": str(run), "backbone": cfg["backbone"], "threshold": cfg.get("threshold"),
                        "prompt_names": cfg.get("prompt_names", {}), "config": cfg}
-    return load_untrained("kanoclip-untrained", None, backbone, image_size, device)[0], {
+    return load_untrained(UNTRAINED_METHOD, None, backbone, image_size, device)[0], {
         "run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "config": None}
 
 
 def load_untrained(method: str, run, backbone: str | None, image_size: int | None = None, device: torch.device | str = "cpu", **_):
-    """-> (the untrained KAnoCLIP in eval mode, info) for `--method kanoclip-untrained --backbone SPEC` (and `--backbone`
-    alone)."""
-    if run:
-        raise KanoError(f"--method {method} is the untrained model on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
-    if not backbone:
-        raise KanoError(f"--method {method} needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
+    """-> (the untrained KAnoCLIP in eval mode, info) for `--method NAME --backbone SPEC` (and `--backbone` alone;
+    load_method has checked the sources)."""
     bb = build_backbone(backbone, image_size=image_size, device=device)
     # fixed "a photo of a normal/abnormal [class]" prompts, plain patch-text similarity, raw global feature
     # Seeded: the linear heads start at identity plus 1e-3 noise, which moved the baseline's image AUROC by a
@@ -40,8 +37,6 @@ def load_untrained(method: str, run, backbone: str | None, image_size: int | Non
 
 
 def untrained_info(method: str, backbone: str) -> dict:
-    """The provenance "method" of the untrained KAnoCLIP."""
-    from kano.kanoclip.registry import METHODS
-
-    return {"kind": "baseline", "name": method, "backbone": backbone, "prompts": "a photo of a normal/abnormal [class]",
-            "source": METHODS[method].source}
+    """The provenance "method" of the untrained KAnoCLIP (its kind is the registry's, as for every method)."""
+    return {"kind": METHODS[method].kind, "name": method, "method": method, "backbone": backbone,
+            "prompts": "a photo of a normal/abnormal [class]", "source": METHODS[method].source}

@@ -14,80 +14,48 @@ from __future__ import annotations
 import torch
 
 from kano.core.errors import KanoError
-from kano.kanoclip.registry import METHODS, method_spec, methods_with
+from kano.kanoclip.registry import METHODS, check_given, methods_with
 
-ALL_METHODS = tuple(METHODS)  # every name --method accepts (trained ones point to --run)
-BACKBONE_METHODS = methods_with(needs="backbone")  # the ones --backbone feeds
-MEMORY_METHODS = methods_with(needs="aux")
-ZERO_SHOT_METHODS = methods_with(kind="zero-shot")
-REFERENCE_METHODS = methods_with(references=True)  # the methods that take normal reference images (--reference, --k-shot)
 
 
 def zero_shot_info(model, method: str, backbone: str) -> dict:
-    """The provenance "method" of a built zero-shot model (CLIPZeroShot or WinCLIP)."""
-    from kano.kanoclip import winclip as W
-
-    info = {"kind": "zero-shot", "name": method, "backbone": backbone, "setting": "per-image",
+    """The provenance "method" of a built zero-shot CLIP model (its module describes its prompts and map)."""
+    return {"kind": METHODS[method].kind, "name": method, "method": method, "backbone": backbone, "setting": "per-image",
             "parameters": "frozen backbone, no training", "source": METHODS[method].source,
-            "image_size": model.backbone.image_size}
-    if method == "clip":
-        info["prompts"] = {"normal": W.CLIP_PROMPTS[0][0].format("[class]"), "anomalous": W.CLIP_PROMPTS[1][0].format("[class]")}
-    elif method == "clip-ac":
-        info["prompts"] = {"normal": "normal [class]", "anomalous": "anomalous [class]",
-                           "templates": len(W.WINCLIP_TEMPLATES), "ensemble": "text features averaged per state"}
-    else:
-        info["prompts"] = {"normal_states": len(W.WINCLIP_NORMAL_STATES), "anomalous_states": len(W.WINCLIP_ANOMALOUS_STATES),
-                           "templates": len(W.WINCLIP_TEMPLATES), "ensemble": "states x templates, text features averaged per state"}
-        info.update(window_scales=list(model.cfg.scales), window_stride=model.cfg.stride, temperature=model.cfg.temperature)
-    if method in ("clip", "clip-ac"):
-        info["logit_scale"] = round(model.scale, 4)
-        info["map"] = "last block's patch tokens (ln_post, proj) scored like the image, bilinear upsampling"
-    else:
-        info["map"] = "harmonic mean of the window scales' harmonic window aggregates and the image score, bilinear upsampling"
-    return info
+            "image_size": model.backbone.image_size, **model.describe()}
 
 
 def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                    k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None, **_):
-    """-> (CLIPZeroShot | WinCLIP in eval mode, info) for `kano eval --method clip|clip-ac|winclip`; k_shot > 0
-    (winclip only): WinCLIP+ with k normal reference images per class from the train split of `data`, or, with
-    `references` (a folder), its first k images for every class."""
+    """-> (the zero-shot CLIP model of kanoclip/winclip.py in eval mode, info) for `kano eval --method NAME
+    --backbone SPEC` (load_method has checked the sources); k_shot > 0 (the methods that take references):
+    k normal reference images per class from the train split of `data`, or, with `references` (a folder), its
+    first k images for every class, given to the model through `set_references`."""
     if references and not k_shot:
         raise KanoError(f"--reference {references} needs --k-shot K >= 1 (how many of its images to use), got --k-shot 0")
     if k_shot < 0:
         raise KanoError(f"--k-shot must be an integer >= 0 (0: zero-shot), got {k_shot}")
-    if method not in ("clip", "clip-ac", "winclip"):
-        raise KanoError(f"zero-shot CLIP --method must be one of clip, clip-ac, winclip, got {method!r}")
-    if run:
-        raise KanoError(f"--method {method} evaluates a zero-shot method on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
-    if not backbone:
-        raise KanoError(f"--method {method} needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
     from kano.anomaly_data import load_dataset
     from kano.kanoclip import build_backbone
-    from kano.kanoclip.winclip import WinCLIPConfig, build_zero_shot
+    from kano.kanoclip.winclip import build_zero_shot
 
     bb = build_backbone(backbone, image_size=image_size, device=device)
-    if method == "winclip":
-        largest = max(WinCLIPConfig().scales)
-        if bb.grid < largest:
-            raise KanoError(f"--image-size for --method winclip must give a patch grid of at least {largest} x {largest} "
-                            f"(its largest window), i.e. >= {largest * bb.patch_size} px with {bb.patch_size} px patches; "
-                            f"got {bb.image_size} px -> {bb.grid} x {bb.grid}")
-    model = build_zero_shot(method, bb)
+    try:
+        model = build_zero_shot(method, bb)
+    except ValueError as exc:  # a window larger than the patch grid
+        raise KanoError(f"--image-size for --method {method} {exc}") from None
     info = zero_shot_info(model, method, backbone)
     if k_shot and references:  # one folder of normal images serves every class
         refs, ref_files = reference_folder(references, k_shot, bb)
         names = classes or (list(load_dataset(data).classes) if data else [])
-        model.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
-        model.reference_folder = refs
+        model.set_references({c: refs for c in names})
+        files = {c: ref_files for c in names}
     elif k_shot:
-        model.reference_images, files = reference_images(data, k_shot, bb, classes)
+        images, files = reference_images(data, k_shot, bb, classes)
+        model.set_references(images)
     if k_shot:
         where = str(references) if references else "each class's train split"
-        info.update(name="winclip+", kind="few-shot", setting="few-shot", k_shot=k_shot, references=files,
-                    source="Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images per class (the first "
-                           f"k of {where}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
-                    parameters="frozen backbone, no training; a memory of k normal images per class")
+        info.update(model.describe_references(k_shot, where), setting="few-shot", k_shot=k_shot, references=files)
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
 
 
@@ -145,7 +113,8 @@ def with_patch_memory(model, described: dict, k_shot: int, data: str | None = No
     if k_shot < 1:
         raise KanoError(f"--k-shot must be an integer >= 1 for the K-shot mode, got {k_shot}")
     if getattr(model, "transductive", False) or not isinstance(getattr(model, "backbone", None), Backbone):
-        raise KanoError(f"--k-shot must go with a per-image model on a CLIP backbone (--run, --backbone, or --method winclip), "
+        raise KanoError(f"--k-shot must go with a per-image model on a CLIP backbone (--run, --backbone, or --method "
+                        f"{', '.join(methods_with(references=True))}), "
                         f"got {described.get('name')}")
     bb = model.backbone
     wrapped = PatchMemory(model).eval()
@@ -154,9 +123,11 @@ def with_patch_memory(model, described: dict, k_shot: int, data: str | None = No
         from kano.anomaly_data import load_dataset
 
         names = classes or (list(load_dataset(data).classes) if data else [])
-        wrapped.reference_images, files = {c: refs for c in names}, {c: ref_files for c in names}
+        wrapped.set_references({c: refs for c in names})
+        files = {c: ref_files for c in names}
     else:
-        wrapped.reference_images, files = reference_images(data, k_shot, bb, classes)
+        images, files = reference_images(data, k_shot, bb, classes)
+        wrapped.set_references(images)
     where = str(references) if references else "each class's train split"
     info = {**described, "setting": "few-shot", "k_shot": k_shot, "references": files,
             "few_shot": {"rule": f"April-GAN memory of the first {k_shot} images of {where}, sorted by path",
@@ -167,13 +138,8 @@ def with_patch_memory(model, described: dict, k_shot: int, data: str | None = No
 def load_retrieval(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str,
                    aux: str | None = None, batch_size: int = 16, allow_missing_masks: bool = False, **_):
     """-> (PatchRetrieval, info) for `kano eval --method retrieval --backbone SPEC --aux KIND:PATH`: the memory
-    is the auxiliary dataset's labelled patch and image features (its test split, masks required)."""
-    if run:
-        raise KanoError(f"--method retrieval builds its memory from --aux on a frozen --backbone: give no --run, got --run {run}")
-    if not backbone:
-        raise KanoError("--method retrieval needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
-    if not aux:
-        raise KanoError("--method retrieval needs --aux KIND:PATH: the labelled auxiliary data its memory is made of")
+    is the auxiliary dataset's labelled patch and image features (its test split, masks required; load_method has
+    checked the sources)."""
     from torch.utils.data import DataLoader
 
     from kano.anomaly_data import SampleDataset, load_dataset, raise_batch_errors
@@ -199,9 +165,9 @@ def load_retrieval(method: str, run, backbone: str | None, image_size: int | Non
     if any(a.shape[0] == 0 for a in memory["abnormal_patches"]):
         raise KanoError(f"--aux {aux} must hold defect masks covering at least {cfg.defect_share:.0%} of some patch, got none")
     model = PatchRetrieval(bb, cfg=cfg, **memory).eval()
-    info = {"kind": "memory", "name": "retrieval", "backbone": backbone, "setting": "per-image",
+    info = {"kind": METHODS[method].kind, "name": method, "method": method, "backbone": backbone, "setting": "per-image",
             "parameters": "frozen backbone, no training; a memory of labelled auxiliary features",
-            "source": METHODS["retrieval"].source,
+            "source": METHODS[method].source,
             "aux": aux, "image_size": bb.image_size, "k": cfg.k, "temperature": cfg.temperature, "sigma": cfg.sigma,
             "memory": {"normal_patches_per_stage": int(memory["normal_patches"][0].shape[0]),
                        "abnormal_patches_per_stage": [int(a.shape[0]) for a in memory["abnormal_patches"]],
@@ -211,10 +177,10 @@ def load_retrieval(method: str, run, backbone: str | None, image_size: int | Non
 
 
 def musc_info(model, backbone: str) -> dict:
-    """The provenance "method" of a built MuSc model."""
-    return {"kind": "zero-shot", "name": "musc", "backbone": backbone, "setting": "transductive",
-            "parameters": "frozen backbone, no training", "source": METHODS["musc"].source, "image_size": model.backbone.image_size,
-            "constants": model.constants()}
+    """The provenance "method" of a built MuSc model (MuSc's own module names it: model.method)."""
+    return {"kind": METHODS[model.method].kind, "name": model.method, "method": model.method, "backbone": backbone,
+            "setting": "transductive", "parameters": "frozen backbone, no training", "source": METHODS[model.method].source,
+            "image_size": model.backbone.image_size, "constants": model.constants()}
 
 
 def musc_windows(data: str | None, windows: list[int] | None) -> dict:
@@ -231,11 +197,7 @@ def musc_windows(data: str | None, windows: list[int] | None) -> dict:
 def load_musc(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
               data: str | None = None, rscin_windows: list[int] | None = None, **_):
     """-> (MuSc, info) for `kano eval --method musc --backbone SPEC` on `data` (KIND:PATH: its kind picks the RsCIN
-    windows unless `rscin_windows` is given)."""
-    if run:
-        raise KanoError(f"--method musc scores the test set on a frozen backbone: give --backbone SPEC, not --run, got --run {run}")
-    if not backbone:
-        raise KanoError("--method musc needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)")
+    windows unless `rscin_windows` is given; load_method has checked the sources)."""
     from kano.kanoclip import build_backbone
     from kano.kanoclip.musc import MuSc
 
@@ -252,7 +214,7 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
-    fits = ", ".join(m for m in BACKBONE_METHODS if METHODS[m].kind != "transductive")
+    fits = ", ".join(methods_with(needs="backbone", per_image=True))
     if model.transductive:
         raise KanoError(f"--mutual must go with a per-image method (--run, or --method {fits}), got {what}, "
                         "which is already transductive")
@@ -262,26 +224,18 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
     musc = MuSc(model.backbone, map_scale=0.5, **musc_windows(data, rscin_windows)).eval()
     spec = described.get("backbone") or model.backbone.spec
     info = {**described, "setting": "transductive", "mutual": True, "fusion": FUSION_RULE,
-            "musc": musc_info(musc, spec)}
+            musc.method: musc_info(musc, spec)}
     return MutualFusion(model, musc).eval(), info
 
 
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
-                classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None):
-    """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME."""
-    spec = method_spec(method)
-    if spec.kind in ("trained", "one-class"):
-        raise KanoError(f"--method {method} is a {spec.kind} method: {'fit' if spec.kind == 'one-class' else 'train'} it with "
-                        f"`kano train --method {method}` and evaluate the run with --run RUN_DIR (without --method)")
-    if aux and "aux" not in spec.needs:
-        raise KanoError(f"--aux is used by --method {', '.join(MEMORY_METHODS)} only, got --method {method} with --aux {aux}")
-    if k_shot and not spec.references:
-        with_refs = methods_with(references=True)
-        raise KanoError(f"--k-shot is used by --method {', '.join(with_refs)} only (few-shot), got --method {method} "
-                        f"with --k-shot {k_shot}")
-    if references and not spec.references:
-        raise KanoError(f"--reference is used by the methods that take reference images ({', '.join(REFERENCE_METHODS)}), "
-                        f"got --method {method} with --reference {references}")
-    return spec.loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
-                         k_shot=k_shot, data=data, classes=classes, references=references, rscin_windows=rscin_windows)
+                classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None,
+                class_word: str | None = None, style: str = "cli"):
+    """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME, after its entry has
+    refused what NAME cannot take (kano.core.registry.check_given; style "cli" or "api": how errors name options)."""
+    check_given(method, {"run": run, "backbone": backbone, "aux": aux, "k_shot": k_shot, "references": references,
+                         "class_word": class_word, "rscin_windows": rscin_windows}, style)
+    return METHODS[method].loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
+                                    k_shot=k_shot, data=data, classes=classes, references=references,
+                                    rscin_windows=rscin_windows)

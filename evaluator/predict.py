@@ -14,7 +14,10 @@ Files in OUT (see evaluator.outputs for when an existing OUT is accepted):
   with "error" and no score; the others go on);
 - predictions.parquet (format "parquet"): the same rows' main columns (records.PARQUET_COLUMNS);
 - summary.json: counts (images, scored, errors, anomalous, normal);
-- panels/NAME.png (panels on): image | map | map over image, colour bar, score, threshold and decision;
+- panels/NAME.png (panels on): image | map | map over image, colour bar, score, threshold and decision, and the
+  colour scale in words (relative to the calibration's pixel threshold; evaluator.visualize);
+- masks/NAME.png: for each flagged image when the calibration gives a pixel threshold (a normal float), the
+  binary defect mask (255 where the map is >= the pixel threshold, else 0) at the map's size (below);
 - maps/NAME.npy (float32) and maps/NAME.png (16-bit grey, 65535 = 1.0) (maps on): the map at the image's
   own size, or, for images larger than MAX_MAP_SIDE on their long side, downscaled to MAX_MAP_SIDE (the
   row says so: "map_downscaled": true, "map_size" vs "image_size");
@@ -130,13 +133,14 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
             device: torch.device | None = None, prompt: str | None = None, progress: Callable | None = None, *,
             method: dict | None = None, force: bool = False, workers: int = 0, maps: bool = True, panels: bool = True,
             fmt: str = "jsonl", resume: bool = False, dist=None, prompts: dict | None = None,
-            threshold_source: str | None = None) -> records.ResultRows:
+            threshold_source: str | None = None, pixel_threshold: float | None = None) -> records.ResultRows:
     """Score images; writes the files listed in the module docstring; returns the rows (read from the result
     file when asked, with `.summary`, the counts). class_name: the class of inputs that name none (a
     manifest's `class` column names its own); prompt: its class word (None: anomaly_data.names.class_word's
     rule); prompts: class -> class word for a manifest's other classes (the rule fills the rest); their
     decisions use `threshold` too. threshold_source: where `threshold` came from ("command line",
-    "calibration", "run"), recorded beside it. dist: the launch's processes (kano.core.distributed.Dist or
+    "calibration", "run"), recorded beside it; pixel_threshold: the calibration's, the panels' colour scale
+    and the masks' cut (None: absolute scale, no masks). dist: the launch's processes (kano.core.distributed.Dist or
     anything with rank, world, gather and broadcast); None: this process alone."""
     started = time.time()
     device = device or model.backbone.device
@@ -156,6 +160,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
     word = prompt or (class_word(class_name, None, prompts) if class_name else None)
     identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": threshold_source,
+                "pixel_threshold": pixel_threshold,
                 "inputs": [str(Path(x).resolve()) for x in inputs],
                 "image_size": model.backbone.image_size, "maps": maps, "panels": panels, "format": fmt}
     if world > 1:  # the parts' layout depends on both
@@ -200,7 +205,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
                     errors: dict[int, str] = {}
                     scores, amaps, _ = run_inference(model, samples, words, batch_size, device, workers, advance, errors=errors)
                     writer.append(_row(out_dir, p, c, w, names[gi] if names else None, scores[j], amaps[j], errors.get(j), threshold,
-                                       threshold_source, maps, panels)
+                                       threshold_source, maps, panels, pixel_threshold)
                                   for j, ((gi, (p, _)), c, w) in enumerate(zip(items, classes, words)))
         except KanoError as exc:
             if world == 1:
@@ -213,7 +218,7 @@ def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, thr
     if rank == 0:
         try:
             summary = _finish(out_dir, identity, world, total, batch_size, fmt, method, model.backbone.image_size, class_name,
-                              word, threshold, threshold_source, started, merge=state != "done")
+                              word, threshold, threshold_source, started, merge=state != "done", pixel_threshold=pixel_threshold)
         except KanoError as exc:
             failed = str(exc)
     if world > 1:

@@ -134,6 +134,20 @@ class ResultRows:
         raise IndexError(i)
 
 
+def worst_first(rows: Iterable[dict], n: int) -> list[dict]:
+    """The n rows a person should see first: the flagged ones, then the other scored ones, each by score from
+    the highest, then those not scored; ties in input order. Streams: memory for n rows, whatever the run's length."""
+    import heapq
+
+    def key(ir):
+        i, r = ir
+        if r.get("error") or r.get("score") is None:
+            return (2, 0.0, i)
+        return (0 if r.get("anomalous") else 1, -float(r["score"]), i)
+
+    return [r for _, r in heapq.nsmallest(n, enumerate(rows), key=key)]
+
+
 def summarize(rows: Iterable[dict]) -> dict:
     """Counts over rows: images, scored, errors, anomalous and normal (decisions need a threshold)."""
     s = {"images": 0, "scored": 0, "errors": 0, "anomalous": 0, "normal": 0}

@@ -3,10 +3,11 @@ and self-contained HTML pages (no network, no JavaScript; charts are inline SVG 
 relative links to the PNGs beside the page).
 
 Provenance: `provenance(method, ...)` takes a small method description, a dict with at least
-"kind" ("trained", "baseline", ...) and "name", plus whatever identifies it: a trained run gives
-{"kind": "trained", "name": "KAnoCLIP", "run": path, "config_sha256": ..., "backbone": ...}; a zero-parameter
-baseline gives e.g. {"kind": "baseline", "name": "clip-ac", "backbone": "tiny"} or
-{"kind": "baseline", "name": "median-colour"}. Any method that fills such a dict writes the same schema.
+"kind" (the method's kind in the registry, core/registry.py KINDS: "trained", "zero-shot", "zero-parameter",
+"transductive", "memory"), "name" and "method" (its registry name), plus whatever identifies it: a trained run gives
+{"kind": "trained", "name": "KAnoCLIP", "method": NAME, "run": path, "config_sha256": ..., "backbone": ...}; a
+zero-parameter floor gives e.g. {"kind": "zero-parameter", "name": NAME, "method": NAME, "backbone": None}. Any
+method that fills such a dict writes the same schema.
 
 Units: metrics.json and metrics.csv hold fractions in [0, 1] (metrics.json says so in "units", the CSV in
 its `unit` column); metrics.md and report.html show percent, labelled "(%)".
@@ -42,10 +43,10 @@ def file_sha256(path: Path) -> str:
 
 def trained_method(run_dir: str | Path, config: dict) -> dict:
     """The method description of a trained run: its path and the SHA-256 of its config.json."""
-    from kano.kanoclip.registry import DISPLAY_NAMES
+    from kano.kanoclip.registry import DEFAULT_METHOD, DISPLAY_NAMES
 
     run_dir = Path(run_dir)
-    method = config.get("method", "kanoclip")
+    method = config.get("method", DEFAULT_METHOD)
     kind = "one-class" if config.get("kind") == "one-class" else "trained"
     return {"kind": kind, "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
             "config_sha256": file_sha256(run_dir / "config.json"), "backbone": config.get("backbone"),
@@ -53,9 +54,9 @@ def trained_method(run_dir: str | Path, config: dict) -> dict:
             "vv_start": config.get("vv_start"), "pos_resize": config.get("pos_resize")}  # None: a run without it (each loader's own resize)
 
 
-def baseline_method(name: str, backbone: str | None = None, **extra) -> dict:
-    """The method description of a zero-parameter baseline (`backbone` None when it uses none)."""
-    return {"kind": "baseline", "name": name, "backbone": backbone, **extra}
+def baseline_method(name: str, kind: str, backbone: str | None = None, **extra) -> dict:
+    """The method description of a floor of evaluator/baselines.py (`backbone` None when it uses none)."""
+    return {"kind": kind, "name": name, "method": name, "backbone": backbone, **extra}
 
 
 def _git_commit() -> str | None:
@@ -380,8 +381,10 @@ def eval_html(result: dict, details: dict) -> str:
                  "</figcaption></figure></div>")
     b.append("<h2>Gallery</h2><p class=\"note\">Per class: the most confident detection, the worst false alarm and miss, the "
              "least confident image and the most confident normal one (as many as --n-overlays). Panels: image | ground truth "
-             "| map | map over image (only where the map is at least the level in the caption); one colour scale, 0 to 1, for "
-             "every map. Cyan: ground-truth outline.</p><div class=\"gallery\">")
+             "| map | map over image (only where the map is at least the level in the caption). Colours: relative to the class's "
+             "calibrated pixel threshold t (middle colour = t, brightest >= 2t) where there is a calibration, else the absolute "
+             "0-1 scale; each panel states its scale, and says so in words where a map is degenerate. Cyan: ground-truth "
+             "outline.</p><div class=\"gallery\">")
     for g in details.get("gallery", []):
         b.append(f"<figure><img src=\"{_esc(g['file'])}\" alt=\"{_esc(g['class'] + ' ' + g['reason'] + ' ' + g.get('image', ''))}\">"
                  f"<figcaption><b>{_esc(g['class'])}: {_esc(g['reason'])}</b>, {_esc(g.get('image', ''))}, score {g['score']:.3f}</figcaption></figure>")
@@ -395,13 +398,15 @@ def predict_html(records: list[dict], header: dict) -> str:
     header["summary"]: records.summarize's counts. Maps and panels appear when the records have them."""
     thr = header.get("threshold")
     total = header.get("total", len(records))
-    shown = f"{total} images" if total == len(records) else f"the first {len(records)} of {total} images (all in predictions.jsonl)"
+    shown = (f"{total} images" if total == len(records) else f"the {len(records)} highest-scoring of {total} images (all in "
+             "predictions.jsonl)") + ", the flagged first, then by score"
     counts = header.get("summary")
     counts = f"{counts['scored']} scored, {counts['errors']} not scored; " if counts else ""
     b = [f"<h1>Kano predictions: {_esc(header.get('class'))}</h1>", _prov_html(header.get("provenance")),
          f"<p class=\"note\">{_esc(shown)}; {counts}class word in the prompts {_esc(repr(header.get('class_word')))}; threshold "
          f"{_esc(threshold_text(thr, header.get('threshold_source')))}; "
-         "maps on one colour scale, 0 to 1; the overlay shows only where the map is at least its level.</p>",
+         f"maps: {_esc(header.get('map_scale') or 'colours: map value on the absolute 0-1 scale')}; the overlay shows only "
+         "where the map is at least its level; masks/ holds each flagged image's defect mask at the pixel threshold.</p>",
          "<table><thead><tr><th>image</th><th>score</th><th>anomalous</th><th>map</th></tr></thead><tbody>"]
     for r in records:
         if r.get("error"):
@@ -414,6 +419,10 @@ def predict_html(records: list[dict], header: dict) -> str:
             note = " (downscaled)" if r.get("map_downscaled") else ""
             cell = (f"<a href=\"{_esc(rel['map_npy'])}\">npy</a> <a href=\"{_esc(rel['map_png'])}\">png16</a> "
                     f"{r['map_size'][0]}x{r['map_size'][1]}{note}")
+        if "mask_png" in rel:
+            cell += f" <a href=\"{_esc(rel['mask_png'])}\">mask</a>"
+        if r.get("map_note"):
+            cell += f" <span class=\"bad\">{_esc(r['map_note'])}</span>"
         b.append(f"<tr><td>{_esc(r['image'])}</td><td>{r['score']:.3f}</td><td>{dec}</td><td>{cell}</td></tr>")
     b.append("</tbody></table><div class=\"gallery\">")
     for r in records:

@@ -139,6 +139,16 @@ class AnomalyCLIP(TrainablePeer):
     def _forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int) -> PeerOutput:
         return self.score_text(feats, self.text_features().to(feats.global_feature.device), out_size)
 
+    @torch.no_grad()
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """(C, 2, E): the class-agnostic prompt features repeated per class word (what kano export stores, so that
+        every exported graph has the same inputs)."""
+        return self.text_features().float().unsqueeze(0).expand(len(words), -1, -1).contiguous()
+
+    def score_bank(self, images: torch.Tensor, text: torch.Tensor) -> PeerOutput:
+        """The exported graph's scoring: the rows (N, 2, E) are all equal; the first is the prompts' (2, E)."""
+        return super().score_bank(images, text[0])
+
     def score_text(self, feats: VisualFeatures, text: torch.Tensor, out_size: int) -> PeerOutput:
         """The image side given the class-agnostic prompt features text (2, E) (kano.deploy exports this)."""
         c = self.cfg

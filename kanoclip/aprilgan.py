@@ -143,6 +143,10 @@ class AprilGAN(TrainablePeer):
         """images (N, 3, S, S) -> global (N, E) and raw patch tokens, one (N, L, width) per stage."""
         return self.backbone(images, vv=False, raw=True)
 
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """(C, 2, E): each class word's text features as forward computes them (what kano export stores)."""
+        return self.text_features(words).float()
+
     @torch.no_grad()
     def text_features(self, class_names: list[str]) -> torch.Tensor:
         """(C, 2, E): per class the normalised mean of the normalised sentence features, normal then abnormal."""

@@ -22,6 +22,9 @@ from .pos_embed import check_mode, resize_visual
 # The paper's backbone and its image size (a 37x37 patch grid).
 DEFAULT_SIZES = {"ViT-L-14-336-quickgelu": 518, "ViT-L-14-336": 518}
 TINY_SEED = 20240601
+# Random-weight open_clip backbones ("ViT-L-14-336-quickgelu" without PRETRAINED) are built under this seed: a run
+# stores only its trainable weights, so every load (eval, predict, export) must rebuild the same frozen backbone.
+RANDOM_WEIGHTS_SEED = 20240602
 
 
 class VisualFeatures(NamedTuple):
@@ -162,7 +165,8 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
     """Build a frozen backbone from "MODEL[:PRETRAINED]" or "tiny".
 
     - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
-    - "ViT-B-16-quickgelu:/path/weights.safetensors" (local file), "ViT-B-16-quickgelu" (random weights)
+    - "ViT-B-16-quickgelu:/path/weights.safetensors" (local file), "ViT-B-16-quickgelu" (random weights, seeded by
+      RANDOM_WEIGHTS_SEED: the same weights on every build, so a run trained on them reloads with its own backbone)
     - "tiny": an embedded, seeded random-weight ViT (4 blocks, width 96, patch 8) for tests
     - "micro": the shipped micro-CLIP (open_clip config kano-micro, 96 px, patch 8), pretrained by
       bench/pretrain_micro.py on a captioned synthetic world; "micro:/path/micro_clip.safetensors" loads
@@ -196,8 +200,12 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
             model = create_clip(name, pretrained, None)
             if size:
                 resize_visual(model.visual, size, pos_resize)
+        elif pretrained:
+            model = create_clip(name, pretrained, size)
         else:
-            model = create_clip(name, pretrained or None, size)
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                model = create_clip(name, None, size)
     bb = Backbone(model, spec, stages=stages, vv_start=vv_start, pos_resize=pos_resize or "bicubic-antialias")
     if bb.image_size % bb.patch_size:
         raise KanoError(f"image size must be a multiple of the patch size {bb.patch_size}, got {bb.image_size}")

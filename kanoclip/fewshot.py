@@ -45,6 +45,13 @@ class PatchMemory(nn.Module):
         self.model = model
         self.backbone = model.backbone
         self._memory: dict[str, list[torch.Tensor]] = {}
+        self._reference_images: dict[str, torch.Tensor] = {}
+
+    def set_references(self, references: dict[str, torch.Tensor] | None) -> None:
+        """Folder class -> its k normal reference images (k, 3, S, S), normalised as test images; each class's memory
+        is built when that class begins (begin_class)."""
+        self._reference_images = dict(references or {})
+        self._memory = {}
 
     def _patches(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (N, 3, S, S) -> per stage (N, L, W) float32 unit patch tokens, the original path's."""
@@ -57,9 +64,9 @@ class PatchMemory(nn.Module):
         self._memory[class_word] = [t.flatten(0, 1) for t in self._patches(images)]
 
     def begin_class(self, folder_class: str, prompt_class: str) -> None:
-        """The evaluator's per-class hook: that class's references (`reference_images`: folder class -> (k, 3, S, S))."""
-        refs = getattr(self, "reference_images", None)
-        if refs is None or folder_class not in refs:
+        """The evaluator's per-class hook: that class's references (set_references)."""
+        refs = self._reference_images
+        if folder_class not in refs:
             raise ValueError(f"the K-shot mode needs reference images for class {folder_class}, got them for "
                              f"{', '.join(sorted(refs or {})) or 'none'}")
         self._memory = {}

@@ -166,6 +166,11 @@ class FrozenBackboneModel(nn.Module, MethodDefaults):
         self.backbone.train(False)
         return self
 
+    def score_bank(self, images: torch.Tensor, text: torch.Tensor):
+        """What `kano export` writes as the graph: images (N, 3, S, S) scored against each image's rows of the
+        method's text bank (N, 2, E) (text_bank), the text side already computed. -> the method's output."""
+        return self.score_text(self.encode_images(images), text, images.shape[-1])
+
 
 class KAnoCLIP(FrozenBackboneModel):
     """Frozen CLIP-VV backbone + KnPL prompts + Bi-CMCI + Conv-Adapter.
@@ -224,6 +229,14 @@ class KAnoCLIP(FrozenBackboneModel):
         """(w̄ⁿ, w̄ᵃ) per class, each (C, E), not normalised."""
         return self.prompts(class_names)
 
+    @torch.no_grad()
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """(C, 2, E): each class word's (w̄ⁿ, w̄ᵃ) as forward computes them (what kano export stores)."""
+        if self.cfg.prompt_class:
+            words = [self.cfg.prompt_class] * len(words)
+        w_n, w_a = self.text_features(words)
+        return torch.stack([w_n, w_a], 1).float()
+
     def forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None = None) -> ModelOutput:
         """From (cached) visual features and one prompt class name per image to maps and scores.
 
@@ -261,7 +274,11 @@ class KAnoCLIP(FrozenBackboneModel):
         summed = grid.mean(1).permute(0, 3, 1, 2)                                    # (N, 2, h, w)
         up = F.interpolate(summed, size=(out_size, out_size), mode="bilinear", align_corners=False)
         m_normal, m_abnormal = up[:, 0], up[:, 1]
-        anomaly_map = gaussian_blur(m_abnormal + 1 - m_normal, self.cfg.sigma) / 2   # eq. 10
+        # eq. 10's 1 − Mⁿ is taken as the stages' mean of 1 − pⁿ = pᵃ (exact for the two-way softmax), not subtracted
+        # from 1: in float32, Mᵃ + 1 − Mⁿ rounds away everything below 6e-8 (half float32's epsilon), so a confident
+        # trained head's map (Mᵃ of 1e-6 and below on normal pixels) came out as rounding steps and exact zeros
+        not_normal = m_abnormal
+        anomaly_map = gaussian_blur(m_abnormal + not_normal, self.cfg.sigma) / 2     # eq. 10
         glob = feats.global_feature.float()
         if self.adapter is not None:
             glob = self.adapter(glob)                                                # eq. 11

@@ -170,6 +170,7 @@ class MuSc(nn.Module, MethodDefaults):
     scale, in [0, 2]); the image score is RsCIN of its max with windows k_list (see `rscin_windows`)."""
 
     transductive = True
+    method = "musc"  # its registry name, for the provenance of its results
 
     def __init__(self, backbone, r_list=R_LIST, interval=INTERVAL, k_list=RSCIN_K, map_scale: float = 1.0,
                  clamp_negative: bool = False, k_source: str = RSCIN_OTHER_SOURCE):

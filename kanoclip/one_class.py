@@ -146,6 +146,14 @@ class OneClassModel(nn.Module, MethodDefaults):
         """The names of the fitted tensors this configuration expects (empty: not checked)."""
         return ()
 
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """No text side (kano export's graph signature): a (C, 2, 1) placeholder; class_index selects nothing."""
+        return torch.zeros(len(words), 2, 1)
+
+    def score_bank(self, images: torch.Tensor, text: torch.Tensor) -> InferenceBatch:
+        """The exported graph's call: the photo's score and map, whatever the class row."""
+        return self(images)
+
     def train(self, mode: bool = True):  # nothing is trained by gradient: always eval
         return super().train(False)
 
@@ -222,6 +230,32 @@ def shrunk_precision(cov: torch.Tensor, shrinkage: float, floor: float = 1e-6) -
     shrunk = (1.0 - lam) * cov + (lam + floor) * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
     prec = torch.linalg.inv(shrunk)
     return (prec + prec.T) / 2.0
+
+
+def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """x (n, D) samples -> (mean (D,), precision (D, D), shrinkage) of the Gaussian whose covariance is Ledoit and Wolf's
+    ("A well-conditioned estimator for large-dimensional covariance matrices", J. Multivariate Anal. 2004) on the
+    standardised samples (each dimension divided by its standard deviation, so that a scaled identity is a fair
+    target whatever the units), scaled back: cov = Dg ((1 - l) R + l mu I) Dg, R the standardised samples' covariance
+    (divided by n), mu its mean variance, l the estimated optimal shrinkage. A dimension constant over the samples
+    keeps a floor of 1e-6 of the mean variance."""
+    x = x.double()
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    sd = xc.pow(2).mean(0).sqrt()
+    sd = torch.where(sd > 0, sd, torch.full_like(sd, 1.0)).clamp_min(1e-6 * float(sd.mean().clamp_min(1e-12)))
+    z = xc / sd
+    emp = z.T @ z / n
+    mu = float(torch.diagonal(emp).mean())
+    # the shrinkage intensity, as Ledoit and Wolf's Lemma 3.2-3.4 estimate it (b2 / d2, b2 <= d2)
+    d2 = float(((emp - mu * torch.eye(d, dtype=emp.dtype)) ** 2).sum())
+    b2 = float(sum(((torch.outer(zi, zi) - emp) ** 2).sum() for zi in z)) / n ** 2
+    lam = 0.0 if d2 == 0.0 else min(b2, d2) / d2
+    cov_z = (1.0 - lam) * emp + lam * mu * torch.eye(d, dtype=emp.dtype) + 1e-6 * mu * torch.eye(d, dtype=emp.dtype)
+    prec_z = torch.linalg.inv(cov_z)
+    prec = prec_z / sd[:, None] / sd[None, :]
+    return mean, (prec + prec.T) / 2.0, lam
 
 
 def mahalanobis_sq(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

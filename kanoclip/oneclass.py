@@ -26,7 +26,7 @@ Parts (each default below names its source; "Kano's own" where it has none):
 4. The whole-image models: one Gaussian over the mean and the standard deviation over cells of every cell feature
    ("image"), and one over the photo's own twelve statistics (`photo_vector`: colour, contrast, gradient and
    high-frequency energy at three scales: brightness, colour cast, contrast loss, blur, noise, texture scale), both
-   shrunk towards a scaled identity (kanoclip/one_class.py `gaussian`), score log(1 + squared Mahalanobis distance).
+   Ledoit-Wolf shrunk on the standardised vectors (kanoclip/one_class.py `ledoit_wolf`), score log(1 + squared Mahalanobis distance).
 5. Standardisation without peeking: the normal photos are split into `folds` folds; each photo is scored by the
    models fitted on the other folds (out-of-fold), and each part's score is standardised by the mean and standard
    deviation of those out-of-fold scores. The photo's score is the largest standardised part, squashed into (0, 1)
@@ -34,8 +34,8 @@ Parts (each default below names its source; "Kano's own" where it has none):
 6. Choosing without peeking: the variants (cell 8 / 16 / 32 px, mixture / shared / per-position, pixel bank alone /
    with the backbone) are scored on the synthetic defects `kano data synth --from` wrote (each defect scored by the
    fold models that did not see the photo it was drawn on) against the out-of-fold normal photos; the best mean
-   per-kind image AUROC replaces the default variant only when it wins by more than MARGIN. The table goes into
-   the run.
+   per-kind image AUROC replaces the default variant only when it wins by more than one defect's worth (1 / the
+   number of synthetic defects, at least MARGIN). The table goes into the run.
 
 Fitting keeps per-fold sums (moments for the shared Gaussian, per-position sums for the per-position one, the
 whole-image vectors) and a bounded sample of cells for the mixture: memory K x (cells x D + D x D) + `reservoir` x D
@@ -51,14 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .one_class import FitData, Moments, OneClassModel, gaussian, location_scale, mahalanobis_sq, shrunk_precision, squash
+from .one_class import FitData, Moments, OneClassModel, gaussian, ledoit_wolf, location_scale, mahalanobis_sq, shrunk_precision, squash
 from .model import InferenceBatch
 
 LAYOUTS = ("shared", "mixture", "per-position")
 BANKS = ("pixels", "pixels+backbone")
 PIXEL_DIM = 12
 SCALES = (1, 2, 4)
-MARGIN = 0.02                         # mean per-kind AUROC another variant must gain over the default to be chosen
+MARGIN = 0.01                         # the least mean per-kind AUROC gain over the default that chooses another variant
 PARTS = ("patch", "image", "photo")   # the standardised parts whose maximum is the photo's score
 CACHE_BYTES = 1 << 30                 # features kept between the two fitting passes (else computed again)
 EPS = 1e-4  # energy floor inside the logs: luminance is in [0, 1], Sobel / 8 is a per-pixel slope
@@ -368,9 +368,10 @@ class OneClass(OneClassModel):
                     best = (key, (v, layout))
             row["_z_good"] = z_good
             rows.append(row)
-        # another variant replaces the default only when it wins by more than MARGIN: a few synthetic defects per
-        # kind make differences of one or two defects noise
-        chosen = best[1] if best and best[0][0] > keys[default][0] + MARGIN else default
+        # another variant replaces the default only when it wins by more than one defect's worth: one defect moving
+        # from the bottom to the top of its kind's ranking changes the mean per-kind AUROC by 1 / (number of defects)
+        margin = max(MARGIN, 1.0 / max(len(kinds), 1))
+        chosen = best[1] if best and best[0][0] > keys[default][0] + margin else default
         (self.cell, self.banks), self.layout = chosen
         self.cfg.cell, self.cfg.layout, self.cfg.banks = self.cell, self.layout, self.banks
         full = models[chosen][k]
@@ -385,7 +386,8 @@ class OneClass(OneClassModel):
                              "no synthetic defects: the configured variant",
                 "standardisation": {p: {"location": st[2 * i], "scale": st[2 * i + 1]} for i, p in enumerate(PARTS)},
                 "features_cached": bool(complete), "default": {"cell": default[0][0], "layout": default[1],
-                                                               "banks": default[0][1]}, "margin": MARGIN}
+                                                               "banks": default[0][1]},
+                "margin": max(MARGIN, 1.0 / max(len(kinds), 1)) if has_val else None}
         if has_val:
             info["variants"] = [{**{k2: v2 for k2, v2 in r.items() if not k2.startswith("_")},
                                  "chosen": ((r["cell"], r["banks"]), r["layout"]) == chosen} for r in rows]
@@ -458,8 +460,8 @@ class OneClass(OneClassModel):
             scatter = mom.s2 - cnt * flat.T @ flat
             prec = shrunk_precision(scatter / max(mom.n - flat.shape[0], 1.0), 0.0)  # dof: samples - position means
         rows = [i for i in range(len(fold)) if held is None or int(fold[i]) != held]
-        gm, gp = gaussian(Moments.of(torch.stack([gvec[v][i] for i in rows])))
-        pm, pp = gaussian(Moments.of(torch.stack([pvec[i] for i in rows])))
+        gm, gp, _ = ledoit_wolf(torch.stack([gvec[v][i] for i in rows]))
+        pm, pp, _ = ledoit_wolf(torch.stack([pvec[i] for i in rows]))
         return {"patch_mean": mean, "patch_precision": prec, "patch_offset": offset, "image_mean": gm, "image_precision": gp,
                 "photo_mean": pm, "photo_precision": pp}
 

@@ -89,7 +89,8 @@ def _missing_weights(name: str, pretrained: str, where: list[str], why: str) -> 
         f"weights for {name} (pretrained {pretrained!r}) must be in the cache ({', '.join(where) or 'none known'}) "
         f"or a local file, got none there and {why}. Get them once on a machine with network: "
         f"python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\" "
-        f"(then copy the cache folder), or pass a local file: --backbone {name}:/path/to/open_clip_model.safetensors")
+        f"(then copy the cache folder), or pass a local file: --backbone {name}:/path/to/open_clip_model.safetensors. "
+        f"Offline with no weights at all: --backbone micro (the shipped micro-CLIP, 8.2 M parameters, no download)")
 
 
 def create_clip(name: str, pretrained: str | None, image_size: int | None):

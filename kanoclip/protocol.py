@@ -10,6 +10,9 @@ The evaluator reads a method through this interface only:
   evaluator then passes one class's whole test set as one batch.
 - `begin_class(folder_class, prompt_class)`: per-class set-up before that class's images (e.g. WinCLIP+'s
   reference images); a no-op for most methods.
+- `set_references(references)`: the normal reference images of each class, {folder class: (k, 3, S, S)}
+  normalised as test images, for the methods whose registry entry says `references` (and the K-shot wrapper of
+  kanoclip/fewshot.py); the others refuse them. The caller gives them; the model never reads them from elsewhere.
 - `__call__(images (N, 3, S, S), class_names [N])` -> an object whose `.inference()` is an `InferenceBatch`
   (`image_score (N,)`, `anomaly_map (N, S, S)`).
 
@@ -42,6 +45,8 @@ class Method(Protocol):
 
     def begin_class(self, folder_class: str, prompt_class: str) -> None: ...
 
+    def set_references(self, references: "dict[str, torch.Tensor] | None") -> None: ...
+
     def __call__(self, images: torch.Tensor, class_names: list[str]): ...
 
 
@@ -64,3 +69,8 @@ class MethodDefaults:
 
     def begin_class(self, folder_class: str, prompt_class: str) -> None:
         """No per-class state."""
+
+    def set_references(self, references: "dict[str, torch.Tensor] | None") -> None:
+        """Takes no reference images."""
+        if references:
+            raise ValueError(f"{type(self).__name__} takes no reference images, got them for {', '.join(sorted(references))}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from kano.core.errors import KanoError
 from kano.core.registry import DISPLAY_NAMES, KINDS, METHODS, MethodSpec, method_spec, methods_with, resolve  # noqa: F401
-from kano.core.registry import ONE_CLASS_METHODS, RUN_METHODS, TRAINED_METHODS  # noqa: F401
+from kano.core.registry import DEFAULT_METHOD, TRAINED_METHODS, UNTRAINED_METHOD, check_given, methods_with_option  # noqa: F401
+from kano.core.registry import ONE_CLASS_METHODS, RUN_METHODS  # noqa: F401
 
 from .backbone import Backbone, build_backbone
 

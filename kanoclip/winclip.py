@@ -123,6 +123,16 @@ class CLIPZeroShot(nn.Module, MethodDefaults):
         self.text = _TextCache(backbone, lambda c: ([p.format(c) for p in table[0]], [p.format(c) for p in table[1]]))
         self.scale = float(backbone.clip.logit_scale.detach().exp().clamp(max=100.0))
 
+    def describe(self) -> dict:
+        """Its prompts and map, for the provenance of its results."""
+        if self.variant == "clip":
+            prompts = {"normal": CLIP_PROMPTS[0][0].format("[class]"), "anomalous": CLIP_PROMPTS[1][0].format("[class]")}
+        else:
+            prompts = {"normal": "normal [class]", "anomalous": "anomalous [class]", "templates": len(WINCLIP_TEMPLATES),
+                       "ensemble": "text features averaged per state"}
+        return {"prompts": prompts, "logit_scale": round(self.scale, 4),
+                "map": "last block's patch tokens (ln_post, proj) scored like the image, bilinear upsampling"}
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, class_names: list[str]) -> InferenceBatch:
         """images (N, 3, S, S) -> InferenceBatch: image_score (N,) anomalous probability of the whole image,
@@ -183,12 +193,44 @@ class WinCLIP(nn.Module, MethodDefaults):
         self.backbone = backbone
         self.text = _TextCache(backbone, winclip_prompts)
         g = backbone.grid
-        for k in self.cfg.scales:
-            if k > g:
-                raise ValueError(f"window scales must be <= the patch grid {g}, got {k}")
+        largest = max(self.cfg.scales)
+        if g < largest:
+            raise ValueError(f"must give a patch grid of at least {largest} x {largest} (its largest window), i.e. >= "
+                             f"{largest * backbone.patch_size} px with {backbone.patch_size} px patches; got "
+                             f"{backbone.image_size} px -> {g} x {g}")
         self._windows = [window_indices(g, g, k, self.cfg.stride) for k in self.cfg.scales]
 
         self._refs: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._reference_images: dict[str, torch.Tensor] | None = None
+
+    def describe(self) -> dict:
+        """Its prompts, windows and map, for the provenance of its results."""
+        return {"prompts": {"normal_states": len(WINCLIP_NORMAL_STATES), "anomalous_states": len(WINCLIP_ANOMALOUS_STATES),
+                            "templates": len(WINCLIP_TEMPLATES),
+                            "ensemble": "states x templates, text features averaged per state"},
+                "window_scales": list(self.cfg.scales), "window_stride": self.cfg.stride, "temperature": self.cfg.temperature,
+                "map": "harmonic mean of the window scales' harmonic window aggregates and the image score, bilinear upsampling"}
+
+    @staticmethod
+    def describe_references(k_shot: int, where: str) -> dict:
+        """The provenance of WinCLIP+ (k normal reference images per class, the first k of `where`)."""
+        return {"name": "winclip+", "source": "Jeong et al., WinCLIP (CVPR 2023): WinCLIP+ with k normal reference images "
+                f"per class (the first k of {where}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
+                "parameters": "frozen backbone, no training; a memory of k normal images per class"}
+
+    def set_references(self, references: dict[str, torch.Tensor] | None) -> None:
+        """WinCLIP+: folder class -> its k normal reference images (k, 3, S, S), normalised as test images; each
+        class's memory is built when that class begins (begin_class). None: zero-shot again."""
+        self._reference_images = dict(references) if references is not None else None
+        self._refs = {}
+
+    def text_bank(self, words: list[str]) -> torch.Tensor:
+        """(C, 2, E): each class word's text features as forward computes them (what kano export stores)."""
+        return self.text(words).float()
+
+    def score_bank(self, images: torch.Tensor, text: torch.Tensor) -> InferenceBatch:
+        """The exported graph's scoring: images (N, 3, S, S) with each image's rows of the text bank (N, 2, E)."""
+        return self.score_text(images, text)
 
     def _encode(self, images: torch.Tensor):
         """images (N, 3, S, S) -> (tokens after the positional embedding (N, 1+L, W), global embedding (N, E),
@@ -212,9 +254,9 @@ class WinCLIP(nn.Module, MethodDefaults):
         self._refs[class_name] = (F.normalize(patches.flatten(0, 1), dim=-1), windows)
 
     def begin_class(self, folder_class: str, prompt_class: str) -> None:
-        """The evaluator's per-class hook: WinCLIP+ swaps in that class's references (`reference_images`, a dict
-        folder class -> (k, 3, S, S) tensor; folders sharing a prompt word keep their own references)."""
-        refs = getattr(self, "reference_images", None)
+        """The evaluator's per-class hook: WinCLIP+ swaps in that class's references (set_references; folders sharing
+        a prompt word keep their own references)."""
+        refs = self._reference_images
         if refs is None:
             return
         if folder_class not in refs:
@@ -285,13 +327,10 @@ class WinCLIP(nn.Module, MethodDefaults):
         return InferenceBatch(image_score, amap, stack.view(-1, len(maps), g, g))
 
 
-ZERO_SHOT_METHODS = ("clip", "clip-ac", "winclip")
-
-
 def build_zero_shot(method: str, backbone: Backbone) -> nn.Module:
-    """'clip' | 'clip-ac' | 'winclip' on a backbone, in eval mode."""
-    if method == "winclip":
-        return WinCLIP(backbone).eval()
-    if method in ("clip", "clip-ac"):
-        return CLIPZeroShot(backbone, method).eval()
-    raise ValueError(f"zero-shot method must be one of {', '.join(ZERO_SHOT_METHODS)}, got {method!r}")
+    """A zero-shot method of this module by its registry name, on a backbone, in eval mode."""
+    built = {"clip": lambda: CLIPZeroShot(backbone, "clip"), "clip-ac": lambda: CLIPZeroShot(backbone, "clip-ac"),
+             "winclip": lambda: WinCLIP(backbone)}
+    if method not in built:
+        raise ValueError(f"zero-shot method must be one of {', '.join(built)}, got {method!r}")
+    return built[method]().eval()

@@ -30,8 +30,9 @@ def resolve_endpoints(llm_base_url: str | None, vqa_base_url: str | None, env=No
 def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str | None, n_llm: int, m_vqa: int,
           llm_base_url: str | None, vqa_base_url: str | None, temperature: float, vqa_temperature: float,
           concurrency: int, retries: int, backoff: float, timeout: float, seed: int, dry_run: bool,
-          max_rounds: int = 4, wait: bool = True) -> int:
-    """Returns the exit code: 0 when every class has what was asked, 1 when something is still missing."""
+          max_rounds: int = 4, wait: bool = True, check_names: bool = True) -> int:
+    """Returns the exit code: 0 when every class has what was asked, 1 when something is still missing.
+    check_names: warn of a class name that looks like a misspelt known class (off for the demo's own world)."""
     import tempfile
 
     from kano.kb_builder import BuildConfig, build_knowledge_base, make_provider
@@ -39,7 +40,7 @@ def build(*, classes: str, kb: Path, llm: str, vqa: str, images: dict, data: str
     from kano.knowledge_store import KnowledgeStore
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()]
-    if parse_spec(llm)[0] == "builtin":  # the pack's generic text, silently, for a misspelt class: say so
+    if parse_spec(llm)[0] == "builtin" and check_names:  # the pack's generic text, silently, for a misspelt class: say so
         from kano.anomaly_data.names import known_words, unknown_word_warning
 
         for c in class_list:

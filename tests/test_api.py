@@ -126,7 +126,7 @@ def test_zero_shot_refuses_transductive_methods_and_references_without_k(tmp_pat
         kano.Detector.zero_shot(method="musc_randconv")
     with pytest.raises(KanoError, match="needs --k-shot K >= 1"):
         kano.Detector.zero_shot(method="winclip", backbone="tiny", references=HAZEL / "train" / "good", k_shot=0)
-    with pytest.raises(KanoError, match=r"used by the methods that take reference images \(winclip\)"):
+    with pytest.raises(KanoError, match=r"references is used by method winclip only \(few-shot\), got method .clip."):  # API words
         kano.Detector.zero_shot(method="clip", backbone="tiny", references=HAZEL / "train" / "good", k_shot=2)
     with pytest.raises(KanoError, match="--k-shot 99 needs 99 reference images"):
         kano.Detector.zero_shot(method="winclip", backbone="micro", references=HAZEL / "train" / "good", k_shot=99)

@@ -67,6 +67,21 @@ def test_defaults_for_the_papers_backbone_and_stage_spread():
     assert bb.stages == [3, 6, 9, 12] and bb.vv_start == 3 and bb.image_size == 224
 
 
+def test_random_weights_are_the_same_on_every_build():
+    """A run stores only its trainable weights: eval, predict and export each rebuild the frozen backbone, so a
+    random-weight open_clip backbone must come out identical every time (else each step scores another model),
+    without touching the caller's random stream."""
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    a = build_backbone("ViT-S-32", image_size=64)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(6)  # another caller state: same weights
+    b = build_backbone("ViT-S-32", image_size=64)
+    sa, sb = a.clip.state_dict(), b.clip.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert float(sa["visual.conv1.weight"].std()) > 0  # random, not a constant
+
+
 def test_vv_off_gives_the_qk_stream():
     bb = build_backbone("tiny")
     x = torch.randn(1, 3, 224, 224)

@@ -100,9 +100,9 @@ def test_cli_eval_method_writes_metrics_with_the_method(synth_root, tmp_path, cl
     assert code == 0, err
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     method = m["provenance"]["method"]
-    assert method["name"] == "median_colour" and method["kind"] == "baseline" and method["setting"] == "per-image"
+    assert method["name"] == "median_colour" and method["kind"] == "zero-parameter" and method["setting"] == "per-image"
     assert set(m["classes"]) == {"disc", "weave"} and m["mean"]["pixel_auroc"] is not None
-    assert "per-image baseline median_colour" in out
+    assert "per-image zero-parameter median_colour" in " ".join(out.split())
 
 
 def test_cli_eval_mutual_is_transductive_on_a_backbone(synth_root, tmp_path, cli):
@@ -110,7 +110,7 @@ def test_cli_eval_mutual_is_transductive_on_a_backbone(synth_root, tmp_path, cli
                          "--out", tmp_path / "e", "--classes", "disc")
     assert code == 0, err
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert m["provenance"]["method"] == {"name": "mutual", "kind": "baseline", "setting": "transductive",
+    assert m["provenance"]["method"] == {"name": "mutual", "method": "mutual", "kind": "transductive", "setting": "transductive",
                                          "parameters": "frozen backbone, no training", "backbone": "tiny", "image_size": 64}
 
 

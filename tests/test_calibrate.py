@@ -99,8 +99,11 @@ def test_calibrate_writes_the_order_statistic_and_predict_uses_it(run_copy, held
     assert code == 0, err
     cal = json.loads((run_copy / "calibration.json").read_text())
     config = json.loads((run_copy / "config.json").read_text())
-    assert cal["format"] == 1 and cal["alarm_rate"] == 0.1 and set(cal["classes"]) == {"disc"}
-    assert cal["run_weights_sha256"] == config["ranks"][0]["weights_sha256"]
+    assert cal["format"] == 2 and cal["alarm_rate"] == 0.1 and set(cal["classes"]) == {"disc"}
+    # keyed by the scoring mode: the run's weights, scored as it is (no references, K = 0)
+    assert cal["mode"] == {"method": config.get("method", "kanoclip"), "backbone": config["backbone"],
+                           "weights_sha256": config["ranks"][0]["weights_sha256"], "references_sha256": None, "k_shot": 0,
+                           "image_size": config["image_size"]}
     c = cal["classes"]["disc"]
     assert (c["n"], c["rank"]) == (9, 9)  # ceil(10 * 0.9) = 9
     with open(tmp_path / "cal" / "calibration_scores.csv") as fh:
@@ -156,7 +159,7 @@ def test_bad_input(run_copy, held_out, synth_root, tmp_path, cli):
     # a calibration made for another run's weights
     assert cli("calibrate", "--run", run_copy, "--normal", normal, "--alarm-rate", "0.1")[0] == 0
     cal = json.loads((run_copy / "calibration.json").read_text())
-    cal["run_weights_sha256"] = "0" * 64
+    cal["mode"]["weights_sha256"] = "0" * 64
     (run_copy / "calibration.json").write_text(json.dumps(cal))
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 2 and "must be made for this run's weights" in err and "got a calibration made for 0000000000000000" in err
@@ -165,7 +168,29 @@ def test_bad_input(run_copy, held_out, synth_root, tmp_path, cli):
 def test_a_damaged_calibration_file_is_named(run_copy, held_out, tmp_path, cli):
     (run_copy / "calibration.json").write_text(json.dumps({"classes": {"disc": {"image_threshold": 0.5}}}))
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
-    assert code == 2 and "calibration.json must be a calibration of format 1" in err and "got format None" in err
+    assert code == 2 and "calibration.json must be a calibration of format 2" in err and "got format None" in err
     (run_copy / "calibration.json").write_text("{not json")
     code, _, err = cli("predict", str(held_out), "--class", "disc", "--run", run_copy, "--out", tmp_path / "p")
     assert code == 2 and "must be the JSON file `kano calibrate` writes" in err
+
+
+def test_few_shot_on_a_run_never_reuses_its_zero_shot_calibration(run_copy, held_out, tmp_path, cli):
+    refs = tmp_path / "refs"
+    shutil.copytree(held_out, refs)  # references: any normal images; here the held-out ones themselves
+    few = ["--run", run_copy, "--reference", refs, "--k-shot", "2"]
+    # no calibration: the run's own threshold (set on its scores without references) is not used with them
+    code, out, err = cli("predict", str(held_out), "--class", "disc", *few, "--out", tmp_path / "p0", "--no-maps", "--no-panels")
+    assert code == 0 and "no threshold" in err, err
+    assert cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.1")[0] == 0
+    code, _, err = cli("predict", str(held_out), "--class", "disc", *few, "--out", tmp_path / "p1", "--no-maps", "--no-panels")
+    assert code == 2 and "calibration.json must be a calibration of the scoring mode in use" in err
+    assert "k_shot 0 there, 2 here" in err and "references_sha256 none there" in err
+    cal = tmp_path / "few.json"
+    code, _, err = cli("calibrate", *few, "--normal", f"disc={held_out}", "--alarm-rate", "0.1")
+    assert code == 2 and "--calibration FILE must name where to write" in err  # never into the run's own file
+    assert cli("calibrate", *few, "--normal", f"disc={held_out}", "--alarm-rate", "0.1", "--calibration", cal)[0] == 0
+    t = json.loads(cal.read_text())["classes"]["disc"]["image_threshold"]
+    assert t != json.loads((run_copy / "calibration.json").read_text())["classes"]["disc"]["image_threshold"]
+    code, out, err = cli("predict", str(held_out), "--class", "disc", *few, "--calibration", cal, "--out", tmp_path / "p2",
+                         "--no-maps", "--no-panels")
+    assert code == 0 and f"decision threshold: {t:.6f} from the calibration" in out, err

@@ -23,7 +23,7 @@ def test_eval_untrained_backbone_on_real_photos(hazelnut_root, tmp_path, cli):
     assert "| hazelnut |" in (out / "metrics.md").read_text()
     overlays = sorted((out / "overlays").glob("*.png"))
     # 6 by default (--n-overlays); image | ground truth | map | overlay at 224 px with 8 px gaps, plus the colour bar
-    assert len(overlays) == 6 and Image.open(overlays[0]).size == (4 * (224 + 8) + 62 + 8, 44 + 18 + 224 + 16)
+    assert len(overlays) == 6 and Image.open(overlays[0]).size == (4 * (224 + 8) + 68 + 8, 62 + 18 + 224 + 16)
     assert "img AUROC" in stdout and "hazelnut" in stdout
 
 

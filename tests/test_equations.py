@@ -154,6 +154,41 @@ def test_eq9_eq10_eq12_by_hand(model, tiny_backbone):
     assert res.image_score is out.image_score and res.anomaly_map is out.anomaly_map
 
 
+def test_eq10_keeps_a_saturated_map_below_float32_epsilon(model):
+    """A confident head (here: a sharp temperature) gives pᵃ far below 6e-8; eq. 10 must keep it (Mᵃ + 1 − Mⁿ = 2Mᵃ for a
+    two-way softmax), not round it to float32 steps and zeros as Mᵃ + 1 − Mⁿ computed in float32 does."""
+    import copy
+
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        w_n, w_a = (np_(t) for t in sharp.text_features(["bottle", "carpet"]))
+    # every patch close to w̄ⁿ − w̄ᵃ (normal-looking at every stage), with a little noise so the map varies
+    g = torch.Generator().manual_seed(5)
+    d = torch.from_numpy(unit(unit(w_n) - unit(w_a))).float()          # (2, E)
+    base = fixed_features()
+    patches = [d[:, None, :] + 0.05 * torch.randn(t.shape, generator=g) for t in base.patch_tokens]
+    feats = type(base)(base.global_feature, patches)
+    # the temperature that puts the median logit margin at 30 (pᵃ about 1e-13: below 6e-8, far above float32's 1.2e-38)
+    margins = [np.einsum("nle,ne->nl", unit(np_(p).astype(np.float64)), unit(w_n) - unit(w_a)) for p in patches]
+    scale = 30.0 / float(np.median(np.concatenate([m.ravel() for m in margins])))
+    sharp.map_logit_scale.fill_(scale)
+    with torch.no_grad():
+        out = sharp.forward_features(feats, ["bottle", "carpet"], out_size=8)
+    stage_a = []
+    for p in feats.patch_tokens:
+        p_hat = unit(np_(p).astype(np.float64))
+        cos_n = np.einsum("nle,ne->nl", p_hat, unit(w_n))
+        cos_a = np.einsum("nle,ne->nl", p_hat, unit(w_a))
+        stage_a.append((1 / (1 + np.exp(scale * (cos_n - cos_a)))).reshape(2, 4, 4))   # pᵃ of the two-way softmax
+    m_a = np.stack([bilinear(g, 8) for g in np.stack(stage_a, 1).mean(1)])
+    m = np.stack([ndimage.gaussian_filter(2 * a, 0.5, mode="mirror", truncate=3.0) for a in m_a]) / 2
+    assert (m < 6e-8).mean() > 0.5                                      # most of the map is below float32's half epsilon
+    got = np_(out.anomaly_map).astype(np.float64)
+    keep = m > 1e-30                                                     # float32's own range (normal floats from 1.2e-38)
+    assert keep.mean() > 0.9
+    np.testing.assert_allclose(got[keep], m[keep], rtol=2e-3)
+
+
 def test_eq11_adapter_by_hand():
     torch.manual_seed(4)
     ad = ConvAdapter(12, bottleneck=5)

@@ -92,7 +92,9 @@ def test_training_records_sources_and_warns_on_fallback(synth_root, tmp_path, cl
     code, out, err = cli("train", "--kb", kb.path, "--data", f"mvtec:{synth_root}", "--backbone", "tiny", "--out", run,
                          "--epochs", "1", "--batch-size", "8", "--image-size", "64", "--cache", "memory")
     assert code == 0, err
-    assert "warning: no LLM or VQA descriptions for 1 class(es)" in " ".join(out.split()) and "weave (builtin 1)" in out
+    note = " ".join(out.split())
+    assert "note: no descriptions from an LLM or a VQA model for weave (builtin 1)" in note, note
+    assert "w̄ᵏ" not in note and "warning" not in note and "--knowledge-sources builtin" in note
     k = json.loads((run / "config.json").read_text())["kb"]
     assert k["classes"] == {"disc": {"descriptions": 1, "sources": {"llm": 1}, "fallback": False},
                             "weave": {"descriptions": 1, "sources": {"builtin": 1}, "fallback": True}}

@@ -60,7 +60,7 @@ def test_winclip_runs_on_the_smallest_grid_its_windows_fit():
     bb = build_backbone("tiny", image_size=24)  # 3 x 3 patches: one 3 x 3 window, four 2 x 2 ones
     res = build_zero_shot("winclip", bb)(torch.rand(2, 3, 24, 24), ["disc", "disc"]).inference()
     assert res.image_score.shape == (2,) and res.anomaly_map.shape == (2, 24, 24) and res.stage_maps.shape == (2, 3, 3, 3)
-    with pytest.raises(ValueError, match="window scales must be <= the patch grid 2, got 3"):
+    with pytest.raises(ValueError, match="must give a patch grid of at least 3 x 3"):
         build_zero_shot("winclip", build_backbone("tiny", image_size=16))
 
 

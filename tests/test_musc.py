@@ -217,7 +217,7 @@ def test_cli_eval_musc(synth_root, tmp_path, cli):
     assert "MuSc" in meth["source"] and meth["constants"]["r_list"] == [1, 3, 5] and meth["constants"]["interval"] == [0.0, 0.3]
     assert meth["constants"]["rscin_windows"] == [1, 2, 3] and "MVTec AD" in meth["constants"]["rscin_windows_source"]
     assert set(m["mean"]) == set(METRIC_KEYS) and m["mean"]["pixel_auroc"] is not None and set(m["classes"]) == {"disc", "weave"}
-    assert "transductive zero-shot musc" in " ".join(out.split())
+    assert "(transductive musc)" in " ".join(out.split())  # the registry kind, once
 
 
 def test_cli_eval_musc_refuses_a_class_with_one_test_image(tmp_path, cli):

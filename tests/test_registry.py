@@ -97,9 +97,11 @@ def test_the_docs_table_is_the_registry():
     table = text.split("<!-- methods table")[1].split("<!-- end of methods table")[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines() if line.startswith("| `")]
     assert [r[0].strip("`") for r in rows] == EXPECTED
-    for name, kind, needs, refs, source in rows:
+    for name, kind, needs, takes, source in rows:
         spec = METHODS[name.strip("`")]
-        assert (kind, needs, refs == "yes", source) == (spec.kind, ", ".join(spec.needs) or "-", spec.references, spec.source)
+        assert (kind, needs, "references" in takes.split(", "), source) == (
+            spec.kind, ", ".join(spec.needs) or "-", spec.references, spec.source)
+        assert ("export" in takes.split(", "), "prompts" in takes.split(", ")) == (spec.exportable, spec.prompts)
 
 
 def test_the_untrained_kanoclip_has_its_own_name(cli, synth_root, tmp_path):
@@ -134,3 +136,75 @@ def test_every_method_meets_the_protocol(name):
         res = model(x, ["disc"] * 3).inference()
     assert res.image_score.shape == (3,) and res.anomaly_map.shape == (3, s, s)
     assert bool(torch.isfinite(res.anomaly_map).all()) and float(res.anomaly_map.min()) >= 0
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    """(line, value) of every string constant in a Python file, except dict keys (a provenance field such as
+    "mutual": True names a field, not a method)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict) for k in node.keys if k is not None}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in keys]
+
+
+def test_no_method_name_outside_the_registry_and_its_own_modules():
+    """The rule: a string constant equal to a method's name appears only in the registry and in the modules its
+    entry names (build, model, config, modules). The CLI, the API, the evaluator, export, the trainer and the demo
+    read names from the table. tests/, bench/ (benchmarks choose what they compare) and tools/ are not the package."""
+    import importlib.util
+
+    registry = Path(importlib.util.find_spec("kano.core.registry").origin).resolve()
+    files = [p.resolve() for p in ROOT.rglob("*.py")
+             if not {".venv", "tests", "bench", "tools", "build", ".git"} & set(p.relative_to(ROOT).parts)]
+    assert len(files) > 40 and registry in files
+    constants = {f: _string_constants(f) for f in files}
+    found = []
+    for name, spec in METHODS.items():
+        own = {registry} | {Path(importlib.util.find_spec(m).origin).resolve() for m in spec.own_modules()}
+        found += [f"{f.relative_to(ROOT)}:{line}: {name!r}" for f in files if f not in own
+                  for line, value in constants[f] if value == name]
+    assert not found, "method names outside the registry and their own modules:\n" + "\n".join(found)
+
+
+def test_the_grep_rule_catches_a_name(tmp_path):
+    """The rule above on a file that names a method: found; in a docstring or as a dict key: not."""
+    f = tmp_path / "m.py"
+    f.write_text('"""Uses winclip."""\nX = {"winclip": 1}\nif method == "winclip":\n    pass\n')
+    assert [(line, v) for line, v in _string_constants(f) if v in METHODS] == [(3, "winclip")]
+
+
+def test_docs_api_lists_are_the_registry():
+    from kano.core.registry import markdown_list
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    listed = text.split("<!-- api methods:")[1].split("-->", 1)[1].split("<!-- end of api methods")[0]
+    assert listed.strip().rstrip(".") == markdown_list(methods_with(per_image=True))
+    refs = text.split("<!-- api references:")[1].split("-->", 1)[1].split("<!-- end of api references")[0]
+    assert refs == markdown_list(methods_with(references=True))
+
+
+def test_one_kind_vocabulary_from_registry_to_provenance():
+    """Every method built by name records its registry kind (and name) in its provenance."""
+    from kano.evaluator.methods import load_method
+    from kano.core.registry import KINDS
+
+    for name, spec in METHODS.items():
+        if spec.trained or "run" in spec.needs or "aux" in spec.needs:  # from a run or from labelled data: not by name
+            continue
+        _, info = load_method(name, None, "tiny" if "backbone" in spec.needs else None, 64, torch.device("cpu"))
+        assert (info["method"]["kind"], info["method"]["method"]) == (spec.kind, name) and spec.kind in KINDS
+
+
+def test_the_untrained_models_misspelt_class_word_warns(cli, tmp_path):
+    """The untrained KAnoCLIP scores with prompts: kano predict --backbone and kano eval --backbone warn about a
+    class word no pack describes, as for a run (its kind is the registry's "zero-shot", not a floor's)."""
+    image = ROOT / "tests" / "data" / "hazelnut_toy" / "test" / "good" / "04.jpg"
+    code, _, err = cli("predict", image, "--class", "hazlenut", "--backbone", "tiny", "--image-size", "32", "--out",
+                       tmp_path / "p", "--no-panels", "--no-maps")
+    assert code == 0, err
+    assert "warning:" in err and "did you mean 'hazelnut'" in " ".join(err.split())
+    code, _, err = cli("predict", image, "--class", "hazlenut", "--method", "median_colour", "--out", tmp_path / "q",
+                       "--no-panels", "--no-maps")
+    assert code == 0 and "warning:" not in err  # a floor uses no prompts

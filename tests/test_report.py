@@ -47,7 +47,7 @@ def test_report_html_renders_with_every_image_and_no_error(eval_out, tmp_path):
     for name in overlays:
         assert f'src="overlays/{name}"' in text
     for words in ("image AUROC (%)", "most confident anomaly", "ROC, image AUROC", "precision-recall, image AP",
-                  "image scores, normal vs anomalous", "baseline kanoclip-untrained, backbone tiny"):
+                  "image scores, normal vs anomalous", "zero-shot kanoclip-untrained, backbone tiny"):
         assert words in text
 
 
@@ -92,7 +92,8 @@ def test_metrics_say_what_produced_them_baseline(eval_out):
     m = json.loads((eval_out / "metrics.json").read_text())
     p = m["provenance"]
     assert {k: v for k, v in p["method"].items() if k != "source"} == {
-        "kind": "baseline", "name": "kanoclip-untrained", "backbone": "tiny", "prompts": "a photo of a normal/abnormal [class]"}
+        "kind": "zero-shot", "name": "kanoclip-untrained", "method": "kanoclip-untrained", "backbone": "tiny",
+        "prompts": "a photo of a normal/abnormal [class]"}  # the registry's kind
     assert p["method"]["source"].startswith("KAnoCLIP's model with KnPL, Bi-CMCI and Conv-Adapter off")
     assert p["image_size"] == 224 and p["kano_version"] == kano.__version__ and "git_commit" in p
     when = dt.datetime.fromisoformat(p["date"])
@@ -101,13 +102,13 @@ def test_metrics_say_what_produced_them_baseline(eval_out):
     assert m["units"].startswith("fraction")
     md = (eval_out / "metrics.md").read_text()
     head = md.split("| class |")[0]
-    assert "method: baseline kanoclip-untrained, backbone tiny" in head and "image size: 224 px" in head and f"Kano: {kano.__version__}" in head
+    assert "method: zero-shot kanoclip-untrained, backbone tiny" in head and "image size: 224 px" in head and f"Kano: {kano.__version__}" in head
     assert "| image_auroc (%) |" in md and "Values in percent" in md
     rows = list(map(lambda l: l.split(","), (eval_out / "metrics.csv").read_text().splitlines()))
     assert rows[0][:2] == ["class", "unit"] and all(r[1] == "fraction" for r in rows[1:])
     assert abs(float(rows[1][2]) - m["classes"]["hazelnut"]["image_auroc"]) < 1e-6   # the CSV holds fractions
     html = (eval_out / "report.html").read_text()
-    assert html.index("baseline kanoclip-untrained") < html.index("Metrics per class")          # in the heading, before the table
+    assert html.index("zero-shot kanoclip-untrained") < html.index("Metrics per class")          # in the heading, before the table
 
 
 def test_metrics_say_what_produced_them_trained_run(trained_run, synth_root, tmp_path, cli):

@@ -13,7 +13,7 @@ from conftest import DATA
 
 def _overlay_cell(p: Image.Image) -> np.ndarray:
     a = np.asarray(p, dtype=int)
-    top, label_h, gap, size = 44, 18, 8, 224
+    top, label_h, gap, size = 62, 18, 8, 224                       # title band: name, decision, colour scale
     x = gap + 2 * (size + gap)                                     # the third cell: map over image (no ground truth)
     return a[top + label_h: top + label_h + size, x: x + size]
 
@@ -31,7 +31,7 @@ def test_panel_says_why_nothing_is_shown():
     amap = np.full((50, 50), 0.1, np.float32)
     low = V.panel(Image.new("RGB", (64, 64)), amap, score=0.4, threshold=0.2)
     high = V.panel(Image.new("RGB", (64, 64)), np.full((50, 50), 0.9, np.float32), score=0.4, threshold=0.2)
-    cap = lambda p: np.asarray(p.convert("L"))[44:62, 8 + 2 * 232: 8 + 3 * 232]   # the overlay's caption
+    cap = lambda p: np.asarray(p.convert("L"))[62:80, 8 + 2 * 232: 8 + 3 * 232]   # the overlay's caption
     assert (cap(low) < 128).sum() != (cap(high) < 128).sum()       # "nothing >= 0.20 (map max 0.10)" vs "map >= 0.20 ..."
 
 

@@ -50,8 +50,9 @@ def server(exported, tmp_path_factory):
     folder = tmp_path_factory.mktemp("service")
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path_factory.mktemp("servicelog") / "stdout.txt", "w")  # a line per request: a file never fills up
     proc = subprocess.Popen([KANO, "serve", "--model", str(exported), "--port", str(port), "--folder", str(folder), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=log, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -70,6 +71,7 @@ def server(exported, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    log.close()
 
 
 def images(synth_root: Path) -> list[tuple[Path, str]]:

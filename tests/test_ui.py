@@ -7,7 +7,7 @@ import textwrap
 
 def _plain_lines(body: str) -> list[str]:
     """Run `body` in a real child process whose stderr is a pipe (not a terminal); its stderr lines."""
-    code = "import time\nfrom kano import ui\n" + textwrap.dedent(body)
+    code = "import time\nfrom kano.core import ui\n" + textwrap.dedent(body)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     return [line for line in p.stderr.splitlines() if line.strip()]

@@ -6,7 +6,7 @@ from PIL import Image
 
 from kano.evaluator import visualize as V
 
-SIZE, GAP, TOP, LABEL_H = 224, 8, 44, 18   # the panel layout: cell size, gap, title band, caption band
+SIZE, GAP, TOP, LABEL_H = 224, 8, 62, 18   # the panel layout: cell size, gap, title band (name, decision, scale), caption band
 
 
 def _paint(w=224, h=224):

@@ -32,7 +32,7 @@ from kano.core.distributed import Dist
 
 
 def backbone_fingerprint(model: KAnoCLIP) -> str:
-    """Digest of the backbone weights (a random-weight backbone differs on every build)."""
+    """Digest of the backbone weights (a backbone file replaced under the same spec changes it)."""
     clip = model.backbone.clip
     h = hashlib.sha256(model.backbone.spec.encode())
     for t in (clip.visual.conv1.weight, clip.visual.proj, clip.visual.transformer.resblocks[-1].attn.in_proj_weight, clip.text_projection):

@@ -16,13 +16,14 @@ from typing import Any
 
 from kano.core.errors import KanoError
 from kano.kanoclip import ModelConfig, model_config
+from kano.kanoclip.registry import DEFAULT_METHOD, METHODS as _REGISTRY, methods_with as _methods_with
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
 
 
 @dataclass
 class TrainConfig:
-    method: str = "kanoclip"                          # a trained or one-class method of core/registry.py
+    method: str = DEFAULT_METHOD                      # a trained or one-class method of core/registry.py; default: the first trained
     kb: str = "kb.duckdb"
     data: str = ""                                    # KIND:PATH of the auxiliary dataset
     backbone: str = "ViT-L-14-336-quickgelu:openai"  # the paper's ViT-L/14@336
@@ -61,10 +62,10 @@ class TrainConfig:
         if self.method not in RUN_METHODS:
             raise ValueError(f"method must be one of {', '.join(RUN_METHODS)}, got {self.method!r}")
         self.model = method_model_config(self.method, self.model)
-        if self.method != "kanoclip":
+        if "kb" not in _REGISTRY[self.method].needs:
             if self.knowledge_sources is not None:
-                raise ValueError(f"knowledge_sources apply to method kanoclip only ({self.method} uses no knowledge base), "
-                                 f"got {self.knowledge_sources} with method {self.method}")
+                raise ValueError(f"knowledge_sources apply to method {', '.join(_methods_with(needs='kb'))} only ({self.method} "
+                                 f"uses no knowledge base), got {self.knowledge_sources} with method {self.method}")
         for name in ("epochs", "batch_size", "seed", "workers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -138,7 +139,7 @@ class TrainConfig:
         model = base.pop("model", {}) or {}
         from kano.kanoclip.registry import METHODS, resolve
 
-        method = overrides.get("method") or base.get("method") or "kanoclip"
+        method = overrides.get("method") or base.get("method") or DEFAULT_METHOD
         mcls = resolve(METHODS[method].config) if method in METHODS and METHODS[method].config else ModelConfig
         if not isinstance(model, dict):
             raise KanoError(f"config key \"model\" must be a JSON object of {mcls.__name__} keys "
@@ -180,13 +181,13 @@ def method_model_config(method: str, model):
         return model
     if not isinstance(model, dict):
         raise ValueError(f"model must be a dict of {method}'s model config keys, got {model!r}")
-    if method != "kanoclip" and model and json.loads(json.dumps(model)) == json.loads(json.dumps(ModelConfig().to_dict())):
+    if method != DEFAULT_METHOD and model and json.loads(json.dumps(model)) == json.loads(json.dumps(ModelConfig().to_dict())):
         return cls()
     mknown = [f.name for f in fields(cls)]
     extra = sorted(set(model) - set(mknown))
     if extra:
-        if method != "kanoclip" and set(extra) <= {f.name for f in fields(ModelConfig)}:
-            raise ValueError(f"KAnoCLIP's model options ({', '.join(extra)}) apply to method kanoclip only; {method}'s "
+        if method != DEFAULT_METHOD and set(extra) <= {f.name for f in fields(ModelConfig)}:
+            raise ValueError(f"KAnoCLIP's model options ({', '.join(extra)}) apply to method {DEFAULT_METHOD} only; {method}'s "
                              f"model config keys are {', '.join(mknown)}, got them with method {method}")
         raise ValueError(f"model config keys must be among {', '.join(mknown)} ({method}'s), got {', '.join(extra)}")
     try:

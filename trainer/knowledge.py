@@ -94,11 +94,14 @@ def knowledge_vectors(model: KAnoCLIP, store: KnowledgeStore, classes: list[str]
 
 
 def fallback_warning(info: dict) -> str | None:
-    """The warning training prints when a class's w̄ᵏ came from the built-in pack or imports."""
+    """The note training prints when a class's knowledge vector came from the built-in pack or imports (in plain
+    words: what happened, that it is the offline path, and what each choice changes)."""
     fb = info.get("fallback_classes") or []
     if not fb:
         return None
     detail = ", ".join(f"{c} ({', '.join(f'{s} {n}' for s, n in info['classes'][c]['sources'].items())})" for c in fb[:8])
-    return (f"warning: no LLM or VQA descriptions for {len(fb)} class(es); their w̄ᵏ falls back to the built-in pack / imported "
-            f"text: {detail}{', ...' if len(fb) > 8 else ''}. Build LLM/VQA knowledge (kano kb build --llm openai:...) "
-            "or pass --knowledge-sources to choose explicitly.")
+    return (f"note: no descriptions from an LLM or a VQA model for {detail}{', ...' if len(fb) > 8 else ''}: training "
+            "uses the descriptions listed instead (builtin: the generic defect descriptions `kano kb build --llm builtin` "
+            "stores for any class; offline, this is the way, and it trains as usual). Pass --knowledge-sources builtin to choose this "
+            "yourself (and drop this note); with network, `kano kb build --llm openai:MODEL` adds descriptions written "
+            "for the class.")

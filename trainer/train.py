@@ -19,6 +19,7 @@ from kano.core.device import resolve_device
 from kano.core.errors import KanoError
 from kano.core.files import atomic_write, read_manifest
 from kano.kanoclip import VisualFeatures, backbone_autocast, build_model, method_backbone
+from kano.kanoclip.registry import DEFAULT_METHOD, METHODS
 from kano.knowledge_store import KnowledgeStore
 
 from . import checkpoint as ckpt
@@ -66,8 +67,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
-    saved = {"method": "kanoclip", **saved}  # runs from before --method are KAnoCLIP runs
-    if saved["method"] != "kanoclip":  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
+    saved = {"method": DEFAULT_METHOD, **saved}  # runs from before --method are KAnoCLIP runs
+    if saved["method"] != DEFAULT_METHOD:  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
         try:
             saved["model"] = json.loads(json.dumps(method_model_config(saved["method"], saved.get("model")).to_dict()))
         except (KeyError, ValueError):
@@ -145,7 +146,7 @@ class Run:
 
     @property
     def uses_kb(self) -> bool:
-        return self.cfg.method == "kanoclip"  # the peers (April-GAN, AnomalyCLIP) use no knowledge base
+        return "kb" in METHODS[self.cfg.method].needs  # the registry says which methods learn from a knowledge base
 
     def warn(self, message: str) -> None:  # plain stderr, unwrapped (a path must stay one word), rank 0 only
         if self.dist.main:
