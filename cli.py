@@ -32,7 +32,7 @@ def _names(**query) -> str:
 
 
 def _per_image_with_backbone() -> str:
-    return _names(needs="backbone", per_image=True)
+    return _names(needs="backbone", transductive=False)
 
 
 def _with_option(option: str) -> str:
@@ -299,9 +299,15 @@ def train_cmd(
     pos_resize: Optional[str] = typer.Option(None, "--pos-resize", help="how pretrained position embeddings are resampled to "
                                              "the image size: bicubic-antialias (open_clip), bilinear (AnomalyCLIP's code), "
                                              "bicubic (MuSc's code) (default: the method's authors' own; kanoclip: bilinear)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data" + _d(_TD.epochs if _TD else 15)),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process)" + _d(_TD.batch_size if _TD else 8)),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate" + _d(_TD.lr if _TD else 1e-3)),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="passes over the data (default: the method's authors' recipe: kanoclip and anomalyclip 15; aprilgan 3 on mvtec data, else 15; mvfa 50)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (per process) (default: the method's authors' recipe: 8; mvfa 1)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: the method's authors' recipe: 1e-3; mvfa 1e-4)"),
+    class_words_rule: Optional[str] = typer.Option(None, "--class-words", help="the prompts' [class] word: kano (pcb1 -> "
+                                                   "printed circuit board) or folder (the folder name as it is, as April-GAN's and MVFA-AD's code)  [default: kano]"),
+    activation: Optional[str] = typer.Option(None, "--activation", help="the backbone's MLP activation: quickgelu or gelu "
+                                             "(gelu: what April-GAN's 518 px and MVFA-AD's 240 px scripts run on ViT-L-14-336)  [default: what the weights were trained with]"),
+    aug_rate: Optional[float] = typer.Option(None, "--aug-rate", help="share of samples made 2 x 2 mosaics of four images of "
+                                             "their class, each epoch (April-GAN's; default: the method's recipe: aprilgan on mvtec data 0.2, else 0)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (initial prompts and heads, data order)" + _d(_TD.seed if _TD else 111)),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="K, learnable prefix length (paper: 12)" + _d(_MD.n_ctx if _MD else 12)),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="σ of the Gaussian smoothing the map, in pixels" + _d(_MD.sigma if _MD else 4.0)),
@@ -341,7 +347,7 @@ def train_cmd(
         method=method, kb=str(kb) if kb else None, data=data, backbone=backbone, out=str(out) if out else None,
         classes=[c.strip() for c in classes.split(",")] if classes else None, image_size=image_size,
         stages=_int_list("--stages", stages), vv_start=vv_start, pos_resize=pos_resize, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
+        seed=seed, aug_rate=aug_rate, class_words=class_words_rule, activation=activation, n_ctx=n_ctx, sigma=sigma, cache=cache, cache_dir=cache_dir, device=device, workers=workers,
         use_knpl=False if (no_knpl or text_free) else None, text_free=True if text_free else None, use_vv=False if no_vv else None, use_bicmci=False if no_bicmci else None,
         use_adapter=False if no_adapter else None,
         knowledge_sources=[s.strip() for s in knowledge_sources.split(",") if s.strip()] if knowledge_sources is not None else None))
@@ -385,6 +391,7 @@ def eval_cmd(
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     aux: Optional[str] = typer.Option(None, "--aux", help=f"with --method {_names(needs='aux')}: the labelled auxiliary dataset KIND:PATH its memory is made of"),
     k_shot: int = typer.Option(0, "--k-shot", show_default=True, help="few-shot with this many normal reference images per class (the first K of each class's train split of --data, or of --reference, sorted by path): with --method " + _names(references=True) + ", the method's own few-shot mode (WinCLIP+); with --run or --backbone, April-GAN's memory of their patches added to the model's map; 0: zero-shot"),
+    reference_sampling: Optional[str] = typer.Option(None, "--reference-sampling", help="with --k-shot: which train images: first (the first K by path) or seeded[:SEED] (K drawn with replacement, April-GAN's rule, seed 10)  [default: first]"),
     mutual: bool = typer.Option(False, "--mutual", help="fuse the method's map and image score with MuSc's on the same frozen backbone (mean of the two; Kano's own addition, transductive): with --run, --backbone, or --method " + _per_image_with_backbone()),
     reference: Optional[Path] = typer.Option(None, "--reference", help="with --k-shot K: a folder of normal images whose first K (sorted by path) are every class's references, instead of each class's train split"),
     class_word: Optional[str] = typer.Option(None, "--class-word", help="NAME=WORD[,NAME=WORD]: the prompts' [class] word for class NAME  [default: the run's word, else the built-in table (pcb1 -> printed circuit board), else the name with _ as spaces]"),
@@ -394,25 +401,15 @@ def eval_cmd(
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
+    from kano.evaluator.options import EvalOptions
 
-    if method and "," in method:  # several methods: each into OUT/NAME, their comparison into OUT
-        if mutual or k_shot or rscin_windows or calibration:
-            flag = ("--mutual" if mutual else "--k-shot" if k_shot else "--rscin-windows" if rscin_windows
-                    else "--calibration (one scoring mode's)")
-            raise KanoError(f"{flag} must go with one --method (run that method on its own), got --method {method}")
-        eval_command.evaluate_many(methods=method, data=data, run=run, backbone=backbone, out=out,
-                                   classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
-                                   workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
-                                   threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, aux=aux,
-                                   class_names=class_names)
-        return
-    eval_command.evaluate(data=data, run=run, backbone=backbone, out=out,
-                          classes=[c.strip() for c in classes.split(",")] if classes else None, batch_size=batch_size,
-                          workers=workers, image_size=image_size, device=device, n_overlays=n_overlays, threshold=threshold,
-                          force=force, allow_missing_masks=allow_missing_masks,
-                          method=method, aux=aux, mutual=mutual, k_shot=k_shot, reference=reference, class_words=class_word,
-                          strict=strict, rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"),
-                          calibration=calibration, class_names=class_names)
+    eval_command.evaluate_options(EvalOptions(
+        data=data, run=run, backbone=backbone, out=out, classes=[c.strip() for c in classes.split(",")] if classes else None,
+        batch_size=batch_size, workers=workers, image_size=image_size, device=device, n_overlays=n_overlays,
+        threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, method=method, aux=aux, mutual=mutual,
+        k_shot=k_shot, reference=reference, class_words=class_word, reference_sampling=reference_sampling, strict=strict,
+        rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"), calibration=calibration,
+        class_names=class_names))
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")
@@ -469,22 +466,14 @@ def predict_cmd(
     torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
     Exit code 1 when some image could not be read (its row says why; the others are written)."""
     class_name, inputs = _class_and_inputs(class_name, inputs)
-    if model is not None:
-        from kano.deploy import command as deploy_command
-
-        deploy_command.predict(model=model, inputs=inputs, class_name=class_name, out=out, threshold=threshold,
-                               batch_size=batch_size, force=force, others={"--run": run, "--backbone": backbone, "--device": device, "--image-size": image_size,
-                                       "--resume": resume, "--method": method, "--reference": reference, "--k-shot": k_shot,
-                                       "--class-word": class_word, "--no-maps": not maps, "--no-panels": not panels,
-                                       "--calibration (the graph carries its thresholds)": calibration,
-                                       f"--format {fmt}": fmt != "jsonl"})
-        return
     from kano.evaluator import command as eval_command
+    from kano.evaluator.options import PredictOptions
 
-    eval_command.predict(inputs=inputs, class_name=class_name, run=run, backbone=backbone, out=out, threshold=threshold,
-                         batch_size=batch_size, device=device, workers=workers, force=force, method=method, reference=reference,
-                         k_shot=k_shot, class_word=class_word, maps=maps, panels=panels, fmt=fmt, resume=resume, image_size=image_size,
-                         calibration=calibration)
+    eval_command.predict_options(PredictOptions(
+        inputs=inputs, class_name=class_name, out=out, run=run, backbone=backbone, method=method, model=model,
+        class_word=class_word, reference=reference, k_shot=k_shot, threshold=threshold, batch_size=batch_size,
+        workers=workers, device=device, force=force, image_size=image_size, maps=maps, panels=panels, fmt=fmt, resume=resume,
+        calibration=calibration))
 
 
 def _class_and_inputs(class_name: str, inputs: Optional[List[str]]) -> tuple[str, list[str]]:
@@ -581,14 +570,14 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", show_default=True, help="address to bind; other than loopback needs --public"),
     port: int = typer.Option(8000, "--port", show_default=True),
     public: bool = typer.Option(False, "--public", help="allow --host to be a non-loopback address (reachable from other machines)"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="with --run: the class names the service accepts [default: the run's]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="the class names the service accepts: with --run any (their prompt words by the usual rule), with --model some of the exported ones  [default: the run's, or every exported class]"),
     folder: Optional[Path] = typer.Option(None, "--folder", help="the service's own folder (uploads are decoded there)  [default: a new temporary folder]"),
     batch: int = typer.Option(8, "--batch", show_default=True, help="images per forward pass"),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", show_default=True, help="how long a batch waits to fill"),
     queue_length: int = typer.Option(64, "--queue", show_default=True, help="images waiting at most; more: 503 with Retry-After"),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", show_default=True, help="largest request body, MB (413 above); pixels: $KANO_MAX_PIXELS"),
     timeout_s: float = typer.Option(30.0, "--timeout", show_default=True, help="seconds a request may take (504 after)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="inference threads  [default: $OMP_NUM_THREADS, else all cores]"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="inference threads (onnxruntime or OpenVINO with --model, torch with --run)  [default: $OMP_NUM_THREADS, else all cores; torch's own with --run]"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="with --run: a calibration file of the run's mode  [default: RUN/calibration.json]; an exported --model carries its own"),
 ):
     """Serve a detector over HTTP (FastAPI on uvicorn); loopback only unless --public."""

@@ -53,6 +53,29 @@ class SampleDataset(TorchDataset):
                     "label": s.label, "index": i, "error": str(exc)}
 
 
+def mosaic_sample(samples: list[Sample], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """April-GAN's 2 x 2 mosaic (VAND-APRIL-GAN dataset.py:98-136): four images pasted at their own resolution into
+    one of twice the first's width and height (row-major: top left, top right, bottom left, bottom right), their
+    masks likewise, then resized like any sample. -> (image (3, size, size), mask (size, size) in {0, 1}, label:
+    1 if any of the four is anomalous). An image of another size than the first is resized to it first."""
+    if len(samples) != 4:
+        raise ValueError(f"a mosaic takes 4 samples, got {len(samples)}")
+    imgs = [load_image(s.image_path) for s in samples]
+    w, h = imgs[0].size
+    canvas = Image.new("RGB", (2 * w, 2 * h))
+    mcanvas = np.zeros((2 * h, 2 * w), dtype=bool)
+    for k, (s, img) in enumerate(zip(samples, imgs)):
+        mask = load_mask(s.mask_path, img.size)
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BICUBIC)
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+        x, y = (k % 2) * w, (k // 2) * h
+        canvas.paste(img.convert("RGB"), (x, y))
+        mcanvas[y:y + h, x:x + w] = mask
+    return (image_to_tensor(canvas, size, mean, std), mask_to_tensor(mcanvas, size),
+            int(any(s.label for s in samples)))
+
+
 def raise_batch_errors(batch: dict) -> None:
     errors = [e for e in batch["error"] if e]
     if errors:

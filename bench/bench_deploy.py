@@ -1,5 +1,8 @@
 """Deployment throughput: torch eager vs onnxruntime vs OpenVINO on the same images and threads, and `kano serve`
-at N concurrent clients vs in-process `kano predict --model` on the same images (requests/s, p50/p99 latency).
+at N concurrent clients and in-process `kano predict --model` on the same images, each with every output (map and
+panel) and without them (`outputs=none`, `--no-panels --no-maps`), against the exported model's own throughput
+(requests/s, p50/p99 latency); then where one image's time goes (decoding, preprocessing, the model, the map PNG,
+the panel, the files predict writes).
 
     python bench/bench_deploy.py [--backbone micro] [--images 32] [--batch 8] [--threads 1] [--clients 16]
                                  [--requests 64] [--repeats 3]
@@ -109,36 +112,90 @@ def main() -> None:
         latencies: list[float] = []
         client = httpx.Client(limits=httpx.Limits(max_connections=a.clients), timeout=120)
 
-        def one(blob):
+        def one(blob, outputs):
             t0 = time.perf_counter()
             r = client.post(url + "/v1/predict", files={"file": (blob[0], blob[1], "image/jpeg" if blob[0].endswith(".jpg") else "image/png")},
-                            data={"class": "hazelnut"})
+                            data={"class": "hazelnut", **({} if outputs is None else {"outputs": outputs})})
             r.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
+            if outputs is None:
+                latencies.append(time.perf_counter() - t0)
 
-        def served():
+        def served(outputs=None):
             with ThreadPoolExecutor(a.clients) as pool:
-                list(pool.map(one, blobs))
+                list(pool.map(lambda b: one(b, outputs), blobs))
 
         rounds = iter(range(10**6))
 
-        def in_process():
-            runtime_predict(tmp / "m.onnx", [str(f) for f in jobs], "hazelnut", tmp / f"pred{next(rounds)}", batch_size=a.batch,
-                            threads=a.threads)
+        def in_process(**outputs):  # the graph loaded once (its session: timed apart below), as a caller predicting often
+            runtime_predict(ort_model, [str(f) for f in jobs], "hazelnut", tmp / f"pred{next(rounds)}", batch_size=a.batch,
+                            threads=a.threads, **outputs)
 
-        t = alternate({"server": served, "in-process predict": in_process}, repeats=a.repeats)
+        xs = np.stack([x[i % len(x)] for i in range(a.requests)])
+        model_only = [(xs[i:i + a.batch], np.zeros(len(xs[i:i + a.batch]), dtype=np.int64)) for i in range(0, len(xs), a.batch)]
+        t = alternate({"exported model": lambda: [ort_model.score(xb, ib) for xb, ib in model_only],
+                       "server": served, "server, outputs=none": lambda: served("none"),
+                       "in-process predict": in_process,
+                       "in-process predict --no-panels --no-maps": lambda: in_process(maps=False, panels=False)},
+                      repeats=a.repeats)
         client.close()
     finally:
         proc.terminate()
         proc.wait(20)
-    print(f"# server: {a.requests} requests from {a.clients} concurrent clients vs in-process predict of the same {a.requests} images")
-    for name, xs in t.items():
-        print(f"{name:18s} {spread(xs)} per round = {a.requests / statistics.median(xs):.1f} images/s")
-    r = paired_ratio(t["in-process predict"], t["server"])
-    print(f"server throughput / in-process predict: {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})")
+    print(f"# {a.requests} images: the exported model alone (preprocessed arrays, batch {a.batch}); the server at "
+          f"{a.clients} concurrent clients; in-process predict --model; each with and without maps and panels")
+    for name, ts in t.items():
+        print(f"{name:42s} {spread(ts)} per round = {a.requests / statistics.median(ts):.1f} images/s")
+    for name in [n for n in t if n != "exported model"]:
+        r = paired_ratio(t["exported model"], t[name])  # throughput of `name` / the model's = the model's time / its time
+        print(f"{name} / the exported model: {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})")
     lat = sorted(latencies[a.requests:])  # the warm-up round's requests dropped
-    print(f"server latency at {a.clients} clients: p50 {1000 * lat[len(lat) // 2]:.0f} ms, "
+    print(f"server latency at {a.clients} clients (map and panel): p50 {1000 * lat[len(lat) // 2]:.0f} ms, "
           f"p99 {1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.0f} ms (n={len(lat)})")
+    load = alternate({"load": lambda: ExportedModel(tmp / "m.onnx", a.threads)}, repeats=a.repeats)["load"]
+    print(f"loading the graph (an onnxruntime session, once per `kano predict --model`): {spread(load)}")
+    stages(ort_model, files, a, tmp)
+
+
+def stages(model, files, a, tmp: Path) -> None:
+    """Where one image's time goes in predict and serve: each step timed alone over the same images (ms per image,
+    median of --repeats rounds), the model's share per image of a batch of --batch."""
+    import base64
+    import io
+
+    import numpy as np
+
+    from kano.anomaly_data.io import load_image
+    from kano.evaluator import predict_files as pf
+    from kano.evaluator.visualize import map_to_png16, panel
+
+    pics = [load_image(f) for f in files]
+    arrays = [model.preprocess(p) for p in pics]
+    maps = [m for i in range(0, len(arrays), a.batch)
+            for m in model.score(np.stack(arrays[i:i + a.batch]), np.zeros(len(arrays[i:i + a.batch]), dtype=np.int64))[1]]
+
+    def png_b64(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue())
+
+    (tmp / "stage" / "maps").mkdir(parents=True, exist_ok=True)
+    (tmp / "stage" / "panels").mkdir(parents=True, exist_ok=True)
+    steps = {
+        "decode (load_image)": lambda: [load_image(f) for f in files],
+        "preprocess (resize, normalise)": lambda: [model.preprocess(p) for p in pics],
+        "the model (batch share)": lambda: [model.score(np.stack(arrays[i:i + a.batch]), np.zeros(len(arrays[i:i + a.batch]), dtype=np.int64))
+                                            for i in range(0, len(arrays), a.batch)],
+        "serve: map PNG + base64": lambda: [png_b64(map_to_png16(m)) for m in maps],
+        "serve: panel PNG + base64": lambda: [png_b64(panel(p, m, name="hazelnut", score=0.5, threshold=0.5)) for p, m in zip(pics, maps)],
+        "predict: map files (npy + png)": lambda: [pf.row(tmp / "stage", str(f), "hazelnut", "hazelnut", f"m{i}", 0.5, m, None, 0.5,
+                                                          "given", True, False) for i, (f, m) in enumerate(zip(files, maps))],
+        "predict: panel file": lambda: [pf.row(tmp / "stage", str(f), "hazelnut", "hazelnut", f"p{i}", 0.5, m, None, 0.5,
+                                               "given", False, True) for i, (f, m) in enumerate(zip(files, maps))],
+    }
+    t = alternate(steps, repeats=a.repeats)
+    print(f"# where one image's time goes ({len(files)} images, ms per image, median of {a.repeats} rounds)")
+    for name, ts in t.items():
+        print(f"{name:34s} {1000 * statistics.median(ts) / len(files):7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                "prompts, V-V from block 6, the authors' published recipe (kanoclip/anomalyclip.py)", _RUN, ("run",), exportable=True,
                model="kano.kanoclip.anomalyclip:AnomalyCLIP",
                config="kano.kanoclip.anomalyclip:AnomalyCLIPConfig"),
+    MethodSpec("mvfa", "trained", "MVFA-AD", "Huang et al., MVFA-AD (CVPR 2024): residual seg/det adapters at four "
+               "stages of the image tower, the authors' published recipe (kanoclip/mvfa.py)", _RUN, ("run",), prompts=True,
+               exportable=True, model="kano.kanoclip.mvfa:MVFA", config="kano.kanoclip.mvfa:MVFAConfig"),
     # one-class: fitted on normal images only (a dataset's train/good) by `kano train --method NAME`, saved as a run;
     # the interface is kanoclip/one_class.py's
     MethodSpec("oneclass", "one-class", "oneclass (Kano's own)", "Kano's own one-class detector (kanoclip/oneclass.py): "

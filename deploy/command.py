@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from kano.core import ui
-from kano.core.errors import KanoError
 
 
 def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bool, calibration=None) -> dict:
@@ -19,13 +18,13 @@ def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bo
     return side
 
 
-def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch_size: int, force: bool, others: dict) -> list[dict]:
+def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch_size: int, force: bool, maps: bool = True,
+            panels: bool = True, fmt: str = "jsonl") -> list[dict]:
+    """`kano predict --model` (evaluator.options.PredictOptions has refused the options a graph cannot use)."""
     from .runtime import predict as run_predict
 
-    given = [k for k, v in others.items() if v]
-    if given:
-        raise KanoError(f"--model scores with the exported graph alone, got {', '.join(given)} beside it (leave them out)")
-    records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, force, ui.progress_factory("scoring"))
+    records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, force, ui.progress_factory("scoring"),
+                          maps=maps, panels=panels, fmt=fmt)
     from kano.evaluator.records import worst_first
 
     ui.print_table(f"predictions ({class_name}, {Path(model).name}), flagged first, by score", ["image", "score", "anomalous"],
@@ -35,7 +34,9 @@ def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch
     failed = [r for r in records if r["error"]]
     for r in failed:
         ui.err.print(f"not scored: {r['error']}")
-    ui.out.print(f"written to {out}: index.html, predictions.jsonl, panels/, maps/ (npy and 16-bit png)")
+    files = ["index.html", "predictions.jsonl"] + (["predictions.parquet"] if fmt == "parquet" else [])
+    files += (["panels/"] if panels else []) + (["maps/ (npy and 16-bit png)"] if maps else [])
+    ui.out.print(f"written to {out}: {', '.join(files)}")
     if failed:
         raise SystemExit(1)
     return records

@@ -82,8 +82,8 @@ def refuse_unexportable(method: str) -> None:
 def load_source(run: str | None, method: str | None, backbone: str | None, classes: list[str], calibration=None):
     """-> (model in eval mode on the CPU, method name, {class: prompt word}, {class: (threshold, its source, pixel
     threshold)}, source description). Words and thresholds are the ones `kano predict` uses for the same options
-    (kano.api.Detector), with `calibration` (a calibration file of this mode; a run's own by default); --backbone
-    alone is the untrained model, as in `kano eval` and `kano predict`."""
+    (kano.evaluator.detector.Detector, the API's), with `calibration` (a calibration file of this mode; a run's own by
+    default); --backbone alone is the untrained model, as in `kano eval` and `kano predict`."""
     from kano.anomaly_data.names import class_word
     from kano.core.registry import UNTRAINED_METHOD, methods_with
 
@@ -93,7 +93,7 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
         if method or backbone:
             raise KanoError("give --run RUN alone (its config names the method and backbone), got --run with "
                             f"{'--method' if method else '--backbone'}")
-        from kano.api import Detector
+        from kano.evaluator.detector import Detector
 
         det = Detector.load(run, device="cpu", calibration=calibration)
         name = det.method["method"]
@@ -103,7 +103,7 @@ def load_source(run: str | None, method: str | None, backbone: str | None, class
         raise KanoError("kano export needs --run RUN, or --method NAME (one of "
                         f"{', '.join(methods_with(exportable=True, trained=False))}, with --backbone SPEC for those that "
                         f"take one), or --backbone SPEC alone ({UNTRAINED_METHOD})")
-    from kano.api import Detector
+    from kano.evaluator.detector import Detector
     from kano.evaluator.methods import load_method
     from kano.core.registry import method_spec
 

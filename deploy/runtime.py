@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -119,17 +120,23 @@ class ExportedModel:
 
     def describe(self) -> dict:
         """The method description recorded in the outputs' provenance (evaluator.report)."""
+        from kano.core.registry import METHODS
+
         src = self.meta.get("source") or {}
-        return {"kind": "exported", "name": f"{self.meta['method']} ({self.engine})", "model": str(self.path.resolve()),
+        spec = METHODS.get(self.meta["method"])  # the registry's kind, as every result records it
+        return {"kind": spec.kind if spec else "unknown", "name": f"{self.meta['method']} ({self.engine})",
+                "method": self.meta["method"], "engine": self.engine, "model": str(self.path.resolve()),
                 "backbone": self.meta.get("backbone"), "source": src}
 
 
-def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, out_dir: Path, threshold: float | None = None,
-            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None):
+def predict(model_path: "str | os.PathLike | ExportedModel", inputs: list[str], class_name: str, out_dir: Path, threshold: float | None = None,
+            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None,
+            maps: bool = True, panels: bool = True, fmt: str = "jsonl"):
     """`kano predict --model`: the rows and files of evaluator.predict (written by the same functions,
     evaluator.predict_files), scored by the exported graph. Inputs as evaluator.stream reads them (images,
     folders, lists); a list's class column picks that row's exported class. threshold None: each class's
-    threshold exported with the model (the run's calibrated one, or none). -> the rows."""
+    threshold exported with the model (the run's calibrated one, or none). maps, panels: write each image's map /
+    panel (evaluator.predict_files.row); fmt "parquet": also predictions.parquet. -> the rows."""
     from kano.evaluator import outputs, records
     from kano.evaluator import predict_files as pf
     from kano.evaluator.stream import iter_inputs
@@ -137,7 +144,7 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
     started = time.time()
     if batch_size < 1:
         raise KanoError(f"--batch-size must be an integer >= 1, got {batch_size}")
-    model = ExportedModel(model_path, threads)
+    model = model_path if isinstance(model_path, ExportedModel) else ExportedModel(model_path, threads)  # loaded once by a caller that predicts often
     model.class_index(class_name)
     threshold_given = threshold
     threshold, source = model.threshold_for(class_name, threshold_given)
@@ -153,21 +160,36 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
     identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
                 "inputs": [str(Path(p).resolve()) for p, _ in items], "image_size": model.image_size}
     outputs.claim(out_dir, "predict", json.loads(json.dumps(identity, default=str)), force)
-    (out_dir / "maps").mkdir(exist_ok=True)
-    (out_dir / "panels").mkdir(exist_ok=True)
+    write_maps, write_panels = maps, panels  # `maps` names each batch's maps below
+    if fmt not in ("jsonl", "parquet"):
+        raise KanoError(f"--format must be one of jsonl, parquet, got {fmt!r}")
+    for folder, on in (("maps", maps), ("panels", panels)):
+        if on:
+            (out_dir / folder).mkdir(exist_ok=True)
     names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in items])
     advance, close = progress(len(items)) if progress else (lambda k: None, lambda: None)
     try:
-        with records.RowWriter(out_dir / records.RESULT, fresh=True) as writer:
-            for a in range(0, len(items), batch_size):
+        def prepare(chunk):
+            """Decode and preprocess one batch -> (arrays, the positions read, {position: why not})."""
+            arrays, ok, errors = [], [], {}
+            for j, (p, _) in enumerate(chunk):
+                try:
+                    arrays.append(model.preprocess(load_image(p)))
+                    ok.append(j)
+                except KanoError as exc:
+                    errors[j] = str(exc)
+            return arrays, ok, errors
+
+        starts = list(range(0, len(items), batch_size))
+        # the next batch is decoded in a thread while the graph scores this one (both release the GIL): decoding
+        # and resizing cost about a tenth of the micro-CLIP's time per image (bench/bench_deploy.py)
+        with records.RowWriter(out_dir / records.RESULT, fresh=True) as writer, ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(prepare, items[:batch_size])
+            for k, a in enumerate(starts):
                 chunk = items[a:a + batch_size]
-                arrays, ok, errors = [], [], {}
-                for j, (p, _) in enumerate(chunk):
-                    try:
-                        arrays.append(model.preprocess(load_image(p)))
-                        ok.append(j)
-                    except KanoError as exc:
-                        errors[j] = str(exc)
+                arrays, ok, errors = ahead.result()
+                if k + 1 < len(starts):
+                    ahead = pool.submit(prepare, items[starts[k + 1]:starts[k + 1] + batch_size])
                 classes = [c or class_name for _, c in chunk]
                 idx = np.array([model.class_index(classes[j]) for j in ok], dtype=np.int64)
                 scores, maps = model.score(np.stack(arrays), idx) if ok else ([], [])
@@ -177,12 +199,12 @@ def predict(model_path: str | os.PathLike, inputs: list[str], class_name: str, o
                     c = classes[j]
                     t, src = (threshold, source) if c == class_name else model.threshold_for(c, threshold_given)
                     s, m = got.get(j, (None, None))
-                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, True, True,
-                                       model.pixel_thresholds.get(c)))
+                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, write_maps,
+                                       write_panels, model.pixel_thresholds.get(c)))
                 writer.append(rows)
                 advance(len(chunk))
     finally:
         close()
-    pf.finish(out_dir, identity, 1, len(items), batch_size, "jsonl", method, model.image_size, class_name, word, threshold, source,
+    pf.finish(out_dir, identity, 1, len(items), batch_size, fmt, method, model.image_size, class_name, word, threshold, source,
               started, merge=False, pixel_threshold=model.pixel_thresholds.get(class_name))
     return list(records.read_rows(out_dir / records.RESULT))

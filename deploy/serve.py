@@ -1,8 +1,9 @@
 """`kano serve`: an HTTP service on FastAPI + uvicorn (`pip install 'kano[serve]'`).
 
-    POST /v1/predict   multipart: file (the image), class (its class name) -> JSON: score, anomalous, threshold (the class's),
-                       class, image_size, map_png (base64 PNG, 16-bit grey, 65535 = 1.0, at the model's S x S),
-                       panel_png (base64 PNG: the labelled panel of `kano predict`), latency_ms
+    POST /v1/predict   multipart: file (the image), class (its class name), optional outputs (comma-separated of
+                       map, panel; default "map,panel"; "none": the score alone) -> JSON: score, anomalous, threshold
+                       (the class's), class, image_size, latency_ms, and as asked: map_png (base64 PNG, 16-bit grey,
+                       65535 = 1.0, at the model's S x S), panel_png (base64 PNG: the labelled panel of `kano predict`)
     GET  /healthz      {"status": "ok", "classes", "method", "queue": length now, "limits"}
     GET  /             a page: drop images, pick a class, see the panel and the decision
 
@@ -39,6 +40,18 @@ from kano.core.errors import KanoError
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/bmp": ".bmp", "image/tiff": ".tif", "image/webp": ".webp"}
+OUTPUTS = ("map", "panel")  # what an answer may carry besides the score; each costs time (docs/deploy.md)
+
+
+def parse_outputs(value: str | None) -> tuple[str, ...]:
+    """The request's `outputs` field -> the outputs asked for (default: all; "none" or "": the score alone)."""
+    if value is None:
+        return OUTPUTS
+    asked = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"))
+    bad = [v for v in asked if v not in OUTPUTS]
+    if bad:
+        raise HTTPError(422, f"outputs must be a comma-separated list of {', '.join(OUTPUTS)} (or none), got {value!r}")
+    return asked
 
 
 @dataclass
@@ -82,21 +95,38 @@ class Scorer:
     pixel_thresholds: dict = None  # class -> the calibration's pixel threshold (the maps' colour scale) or None
 
     @staticmethod
-    def exported(model_path: str | Path, threads: int | None = None) -> "Scorer":
+    def exported(model_path: str | Path, threads: int | None = None, classes: list[str] | None = None) -> "Scorer":
+        """An exported graph (kano.deploy.runtime); classes: the exported classes the service accepts (default: all)."""
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        return Scorer(m.classes, m.image_size, {c: m.threshold_for(c)[0] for c in m.classes}, m.describe(), m.preprocess, m.score,
-                      dict(m.pixel_thresholds))
+        names = classes or list(m.classes)
+        unknown = [c for c in names if c not in m.classes]
+        if unknown:
+            raise KanoError(f"--classes must be among the exported classes {', '.join(m.classes)}, got {', '.join(unknown)}")
+        graph_index = np.array([m.classes.index(c) for c in names], dtype=np.int64)  # the service's index -> the graph's
+
+        def score(x, idx):
+            return m.score(x, graph_index[np.asarray(idx, dtype=np.int64)])
+
+        return Scorer(names, m.image_size, {c: m.threshold_for(c)[0] for c in names}, m.describe(), m.preprocess, score,
+                      {c: m.pixel_thresholds.get(c) for c in names})
 
     @staticmethod
-    def torch_run(run: str | Path, classes: list[str] | None = None, calibration: str | None = None) -> "Scorer":
+    def torch_run(run: str | Path, classes: list[str] | None = None, calibration: str | None = None,
+                  threads: int | None = None) -> "Scorer":
         """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
-        them (kano.api.Detector); classes: the names the service accepts (default: the run's classes)."""
+        them (kano.evaluator.detector.Detector, the API's); classes: the names the service accepts (default: the run's classes); threads:
+        torch's intra-op threads (default: torch's own)."""
         import torch
 
+        if threads is not None:
+            if threads < 1:
+                raise KanoError(f"--threads must be an integer >= 1, got {threads}")
+            torch.set_num_threads(threads)
+
         from kano.anomaly_data import image_to_tensor
-        from kano.api import Detector
+        from kano.evaluator.detector import Detector
 
         det = Detector.load(run, device="cpu", calibration=calibration)
         model = det.model
@@ -242,9 +272,9 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None,
     async def page():
         return PAGE.replace("__CLASSES__", "".join(f"<option>{_esc(c)}</option>" for c in scorer.classes))
 
-    async def read_form(request: Request) -> tuple[bytes, str, str, str | None]:
-        """-> (file bytes, content type, class, the upload's file name to show); refuses before reading more than
-        the upload limit."""
+    async def read_form(request: Request) -> tuple[bytes, str, str, str | None, tuple[str, ...]]:
+        """-> (file bytes, content type, class, the upload's file name to show, outputs asked for); refuses before
+        reading more than the upload limit."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise HTTPError(415, f"the request must be multipart/form-data with fields file and class, got content type {ctype or 'none'!r}")
@@ -276,7 +306,8 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None,
         data = await f.read()
         if not data:
             raise HTTPError(400, "the file field must hold an image, got an empty file")
-        return data, (f.content_type or ""), cls, _shown_name(f.filename)
+        asked = form.get("outputs")
+        return data, (f.content_type or ""), cls, _shown_name(f.filename), parse_outputs(asked if isinstance(asked, str) else None)
 
     def decode(data: bytes, ctype: str):
         """bytes -> PIL RGB through anomaly_data.io.load_image (its checks: format, truncation, pixel limit)."""
@@ -306,7 +337,7 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None,
     @app.post("/v1/predict")
     async def predict(request: Request):
         t0 = time.monotonic()
-        data, ctype, cls, filename = await read_form(request)
+        data, ctype, cls, filename, outputs = await read_form(request)
         request.state.note = f"class {cls!r} file {filename!r}"
         if cls not in scorer.classes:
             from kano.anomaly_data.names import closest
@@ -325,15 +356,19 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None,
             raise HTTPError(504, f"the request took longer than the service's timeout of {limits.timeout_s:g} s") from None
         thr = scorer.thresholds.get(cls)
 
-        def draw():
-            title = f"{cls} / {filename}" if filename else cls  # as `kano predict` titles its panels
-            return _png_b64(map_to_png16(amap)), _png_b64(panel(img, amap, name=title, score=score, threshold=thr,
-                                                                pixel_threshold=(scorer.pixel_thresholds or {}).get(cls)))
+        def draw() -> dict:
+            out = {}
+            if "map" in outputs:
+                out.update(map_size=list(amap.shape[::-1]), map_png=_png_b64(map_to_png16(amap)))
+            if "panel" in outputs:
+                title = f"{cls} / {filename}" if filename else cls  # as `kano predict` titles its panels
+                out["panel_png"] = _png_b64(panel(img, amap, name=title, score=score, threshold=thr,
+                                                  pixel_threshold=(scorer.pixel_thresholds or {}).get(cls)))
+            return out
 
-        map_b64, panel_b64 = await loop.run_in_executor(None, draw)
+        drawn = await loop.run_in_executor(None, draw) if outputs else {}
         return {"class": cls, "score": round(score, 6), "anomalous": None if thr is None else bool(score >= thr), "threshold": thr,
-                "image_size": list(img.size), "map_size": list(amap.shape[::-1]), "map_png": map_b64, "panel_png": panel_b64,
-                "latency_ms": round(1000 * (time.monotonic() - t0), 1)}
+                "image_size": list(img.size), **drawn, "latency_ms": round(1000 * (time.monotonic() - t0), 1)}
 
     return app
 
@@ -362,7 +397,7 @@ def serve(*, run: str | None, model: str | None, host: str = "127.0.0.1", port: 
     if calibration and model:
         raise KanoError(f"--calibration goes with --run (an exported --model carries the thresholds it was exported with), "
                         f"got --model {model} --calibration {calibration}")
-    scorer = Scorer.exported(model, threads) if model else Scorer.torch_run(run, classes, calibration)
+    scorer = Scorer.exported(model, threads, classes) if model else Scorer.torch_run(run, classes, calibration, threads)
     made = folder is None  # a folder the service made is the service's to remove; one it was given is not
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="kano-serve-"))
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler found at start: this one

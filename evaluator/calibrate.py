@@ -281,7 +281,7 @@ def calibrate(run_dir: str | os.PathLike, normal: dict[str, list[Path]], alarm_r
               source: str = "kano calibrate") -> dict:
     """A trained run scored as it is: RUN/calibration.json (calibrate_detector with Detector.load). source: what made
     the calibration, recorded in the file ("holdout": `kano train --holdout`, on the photos the run kept out of its fit)."""
-    from kano.api import Detector
+    from kano.evaluator.detector import Detector
 
     det = Detector.load(run_dir, device=device, batch_size=batch_size)
     return calibrate_detector(det, normal, alarm_rate, None, workers=workers, progress=progress, log=log, out=out, warn=warn,

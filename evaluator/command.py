@@ -51,11 +51,20 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              method: str | None = None, aux: str | None = None, mutual: bool = False, k_shot: int = 0,
              reference=None, class_words: str | None = None, strict: bool = False,
              rscin_windows: list[int] | None = None, scored: dict | None = None, calibration=None,
-             class_names: list[str] | None = None) -> dict:
+             class_names: list[str] | None = None,
+             reference_sampling: str | None = None) -> dict:
     from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
     from kano.evaluator.evaluate import table_rows
 
     check_common(batch_size, workers, threshold, n_overlays)
+    if reference_sampling is not None:
+        from kano.evaluator.methods import parse_sampling
+
+        parse_sampling(reference_sampling)
+        if not k_shot or reference:
+            raise KanoError(f"--reference-sampling chooses among each class's train images for --k-shot (without "
+                            f"--reference), got --reference-sampling {reference_sampling} "
+                            f"{'with --reference' if reference else 'without --k-shot'}")
     folder_names = class_folders(class_names or [], data)  # {FOLDER: NAME}
     if folder_names:  # the methods read --data's folders (references of --k-shot): they get the folder names
         name_folders = {n: f for f, n in folder_names.items()}
@@ -75,7 +84,8 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
 
         model, info = load_method(method, run, backbone, image_size, dev, aux=aux, allow_missing_masks=allow_missing_masks,
                                   k_shot=k_shot, data=data, classes=classes, references=reference,
-                                  rscin_windows=None if mutual else rscin_windows)
+                                  rscin_windows=None if mutual else rscin_windows, class_word=class_words,
+                                  sampling=reference_sampling)
         described = info["method"]
     else:
         model, info = load_model(str(run) if run else None, backbone, image_size, dev)
@@ -83,7 +93,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         if k_shot or reference:  # April-GAN's few-shot memory on the run or the untrained model
             from kano.evaluator.methods import with_patch_memory
 
-            model, described = with_patch_memory(model, described, k_shot, data, reference, classes)
+            model, described = with_patch_memory(model, described, k_shot, data, reference, classes, reference_sampling)
     if mutual:
         from kano.evaluator.methods import with_mutual
 
@@ -91,13 +101,18 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
                                        data=data, rscin_windows=rscin_windows)
     if folder_names:
         classes = classes_given
-        refs = getattr(model, "reference_images", None)
-        if isinstance(refs, dict):
-            model.reference_images = {folder_names.get(c, c): v for c, v in refs.items()}
+        model.rename_references(folder_names)  # references were read per folder; the evaluator names classes
     from kano.anomaly_data.names import class_word as class_word_rule, known_words, parse_class_words, unknown_word_warning
-    from kano.api import weights_sha256
+    from kano.evaluator.detector import resolve_threshold, weights_sha256  # noqa: F401
 
     words = parse_class_words(class_words)
+    if words and not uses_prompts(described):
+        raise KanoError(f"--class-word is used by the methods that score with prompts naming the class, got "
+                        f"{described.get('method') or described['name']}, which uses none (got --class-word {class_words})")
+    if (info.get("config") or {}).get("class_words") == "folder":  # the run's rule: folder names as they are
+        from kano.anomaly_data import load_dataset
+
+        words = {**{c: c for c in (classes or load_dataset(data, missing_masks="warn").classes)}, **words}
     if uses_prompts(described):  # the floors and memories use no prompts
         known = known_words(info["prompt_names"])
         for w in words.values():
@@ -183,7 +198,7 @@ class eval_thresholds:
         return None if self.cal is None else C.calibration_entry(self.path, self.cal, self.mode, c, self.word_of(c))
 
     def image(self, c: str) -> tuple:
-        from kano.api import resolve_threshold
+        from kano.evaluator.detector import resolve_threshold
 
         if self.given is not None:
             return resolve_threshold(self.given, None, c, None)
@@ -209,7 +224,7 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
              device: str | None = None, batch_size: int = 8, image_size: int | None = None, calibration=None):
     """The Detector `kano predict` scores with (the Python API's object): a run, a per-image --method on
     --backbone (with --reference DIR --k-shot K for the methods that take references), or the untrained model."""
-    from kano.api import Detector
+    from kano.evaluator.detector import Detector
 
     if method:
         if run:
@@ -220,12 +235,12 @@ def detector(*, run, backbone, method: str | None = None, reference=None, k_shot
         raise KanoError(f"--reference DIR and --k-shot K >= 1 go together, got {'--reference ' + str(reference) if reference else '--k-shot ' + str(k_shot)} alone")
     if run:
         return Detector.load(run, threshold=threshold, device=device, batch_size=batch_size, references=reference, k_shot=k_shot,
-                             calibration=calibration)
+                             calibration=calibration, style="cli")
     from kano.evaluator import load_model
 
     model, info = load_model(None, backbone, image_size, _device(device))
     return Detector.with_references(model, _method(None, backbone, info), reference, k_shot, threshold=threshold,
-                                    batch_size=batch_size, calibration=calibration)
+                                    batch_size=batch_size, calibration=calibration, style="cli")
 
 
 def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, device, workers: int = 0, force: bool = False,
@@ -241,6 +256,9 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     try:
         det = detector(run=run, backbone=backbone, method=method, reference=reference, k_shot=k_shot, threshold=threshold,
                        device=str(dist.device), batch_size=batch_size, image_size=image_size, calibration=calibration)
+        if class_word and not uses_prompts(det.method):
+            raise KanoError(f"--class-word is used by the methods that score with prompts naming the class, got "
+                            f"{det.method.get('method') or det.method['name']}, which uses none (got --class-word {class_word})")
         word = det.class_word(class_name, class_word)
         if (warning := det.word_warning(word)) is not None and dist.main:
             ui.err.print(f"warning: {warning}", markup=False)
@@ -285,8 +303,36 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
     return rows
 
 
+def evaluate_options(opts) -> dict | list[dict]:
+    """`kano eval` from its options (evaluator.options.EvalOptions): refuse what the chosen source would not use,
+    then one method (or a run, or the untrained model) into OUT, or several into OUT/NAME with their comparison."""
+    opts.refuse_unused()
+    if len(opts.methods) > 1:
+        return evaluate_many(methods=opts.method, out=opts.out, force=opts.force, backbone=opts.backbone, aux=opts.aux,
+                             run=opts.run, **opts.common())
+    return evaluate(method=opts.method, run=opts.run, backbone=opts.backbone, aux=opts.aux, out=opts.out, force=opts.force,
+                    **opts.common())
+
+
+def predict_options(opts):
+    """`kano predict` from its options (evaluator.options.PredictOptions): refuse what the chosen source would not
+    use, then score with the exported graph (--model) or the torch model."""
+    opts.refuse_unused()
+    if opts.model is not None:
+        from kano.deploy import command as deploy_command
+
+        return deploy_command.predict(model=opts.model, inputs=opts.inputs, class_name=opts.class_name, out=opts.out,
+                                      threshold=opts.threshold, batch_size=opts.batch_size, force=opts.force, maps=opts.maps,
+                                      panels=opts.panels, fmt=opts.fmt)
+    return predict(inputs=opts.inputs, class_name=opts.class_name, run=opts.run, backbone=opts.backbone, out=opts.out,
+                   threshold=opts.threshold, batch_size=opts.batch_size, device=opts.device, workers=opts.workers,
+                   force=opts.force, method=opts.method, reference=opts.reference, k_shot=opts.k_shot,
+                   class_word=opts.class_word, maps=opts.maps, panels=opts.panels, fmt=opts.fmt, resume=opts.resume,
+                   image_size=opts.image_size, calibration=opts.calibration)
+
+
 def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | None = None, aux: str | None = None,
-                  run=None, **common) -> list[dict]:
+                  run=None, class_words: str | None = None, **common) -> list[dict]:
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
     (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one, --aux to those that need labelled auxiliary data (the registry's `needs`)."""
@@ -305,6 +351,10 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     aux_methods = [m for m in names if "aux" in METHODS[m].needs]
     if not backbone and backbone_methods:
         raise KanoError(f"--method {methods} needs --backbone SPEC for {', '.join(backbone_methods)}")
+    prompt_methods = [m for m in names if METHODS[m].prompts]
+    if class_words and not prompt_methods:
+        raise KanoError(f"--class-word is used by the methods that score with prompts naming the class "
+                        f"({', '.join(methods_with(prompts=True))}), got --method {methods}, none of which uses them")
     if aux and not aux_methods:
         raise KanoError(f"--aux is used by --method {', '.join(methods_with(needs='aux'))} only, got --method {methods} "
                         f"with --aux {aux}")
@@ -314,7 +364,7 @@ def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | Non
     claim_out(out, identity, force)  # before the first evaluation: a refused OUT costs nothing
     for n, d in zip(names, dirs):
         evaluate(method=n, out=d, force=force, run=run, backbone=backbone if n in backbone_methods else None,
-                 aux=aux if n in aux_methods else None, **common)
+                 aux=aux if n in aux_methods else None, class_words=class_words if n in prompt_methods else None, **common)
     tables = comparison_tables(load_results(dirs), DEFAULT_METRICS)
     write_comparison(tables, out, identity, claimed=True)
     ui.out.print(to_markdown(tables), markup=False, highlight=False, soft_wrap=True)  # labels may hold [brackets]

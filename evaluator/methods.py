@@ -26,7 +26,8 @@ def zero_shot_info(model, method: str, backbone: str) -> dict:
 
 
 def load_zero_shot(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
-                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None, **_):
+                   k_shot: int = 0, data: str | None = None, classes: list[str] | None = None, references=None,
+                   sampling: str | None = None, **_):
     """-> (the zero-shot CLIP model of kanoclip/winclip.py in eval mode, info) for `kano eval --method NAME
     --backbone SPEC` (load_method has checked the sources); k_shot > 0 (the methods that take references):
     k normal reference images per class from the train split of `data`, or, with `references` (a folder), its
@@ -51,17 +52,43 @@ def load_zero_shot(method: str, run, backbone: str | None, image_size: int | Non
         model.set_references({c: refs for c in names})
         files = {c: ref_files for c in names}
     elif k_shot:
-        images, files = reference_images(data, k_shot, bb, classes)
+        images, files = reference_images(data, k_shot, bb, classes, sampling)
         model.set_references(images)
     if k_shot:
         where = str(references) if references else "each class's train split"
         info.update(model.describe_references(k_shot, where), setting="few-shot", k_shot=k_shot, references=files)
+        if not references and sampling:  # the references were not the first k: say how they were drawn
+            info.update(sampling=parse_sampling(sampling)[0], sampling_rule=sampling_rule(sampling))
     return model, {"run": None, "backbone": backbone, "threshold": None, "prompt_names": {}, "method": info}
 
 
-def reference_images(data: str | None, k: int, bb, classes: list[str] | None = None) -> tuple[dict, dict]:
-    """WinCLIP+'s references: the first k normal images (sorted by path) of each class's TRAIN split of `data`
-    (never its test images). -> ({class: (k, 3, S, S) normalised}, {class: [file names]})."""
+REFERENCE_SAMPLING = ("first", "seeded")
+# April-GAN's test.py:313-317 (--seed 10) and dataset.py:83 (torch.randint: k draws with replacement)
+APRILGAN_REFERENCE_SEED = 10
+
+
+def parse_sampling(raw: str | None) -> tuple[str, int | None]:
+    """'first' | 'seeded' | 'seeded:N' (`--reference-sampling`) -> (rule, seed)."""
+    rule, _, seed = (raw or "first").partition(":")
+    if rule not in REFERENCE_SAMPLING or (rule == "first" and seed) or (seed and not seed.lstrip("-").isdigit()):
+        raise KanoError(f"--reference-sampling must be first, seeded or seeded:SEED (an integer), got {raw!r}")
+    return rule, (int(seed) if seed else APRILGAN_REFERENCE_SEED) if rule == "seeded" else None
+
+
+def sampling_rule(raw: str | None) -> str:
+    """The rule in words, for the records."""
+    rule, seed = parse_sampling(raw)
+    if rule == "first":
+        return "the first k, sorted by path"
+    return (f"k drawn with replacement (duplicates possible) by a torch generator seeded {seed}, as April-GAN's "
+            "dataset.py:83 draws them (its test.py seeds 10)")
+
+
+def reference_images(data: str | None, k: int, bb, classes: list[str] | None = None,
+                     sampling: str | None = None) -> tuple[dict, dict]:
+    """WinCLIP+'s references: k normal images of each class's TRAIN split of `data` (never its test images): the
+    first k sorted by path, or (sampling "seeded[:N]") k drawn with replacement from them by a generator seeded N
+    (April-GAN's rule; default seed 10). -> ({class: (k, 3, S, S) normalised}, {class: [file names]})."""
     from kano.anomaly_data import load_dataset
 
     if not data:
@@ -70,10 +97,17 @@ def reference_images(data: str | None, k: int, bb, classes: list[str] | None = N
     images, files = {}, {}
     for cls in classes or ds.classes:
         train = sorted((s for s in ds.samples("train", [cls]) if s.label == 0), key=lambda s: s.image_path)
-        if len(train) < k:
-            raise KanoError(f"--k-shot {k} needs {k} normal train images of class {cls} in {data}, got {len(train)}")
-        images[cls] = _reference_tensor(train[:k], bb)
-        files[cls] = [s.image_path for s in train[:k]]
+        rule, seed = parse_sampling(sampling)
+        if len(train) < (k if rule == "first" else 1):  # drawn with replacement, one image is enough
+            raise KanoError(f"--k-shot {k} needs {k if rule == 'first' else 1} normal train images of class {cls} in "
+                            f"{data}, got {len(train)}")
+        if rule == "seeded":  # one generator per class, so a class's draws do not depend on the others
+            g = torch.Generator().manual_seed(seed)
+            chosen = [train[int(i)] for i in torch.randint(0, len(train), (k,), generator=g)]
+        else:
+            chosen = train[:k]
+        images[cls] = _reference_tensor(chosen, bb)
+        files[cls] = [s.image_path for s in chosen]
     return images, files
 
 
@@ -86,24 +120,27 @@ def _reference_tensor(samples: list, bb) -> torch.Tensor:
     return torch.stack([b["image"] for b in batch])
 
 
-def reference_folder(folder, k: int, bb) -> tuple[torch.Tensor, list[str]]:
+def reference_folder(folder, k: int, bb, style: str = "cli") -> tuple[torch.Tensor, list[str]]:
     """Reference normal images from a plain folder (`--reference DIR`): its first k images sorted by path.
+    style: how errors name the options ("cli": --reference, --k-shot; "api": references, k_shot).
     -> ((k, 3, S, S) normalised, [absolute paths])."""
     from pathlib import Path
 
     from kano.anomaly_data import Sample, list_images
+    from kano.core.registry import option_name
 
+    ref, ks = option_name("references", style), option_name("k_shot", style)
     if k < 1:
-        raise KanoError(f"--reference {folder} needs --k-shot K >= 1 (how many of its images to use), got --k-shot {k}")
+        raise KanoError(f"{ref} {folder} needs {ks} K >= 1 (how many of its images to use), got {ks} {k}")
     files = list_images(Path(folder))
     if len(files) < k:
-        raise KanoError(f"--k-shot {k} needs {k} reference images in {folder}, got {len(files)}")
+        raise KanoError(f"{ks} {k} needs {k} reference images in {folder}, got {len(files)}")
     samples = [Sample(str(f.resolve()), None, "reference", "good", 0, split="train") for f in files[:k]]
     return _reference_tensor(samples, bb), [s.image_path for s in samples]
 
 
 def with_patch_memory(model, described: dict, k_shot: int, data: str | None = None, references=None,
-                      classes: list[str] | None = None):
+                      classes: list[str] | None = None, sampling: str | None = None):
     """K-shot mode for a per-image model with a CLIP backbone (a trained run, the untrained model): April-GAN's
     memory of normal patches (kanoclip/fewshot.py). References: the first k images of `references` (a folder)
     for every class, else of each class's train split of `data`. -> (PatchMemory, its provenance)."""
@@ -126,11 +163,13 @@ def with_patch_memory(model, described: dict, k_shot: int, data: str | None = No
         wrapped.set_references({c: refs for c in names})
         files = {c: ref_files for c in names}
     else:
-        images, files = reference_images(data, k_shot, bb, classes)
+        images, files = reference_images(data, k_shot, bb, classes, sampling)
         wrapped.set_references(images)
     where = str(references) if references else "each class's train split"
+    picked = sampling_rule(None if references else sampling).replace("the first k", f"the first {k_shot}").replace("k drawn", f"{k_shot} drawn")
+    memory = "MVFA-AD's memory of adapted tokens" if hasattr(model, "reference_tokens") else "April-GAN memory"
     info = {**described, "setting": "few-shot", "k_shot": k_shot, "references": files,
-            "few_shot": {"rule": f"April-GAN memory of the first {k_shot} images of {where}, sorted by path",
+            "few_shot": {"rule": f"{memory} of {where}: {picked}", "sampling": "first" if references else parse_sampling(sampling)[0],
                          "source": FEWSHOT_SOURCE, "stages": list(bb.stages)}}
     return wrapped, info
 
@@ -214,7 +253,7 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
     from kano.kanoclip.backbone import Backbone
     from kano.kanoclip.musc import FUSION_RULE, MuSc, MutualFusion
 
-    fits = ", ".join(methods_with(needs="backbone", per_image=True))
+    fits = ", ".join(methods_with(needs="backbone", transductive=False))
     if model.transductive:
         raise KanoError(f"--mutual must go with a per-image method (--run, or --method {fits}), got {what}, "
                         "which is already transductive")
@@ -231,11 +270,11 @@ def with_mutual(model, described: dict, what: str, data: str | None = None, rsci
 def load_method(method: str, run, backbone: str | None, image_size: int | None, device: torch.device | str = "cpu",
                 aux: str | None = None, allow_missing_masks: bool = False, k_shot: int = 0, data: str | None = None,
                 classes: list[str] | None = None, references=None, rscin_windows: list[int] | None = None,
-                class_word: str | None = None, style: str = "cli"):
+                class_word: str | None = None, style: str = "cli", sampling: str | None = None):
     """-> (model, info) for `kano eval --method NAME`: the loader the registry names for NAME, after its entry has
     refused what NAME cannot take (kano.core.registry.check_given; style "cli" or "api": how errors name options)."""
     check_given(method, {"run": run, "backbone": backbone, "aux": aux, "k_shot": k_shot, "references": references,
                          "class_word": class_word, "rscin_windows": rscin_windows}, style)
     return METHODS[method].loader()(method, run, backbone, image_size, device, aux=aux, allow_missing_masks=allow_missing_masks,
                                     k_shot=k_shot, data=data, classes=classes, references=references,
-                                    rscin_windows=rscin_windows)
+                                    rscin_windows=rscin_windows, **({"sampling": sampling} if sampling else {}))

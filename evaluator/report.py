@@ -51,7 +51,8 @@ def trained_method(run_dir: str | Path, config: dict) -> dict:
     return {"kind": kind, "name": DISPLAY_NAMES.get(method, method), "method": method, "run": str(run_dir.resolve()),
             "config_sha256": file_sha256(run_dir / "config.json"), "backbone": config.get("backbone"),
             "train_data": config.get("data"), "run_threshold": config.get("threshold"), "stages": config.get("stages"),
-            "vv_start": config.get("vv_start"), "pos_resize": config.get("pos_resize")}  # None: a run without it (each loader's own resize)
+            "vv_start": config.get("vv_start"), "pos_resize": config.get("pos_resize"),  # None: a run without it (each loader's own resize)
+            "recipe": {k: (config.get("train") or {}).get(k) for k in ("epochs", "batch_size", "lr", "betas", "aug_rate", "recipe")}}
 
 
 def baseline_method(name: str, kind: str, backbone: str | None = None, **extra) -> dict:

@@ -17,9 +17,10 @@ dice on the maps. Choices and where they come from:
   not used for it.
 - Loss: per stage, focal(softmax map, mask) + dice(abnormal channel, mask), summed over stages (public code
   train.py; its focal loss has a 1e-5 label smoothing we omit). No image-level loss: the global branch is not trained.
-- Optimiser (public code): Adam, lr 1e-3, betas (0.5, 0.999) — Kano's trainer defaults. train.sh uses batch 64 and 3
-  epochs (MVTec as auxiliary) or 15 (VisA); Kano's defaults are batch 8 and 15 epochs: pass
-  `--batch-size 64 --epochs 3` to reproduce the MVTec recipe.
+- Optimiser and schedule (public code train.py, train.sh): Adam, lr 1e-3, betas (0.5, 0.999), batch 8; 3 epochs with
+  MVTec-AD as the auxiliary set and a fifth of the samples made 2 x 2 mosaics of four images of the class with
+  their masks (`--aug_rate 0.2`, dataset.py:98-144), 15 without mosaics with VisA (`train_recipe`: MVTec-layout
+  data, and every other kind; the mosaic is the trainer's `aug_rate`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,17 @@ class AprilGAN(TrainablePeer):
         self.linear = nn.ModuleList(nn.Linear(backbone.width, backbone.embed_dim) for _ in backbone.stages)
         self._text: dict[str, torch.Tensor] = {}
         self.to(backbone.device)
+
+    @staticmethod
+    def train_recipe(data_kind: str) -> dict:
+        """train.sh of VAND-APRIL-GAN: batch 8, Adam lr 1e-3 betas (0.5, 0.999) (train.py); on MVTec-AD as the
+        auxiliary set 3 epochs with the 2 x 2 mosaic at rate 0.2 (`--aug_rate 0.2`, dataset.py:98-144), on VisA 15
+        epochs without (Kano: MVTec-layout data, and every other kind)."""
+        mvtec = data_kind == "mvtec"
+        return {"epochs": 3 if mvtec else 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999),
+                "aug_rate": 0.2 if mvtec else 0.0,
+                "source": f"April-GAN train.sh ({'MVTec-AD' if mvtec else 'VisA'} line): {3 if mvtec else 15} epochs, "
+                          f"batch 8, {'mosaic rate 0.2' if mvtec else 'no mosaic'}, Adam lr 1e-3, betas (0.5, 0.999)"}
 
     # what the feature cache stores for this method: raw Q-K block outputs, width-dimensional
     feature_spec = {"vv": False, "tokens": "raw"}

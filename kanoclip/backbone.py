@@ -84,6 +84,7 @@ class Backbone(nn.Module):
         self.set_layers(stages, vv_start)
         self.spec = spec
         self.pos_resize = pos_resize
+        self.activation_set = False  # True when build_backbone replaced the activation (the feature cache keys it)
         size = v.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         patch = v.patch_size
@@ -109,6 +110,11 @@ class Backbone(nn.Module):
         self.vv_start = vv_start if vv_start is not None else spread_stages(depth)[0]
         if not 1 <= self.vv_start <= depth:
             raise KanoError(f"vv_start must be a block number in 1..{depth}, got {self.vv_start}")
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation the blocks run: "quickgelu" or "gelu"."""
+        return activation_of(self.clip)
 
     def train(self, mode: bool = True):  # the backbone is frozen: always eval
         return super().train(False)
@@ -161,7 +167,8 @@ class Backbone(nn.Module):
 
 
 def build_backbone(spec: str = "tiny", image_size: int | None = None, device: str | torch.device | None = None,
-                   stages: list[int] | None = None, vv_start: int | None = None, pos_resize: str | None = None) -> Backbone:
+                   stages: list[int] | None = None, vv_start: int | None = None, pos_resize: str | None = None,
+                   partial_patches: bool = False, activation: str | None = None) -> Backbone:
     """Build a frozen backbone from "MODEL[:PRETRAINED]" or "tiny".
 
     - "ViT-L-14-336-quickgelu:openai" (the paper's; image size 518 -> 37x37 grid by default)
@@ -175,6 +182,10 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
     pos_resize: how pretrained position embeddings are resampled to the image size's grid (kanoclip/pos_embed.py
     MODES); None keeps each loader's own (open_clip: bicubic-antialias at build; micro: bicubic), which runs without
     a recorded pos_resize were made with. Random weights (tiny, no PRETRAINED) have no grid to resample.
+    partial_patches: allow an image size that is not a multiple of the patch size (the patch convolution then
+    never sees the last rows and columns; MVFA-AD's 240 px on ViT-L/14 is such a size).
+    activation: "gelu" or "quickgelu" replaces the MLP activation of every block of both towers (`set_activation`);
+    None keeps what the spec builds.
     """
     spec = (spec or "").strip()
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -206,10 +217,37 @@ def build_backbone(spec: str = "tiny", image_size: int | None = None, device: st
             with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)
                 model = create_clip(name, None, size)
+    if activation is not None:
+        set_activation(model, activation)
     bb = Backbone(model, spec, stages=stages, vv_start=vv_start, pos_resize=pos_resize or "bicubic-antialias")
-    if bb.image_size % bb.patch_size:
+    bb.activation_set = activation is not None
+    if bb.image_size % bb.patch_size and not partial_patches:
         raise KanoError(f"image size must be a multiple of the patch size {bb.patch_size}, got {bb.image_size}")
     return bb.to(device or "cpu")
+
+
+def _mlps(clip_model: nn.Module) -> list[nn.Module]:
+    towers = [clip_model.visual.transformer, getattr(clip_model, "transformer", None)]
+    return [blk.mlp for t in towers if t is not None for blk in t.resblocks if hasattr(blk, "mlp")]
+
+
+def activation_of(clip_model: nn.Module) -> str:
+    """"quickgelu" or "gelu": the MLP activation of the image tower's first block."""
+    from open_clip.transformer import QuickGELU
+
+    act = getattr(_mlps(clip_model)[0], "gelu", None)
+    return "quickgelu" if isinstance(act, QuickGELU) else "gelu" if isinstance(act, nn.GELU) else type(act).__name__
+
+
+def set_activation(clip_model: nn.Module, name: str) -> None:
+    """Every block's MLP activation, both towers: "quickgelu" (x sigmoid(1.702 x), what OpenAI's CLIP was trained
+    with) or "gelu" (exact GELU, what April-GAN's and MVFA-AD's code run on those weights at other image sizes)."""
+    from open_clip.transformer import QuickGELU
+
+    if name not in ("gelu", "quickgelu"):
+        raise KanoError(f"activation must be one of gelu, quickgelu, got {name!r}")
+    for mlp in _mlps(clip_model):
+        mlp.gelu = QuickGELU() if name == "quickgelu" else nn.GELU()
 
 
 def grid_hw(n_tokens: int) -> tuple[int, int]:

@@ -47,6 +47,11 @@ class PatchMemory(nn.Module):
         self._memory: dict[str, list[torch.Tensor]] = {}
         self._reference_images: dict[str, torch.Tensor] = {}
 
+    def rename_references(self, names: dict[str, str]) -> None:
+        """The references' classes renamed (old -> new; others kept), e.g. a folder to the class it holds."""
+        if self._reference_images:
+            self.set_references({names.get(c, c): v for c, v in self._reference_images.items()})
+
     def set_references(self, references: dict[str, torch.Tensor] | None) -> None:
         """Folder class -> its k normal reference images (k, 3, S, S), normalised as test images; each class's memory
         is built when that class begins (begin_class)."""
@@ -54,13 +59,19 @@ class PatchMemory(nn.Module):
         self._memory = {}
 
     def _patches(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images (N, 3, S, S) -> per stage (N, L, W) float32 unit patch tokens, the original path's."""
+        """images (N, 3, S, S) -> per stage (N, L, W) float32 unit patch tokens, the original path's (a model with
+        its own tokens for the memory, MVFA-AD's adapted ones, gives them by `query_tokens`)."""
+        if hasattr(self.model, "query_tokens"):
+            return self.model.query_tokens(images)
         with backbone_autocast(images.device):
             feats = self.backbone(images, vv=False, raw=True)
         return [F.normalize(t.float(), dim=-1) for t in feats.patch_tokens]
 
     @torch.no_grad()
     def set_reference(self, class_word: str, images: torch.Tensor) -> None:
+        if hasattr(self.model, "reference_tokens"):  # the model's own memory rule (MVFA-AD: augmented views, class token)
+            self._memory[class_word] = self.model.reference_tokens(images)
+            return
         self._memory[class_word] = [t.flatten(0, 1) for t in self._patches(images)]
 
     def begin_class(self, folder_class: str, prompt_class: str) -> None:

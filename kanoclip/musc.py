@@ -214,6 +214,9 @@ class MutualFusion(nn.Module, MethodDefaults):
         self.model, self.musc = model, musc
         self.backbone = model.backbone  # images are prepared for the method; MuSc shares its backbone
 
+    def rename_references(self, names: dict[str, str]) -> None:
+        self.model.rename_references(names)
+
     def begin_class(self, folder_class: str, prompt_class: str) -> None:
         self.model.begin_class(folder_class, prompt_class)  # e.g. WinCLIP+'s per-class references
 

@@ -70,6 +70,9 @@ class MethodDefaults:
     def begin_class(self, folder_class: str, prompt_class: str) -> None:
         """No per-class state."""
 
+    def rename_references(self, names: "dict[str, str]") -> None:
+        """No references to rename (see set_references)."""
+
     def set_references(self, references: "dict[str, torch.Tensor] | None") -> None:
         """Takes no reference images."""
         if references:

@@ -35,15 +35,20 @@ def published_backbone(method: str) -> tuple:
 
 
 def method_backbone(method: str, spec: str, *, image_size: int | None = None, device=None, stages: list[int] | None = None,
-                    vv_start: int | None = None, pos_resize: str | None = None, use_vv: bool = True) -> Backbone:
+                    vv_start: int | None = None, pos_resize: str | None = None, use_vv: bool = True,
+                    activation: str | None = None) -> Backbone:
     """The frozen backbone `method` trains on: what is not given (None) is the method's published value.
     use_vv=False (KAnoCLIP's --no-vv ablation) lifts the check that the V-V path starts by the last stage."""
     check_method(method, TRAINED_METHODS)
     layers, default_resize = published_backbone(method)
-    bb = build_backbone(spec, image_size=image_size, device=device, pos_resize=pos_resize or default_resize)
+    cls = resolve(METHODS[method].model)
+    if image_size is None:  # a method that publishes its own size for this backbone (MVFA-AD: 240 on ViT-L-14-336)
+        image_size = getattr(cls, "published_sizes", {}).get(spec.partition(":")[0])
+    bb = build_backbone(spec, image_size=image_size, device=device, pos_resize=pos_resize or default_resize,
+                        partial_patches=getattr(cls, "partial_patches", False), activation=activation)
     st, vv = layers(bb.depth)
     bb.set_layers(stages or st, vv_start if vv_start is not None else vv)
-    spec_vv = resolve(METHODS[method].model).__dict__.get("feature_spec")  # a dict on the peers; KAnoCLIP's follows its config
+    spec_vv = cls.__dict__.get("feature_spec")  # a dict on the peers; KAnoCLIP's follows its config
     if use_vv and (spec_vv["vv"] if isinstance(spec_vv, dict) else True) and bb.vv_start > max(bb.stages):
         raise KanoError(f"the V-V start must be at or before the last stage {max(bb.stages)} (its maps come from the V-V "
                         f"path), got vv_start {bb.vv_start}; pass --vv-start {min(bb.stages)} or later stages")

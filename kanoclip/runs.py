@@ -81,7 +81,7 @@ def read_weights(weights: Path, cfg: dict) -> dict[str, torch.Tensor]:
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None):
     """Rebuild the model of a finished run (KAnoCLIP or the trained peer its config.json names). Returns (model, config dict)."""
     from .backbone import build_backbone
-    from .registry import RUN_METHODS, build_model, is_one_class, model_config
+    from .registry import METHODS, RUN_METHODS, build_model, is_one_class, model_config, resolve
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -108,7 +108,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         return _load_one_class(run_dir, method, cfg, tensors, device), cfg
     # a run without a recorded pos_resize: None rebuilds it with each loader's own resize, as it was made
     bb = build_backbone(cfg["backbone"], image_size=cfg["image_size"], device=device, stages=cfg["stages"],
-                        vv_start=cfg["vv_start"], pos_resize=cfg.get("pos_resize"))
+                        vv_start=cfg["vv_start"], pos_resize=cfg.get("pos_resize"),
+                        partial_patches=getattr(resolve(METHODS[method].model), "partial_patches", False),
+                        activation=(cfg.get("train") or {}).get("activation"))
     try:
         model = build_model(method, bb, model_config(method, cfg["model"]))
     except (TypeError, ValueError) as exc:

@@ -218,6 +218,11 @@ class WinCLIP(nn.Module, MethodDefaults):
                 f"per class (the first k of {where}, sorted by path); memory rules as anomalib 2.7.0 WinClipModel",
                 "parameters": "frozen backbone, no training; a memory of k normal images per class"}
 
+    def rename_references(self, names: dict[str, str]) -> None:
+        """The references' classes renamed (old -> new; others kept), e.g. a folder to the class it holds."""
+        if self._reference_images:
+            self.set_references({names.get(c, c): v for c, v in self._reference_images.items()})
+
     def set_references(self, references: dict[str, torch.Tensor] | None) -> None:
         """WinCLIP+: folder class -> its k normal reference images (k, 3, S, S), normalised as test images; each
         class's memory is built when that class begins (begin_class). None: zero-shot again."""

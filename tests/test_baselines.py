@@ -115,7 +115,7 @@ def test_cli_eval_mutual_is_transductive_on_a_backbone(synth_root, tmp_path, cli
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "bogus"], "--method must be one of kanoclip, aprilgan, anomalyclip, oneclass, patchcore, padim, kanoclip-untrained, clip, clip-ac, winclip, retrieval, median_colour, darkness"),
+    (["--method", "bogus"], "--method must be one of kanoclip, aprilgan, anomalyclip, mvfa, oneclass, patchcore, padim, kanoclip-untrained, clip, clip-ac, winclip, retrieval, median_colour, darkness"),
     (["--method", "mutual"], "--method mutual needs --backbone"),
     (["--method", "darkness", "--backbone", "tiny"], "--backbone is used by --method kanoclip-untrained, clip, clip-ac, winclip, retrieval, mutual, musc only, got --method darkness"),
     (["--method", "darkness", "--image-size", "30"], "multiple of 4 and >= 32, got 30"),

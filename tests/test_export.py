@@ -54,7 +54,7 @@ def torch_result(model, x: np.ndarray, idx: np.ndarray):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["tiny", "micro"])
-@pytest.mark.parametrize("method", ["kanoclip", "aprilgan", "anomalyclip", "winclip"])
+@pytest.mark.parametrize("method", ["kanoclip", "aprilgan", "anomalyclip", "mvfa", "winclip"])
 def test_onnx_equals_torch(method, spec, tmp_path):
     from kano.deploy.export import export_model
     from kano.deploy.runtime import ExportedModel

@@ -77,6 +77,16 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path):
         ROOT = old
 
 
+STAGES = ("knowledge_store", "kb_builder", "kanoclip", "anomaly_data", "trainer", "evaluator", "deploy")
+
+
+def test_no_stage_package_imports_the_public_api():
+    """kano.api sits on top (it re-exports evaluator/detector.py): the stages and the bottom layer never import it."""
+    bad = {f"{folder}/{f.name}": sorted(_under(imports(f), "kano.api")) for folder in (*STAGES, "core")
+           for f in sorted((ROOT / folder).glob("*.py"))}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
 def test_the_bottom_layer_helpers_import_no_stage():
     for path in sorted((ROOT / "core").glob("*.py")):
         mods = imports(path)

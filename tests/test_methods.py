@@ -45,7 +45,7 @@ def test_cli_eval_winclip_records_windows_and_templates(synth_root, tmp_path, cl
 @pytest.mark.parametrize("args, message", [
     (["--method", "winclip"], "--method winclip needs --backbone SPEC (tiny, micro or MODEL:PRETRAINED)"),
     (["--method", "clip", "--run", "some/run", "--backbone", "tiny"], "give --backbone SPEC, not --run, got --run some/run"),
-    (["--method", "winclipp"], "--method must be one of kanoclip, aprilgan, anomalyclip, oneclass, patchcore, padim, kanoclip-untrained, clip,"),
+    (["--method", "winclipp"], "--method must be one of kanoclip, aprilgan, anomalyclip, mvfa, oneclass, patchcore, padim, kanoclip-untrained, clip,"),
     (["--method", "winclip", "--backbone", "tiny", "--image-size", "16"],
      "must give a patch grid of at least 3 x 3 (its largest window), i.e. >= 24 px with 8 px patches; got 16 px -> 2 x 2"),
 ])

@@ -284,7 +284,7 @@ def test_aprilgan_cache_holds_raw_width_tokens_under_its_own_key(synth_root, tmp
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--method", "winclip"], "method must be one of kanoclip, aprilgan, anomalyclip, oneclass, patchcore, padim, got 'winclip'"),
+    (["--method", "winclip"], "method must be one of kanoclip, aprilgan, anomalyclip, mvfa, oneclass, patchcore, padim, got 'winclip'"),
     (["--method", "aprilgan", "--no-vv"], "KAnoCLIP's model options (use_vv) apply to method kanoclip only"),
     (["--method", "anomalyclip", "--knowledge-sources", "llm"], "knowledge_sources apply to method kanoclip only"),
 ])

@@ -12,7 +12,7 @@ from kano.core.registry import METHODS, methods_with
 
 ROOT = Path(__file__).resolve().parent.parent
 # Written out by hand: the table a newcomer reads. A new method changes this list and the registry, nothing else.
-EXPECTED = ["kanoclip", "aprilgan", "anomalyclip", "oneclass", "patchcore", "padim", "kanoclip-untrained", "clip", "clip-ac", "winclip", "retrieval",
+EXPECTED = ["kanoclip", "aprilgan", "anomalyclip", "mvfa", "oneclass", "patchcore", "padim", "kanoclip-untrained", "clip", "clip-ac", "winclip", "retrieval",
             "median_colour", "darkness", "brightness", "local_median", "self_similarity", "self_similarity_randconv",
             "mutual", "musc", "musc_randconv"]
 
@@ -40,7 +40,7 @@ def _named(text: str) -> list[str]:
 def test_the_table_holds_the_methods():
     assert list(METHODS) == EXPECTED
     assert methods_with(references=True) == ("winclip",)
-    assert methods_with(kind="trained") == ("kanoclip", "aprilgan", "anomalyclip")
+    assert methods_with(kind="trained") == ("kanoclip", "aprilgan", "anomalyclip", "mvfa")
     assert methods_with(needs="aux") == ("retrieval",)
     assert set(methods_with(kind="transductive")) == {"mutual", "musc", "musc_randconv"}
     assert methods_with(kind="one-class") == ("oneclass", "patchcore", "padim")
@@ -60,7 +60,7 @@ def test_eval_help_names_exactly_the_registry(cli):
 def test_train_help_names_the_trained_methods(cli):
     code, out, _ = cli("train", "--help")
     assert code == 0
-    assert _named(out.split("\n  --method ")[1].split("\n  --kb ")[0]) == ["kanoclip", "aprilgan", "anomalyclip", "oneclass", "patchcore", "padim"]
+    assert _named(out.split("\n  --method ")[1].split("\n  --kb ")[0]) == ["kanoclip", "aprilgan", "anomalyclip", "mvfa", "oneclass", "patchcore", "padim"]
 
 
 def test_eval_method_error_lists_exactly_the_registry(cli, synth_root, tmp_path):

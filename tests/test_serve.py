@@ -304,3 +304,26 @@ def test_page_uploads_through_the_file_input_and_shows_decision_and_panel(server
               or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
               or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
     assert errors == [], errors
+
+
+def test_an_answer_carries_the_outputs_asked_for(synth_root, tmp_path):
+    """The request field `outputs`: map and panel by default, either alone, or none (the score alone); anything
+    else is a 422 naming the choices. The scorer is a plain function (score = the mean of the first channel)."""
+    from kano.deploy.serve import Scorer, create_app
+
+    def score(x, idx):
+        return x[:, 0].mean((1, 2)), x[:, 0]
+
+    scorer = Scorer(["disc"], 32, {"disc": 0.5}, {"kind": "zero-parameter", "name": "mean"},
+                    lambda img: np.asarray(img.convert("RGB").resize((32, 32)), np.float32).transpose(2, 0, 1) / 255, score)
+    good = images(synth_root)[0][0]
+    with in_thread(create_app(scorer, tmp_path / "svc")) as url:
+        def ask(outputs):
+            data = {"class": "disc"} | ({} if outputs is None else {"outputs": outputs})
+            return httpx.post(url + "/v1/predict", files={"file": ("x.png", good.read_bytes(), "image/png")}, data=data, timeout=60)
+
+        keys = {o: set(ask(o).json()) for o in (None, "map", "panel", "none", "")}
+        assert {"map_png", "panel_png"} <= keys[None] and "panel_png" not in keys["map"] and "map_png" not in keys["panel"]
+        assert not {"map_png", "panel_png", "map_size"} & (keys["none"] | keys[""]) and "score" in keys["none"]
+        bad = ask("heatmap")
+        assert bad.status_code == 422 and "outputs must be a comma-separated list of map, panel (or none)" in bad.json()["error"]

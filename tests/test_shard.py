@@ -30,6 +30,20 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line.replace(str(out), "OUT")) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
+def test_two_processes_predict_the_rows_of_one_in_the_fast_tier(hazelnut_root, tmp_path):
+    """The fast tier's sharding check: a zero-parameter floor (no CLIP to load) on 7 real photos in batches of 2,
+    one process against two torchrun processes: the same rows, in input order, scores to the bit."""
+    photos = sorted((hazelnut_root / "hazelnut" / "test").glob("*/*.jpg"))[:7]
+    args = ["predict", *photos, "--class", "hazelnut", "--method", "median_colour", "--batch-size", "2", "--threshold", "0.5",
+            "--no-panels", "--no-maps", "--device", "cpu"]
+    one = _run(args + ["--out", tmp_path / "one"], 1)
+    two = _run(args + ["--out", tmp_path / "two"], 2)
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["image"] for r in b] == [str(p) for p in photos] and a == b
+    assert len({r["score"] for r in a}) > 1 and not (tmp_path / "two" / "parts").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_predict_the_rows_of_one(hazelnut_root, tmp_path):
     photos = sorted((hazelnut_root / "hazelnut" / "test").glob("*/*.jpg"))

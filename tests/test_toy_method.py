@@ -8,6 +8,7 @@ image (200, 50, 100) every pixel, and the image, scores (200 - 100) / 255 whatev
 import importlib
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,12 +35,12 @@ class ToyDetector(nn.Module, MethodDefaults):
         return InferenceBatch(amap.flatten(1).amax(1), amap, amap[:, None])
 
     def text_bank(self, words: list[str]) -> torch.Tensor:
-        """(C, 2, 1): a weight of one per class (the graph's constant), so that the class input is used."""
-        return torch.tensor([[0.0], [1.0]]).expand(len(words), 2, 1).clone()
+        """(C, 2, 1): class c's weight c + 1 (the graph's constant), so that the class input matters."""
+        return torch.stack([torch.tensor([[0.0], [c + 1.0]]) for c in range(len(words))])
 
     def score_bank(self, images: torch.Tensor, text: torch.Tensor) -> InferenceBatch:
         res = self(images, [])
-        w = text[:, 1, 0] - text[:, 0, 0]                                               # (N,), ones
+        w = text[:, 1, 0] - text[:, 0, 0]                                               # (N,) each class's weight
         return InferenceBatch(res.image_score * w, res.anomaly_map * w[:, None, None], res.stage_maps)
 
 
@@ -104,10 +105,30 @@ def test_the_toy_runs_through_eval_predict_and_the_api(toy, cli, synth_root, pic
 def test_the_toy_exports_and_the_graph_scores_alike(toy, cli, picture, tmp_path):
     pytest.importorskip("onnxruntime", reason="pip install 'kano[export,runtime]'")
     graph = tmp_path / "toy.onnx"
-    code, _, err = cli("export", "--method", "toy", "--classes", "disc", "--out", graph)
+    code, _, err = cli("export", "--method", "toy", "--classes", "disc,weave", "--out", graph)
     assert code == 0, err
     assert json.loads(graph.with_suffix(".json").read_text())["method"] == "toy"
     code, _, err = cli("predict", picture, "--class", "disc", "--model", graph, "--out", tmp_path / "m")
     assert code == 0, err
     row = json.loads((tmp_path / "m" / "predictions.jsonl").read_text().splitlines()[0])
     assert row["score"] == pytest.approx(EXPECTED, abs=1e-5)
+
+    # the graph equals the torch model on real photos (scores and maps within 1e-5), one batch of three
+    from kano.anomaly_data.io import image_to_array, list_images, load_image
+    from kano.deploy.runtime import ExportedModel
+
+    photos = sorted(list_images(Path(__file__).parent / "data" / "hazelnut_toy" / "test" / "colour"))[:3]
+    x = np.stack([image_to_array(load_image(f), 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) for f in photos])
+    s, m = ExportedModel(graph, threads=1).score(x, np.zeros(3, dtype=np.int64))
+    ref = ToyDetector()(torch.from_numpy(x), ["disc"] * 3)
+    assert np.abs(s - ref.image_score.numpy()).max() <= 1e-5 and np.abs(m - ref.anomaly_map.numpy()).max() <= 1e-5
+    assert float(m.std()) > 0.01  # real photos: the maps are not constant
+
+    # kano serve --model --classes weave: the service's class 0 is the graph's class 1 (weight 2)
+    from kano.deploy.serve import Scorer
+
+    scorer = Scorer.exported(graph, 1, ["weave"])
+    s, _ = scorer.score(x, np.zeros(3, dtype=np.int64))
+    assert scorer.classes == ["weave"] and np.allclose(s, 2 * ref.image_score.numpy(), atol=1e-5)
+    with pytest.raises(Exception, match="--classes must be among the exported classes disc, weave, got bolt"):
+        Scorer.exported(graph, 1, ["bolt"])

@@ -276,7 +276,8 @@ def test_train_help_shows_defaults_and_every_option_has_help():
 
     proc = subprocess.run([KANO, "train", "--help"], env={**_env(), "COLUMNS": "200"}, capture_output=True, text=True, timeout=60)
     text = " ".join(proc.stdout.replace("│", " ").split())
-    for needle in ("--kb", "(default: kb.duckdb)", "(default: 111)", "(default: 15)", "(default: 8)", "(default: 0.001)",
+    for needle in ("--kb", "(default: kb.duckdb)", "(default: 111)", "kanoclip and anomalyclip 15", "recipe: 8; mvfa 1)",
+                   "recipe: 1e-3; mvfa 1e-4)",
                    "(default: ViT-L-14-336-quickgelu:openai)", "needs CLIP weights downloaded once", "(default: auto)"):
         assert needle in text, needle
     cmd = typer.main.get_command(app).commands["train"]

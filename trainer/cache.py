@@ -52,6 +52,8 @@ def cache_key(model: KAnoCLIP, samples: list[Sample]) -> str:
            "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "vv": spec["vv"], "files": files}
     if spec["tokens"] != "projected":  # (projected tokens keep the key they had before raw ones existed)
         key["tokens"] = spec["tokens"]
+    if getattr(bb, "activation_set", False):  # a replaced activation changes the features, not the weights
+        key["activation"] = bb.activation
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -52,7 +52,7 @@ def train(config_file, resume: bool, overrides: dict, allow_missing_masks: bool 
     from kano.trainer.train import TrainInterrupted
 
     if resume and overrides.get("out") and config_file is None and (Path(overrides["out"]) / "config.json").is_file():
-        saved = read_config(Path(overrides["out"])).get("train", {})
+        saved = {"aug_rate": 0.0, **read_config(Path(overrides["out"])).get("train", {})}  # runs before the mosaic had none
         cfg = TrainConfig.from_sources(None, {**{k: v for k, v in saved.items() if k != "model"}, **(saved.get("model") or {}),
                                               **{k: v for k, v in overrides.items() if v is not None}})
     else:

@@ -19,6 +19,8 @@ from kano.kanoclip import ModelConfig, model_config
 from kano.kanoclip.registry import DEFAULT_METHOD, METHODS as _REGISTRY, methods_with as _methods_with
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
+CLASS_WORD_RULES = ("kano", "folder")
+ACTIVATIONS = ("gelu", "quickgelu")
 
 
 @dataclass
@@ -37,10 +39,15 @@ class TrainConfig:
     stages: list[int] | None = None
     vv_start: int | None = None
     pos_resize: str | None = None                     # bicubic-antialias | bilinear | bicubic (kanoclip/pos_embed.py)
-    epochs: int = 15                                  # epochs, batch, lr, betas: AnomalyCLIP's settings (not in the paper)
-    batch_size: int = 8
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.999)
+    # epochs, batch, lr, betas: None = the method's published recipe (`train_recipe` on its class, with its source;
+    # kanoclip and anomalyclip: AnomalyCLIP's 15 epochs, batch 8, Adam 1e-3, betas (0.5, 0.999), not in the paper)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    # share of the samples that become a 2 x 2 mosaic of four images of their class with their masks, drawn anew
+    # every epoch (April-GAN's --aug_rate); None = the method's recipe (aprilgan on mvtec data 0.2, else 0)
+    aug_rate: float | None = None
     seed: int = 111
     cache: str = "auto"                               # frozen-feature cache: auto | memory | disk | off
     cache_dir: str | None = None                      # default ~/.cache/kano/features
@@ -51,7 +58,25 @@ class TrainConfig:
     knowledge_sources: list[str] | None = None
     model: Any = None                                 # the method's config dataclass (or a dict of its keys); None: its defaults
 
+    # the [class] word of the prompts: "kano" (anomaly_data/names.py: pcb1 -> "printed circuit board") or "folder"
+    # (the folder name as it is, as April-GAN's prompt_ensemble.py:15-18 and MVFA-AD's code use it)
+    class_words: str = "kano"
+    # the backbone's MLP activation: None = as its spec builds it (what the weights were trained with: QuickGELU
+    # for the -quickgelu OpenAI models); "gelu" runs GELU, as April-GAN's 518 px and MVFA-AD's 240 px scripts do
+    # on ViT-L-14-336 (their open_clip builds it at another size from a config without quick_gelu)
+    activation: str | None = None
+    recipe: str | None = None                         # where the unset epochs/batch/lr/betas came from (set here)
+
     def __post_init__(self):
+        if self.method not in _recipe_methods():
+            raise ValueError(f"method must be one of {', '.join(_recipe_methods())}, got {self.method!r}")
+        given = {k: getattr(self, k) for k in RECIPE_KEYS}
+        published = method_recipe(self.method, str(self.data).partition(":")[0])
+        for k in RECIPE_KEYS:
+            if given[k] is None:
+                setattr(self, k, published[k])
+        if any(v is None for v in given.values()):
+            self.recipe = published["source"]
         if not isinstance(self.betas, (list, tuple)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
@@ -97,6 +122,14 @@ class TrainConfig:
         for name in ("kb", "data", "backbone", "out"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.aug_rate, bool) or not isinstance(self.aug_rate, (int, float)) or not 0 <= self.aug_rate <= 1:
+            raise ValueError(f"aug_rate must be a number in [0, 1] (the share of samples made mosaics), got {self.aug_rate!r}")
+        self.aug_rate = float(self.aug_rate)
+        if self.class_words not in CLASS_WORD_RULES:
+            raise ValueError(f"class_words must be one of {', '.join(CLASS_WORD_RULES)}, got {self.class_words!r}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} (or unset: as the backbone is built), "
+                             f"got {self.activation!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -163,6 +196,27 @@ class TrainConfig:
             return cls(**base, model=model)
         except (TypeError, ValueError) as exc:
             raise KanoError(str(exc)) from None
+
+
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "betas", "aug_rate")
+# AnomalyCLIP's published optimiser settings (code train.py / train.sh), Kano's defaults for kanoclip too
+DEFAULT_RECIPE = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "aug_rate": 0.0,
+                  "source": "AnomalyCLIP's train.sh: 15 epochs, batch 8, Adam lr 1e-3, betas (0.5, 0.999)"}
+
+
+def _recipe_methods() -> tuple[str, ...]:
+    from kano.kanoclip.registry import TRAINED_METHODS
+
+    return TRAINED_METHODS
+
+
+def method_recipe(method: str, data_kind: str) -> dict:
+    """The training recipe `method`'s authors published for auxiliary data of `data_kind` (mvtec, visa, ...):
+    {epochs, batch_size, lr, betas, source}; the method's class names it (`train_recipe`), else DEFAULT_RECIPE."""
+    from kano.kanoclip.registry import METHODS, resolve
+
+    fn = getattr(resolve(METHODS[method].model), "train_recipe", None)
+    return {**DEFAULT_RECIPE, **(fn(data_kind) if fn else {})}
 
 
 def method_model_config(method: str, model):

@@ -52,7 +52,7 @@ class TrainInterrupted(KeyboardInterrupt):
 
 
 # keys of the saved train config that may differ on --resume: they change where and how fast, not what is learned
-RESUME_MAY_CHANGE = ("out", "epochs", "cache", "cache_dir", "device", "workers")
+RESUME_MAY_CHANGE = ("out", "epochs", "cache", "cache_dir", "device", "workers", "recipe")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -68,6 +68,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_differences(saved: dict, now: dict) -> list[str]:
     """'key: saved -> now' for every train-config key (model.* flattened) that differs, except RESUME_MAY_CHANGE."""
     saved = {"method": DEFAULT_METHOD, **saved}  # runs from before --method are KAnoCLIP runs
+    saved.setdefault("aug_rate", 0.0)  # runs from before the mosaic trained without it
     if saved["method"] != DEFAULT_METHOD:  # older peer runs recorded KAnoCLIP's defaults as "model": read as their own
         try:
             saved["model"] = json.loads(json.dumps(method_model_config(saved["method"], saved.get("model")).to_dict()))
@@ -231,11 +232,13 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.phase = "while building the model"
     bb = method_backbone(cfg.method, cfg.backbone, image_size=cfg.image_size, device=device, stages=cfg.stages,
-                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=getattr(cfg.model, "use_vv", True))
+                         vv_start=cfg.vv_start, pos_resize=cfg.pos_resize, use_vv=getattr(cfg.model, "use_vv", True),
+                         activation=cfg.activation)
     seed_everything(cfg.seed)  # heads initialised identically whatever the backbone build consumed
     model = run.model = build_model(cfg.method, bb, cfg.model)
     run.image_size = bb.image_size
-    names = {c: (cfg.model.prompt_class if uses_kb else None) or prompt_name(c) for c in classes}
+    word = (lambda c: c) if cfg.class_words == "folder" else prompt_name
+    names = {c: (cfg.model.prompt_class if uses_kb else None) or word(c) for c in classes}
     kb_info = None
     if uses_kb:
         # rank 0 encodes and caches the knowledge texts first; the others then read them from the cache
@@ -263,7 +266,8 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.config = {
         "kano_version": ckpt.library_versions()["kano"], "backbone": cfg.backbone, "image_size": bb.image_size, "stages": bb.stages,
-        "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "method": cfg.method, "model": model.cfg.to_dict(),
+        "vv_start": bb.vv_start, "pos_resize": bb.pos_resize, "activation": bb.activation, "class_words": cfg.class_words,
+        "method": cfg.method, "model": model.cfg.to_dict(),
         "model_used": model.describe() if hasattr(model, "describe") else {}, "train": cfg.to_dict(),
         "kb": kb_info, "train_classes": classes,
         "prompt_names": names, "data": cfg.data, "n_samples": len(samples), "git_commit": ckpt.git_commit(), "seed": cfg.seed,
@@ -275,6 +279,8 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
 
     run.masks = _load_masks(samples, bb.image_size)
     run.cache_mode = choose_mode(cfg.cache, estimate_bytes(model, len(samples)))
+    if not getattr(model, "cacheable", True):  # trainable parts inside the stream (MVFA-AD): encode every batch
+        run.cache_mode = "off"
     if dist.world > 1 and run.cache_mode == "memory":
         run.cache_mode = "disk"  # processes share one memory-mapped cache, each computing its shard
     run.cache_dir = Path(cfg.cache_dir or Path.home() / ".cache" / "kano" / "features")
@@ -301,12 +307,16 @@ def train_epoch(run: Run, epoch: int) -> dict:
     advance, close = run.progress(f"epoch {epoch + 1}/{cfg.epochs}")(len(batches)) if run.progress else (lambda k: None, lambda: None)
     train_params = [p for _, p in run.params]
     knowledge = run.knowledge if run.uses_kb and cfg.model.use_knpl else None
+    plan = mosaic_plan(run, epoch)
     for idx in batches:
         optimizer.zero_grad(set_to_none=True)
         stats = [0.0] * len(LOSS_TERMS)
         if len(idx):
-            out = model.forward_features(run.features(idx), [run.sample_names[i] for i in idx.tolist()], run.image_size)
-            terms = model.loss(out, run.masks[idx].to(dist.device).float(), run.labels[idx].to(dist.device), knowledge)
+            feats, masks, labels = run.features(idx), run.masks[idx].to(dist.device).float(), run.labels[idx].to(dist.device)
+            if plan:
+                feats, masks, labels = with_mosaics(run, idx, plan, feats, masks, labels)
+            out = model.forward_features(feats, [run.sample_names[i] for i in idx.tolist()], run.image_size)
+            terms = model.loss(out, masks, labels, knowledge)
             terms["total"].backward()
             stats = [float(terms[k].detach()) for k in LOSS_TERMS]
         _, stats = dist.reduce_step(train_params, len(idx), stats)
@@ -319,7 +329,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     row = {"epoch": epoch + 1, "loss": sums["total"] / n_steps, "loss_kd": sums["kd"] / n_steps,
            "loss_global": sums["global"] / n_steps, "loss_local": sums["local"] / n_steps,
            "seconds": round(time.perf_counter() - t0, 3), "cache_seconds": round(cache_s, 3),
-           "cache": run.cache_mode, "world_size": dist.world, "samples_per_rank": [len(x) for x in shards]}
+           "cache": run.cache_mode, "world_size": dist.world, "samples_per_rank": [len(x) for x in shards],
+           "mosaics": len(plan)}
     if dist.world > 1:
         row["shard_indices"] = shards
     run.history.append(row)
@@ -330,6 +341,59 @@ def train_epoch(run: Run, epoch: int) -> dict:
     run.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} (kd {row['loss_kd']:.4f}, global {row['loss_global']:.4f}, "
             f"local {row['loss_local']:.4f}) in {row['seconds']:.1f}s")
     return row
+
+
+def mosaic_plan(run: Run, epoch: int) -> dict[int, list[int]]:
+    """Which samples become 2 x 2 mosaics this epoch (April-GAN's --aug_rate, its dataset.py:138-144): each with
+    probability aug_rate, made of four samples of its class, each drawn as the code does: a defect type (folder)
+    uniformly, then one of its images uniformly. -> {sample index: the four sample indices}. Seeded by seed and
+    epoch, identical on every process."""
+    rate = run.cfg.aug_rate
+    if not rate:
+        return {}
+    g = torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch + 500)
+    by_class: dict[str, dict[str, list[int]]] = {}
+    for i, s in enumerate(run.samples):
+        by_class.setdefault(s.class_name, {}).setdefault(s.defect, []).append(i)
+    plan = {}
+    draws = torch.rand(len(run.samples), generator=g)
+    for i in torch.nonzero(draws < rate).flatten().tolist():
+        kinds = by_class[run.samples[i].class_name]
+        names = sorted(kinds)
+        four = []
+        for _ in range(4):
+            pool = kinds[names[int(torch.randint(len(names), (1,), generator=g))]]
+            four.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        plan[i] = four
+    return plan
+
+
+def with_mosaics(run: Run, idx: torch.Tensor, plan: dict[int, list[int]], feats: VisualFeatures, masks: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[VisualFeatures, torch.Tensor, torch.Tensor]:
+    """The batch with its planned samples replaced by their mosaics (encoded now: a mosaic is never cached);
+    a mosaic's label is 1 when any of its four images is anomalous."""
+    from kano.anomaly_data.torch_data import mosaic_sample
+
+    pos = [k for k, i in enumerate(idx.tolist()) if i in plan]
+    if not pos:
+        return feats, masks, labels
+    made = [mosaic_sample([run.samples[j] for j in plan[int(idx[k])]], run.image_size, run.images.mean, run.images.std)
+            for k in pos]
+    dev = run.dist.device
+    with backbone_autocast(dev):
+        new = run.model.encode_images(torch.stack([m[0] for m in made]).to(dev))
+    where = torch.tensor(pos, device=dev)
+    glob = feats.global_feature.clone()
+    glob[where] = new.global_feature.to(glob.dtype)
+    patches = []
+    for t, nt in zip(feats.patch_tokens, new.patch_tokens):
+        t = t.clone()
+        t[where] = nt.to(t.dtype)
+        patches.append(t)
+    masks, labels = masks.clone(), labels.clone()
+    masks[where] = torch.stack([m[1] for m in made]).to(dev, masks.dtype)
+    labels[where] = torch.tensor([float(m[2]) for m in made], device=dev, dtype=labels.dtype)
+    return VisualFeatures(glob, patches), masks, labels
 
 
 def calibrate(run: Run) -> float:

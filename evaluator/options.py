@@ -1,0 +1,124 @@
+"""The options of `kano eval` and `kano predict`, carried from the command line to the library as one object each.
+
+`EvalOptions` and `PredictOptions` hold every option by its API argument name; `refuse_unused()` refuses, by name
+and with the reason, each option given that the chosen method or model would not use (exit 2 through KanoError),
+so that no option is silently dropped. What a method can take is its registry entry's (kano.core.registry:
+`check_given`, run where the method is loaded); what these objects check is the rest: options of one source kind
+given with another (--image-size with --run, the sources of a torch model beside an exported graph, options of one
+method given to a list of them). Option names in messages are the command line's (`flag`), the only caller that
+builds these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from kano.core.errors import KanoError
+from kano.core.registry import option_name as flag
+
+
+def _given(value) -> bool:
+    return value not in (None, False, 0, "", [], ())
+
+
+@dataclass
+class EvalOptions:
+    """`kano eval`: a run (`run`), the untrained model (`backbone`), a method or a comma-separated list of methods
+    (`method`, with `backbone` / `aux` for those that take them). Defaults are the command line's."""
+
+    data: str
+    out: Path = Path("results")
+    run: Path | None = None
+    backbone: str | None = None
+    method: str | None = None
+    classes: list[str] | None = None
+    batch_size: int = 8
+    workers: int | None = None
+    image_size: int | None = None
+    device: str | None = None
+    n_overlays: int = 6
+    threshold: float | None = None
+    force: bool = False
+    allow_missing_masks: bool = False
+    aux: str | None = None
+    k_shot: int = 0
+    mutual: bool = False
+    reference: Path | None = None
+    class_words: str | None = None
+    strict: bool = False
+    rscin_windows: list[int] | None = None
+    calibration: Path | None = None        # a calibration file of the method's scoring mode (kano calibrate)
+    class_names: list[str] | None = None   # --class NAME|NAME=FOLDER: which class a folder of --data is
+    reference_sampling: str | None = None  # with --k-shot: "first" K by path or "seeded[:SEED]" (April-GAN's rule)
+
+    @property
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.method.split(",")] if self.method else []
+
+    def refuse_unused(self) -> None:
+        """Refuse each given option that the chosen source would not use (the method's own checks come when it is
+        loaded: kano.core.registry.check_given)."""
+        if len(self.methods) > 1:  # a list: the options of one method's own run
+            for name, why in {"mutual": "fuses one method with MuSc", "k_shot": "sets one method's references",
+                              "reference": "sets one method's references",
+                              "reference_sampling": "draws one method's references",
+                              "rscin_windows": "sets MuSc's windows for one method",
+                              "calibration": "holds one scoring mode's thresholds"}.items():
+                if _given(getattr(self, name)):
+                    raise KanoError(f"{flag(name)} must go with one --method ({why}; run that method on its own), "
+                                    f"got --method {self.method}")
+        if self.run and self.image_size is not None:
+            raise KanoError(f"--image-size is used with --backbone or --method only (a run scores at its own size), "
+                            f"got --image-size {self.image_size} with --run {self.run}")
+
+    def common(self) -> dict:
+        """Every option but the method's sources, as keyword arguments (evaluate_many passes them to each method)."""
+        skip = {"method", "run", "backbone", "aux", "out", "force"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+@dataclass
+class PredictOptions:
+    """`kano predict`: a run, the untrained model (`backbone`), a per-image method, or an exported graph (`model`,
+    scored without torch). Defaults are the command line's."""
+
+    inputs: list[str]
+    class_name: str
+    out: Path = Path("predictions")
+    run: Path | None = None
+    backbone: str | None = None
+    method: str | None = None
+    model: Path | None = None
+    class_word: str | None = None
+    reference: Path | None = None
+    k_shot: int = 0
+    threshold: float | None = None
+    batch_size: int = 8
+    workers: int = 0
+    device: str | None = None
+    force: bool = False
+    image_size: int | None = None
+    maps: bool = True
+    panels: bool = True
+    fmt: str = "jsonl"
+    resume: bool = False
+    calibration: Path | None = None
+
+    # the options an exported graph cannot use, with why
+    NOT_WITH_MODEL = {"run": "the graph is the model", "backbone": "the graph is the model", "method": "the graph is the model",
+                      "reference": "the graph holds no reference memory", "k_shot": "the graph holds no reference memory",
+                      "class_word": "the graph's prompt words were fixed at export", "device": "the graph runs on the CPU",
+                      "image_size": "the graph has its own size", "workers": "the graph's runtime decodes in its own process",
+                      "resume": "the graph's loop writes its rows in one go",
+                      "calibration": "the graph carries its thresholds"}
+
+    def refuse_unused(self) -> None:
+        """Refuse each given option that the chosen source would not use (a method's own checks come when it is
+        loaded: kano.core.registry.check_given)."""
+        if self.model is not None:
+            given = [name for name in self.NOT_WITH_MODEL if _given(getattr(self, name))]
+            if given:
+                why = "; ".join(f"{flag(n)}: {self.NOT_WITH_MODEL[n]}" for n in given)
+                raise KanoError(f"--model scores with the exported graph alone, got {', '.join(flag(n) for n in given)} "
+                                f"beside it (leave them out: {why})")
