@@ -209,7 +209,7 @@ def data_synth(
     force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="a folder of your normal photos (or a class folder: its train/good): "
                                             "defects are synthesised on them (local: CutPaste, scar, DRAEM texture, colour, scratch, smear, "
-                                            "missing; whole-image: contrast, blur, noise, brightness, colour_cast, rescale, rotate; "
+                                            "missing; whole-image: contrast, blur, noise, lightness, colour_cast, rescale, rotate; "
                                             "--defects local or whole picks a half; --size is then the longest side kept); --classes names the class"),
     foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
                                    "or a folder of masks, one per photo by stem; defects land only there"),

@@ -52,7 +52,7 @@ but not glaring (what a drifting camera or a process change does):
   "gaussian_blur", sigma 1-6 px at 224 px).
 - noise: independent Gaussian noise of sigma 5-12 grey levels per pixel and channel (ImageNet-C
   "gaussian_noise", sigma 0.08-0.38 of the range, 20-97 levels).
-- brightness: HSV value V shifted by +-0.07..0.15, hue and saturation kept (ImageNet-C "brightness" adds 0.1-0.5
+- lightness: HSV value V shifted by +-0.07..0.15, hue and saturation kept (ImageNet-C "brightness" adds 0.1-0.5
   to V). With V the largest channel, the pixel scales by clip(V + d, 0, 1) / V; a black pixel becomes grey d.
 - colour_cast: per-channel gains 1 + a u, u a random unit vector orthogonal to grey (1, 1, 1) (so the gains
   average 1 and the brightness stays about the same), a in [0.1, 0.2]: a white-balance error. Kano's own.
@@ -92,7 +92,7 @@ from kano.core.errors import KanoError
 from .io import IMAGE_EXTS, is_image, load_image, load_mask, pair_masks
 
 LOCAL_DEFECTS = ("cutpaste", "cutpaste_scar", "texture", "colour", "scratch", "smear", "missing")
-WHOLE_DEFECTS = ("contrast", "blur", "noise", "brightness", "colour_cast", "rescale", "rotate")
+WHOLE_DEFECTS = ("contrast", "blur", "noise", "lightness", "colour_cast", "rescale", "rotate")
 PHOTO_DEFECTS = LOCAL_DEFECTS + WHOLE_DEFECTS  # the default: both halves, n_per_defect images of each kind
 DEFECT_GROUPS = {"local": LOCAL_DEFECTS, "whole": WHOLE_DEFECTS}  # names --defects takes for a whole half
 MIN_WHOLE_CHANGE = 1.0  # a whole-image defect must change its region by at least this mean |difference| (grey levels)
@@ -321,7 +321,7 @@ def whole_params(kind: str, side: int, r: np.random.Generator) -> dict:
         return {"sigma_px": float(side * r.uniform(0.005, 0.012))}
     if kind == "noise":
         return {"sigma": float(r.uniform(5.0, 12.0)), "noise_seed": int(r.integers(2 ** 31))}
-    if kind == "brightness":
+    if kind == "lightness":
         return {"shift": sign * float(r.uniform(0.07, 0.15))}
     if kind == "colour_cast":
         v = r.normal(size=3)
@@ -358,7 +358,7 @@ def whole_change(kind: str, img: np.ndarray, region: np.ndarray, params: dict) -
         return np.stack([ndimage.gaussian_filter(f[..., c], s, mode="mirror") for c in range(3)], axis=-1)
     if kind == "noise":
         return f + np.random.default_rng(params["noise_seed"]).normal(0.0, params["sigma"], f.shape)
-    if kind == "brightness":
+    if kind == "lightness":
         v = f.max(axis=2, keepdims=True) / 255
         target = np.clip(v + params["shift"], 0.0, 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -171,7 +171,7 @@ def _grad_energy(a: np.ndarray, axis: int = 1) -> float:
     return float((np.diff(a.astype(np.float64), axis=axis) ** 2).sum())
 
 
-def test_contrast_brightness_cast_by_hand():
+def test_contrast_lightness_cast_by_hand():
     # contrast: channels 50 | 150 in halves: mean 100, std 50; factor 0.6 -> 70 | 130, std 30
     img = np.full((8, 8, 3), 50, np.uint8)
     img[:, 4:] = 150
@@ -181,13 +181,13 @@ def test_contrast_brightness_cast_by_hand():
     left = np.zeros((8, 8), bool)
     left[:, :4] = True
     assert np.allclose(whole_change("contrast", img, left, {"factor": 0.6})[:, :4], 50)
-    # brightness: V (the largest channel) + 0.1 of 255 = 25.5 levels, hue and saturation kept
+    # lightness: V (the largest channel) + 0.1 of 255 = 25.5 levels, hue and saturation kept
     px = np.array([[[100, 100, 100], [200, 100, 50], [0, 0, 0]]], np.uint8)
-    out = whole_change("brightness", px, np.ones((1, 3), bool), {"shift": 0.1})
+    out = whole_change("lightness", px, np.ones((1, 3), bool), {"shift": 0.1})
     assert np.allclose(out[0, 0], 125.5)                        # grey: 100 + 25.5
     assert np.allclose(out[0, 1], [225.5, 112.75, 56.375])      # 200 -> 225.5, every channel x 225.5 / 200
     assert np.allclose(out[0, 2], 25.5)                         # black: grey at V = 0.1
-    assert np.allclose(whole_change("brightness", px, np.ones((1, 3), bool), {"shift": -0.5})[0, 0], 0)  # 100/255 - 0.5 < 0: clipped
+    assert np.allclose(whole_change("lightness", px, np.ones((1, 3), bool), {"shift": -0.5})[0, 0], 0)  # 100/255 - 0.5 < 0: clipped
     # colour cast: grey 100 with gains (1.1, 0.95, 0.95) -> mean colour (110, 95, 95)
     grey = np.full((4, 4, 3), 100, np.uint8)
     out = whole_change("colour_cast", grey, np.ones((4, 4), bool), {"gains": [1.1, 0.95, 0.95]})
@@ -251,7 +251,7 @@ def test_whole_kinds_on_the_photos(hazel_synth):
             assert abs(a.std(axis=0) / b.std(axis=0) - p["factor"]).max() < 0.05, r["image"]
         if r["kind"] == "colour_cast":
             assert np.abs(a.mean(axis=0) / b.mean(axis=0) - np.array(p["gains"])).max() < 0.03, r["image"]
-        if r["kind"] == "brightness":
+        if r["kind"] == "lightness":
             assert np.sign(a.max(axis=1).mean() - b.max(axis=1).mean()) == np.sign(p["shift"])
         if r["kind"] == "blur":
             assert _grad_energy(img) < 0.7 * _grad_energy(src), r["image"]

@@ -205,9 +205,11 @@ DEFAULT_RECIPE = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.99
 
 
 def _recipe_methods() -> tuple[str, ...]:
-    from kano.kanoclip.registry import TRAINED_METHODS
+    """Every method `kano train` runs: the trained ones and the one-class ones (whose recipe is DEFAULT_RECIPE's,
+    unused: they fit in one pass)."""
+    from kano.kanoclip.registry import RUN_METHODS
 
-    return TRAINED_METHODS
+    return RUN_METHODS
 
 
 def method_recipe(method: str, data_kind: str) -> dict:
