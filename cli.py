@@ -208,8 +208,9 @@ def data_synth(
     defects: Optional[str] = typer.Option(None, "--defects", help="comma-separated kinds (default: every kind that applies to each class); see anomaly_data.DEFECTS"),
     force: bool = typer.Option(False, "--force", help="write into a folder that already holds files"),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="a folder of your normal photos (or a class folder: its train/good): "
-                                            "defects are synthesised on them (CutPaste, scar, DRAEM texture, colour, scratch, smear, "
-                                            "missing; --size is then the longest side kept); --classes names the class"),
+                                            "defects are synthesised on them (local: CutPaste, scar, DRAEM texture, colour, scratch, smear, "
+                                            "missing; whole-image: contrast, blur, noise, lightness, colour_cast, rescale, rotate; "
+                                            "--defects local or whole picks a half; --size is then the longest side kept); --classes names the class"),
     foreground: str = typer.Option("auto", "--foreground", help="with --from: auto (object vs border colour), none (whole photo) "
                                    "or a folder of masks, one per photo by stem; defects land only there"),
     strict: bool = typer.Option(False, "--strict", help="with --from: stop at an unreadable photo (default: name it, count it, leave it out and go on)"),

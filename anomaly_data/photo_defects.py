@@ -8,14 +8,19 @@ train/good it takes; never a dataset's test/ or ground_truth/ images) and writes
                                         where training uses the auxiliary dataset's test split)
     OUT/CLASS/test/KIND/NNN.png         a photo with one synthetic defect
     OUT/CLASS/ground_truth/KIND/NNN_mask.png
-    OUT/CLASS/defects.json              per defect image: its source photo (test/good/NNN.png) and kind
+    OUT/CLASS/defects.json              per defect image: its source photo (test/good/NNN.png), kind, scope
+                                        (local or whole) and, for whole-image kinds, region and parameters
     OUT/meta.json                       (anomaly_data.readers.write_meta)
 
-Exact masks: every defect is drawn inside a region that lies on the foreground, and the written mask is
+Exact masks: every local defect is drawn inside a region that lies on the foreground, and the written mask is
 (defect image != source image) on any channel, computed on the 8-bit arrays that are saved losslessly (PNG). So
-the mask covers exactly the changed pixels, nothing more, and never leaves the foreground.
+the mask covers exactly the changed pixels, nothing more, and never leaves the foreground. (Whole-image kinds,
+below, mark their whole region.)
 
-Kinds and their sources:
+By default every kind is written, local and whole-image alike (--defects local or --defects whole picks one
+half), so a method choosing its settings on these defects sees both.
+
+Local kinds and their sources:
 - cutpaste: a rectangle of the same photo, colour-jittered and pasted elsewhere (Li et al., "CutPaste:
   Self-Supervised Learning for Anomaly Detection and Localization", CVPR 2021; area 2-15 % of the image,
   aspect ratio 0.3-3.3 as in their paper).
@@ -32,6 +37,30 @@ Kinds and their sources:
 - missing: a blob on the object's outline removed and filled from its surroundings (harmonic fill: each
   pixel the mean of its four neighbours, the boundary held fixed), so the background or the object's own
   surface flows into the hole.
+
+Whole-image kinds change the whole photo or the whole foreground (chosen at random, even odds, when the
+foreground is smaller than the photo; always the foreground when --foreground names a folder of masks): the defects that no single patch shows, only the photo as a whole
+(an evenly blurrier, flatter, noisier or off-colour photo, a surface whose grain is coarser or turned).
+Their mask is that region, every pixel of it, and every changed pixel lies inside it (a pixel of a flat area
+that blur leaves equal still belongs to the blurred region). Each records its region and parameters in
+defects.json. Strengths are milder than the weakest severities of their source, so that the change is there
+but not glaring (what a drifting camera or a process change does):
+- contrast: each channel's deviations from its mean over the region scaled by c in [0.55, 0.8] (Hendrycks and
+  Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", ICLR 2019,
+  ImageNet-C "contrast": the same formula, c 0.4 down to 0.05).
+- blur: a Gaussian blur of sigma 0.5-1.2 % of the short side (1.3-3.1 px at 256 px; ImageNet-C
+  "gaussian_blur", sigma 1-6 px at 224 px).
+- noise: independent Gaussian noise of sigma 5-12 grey levels per pixel and channel (ImageNet-C
+  "gaussian_noise", sigma 0.08-0.38 of the range, 20-97 levels).
+- lightness: HSV value V shifted by +-0.07..0.15, hue and saturation kept (ImageNet-C "brightness" adds 0.1-0.5
+  to V). With V the largest channel, the pixel scales by clip(V + d, 0, 1) / V; a black pixel becomes grey d.
+- colour_cast: per-channel gains 1 + a u, u a random unit vector orthogonal to grey (1, 1, 1) (so the gains
+  average 1 and the brightness stays about the same), a in [0.1, 0.2]: a white-balance error. Kano's own.
+- rescale: the surface magnified by 1.3-1.7 or shrunk by 0.6-0.77 about the region's centre (bilinear, mirrored
+  at the photo's border): a texture whose grain is coarser or finer. Kano's own.
+- rotate: the surface turned by 10-45 degrees either way about the region's centre (bilinear, mirrored at the
+  border): a texture whose grain runs another way. Kano's own; on a texture with no direction (sand, noise)
+  a turn changes little, so this kind tests direction-bearing surfaces only.
 
 Foreground (`foreground=`):
 - "auto": distance of each pixel's colour from the border colour (median of a frame 4 % of the short side
@@ -62,7 +91,11 @@ from kano.core.errors import KanoError
 
 from .io import IMAGE_EXTS, is_image, load_image, load_mask, pair_masks
 
-PHOTO_DEFECTS = ("cutpaste", "cutpaste_scar", "texture", "colour", "scratch", "smear", "missing")
+LOCAL_DEFECTS = ("cutpaste", "cutpaste_scar", "texture", "colour", "scratch", "smear", "missing")
+WHOLE_DEFECTS = ("contrast", "blur", "noise", "lightness", "colour_cast", "rescale", "rotate")
+PHOTO_DEFECTS = LOCAL_DEFECTS + WHOLE_DEFECTS  # the default: both halves, n_per_defect images of each kind
+DEFECT_GROUPS = {"local": LOCAL_DEFECTS, "whole": WHOLE_DEFECTS}  # names --defects takes for a whole half
+MIN_WHOLE_CHANGE = 1.0  # a whole-image defect must change its region by at least this mean |difference| (grey levels)
 MIN_SIDE = 64          # below this the smallest defects (scars 2 px wide, blobs 4 % of the side) are a few pixels
 MIN_CHANGED = 0.0015   # a defect image must change at least this share of the photo (retries, then an error)
 AUTO_FG_RANGE = (0.05, 0.95)  # an automatic foreground outside this share of the photo is not trusted
@@ -276,6 +309,93 @@ def _harmonic_fill(img: np.ndarray, hole: np.ndarray, iters: int = 400) -> np.nd
     return out
 
 
+# ---------------------------------------------------------------- whole-image defects
+
+def whole_params(kind: str, side: int, r: np.random.Generator) -> dict:
+    """Random parameters of a whole-image defect `kind` on a photo whose short side is `side` px (ranges in the
+    module docstring)."""
+    sign = 1.0 if r.random() < 0.5 else -1.0
+    if kind == "contrast":
+        return {"factor": float(r.uniform(0.55, 0.8))}
+    if kind == "blur":
+        return {"sigma_px": float(side * r.uniform(0.005, 0.012))}
+    if kind == "noise":
+        return {"sigma": float(r.uniform(5.0, 12.0)), "noise_seed": int(r.integers(2 ** 31))}
+    if kind == "lightness":
+        return {"shift": sign * float(r.uniform(0.07, 0.15))}
+    if kind == "colour_cast":
+        v = r.normal(size=3)
+        v -= v.mean()  # orthogonal to grey
+        u = v / max(float(np.linalg.norm(v)), 1e-12)
+        return {"gains": [float(g) for g in 1 + r.uniform(0.1, 0.2) * u]}
+    if kind == "rescale":
+        return {"factor": float(r.uniform(1.3, 1.7)) if sign > 0 else float(r.uniform(0.6, 0.77))}
+    if kind == "rotate":
+        return {"degrees": sign * float(r.uniform(10.0, 45.0))}
+    raise KanoError(f"whole-image defect kind must be one of {', '.join(WHOLE_DEFECTS)}, got {kind!r}")
+
+
+def _resample(f: np.ndarray, centre: tuple[float, float], matrix: np.ndarray) -> np.ndarray:
+    """out(p) = f(centre + matrix @ (p - centre)) for every pixel p = (y, x) of a float (H, W, 3) image: bilinear,
+    mirrored at the border."""
+    h, w = f.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    d = np.stack([yy - centre[0], xx - centre[1]])
+    src = np.tensordot(matrix, d, axes=1) + np.array(centre)[:, None, None]
+    return np.stack([ndimage.map_coordinates(f[..., c], src, order=1, mode="mirror") for c in range(3)], axis=-1)
+
+
+def whole_change(kind: str, img: np.ndarray, region: np.ndarray, params: dict) -> np.ndarray:
+    """The float (H, W, 3) photo after the whole-image defect `kind` with `params` (whole_params), computed over
+    `region` ((H, W) bool: the pixels the statistics and centre are taken from; the caller keeps the change
+    only there)."""
+    f = img.astype(np.float64)
+    if kind == "contrast":
+        mean = f[region].mean(axis=0)
+        return mean + params["factor"] * (f - mean)
+    if kind == "blur":
+        s = params["sigma_px"]
+        return np.stack([ndimage.gaussian_filter(f[..., c], s, mode="mirror") for c in range(3)], axis=-1)
+    if kind == "noise":
+        return f + np.random.default_rng(params["noise_seed"]).normal(0.0, params["sigma"], f.shape)
+    if kind == "lightness":
+        v = f.max(axis=2, keepdims=True) / 255
+        target = np.clip(v + params["shift"], 0.0, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scaled = np.where(v > 0, f * target / np.where(v > 0, v, 1), 255 * target)
+        return scaled
+    if kind == "colour_cast":
+        return f * np.asarray(params["gains"], dtype=np.float64)
+    ys, xs = np.nonzero(region)
+    centre = (float(ys.mean()), float(xs.mean()))
+    if kind == "rescale":
+        return _resample(f, centre, np.eye(2) / params["factor"])
+    if kind == "rotate":
+        t = math.radians(params["degrees"])
+        return _resample(f, centre, np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]]))
+    raise KanoError(f"whole-image defect kind must be one of {', '.join(WHOLE_DEFECTS)}, got {kind!r}")
+
+
+def make_whole_defect(kind: str, img: np.ndarray, fg: np.ndarray, r: np.random.Generator,
+                      name: str = "photo", confine: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(defect image (H, W, 3) uint8, mask (H, W) bool, record) for a whole-image defect on an (H, W, 3) uint8
+    photo and its (H, W) bool foreground. The mask is the changed region (the whole photo, or the whole
+    foreground; only the foreground when `confine`, as for masks the user drew) and holds every pixel that
+    differs from `img`; the record names the region and parameters."""
+    side = min(img.shape[:2])
+    for _ in range(TRIES):
+        whole_photo = bool(fg.all()) or (not confine and r.random() < 0.5)
+        region = np.ones(fg.shape, bool) if whole_photo else fg
+        params = whole_params(kind, side, r)
+        drawn = whole_change(kind, img, region, params)
+        out = img.copy()
+        out[region] = np.clip(np.round(drawn[region]), 0, 255).astype(np.uint8)
+        if np.abs(out.astype(np.float64) - img)[region].mean() >= MIN_WHOLE_CHANGE:
+            return out, region, {"region": "photo" if whole_photo else "foreground", "params": params}
+    raise KanoError(f"{name} must change by at least {MIN_WHOLE_CHANGE} grey levels on average under a '{kind}' defect, "
+                    f"got less in {TRIES} tries (a flat photo); use other kinds (--defects local)")
+
+
 # ---------------------------------------------------------------- one defect
 
 def _draw(kind: str, img: np.ndarray, fg: np.ndarray, others: list[np.ndarray], r: np.random.Generator):
@@ -407,10 +527,11 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
 
     _check_count("max_side (--size)", max_side, MIN_SIDE)
     _check_count("n_per_defect (--n-defect)", n_per_defect, 1)
-    kinds = list(dict.fromkeys(defects or PHOTO_DEFECTS))
+    kinds = list(dict.fromkeys(k for d in (defects or PHOTO_DEFECTS) for k in DEFECT_GROUPS.get(d, (d,))))
     bad = [k for k in kinds if k not in PHOTO_DEFECTS]
     if bad:
-        raise KanoError(f"defect kind (--defects) with --from must be one of {', '.join(PHOTO_DEFECTS)}, got {', '.join(bad)}")
+        raise KanoError(f"defect kind (--defects) with --from must be one of {', '.join(PHOTO_DEFECTS)} (or local, whole: "
+                        f"each half), got {', '.join(bad)}")
     files, default_name = normal_photos(Path(src))
     cls = class_name or default_name
     if not cls or "/" in cls or "\\" in cls or cls in (".", "..") or cls.startswith("."):
@@ -454,11 +575,18 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
             r = _rng(seed, cls, kind, i)
             j = int(r.integers(len(photos)))
             others = [p for k, p in enumerate(photos) if k != j]
-            img, mask = make_defect(kind, photos[j], fgs[j], others, r, name=f"photo {files[j]}")
+            extra: dict = {"scope": "local"}
+            if kind in WHOLE_DEFECTS:
+                img, mask, info = make_whole_defect(kind, photos[j], fgs[j], r, name=f"photo {files[j]}",
+                                                    confine=str(foreground) not in ("auto", "none"))
+                extra = {"scope": "whole", **info}
+            else:
+                img, mask = make_defect(kind, photos[j], fgs[j], others, r, name=f"photo {files[j]}")
             Image.fromarray(img).save(base / "test" / kind / f"{i:03d}.png")
             Image.fromarray(mask.astype(np.uint8) * 255).save(base / "ground_truth" / kind / f"{i:03d}_mask.png")
             records.append({"image": f"test/{kind}/{i:03d}.png", "mask": f"ground_truth/{kind}/{i:03d}_mask.png",
-                            "source": f"test/good/{j:03d}.png", "kind": kind, "changed_pixels": int(mask.sum())})
+                            "source": f"test/good/{j:03d}.png", "kind": kind, "changed_pixels": int(np.any(img != photos[j], axis=2).sum()),
+                            **extra})
         counts[kind] = n_per_defect
     (base / "defects.json").write_text(json.dumps({"seed": seed, "foreground": str(foreground), "defects": records}, indent=1))
     write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")

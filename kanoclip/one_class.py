@@ -2,7 +2,7 @@
 
 The interface every one-class method meets (Kano's `oneclass`, PatchCore, PaDiM):
 
-- The class is named in the method table (kano/registry.py) with kind "one-class", its nn.Module ("model") and its
+- The class is named in the method table (core/registry.py) with kind "one-class", its nn.Module ("model") and its
   config dataclass ("config", with `to_dict()`); `kano train --method NAME` fits it and writes a run like every
   other method (weights.safetensors + config.json), and `kanoclip.runs.load_run` rebuilds it through
   `kanoclip.registry.build_one_class`, so `eval`, `predict`, `calibrate`, `export`, `serve` and `kano.Detector`

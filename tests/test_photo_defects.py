@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kano.anomaly_data import load_dataset
-from kano.anomaly_data.photo_defects import PHOTO_DEFECTS, synthesize_from_photos
+from kano.anomaly_data.photo_defects import LOCAL_DEFECTS, PHOTO_DEFECTS, WHOLE_DEFECTS, synthesize_from_photos, whole_change
 from kano.core.errors import KanoError
 
 from conftest import DATA
@@ -37,7 +37,8 @@ def test_every_mask_is_exactly_the_changed_pixels_and_on_the_nut(hazel_synth):
     base = hazel_synth / "hazelnut"
     records = json.loads((base / "defects.json").read_text())["defects"]
     assert sorted({r["kind"] for r in records}) == sorted(PHOTO_DEFECTS) and len(records) == 2 * len(PHOTO_DEFECTS)
-    for r in records:
+    assert len(PHOTO_DEFECTS) == 14 and {r["scope"] for r in records if r["kind"] in WHOLE_DEFECTS} == {"whole"}
+    for r in (r for r in records if r["scope"] == "local"):
         img, src = _rgb(base / r["image"]), _rgb(base / r["source"])
         mask = np.asarray(Image.open(base / r["mask"])) > 0
         changed = np.any(img != src, axis=2)
@@ -55,10 +56,10 @@ def test_every_mask_is_exactly_the_changed_pixels_and_on_the_nut(hazel_synth):
 def test_layout_meta_and_sources_are_normal_photos(hazel_synth):
     ds = load_dataset(f"mvtec:{hazel_synth}")
     test = ds.samples("test")
-    assert len([s for s in test if s.label == 0]) == 28 and len([s for s in test if s.label == 1]) == 14
+    assert len([s for s in test if s.label == 0]) == 28 and len([s for s in test if s.label == 1]) == 28
     assert all(s.mask_path for s in test if s.label == 1)
     meta = json.loads((hazel_synth / "meta.json").read_text())
-    assert len(meta["train"]["hazelnut"]) == 28 and len(meta["test"]["hazelnut"]) == 42
+    assert len(meta["train"]["hazelnut"]) == 28 and len(meta["test"]["hazelnut"]) == 56
     # test/good/NNN.png is the NNN-th training photo (sorted), unchanged apart from the PNG container
     first = sorted((HAZEL / "train" / "good").iterdir())[0]
     assert np.array_equal(_rgb(hazel_synth / "hazelnut" / "test" / "good" / "000.png"), np.asarray(Image.open(first).convert("RGB")))
@@ -67,10 +68,12 @@ def test_layout_meta_and_sources_are_normal_photos(hazel_synth):
 def test_same_seed_same_bytes_other_seed_other_defects(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out, seed in ((a, 1), (b, 1), (c, 2)):
-        synthesize_from_photos(HAZEL, out, "nut", seed=seed, n_per_defect=1, defects=("cutpaste", "texture", "missing"), max_side=96)
+        synthesize_from_photos(HAZEL, out, "nut", seed=seed, n_per_defect=1, max_side=96,
+                               defects=("cutpaste", "texture", "missing", "noise", "rescale", "colour_cast"))
     da, db, dc = _digests(a), _digests(b), _digests(c)
     assert da == db
-    assert da["nut/test/cutpaste/000.png"] != dc["nut/test/cutpaste/000.png"]
+    for kind in ("cutpaste", "noise", "rescale", "colour_cast"):
+        assert da[f"nut/test/{kind}/000.png"] != dc[f"nut/test/{kind}/000.png"], kind
 
 
 def test_mask_folder_confines_defects(tmp_path):
@@ -110,7 +113,9 @@ def test_mixed_sizes_grey_16bit_exif(tmp_path):
     assert abs(c16.mean() - np.asarray(Image.open(files[2]).convert("L")).mean()) < 1.0  # scaled by 65535, not clipped
     for r in json.loads((out / "nut" / "defects.json").read_text())["defects"]:
         img, src_img = _rgb(out / "nut" / r["image"]), _rgb(out / "nut" / r["source"])
-        assert np.array_equal(np.asarray(Image.open(out / "nut" / r["mask"])) > 0, np.any(img != src_img, axis=2))
+        mask, changed = np.asarray(Image.open(out / "nut" / r["mask"])) > 0, np.any(img != src_img, axis=2)
+        # local kinds: exactly the changed pixels; whole-image kinds: a region holding every changed pixel
+        assert np.array_equal(mask, changed) if r["scope"] == "local" else not (changed & ~mask).any()
 
 
 def test_bad_input(tmp_path, cli):
@@ -157,3 +162,110 @@ def test_texture_photos_fall_back_to_the_whole_photo(tmp_path, cli):
     code, out, err = cli("data", "synth", "--from", src, "--out", tmp_path / "out", "--defects", "colour", "--n-defect", "3")
     assert code == 0, err
     assert "no object found against the border colour in 2 photo(s) (0.png, 1.png)" in out
+
+
+# ---------------------------------------------------------------- whole-image defects
+
+def _grad_energy(a: np.ndarray, axis: int = 1) -> float:
+    """Sum of squared neighbour differences along `axis`."""
+    return float((np.diff(a.astype(np.float64), axis=axis) ** 2).sum())
+
+
+def test_contrast_lightness_cast_by_hand():
+    # contrast: channels 50 | 150 in halves: mean 100, std 50; factor 0.6 -> 70 | 130, std 30
+    img = np.full((8, 8, 3), 50, np.uint8)
+    img[:, 4:] = 150
+    out = whole_change("contrast", img, np.ones((8, 8), bool), {"factor": 0.6})
+    assert np.allclose(out[:, :4], 70) and np.allclose(out[:, 4:], 130) and abs(out.std() - 30) < 1e-9
+    # the mean is the region's: only the left half (all 50) -> the image is its own mean there, nothing changes
+    left = np.zeros((8, 8), bool)
+    left[:, :4] = True
+    assert np.allclose(whole_change("contrast", img, left, {"factor": 0.6})[:, :4], 50)
+    # lightness: V (the largest channel) + 0.1 of 255 = 25.5 levels, hue and saturation kept
+    px = np.array([[[100, 100, 100], [200, 100, 50], [0, 0, 0]]], np.uint8)
+    out = whole_change("lightness", px, np.ones((1, 3), bool), {"shift": 0.1})
+    assert np.allclose(out[0, 0], 125.5)                        # grey: 100 + 25.5
+    assert np.allclose(out[0, 1], [225.5, 112.75, 56.375])      # 200 -> 225.5, every channel x 225.5 / 200
+    assert np.allclose(out[0, 2], 25.5)                         # black: grey at V = 0.1
+    assert np.allclose(whole_change("lightness", px, np.ones((1, 3), bool), {"shift": -0.5})[0, 0], 0)  # 100/255 - 0.5 < 0: clipped
+    # colour cast: grey 100 with gains (1.1, 0.95, 0.95) -> mean colour (110, 95, 95)
+    grey = np.full((4, 4, 3), 100, np.uint8)
+    out = whole_change("colour_cast", grey, np.ones((4, 4), bool), {"gains": [1.1, 0.95, 0.95]})
+    assert np.allclose(out.mean(axis=(0, 1)), [110, 95, 95])
+
+
+def test_blur_noise_by_hand():
+    # blur: a step of 200 across columns; a Gaussian of sigma s turns each row's one jump of 200 into a ramp whose
+    # squared differences sum to about 200^2 / (2 sqrt(pi) s) (the integral of the squared Gaussian), so s = 2
+    # keeps 1 / (4 sqrt(pi)) = 0.141 of the gradient energy
+    step = np.zeros((32, 64, 3), np.uint8)
+    step[:, 32:] = 200
+    out = whole_change("blur", step, np.ones((32, 64), bool), {"sigma_px": 2.0})
+    ratio = _grad_energy(out) / _grad_energy(step)
+    assert abs(ratio - 1 / (4 * np.sqrt(np.pi))) < 0.01, ratio
+    # noise: on a flat 100 the std is sigma, and neighbour differences of independent noise have mean square 2 sigma^2
+    flat = np.full((64, 64, 3), 100, np.uint8)
+    out = whole_change("noise", flat, np.ones((64, 64), bool), {"sigma": 8.0, "noise_seed": 3})
+    assert abs(out.std() - 8.0) < 0.2
+    hf = _grad_energy(out) / (64 * 63 * 3)
+    assert abs(hf - 128.0) < 6.0, hf
+
+
+def test_rescale_and_rotate_by_hand():
+    # vertical stripes of period 8 (a cosine across columns)
+    x = np.arange(64)
+    stripes = np.broadcast_to((128 + 100 * np.cos(2 * np.pi * x / 8))[None, :, None], (64, 64, 3)).astype(np.float64)
+    full = np.ones((64, 64), bool)
+    # magnified by 2 about the centre: period 16, so the spectrum's peak moves from 64/8 = 8 to 64/16 = 4 cycles
+    out = whole_change("rescale", stripes, full, {"factor": 2.0})
+    peak = lambda row: int(np.argmax(np.abs(np.fft.rfft(row - row.mean()))))
+    assert peak(stripes[32, :, 0]) == 8 and peak(out[32, :, 0]) == 4
+    # turned by 90 degrees about the centre (31.5, 31.5): the grid maps onto itself, so the stripes run across
+    # rows exactly: constant along each row, and no energy left across columns
+    out = whole_change("rotate", stripes, full, {"degrees": 90.0})
+    assert np.allclose(out, out[:, :1]) and _grad_energy(stripes, 1) > 0 and _grad_energy(out, 1) < 1e-9
+    assert abs(_grad_energy(out, 0) - _grad_energy(stripes, 1)) < 1e-6 * _grad_energy(stripes, 1)
+
+
+def test_whole_kinds_on_the_photos(hazel_synth):
+    """On the real photos: the mask is the whole photo or the whole nut, holds every changed pixel, and each kind
+    moves its own statistic the way it says (measured over the mask)."""
+    base = hazel_synth / "hazelnut"
+    records = [r for r in json.loads((base / "defects.json").read_text())["defects"] if r["scope"] == "whole"]
+    assert sorted({r["kind"] for r in records}) == sorted(WHOLE_DEFECTS)
+    regions = set()
+    for r in records:
+        img, src = _rgb(base / r["image"]), _rgb(base / r["source"])
+        mask = np.asarray(Image.open(base / r["mask"])) > 0
+        changed = np.any(img != src, axis=2)
+        assert not (changed & ~mask).any(), r["image"]
+        regions.add(r["region"])
+        if r["region"] == "photo":
+            assert mask.all()
+        else:  # the nut: most of it is far from the yellow paper, and it is one part of 10-60 % of the photo
+            assert 0.1 < mask.mean() < 0.6, (r["image"], mask.mean())
+        assert changed[mask].mean() > 0.3 and r["changed_pixels"] == int(changed.sum()), r["image"]
+        a, b = img[mask].astype(np.float64), src[mask].astype(np.float64)
+        p = r["params"]
+        if r["kind"] == "contrast":
+            assert abs(a.std(axis=0) / b.std(axis=0) - p["factor"]).max() < 0.05, r["image"]
+        if r["kind"] == "colour_cast":
+            assert np.abs(a.mean(axis=0) / b.mean(axis=0) - np.array(p["gains"])).max() < 0.03, r["image"]
+        if r["kind"] == "lightness":
+            assert np.sign(a.max(axis=1).mean() - b.max(axis=1).mean()) == np.sign(p["shift"])
+        if r["kind"] == "blur":
+            assert _grad_energy(img) < 0.7 * _grad_energy(src), r["image"]
+        if r["kind"] == "noise":
+            assert _grad_energy(img) > 1.5 * _grad_energy(src), r["image"]
+    assert regions == {"photo", "foreground"}
+
+
+def test_cli_picks_a_half(tmp_path, cli):
+    code, out, err = cli("data", "synth", "--from", HAZEL, "--out", tmp_path / "w", "--n-defect", "1", "--size", "96",
+                         "--defects", "whole")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "w" / "hazelnut_toy" / "test").iterdir()) == sorted(("good",) + WHOLE_DEFECTS)
+    code, out, err = cli("data", "synth", "--from", HAZEL, "--out", tmp_path / "l", "--n-defect", "1", "--size", "96",
+                         "--defects", "local,blur")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "l" / "hazelnut_toy" / "test").iterdir()) == sorted(("good", "blur") + LOCAL_DEFECTS)
