@@ -466,10 +466,9 @@ def predict_cmd(
     torchrun / accelerate launch each process scores its share and process 0 merges them into one file.
     Exit code 1 when some image could not be read (its row says why; the others are written)."""
     class_name, inputs = _class_and_inputs(class_name, inputs)
-    from kano.evaluator import command as eval_command
-    from kano.evaluator.options import PredictOptions
+    from kano.evaluator.options import PredictOptions, run_predict
 
-    eval_command.predict_options(PredictOptions(
+    run_predict(PredictOptions(
         inputs=inputs, class_name=class_name, out=out, run=run, backbone=backbone, method=method, model=model,
         class_word=class_word, reference=reference, k_shot=k_shot, threshold=threshold, batch_size=batch_size,
         workers=workers, device=device, force=force, image_size=image_size, maps=maps, panels=panels, fmt=fmt, resume=resume,

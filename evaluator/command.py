@@ -314,23 +314,6 @@ def evaluate_options(opts) -> dict | list[dict]:
                     **opts.common())
 
 
-def predict_options(opts):
-    """`kano predict` from its options (evaluator.options.PredictOptions): refuse what the chosen source would not
-    use, then score with the exported graph (--model) or the torch model."""
-    opts.refuse_unused()
-    if opts.model is not None:
-        from kano.deploy import command as deploy_command
-
-        return deploy_command.predict(model=opts.model, inputs=opts.inputs, class_name=opts.class_name, out=opts.out,
-                                      threshold=opts.threshold, batch_size=opts.batch_size, force=opts.force, maps=opts.maps,
-                                      panels=opts.panels, fmt=opts.fmt)
-    return predict(inputs=opts.inputs, class_name=opts.class_name, run=opts.run, backbone=opts.backbone, out=opts.out,
-                   threshold=opts.threshold, batch_size=opts.batch_size, device=opts.device, workers=opts.workers,
-                   force=opts.force, method=opts.method, reference=opts.reference, k_shot=opts.k_shot,
-                   class_word=opts.class_word, maps=opts.maps, panels=opts.panels, fmt=opts.fmt, resume=opts.resume,
-                   image_size=opts.image_size, calibration=opts.calibration)
-
-
 def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | None = None, aux: str | None = None,
                   run=None, class_words: str | None = None, **common) -> list[dict]:
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison

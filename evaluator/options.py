@@ -122,3 +122,23 @@ class PredictOptions:
                 why = "; ".join(f"{flag(n)}: {self.NOT_WITH_MODEL[n]}" for n in given)
                 raise KanoError(f"--model scores with the exported graph alone, got {', '.join(flag(n) for n in given)} "
                                 f"beside it (leave them out: {why})")
+
+
+def run_predict(opts: "PredictOptions"):
+    """`kano predict` from its options (evaluator.options.PredictOptions): refuse what the chosen source would not
+    use, then score with the exported graph (--model: this path imports no torch, for the torch-free runtime) or
+    the torch model."""
+    opts.refuse_unused()
+    if opts.model is not None:
+        from kano.deploy import command as deploy_command
+
+        return deploy_command.predict(model=opts.model, inputs=opts.inputs, class_name=opts.class_name, out=opts.out,
+                                      threshold=opts.threshold, batch_size=opts.batch_size, force=opts.force, maps=opts.maps,
+                                      panels=opts.panels, fmt=opts.fmt)
+    from kano.evaluator.command import predict
+
+    return predict(inputs=opts.inputs, class_name=opts.class_name, run=opts.run, backbone=opts.backbone, out=opts.out,
+                   threshold=opts.threshold, batch_size=opts.batch_size, device=opts.device, workers=opts.workers,
+                   force=opts.force, method=opts.method, reference=opts.reference, k_shot=opts.k_shot,
+                   class_word=opts.class_word, maps=opts.maps, panels=opts.panels, fmt=opts.fmt, resume=opts.resume,
+                   image_size=opts.image_size, calibration=opts.calibration)
