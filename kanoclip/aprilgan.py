@@ -61,6 +61,17 @@ def aprilgan_prompts(class_name: str) -> tuple[list[str], list[str]]:
     return normal, abnormal
 
 
+def ensemble_text_features(tower, cache: dict[str, torch.Tensor], class_names: list[str]) -> torch.Tensor:
+    """(C, 2, E): per class the normalised mean of the normalised features of its aprilgan_prompts sentences, normal
+    then abnormal (April-GAN's and MVFA-AD's text side); each class encoded once into `cache`."""
+    for c in class_names:
+        if c not in cache:
+            normal, abnormal = aprilgan_prompts(c)
+            f = F.normalize(tower.encode(normal + abnormal).float(), dim=-1)
+            cache[c] = F.normalize(torch.stack([f[:len(normal)].mean(0), f[len(normal):].mean(0)]), dim=-1)
+    return torch.stack([cache[c] for c in class_names])
+
+
 @dataclass
 class AprilGANConfig:
     """April-GAN's constants (public code): the logit scale of its similarities and the focal loss's gamma."""
@@ -162,13 +173,7 @@ class AprilGAN(TrainablePeer):
     @torch.no_grad()
     def text_features(self, class_names: list[str]) -> torch.Tensor:
         """(C, 2, E): per class the normalised mean of the normalised sentence features, normal then abnormal."""
-        for c in class_names:
-            if c not in self._text:
-                normal, abnormal = aprilgan_prompts(c)
-                f = F.normalize(self.tower.encode(normal + abnormal).float(), dim=-1)
-                states = [f[:len(normal)].mean(0), f[len(normal):].mean(0)]
-                self._text[c] = F.normalize(torch.stack(states), dim=-1)
-        return torch.stack([self._text[c] for c in class_names])
+        return ensemble_text_features(self.tower, self._text, class_names)
 
     def _forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int) -> PeerOutput:
         classes = sorted(set(class_names))

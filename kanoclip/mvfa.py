@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .aprilgan import TrainablePeer, aprilgan_prompts
+from .aprilgan import TrainablePeer, ensemble_text_features
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
 from .losses import dice_loss
 from .model import InferenceBatch, backbone_autocast, full_precision
@@ -225,12 +225,7 @@ class MVFA(TrainablePeer):
     @torch.no_grad()
     def text_features(self, class_names: list[str]) -> torch.Tensor:
         """(C, 2, E): per class the normalised mean of the normalised sentence features, normal then abnormal."""
-        for c in class_names:
-            if c not in self._text:
-                normal, abnormal = aprilgan_prompts(c)
-                f = F.normalize(self.tower.encode(normal + abnormal).float(), dim=-1)
-                self._text[c] = F.normalize(torch.stack([f[:len(normal)].mean(0), f[len(normal):].mean(0)]), dim=-1)
-        return torch.stack([self._text[c] for c in class_names])
+        return ensemble_text_features(self.tower, self._text, class_names)
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward_features(self, feats: VisualFeatures, class_names: list[str], out_size: int | None = None) -> MVFAOutput:

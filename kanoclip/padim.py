@@ -27,7 +27,7 @@ anomalib/models/components/stats; the paper; docs/peers.md lists file and line o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +36,7 @@ from kano.core.errors import KanoError
 from .backbone import Backbone, spread_stages
 from .model import InferenceBatch, full_precision
 from .one_class import OneClassModel
-from .patchcore import peer_stages, smooth, stage_grids, to_encoder_side, unit
+from .patchcore import check_peer_encoder, peer_config_dict, peer_stages, smooth, stage_grids, to_encoder_side, unit
 
 
 @dataclass
@@ -59,16 +59,10 @@ class PadimConfig:
                              f"invertible), got {self.regularizer} and {self.stabilizer}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
-        if self.stages is not None:
-            self.stages = tuple(int(v) for v in self.stages)
-        side = self.encoder_side
-        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
-            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {side!r}")
+        check_peer_encoder(self)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["stages"] = list(self.stages) if self.stages is not None else None
-        return d
+        return peer_config_dict(self)
 
 
 def first_stages(depth: int) -> list[int]:

@@ -89,19 +89,30 @@ class PatchCoreConfig:
             raise ValueError(f"sigma must be >= 0 (0: no smoothing), got {self.sigma}")
         if self.upsample not in ("bilinear", "nearest"):
             raise ValueError(f"upsample must be one of bilinear, nearest, got {self.upsample!r}")
-        if self.stages is not None:
-            self.stages = tuple(int(v) for v in self.stages)
-        side = self.encoder_side
-        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
-            raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {side!r}")
+        check_peer_encoder(self)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["stages"] = list(self.stages) if self.stages is not None else None
-        return d
+        return peer_config_dict(self)
 
 
 # ---------------------------------------------------------------- shared by PatchCore and PaDiM
+
+def check_peer_encoder(cfg) -> None:
+    """A peer config's `stages` (a tuple of ints, or None) and `encoder_side` (an integer >= 8, or None), checked
+    in place (PatchCoreConfig, PadimConfig)."""
+    if cfg.stages is not None:
+        cfg.stages = tuple(int(v) for v in cfg.stages)
+    side = cfg.encoder_side
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
+        raise ValueError(f"encoder_side must be an integer >= 8 (px) or null for the backbone's own, got {side!r}")
+
+
+def peer_config_dict(cfg) -> dict:
+    """A peer config as JSON: its fields, `stages` as a list."""
+    d = asdict(cfg)
+    d["stages"] = list(cfg.stages) if cfg.stages is not None else None
+    return d
+
 
 def middle_stages(depth: int) -> list[int]:
     """PatchCore's stages: the 2nd and 3rd of the four evenly spread blocks (WideResNet-50's layer2, layer3)."""
