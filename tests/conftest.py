@@ -2,6 +2,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Offline and a private Hugging Face cache before anything imports huggingface_hub (it reads these once, at
@@ -91,3 +92,38 @@ def fake_openai():
 
     with FakeOpenAI(slow_s=3.0) as srv:
         yield srv
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A copy of the finished tiny run that a test may change (calibrate writes into it)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """Nine normal 'disc' images from another seed than the run's training data (never trained on)."""
+    from kano.anomaly_data import synthesize
+
+    root = tmp_path_factory.mktemp("heldout")
+    synthesize(root, ["disc"], seed=77, size=96, n_train=0, n_good=9, n_per_defect=0, defects=())
+    return root / "disc" / "test" / "good"
+
+
+def wait_until_serving(url: str, proc, timeout: float = 120.0) -> None:
+    """Poll URL/healthz until `kano serve` (the process `proc`) answers 200; fail with its stderr if it exits, or
+    after `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"kano serve did not answer /healthz within {timeout:.0f} s"
+        time.sleep(0.3)

@@ -76,23 +76,6 @@ def test_false_alarm_rate_at_most_a(shape, n, a):
 # ------------------------------------------------------------------ the command, on a real tiny run
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory) -> Path:
-    """Nine normal 'disc' images from another seed than the run's training data (never trained on)."""
-    from kano.anomaly_data import synthesize
-
-    root = tmp_path_factory.mktemp("heldout")
-    synthesize(root, ["disc"], seed=77, size=96, n_train=0, n_good=9, n_per_defect=0, defects=())
-    return root / "disc" / "test" / "good"
-
-
 def test_calibrate_writes_the_order_statistic_and_predict_uses_it(run_copy, held_out, tmp_path, cli):
     code, out, err = cli("calibrate", "--run", run_copy, "--normal", f"disc={held_out}", "--alarm-rate", "0.1",
                          "--out", tmp_path / "cal")

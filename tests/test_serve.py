@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KANO
+from conftest import KANO, wait_until_serving
 
 httpx = pytest.importorskip("httpx", reason="pip install 'kano[serve]' httpx")
 pytest.importorskip("fastapi", reason="pip install 'kano[serve]'")
@@ -54,16 +54,7 @@ def server(exported, tmp_path_factory):
     proc = subprocess.Popen([KANO, "serve", "--model", str(exported), "--port", str(port), "--folder", str(folder), "--threads", "1"],
                             stdout=log, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "kano serve did not answer /healthz within 120 s"
-        time.sleep(0.3)
+    wait_until_serving(url, proc)
     yield url, proc, folder
     proc.send_signal(signal.SIGINT)
     try:

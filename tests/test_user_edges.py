@@ -35,23 +35,6 @@ def photo_synth(tmp_path_factory) -> dict:
     return {"mine": mine, "held": held, "synth": base / "synth"}
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory) -> Path:
-    """Normal 'disc' images of another seed than the run's training data (never trained on)."""
-    from kano.anomaly_data import synthesize
-
-    root = tmp_path_factory.mktemp("heldout")
-    synthesize(root, ["disc"], seed=77, size=96, n_train=0, n_good=9, n_per_defect=0, defects=())
-    return root / "disc" / "test" / "good"
-
-
 # ------------------------------------------------------------------ 3. the training-photo guard, by pixels
 
 
@@ -192,12 +175,11 @@ def test_service_titles_panels_logs_requests_and_removes_its_folder_on_sigterm(t
     import signal
     import socket
     import subprocess
-    import time
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     from kano.evaluator.visualize import panel
-    from conftest import KANO
+    from conftest import KANO, wait_until_serving
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,15 +191,7 @@ def test_service_titles_panels_logs_requests_and_removes_its_folder_on_sigterm(t
         folder = Path(first.split("folder ")[1].split(")")[0])  # the temporary folder it made and names
         assert folder.is_dir() and folder.name.startswith("kano-serve-"), first
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.3)
+        wait_until_serving(url, proc)
         img = sorted((synth_root / "disc" / "test" / "good").iterdir())[0]
         ok = httpx.post(url + "/v1/predict", files={"file": ("my_part.png", img.read_bytes(), "image/png")},
                         data={"class": "disc"}, timeout=60)
