@@ -103,7 +103,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         classes = classes_given
         model.rename_references(folder_names)  # references were read per folder; the evaluator names classes
     from kano.anomaly_data.names import class_word as class_word_rule, known_words, parse_class_words, unknown_word_warning
-    from kano.evaluator.detector import resolve_threshold, weights_sha256  # noqa: F401
+    from kano.evaluator.detector import weights_sha256
 
     words = parse_class_words(class_words)
     if words and not uses_prompts(described):
