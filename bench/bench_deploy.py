@@ -50,7 +50,7 @@ def main() -> None:
     from kano.anomaly_data.io import image_to_array, list_images, load_image
     from kano.deploy.export import export_model
     from kano.deploy.runtime import ExportedModel
-    from kano.deploy.runtime import predict as runtime_predict
+    from kano.evaluator.predict import predict as stream_predict
     from kano.kanoclip import build_backbone, build_model
 
     torch.set_num_threads(a.threads)
@@ -127,8 +127,8 @@ def main() -> None:
         rounds = iter(range(10**6))
 
         def in_process(**outputs):  # the graph loaded once (its session: timed apart below), as a caller predicting often
-            runtime_predict(ort_model, [str(f) for f in jobs], "hazelnut", tmp / f"pred{next(rounds)}", batch_size=a.batch,
-                            threads=a.threads, **outputs)
+            stream_predict(ort_model, [str(f) for f in jobs], "hazelnut", tmp / f"pred{next(rounds)}", batch_size=a.batch,
+                           **outputs)
 
         xs = np.stack([x[i % len(x)] for i in range(a.requests)])
         model_only = [(xs[i:i + a.batch], np.zeros(len(xs[i:i + a.batch]), dtype=np.int64)) for i in range(0, len(xs), a.batch)]

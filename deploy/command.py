@@ -19,27 +19,55 @@ def export(*, run, method, backbone, classes: str, fmt: str, out: Path, fp16: bo
 
 
 def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch_size: int, force: bool, maps: bool = True,
-            panels: bool = True, fmt: str = "jsonl") -> list[dict]:
-    """`kano predict --model` (evaluator.options.PredictOptions has refused the options a graph cannot use)."""
-    from .runtime import predict as run_predict
+            panels: bool = True, fmt: str = "jsonl", resume: bool = False, threads: int | None = None) -> list[dict]:
+    """`kano predict --model` (evaluator.options.PredictOptions has refused the options a graph cannot use): the
+    exported graph through the streaming loop of `--run` (evaluator.predict: rows as they are scored, resume, Parquet,
+    sharded under torchrun). One process imports no torch; a launch's processes talk through torch.distributed."""
+    import os
 
-    records = run_predict(model, inputs, class_name, Path(out), threshold, batch_size, force, ui.progress_factory("scoring"),
-                          maps=maps, panels=panels, fmt=fmt)
+    from kano.evaluator.predict import predict as run_predict
+
+    from .runtime import ExportedModel
+
+    graph = ExportedModel(model, threads, threshold=threshold)
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun / accelerate launch: the graph on each process's CPU
+        from kano.core.device import resolve_device
+        from kano.core.distributed import Dist
+
+        dist = Dist.from_env("cpu", resolve_device)
+    try:
+        rows = run_predict(graph, inputs, class_name, Path(out), batch_size=batch_size, progress=ui.progress_factory("scoring"),
+                           force=force, maps=maps, panels=panels, fmt=fmt, resume=resume, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is not None and not dist.main:
+        return rows
     from kano.evaluator.records import worst_first
 
+    s = rows.summary
     ui.print_table(f"predictions ({class_name}, {Path(model).name}), flagged first, by score", ["image", "score", "anomalous"],
                    [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
                      "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")))
-                    for r in worst_first(records, len(records))])
-    failed = [r for r in records if r["error"]]
-    for r in failed:
-        ui.err.print(f"not scored: {r['error']}")
-    files = ["index.html", "predictions.jsonl"] + (["predictions.parquet"] if fmt == "parquet" else [])
+                    for r in worst_first(rows, PRINT_ROWS)])
+    errors = 0
+    for r in rows:
+        if r["error"]:
+            errors += 1
+            if errors <= PRINT_ROWS:
+                ui.err.print(f"not scored: {r['error']}")
+    ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
+    files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
     files += (["panels/"] if panels else []) + (["maps/ (npy and 16-bit png)"] if maps else [])
     ui.out.print(f"written to {out}: {', '.join(files)}")
-    if failed:
+    if s["errors"]:
         raise SystemExit(1)
-    return records
+    return rows
+
+
+# rows printed in the terminal (as kano predict --run); all of them are in the result file
+PRINT_ROWS = 20
 
 
 def serve(*, run, model, host, port, public, classes, folder, batch, batch_wait_ms, queue_length, max_upload_mb, timeout_s,

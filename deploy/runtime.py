@@ -1,4 +1,6 @@
-"""The torch-free runtime: score images with an exported graph (ONNX through onnxruntime, or OpenVINO IR).
+"""The torch-free runtime: score images with an exported graph (ONNX through onnxruntime, or OpenVINO IR), the
+exported side of the one inference interface (kano.evaluator.inference.Inferencer): `kano predict --model` runs
+it through the same streaming loop as `--run` (evaluator.predict), `kano serve --model` through the same service.
 
 Imports neither torch nor open_clip (tests/test_runtime.py runs it where importing them fails): numpy, Pillow,
 and onnxruntime or openvino; `pip install 'kano[runtime]'` installs the ONNX path. The preprocessing is the
@@ -10,15 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
-from kano.anomaly_data.io import image_to_array, load_image
+from kano.anomaly_data.io import image_to_array
+from kano.core import thresholds
 from kano.core.errors import KanoError
+from kano.evaluator.inference import FileScoring
 
 SIDECAR_VERSION = 1  # kano.deploy.export.SIDECAR_VERSION (not imported from there: that module needs torch)
 SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
@@ -28,12 +30,15 @@ def _threads(threads: int | None) -> int:
     return int(threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
-class ExportedModel:
-    """An exported graph and its sidecar. score(images, class_index) -> (image_score (N,), anomaly_map (N, S, S)).
+class ExportedModel(FileScoring):
+    """An exported graph and its sidecar (an evaluator.inference.Inferencer). score(images, classes) ->
+    (image_score (N,), anomaly_map (N, S, S)).
 
-    threads: intra-op threads (default $OMP_NUM_THREADS, else all cores)."""
+    threads: intra-op threads (default $OMP_NUM_THREADS, else all cores); threshold: the one given on the command
+    line, which every class's decision then uses (None: each class's exported threshold)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, threshold: float | None = None):
+        self.threshold = thresholds.check_given(threshold, "--threshold")
         path = Path(path)
         if path.suffix not in SUFFIXES:
             raise KanoError(f"--model must be an exported graph, .onnx or .xml (kano export), got {path}")
@@ -98,24 +103,34 @@ class ExportedModel:
                             + (f"(did you mean {meant!r}? Pass --class {meant})" if meant else "(kano export --classes names them)"))
         return self.classes.index(class_name)
 
-    def threshold_for(self, class_name: str, given: float | None = None) -> tuple[float | None, str | None]:
-        """-> (threshold, source): `given` (the command line) or the one exported for the class (e.g. "run,
-        exported" for the run's calibrated threshold)."""
-        if given is not None:
-            if not 0.0 <= given <= 1.0:
-                raise KanoError(f"--threshold must be a number in [0, 1] (scores are in [0, 1]), got {given}")
-            return float(given), "command line"
-        t = self.thresholds.get(class_name)
+    def check_class(self, class_name: str) -> None:
+        self.class_index(class_name)
+
+    def class_word(self, class_name: str) -> str:
+        """The prompt word the class was exported with."""
+        return self.words[class_name]
+
+    def threshold_for(self, class_name: str, word: str | None = None) -> tuple[float | None, str | None]:
+        """-> (threshold, source): the one given (command line) or the one exported for the class (e.g. "run,
+        exported" for the run's calibrated threshold), by kano.core.thresholds' order."""
         src = self.threshold_sources.get(class_name)
-        return t, (None if t is None else f"{src or 'export'}, exported")
+        return thresholds.pick(self.threshold, None, self.thresholds.get(class_name), f"{src or 'export'}, exported")
+
+    def pixel_threshold_for(self, class_name: str, word: str | None = None) -> tuple[float | None, str | None]:
+        """-> (the calibration's pixel threshold exported for the class, "calibration"), or (None, None)."""
+        t = self.pixel_thresholds.get(class_name)
+        return (None, None) if t is None else (float(t), "calibration")
 
     def preprocess(self, image) -> np.ndarray:
         """A PIL RGB image -> (3, S, S) float32 as the sidecar says."""
         return image_to_array(image, self.image_size, self.mean, self.std)
 
-    def score(self, images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images (N, 3, S, S) float32, class_index (N,) int -> image_score (N,), anomaly_map (N, S, S) float32."""
-        s, m = self._run(np.ascontiguousarray(images, dtype=np.float32), np.asarray(class_index, dtype=np.int64))
+    def score(self, images: np.ndarray, classes: Sequence, words: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """images (N, 3, S, S) float32, classes (N,): exported class names, or the graph's class indices (int) ->
+        image_score (N,), anomaly_map (N, S, S) float32. words: unused (the graph's were fixed at export)."""
+        c = np.asarray(classes)
+        idx = c.astype(np.int64) if c.dtype.kind in "iu" else np.array([self.class_index(n) for n in classes], dtype=np.int64)
+        s, m = self._run(np.ascontiguousarray(images, dtype=np.float32), idx)
         return np.asarray(s, dtype=np.float32), np.asarray(m, dtype=np.float32)
 
     def describe(self) -> dict:
@@ -127,84 +142,3 @@ class ExportedModel:
         return {"kind": spec.kind if spec else "unknown", "name": f"{self.meta['method']} ({self.engine})",
                 "method": self.meta["method"], "engine": self.engine, "model": str(self.path.resolve()),
                 "backbone": self.meta.get("backbone"), "source": src}
-
-
-def predict(model_path: "str | os.PathLike | ExportedModel", inputs: list[str], class_name: str, out_dir: Path, threshold: float | None = None,
-            batch_size: int = 8, force: bool = False, progress: Callable | None = None, threads: int | None = None,
-            maps: bool = True, panels: bool = True, fmt: str = "jsonl"):
-    """`kano predict --model`: the rows and files of evaluator.predict (written by the same functions,
-    evaluator.predict_files), scored by the exported graph. Inputs as evaluator.stream reads them (images,
-    folders, lists); a list's class column picks that row's exported class. threshold None: each class's
-    threshold exported with the model (the run's calibrated one, or none). maps, panels: write each image's map /
-    panel (evaluator.predict_files.row); fmt "parquet": also predictions.parquet. -> the rows."""
-    from kano.evaluator import outputs, records
-    from kano.evaluator import predict_files as pf
-    from kano.evaluator.stream import iter_inputs
-
-    started = time.time()
-    if batch_size < 1:
-        raise KanoError(f"--batch-size must be an integer >= 1, got {batch_size}")
-    model = model_path if isinstance(model_path, ExportedModel) else ExportedModel(model_path, threads)  # loaded once by a caller that predicts often
-    model.class_index(class_name)
-    threshold_given = threshold
-    threshold, source = model.threshold_for(class_name, threshold_given)
-    items = list(iter_inputs(inputs))
-    if not items:
-        raise KanoError("predict needs at least one image or folder, got none")
-    for _, c in items:  # every class named by a list must be an exported one, before anything is written
-        if c:
-            model.class_index(c)
-    out_dir = Path(out_dir)
-    method = model.describe()
-    word = model.words[class_name]
-    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": source,
-                "inputs": [str(Path(p).resolve()) for p, _ in items], "image_size": model.image_size}
-    outputs.claim(out_dir, "predict", json.loads(json.dumps(identity, default=str)), force)
-    write_maps, write_panels = maps, panels  # `maps` names each batch's maps below
-    if fmt not in ("jsonl", "parquet"):
-        raise KanoError(f"--format must be one of jsonl, parquet, got {fmt!r}")
-    for folder, on in (("maps", maps), ("panels", panels)):
-        if on:
-            (out_dir / folder).mkdir(exist_ok=True)
-    names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in items])
-    advance, close = progress(len(items)) if progress else (lambda k: None, lambda: None)
-    try:
-        def prepare(chunk):
-            """Decode and preprocess one batch -> (arrays, the positions read, {position: why not})."""
-            arrays, ok, errors = [], [], {}
-            for j, (p, _) in enumerate(chunk):
-                try:
-                    arrays.append(model.preprocess(load_image(p)))
-                    ok.append(j)
-                except KanoError as exc:
-                    errors[j] = str(exc)
-            return arrays, ok, errors
-
-        starts = list(range(0, len(items), batch_size))
-        # the next batch is decoded in a thread while the graph scores this one (both release the GIL): decoding
-        # and resizing cost about a tenth of the micro-CLIP's time per image (bench/bench_deploy.py)
-        with records.RowWriter(out_dir / records.RESULT, fresh=True) as writer, ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(prepare, items[:batch_size])
-            for k, a in enumerate(starts):
-                chunk = items[a:a + batch_size]
-                arrays, ok, errors = ahead.result()
-                if k + 1 < len(starts):
-                    ahead = pool.submit(prepare, items[starts[k + 1]:starts[k + 1] + batch_size])
-                classes = [c or class_name for _, c in chunk]
-                idx = np.array([model.class_index(classes[j]) for j in ok], dtype=np.int64)
-                scores, maps = model.score(np.stack(arrays), idx) if ok else ([], [])
-                got = dict(zip(ok, zip(scores, maps)))
-                rows = []
-                for j, (p, _) in enumerate(chunk):
-                    c = classes[j]
-                    t, src = (threshold, source) if c == class_name else model.threshold_for(c, threshold_given)
-                    s, m = got.get(j, (None, None))
-                    rows.append(pf.row(out_dir, p, c, model.words[c], names[a + j], s, m, errors.get(j), t, src, write_maps,
-                                       write_panels, model.pixel_thresholds.get(c)))
-                writer.append(rows)
-                advance(len(chunk))
-    finally:
-        close()
-    pf.finish(out_dir, identity, 1, len(items), batch_size, fmt, method, model.image_size, class_name, word, threshold, source,
-              started, merge=False, pixel_threshold=model.pixel_thresholds.get(class_name))
-    return list(records.read_rows(out_dir / records.RESULT))

@@ -83,16 +83,28 @@ class HTTPError(Exception):
 
 @dataclass
 class Scorer:
-    """What the service scores with. preprocess: PIL RGB -> (3, S, S) float32; score: (images (N, 3, S, S),
-    class_index (N,) int64) -> (image_score (N,), anomaly_map (N, S, S)); classes: the names class_index counts."""
+    """What the service scores with: an inference interface (kano.evaluator.inference.Inferencer: the exported graph
+    or the torch model) and the classes the service accepts, their thresholds read once. score: (images (N, 3, S, S),
+    class_index (N,) into `classes`) -> (image_score (N,), anomaly_map (N, S, S))."""
 
+    inferencer: object
     classes: list
-    image_size: int
-    thresholds: dict  # class -> threshold or None
-    method: dict
-    preprocess: Callable
-    score: Callable
-    pixel_thresholds: dict = None  # class -> the calibration's pixel threshold (the maps' colour scale) or None
+
+    def __post_init__(self):
+        inf = self.inferencer
+        self.classes = list(self.classes)
+        for c in self.classes:
+            inf.check_class(c)
+        self.image_size = inf.image_size
+        self.method = inf.describe()
+        self.thresholds = {c: inf.threshold_for(c)[0] for c in self.classes}
+        self.pixel_thresholds = {c: inf.pixel_threshold_for(c)[0] for c in self.classes}
+
+    def preprocess(self, image) -> np.ndarray:
+        return self.inferencer.preprocess(image)
+
+    def score(self, x: np.ndarray, idx) -> tuple[np.ndarray, np.ndarray]:
+        return self.inferencer.score(x, [self.classes[i] for i in np.asarray(idx).tolist()])
 
     @staticmethod
     def exported(model_path: str | Path, threads: int | None = None, classes: list[str] | None = None) -> "Scorer":
@@ -100,24 +112,17 @@ class Scorer:
         from .runtime import ExportedModel
 
         m = ExportedModel(model_path, threads)
-        names = classes or list(m.classes)
-        unknown = [c for c in names if c not in m.classes]
+        unknown = [c for c in classes or [] if c not in m.classes]
         if unknown:
             raise KanoError(f"--classes must be among the exported classes {', '.join(m.classes)}, got {', '.join(unknown)}")
-        graph_index = np.array([m.classes.index(c) for c in names], dtype=np.int64)  # the service's index -> the graph's
-
-        def score(x, idx):
-            return m.score(x, graph_index[np.asarray(idx, dtype=np.int64)])
-
-        return Scorer(names, m.image_size, {c: m.threshold_for(c)[0] for c in names}, m.describe(), m.preprocess, score,
-                      {c: m.pixel_thresholds.get(c) for c in names})
+        return Scorer(m, classes or list(m.classes))
 
     @staticmethod
     def torch_run(run: str | Path, classes: list[str] | None = None, calibration: str | None = None,
                   threads: int | None = None) -> "Scorer":
         """A trained run scored by its torch model (CPU), words and thresholds as `kano predict --run` resolves
-        them (kano.evaluator.detector.Detector, the API's); classes: the names the service accepts (default: the run's classes); threads:
-        torch's intra-op threads (default: torch's own)."""
+        them (kano.evaluator.detector.Detector, the API's); classes: the names the service accepts (default: the run's
+        classes); threads: torch's intra-op threads (default: torch's own)."""
         import torch
 
         if threads is not None:
@@ -125,25 +130,13 @@ class Scorer:
                 raise KanoError(f"--threads must be an integer >= 1, got {threads}")
             torch.set_num_threads(threads)
 
-        from kano.anomaly_data import image_to_tensor
         from kano.evaluator.detector import Detector
 
         det = Detector.load(run, device="cpu", calibration=calibration)
-        model = det.model
         names = classes or sorted(det.run_words)
         if not names:
             raise KanoError(f"kano serve --run {run} needs --classes a,b (the run names no classes)")
-        words = [det.class_word(c) for c in names]
-        bb = model.backbone
-
-        def score(x, idx):
-            with torch.inference_mode():
-                r = model(torch.from_numpy(x), [words[i] for i in idx.tolist()]).inference()
-            return r.image_score.float().numpy(), r.anomaly_map.float().numpy()
-
-        return Scorer(names, bb.image_size, {c: det.threshold_for(c)[0] for c in names}, det.method,
-                      lambda img: image_to_tensor(img, bb.image_size, bb.mean, bb.std).numpy(), score,
-                      {c: det.pixel_threshold_for(c)[0] for c in names})
+        return Scorer(det, names)
 
 
 class Batcher:
@@ -221,30 +214,54 @@ def _log_line(method: str, path: str, status: int, ms: float, client: str | None
     return f"{when} {client or '-'} {method} {path} {status} {ms:.0f} ms" + (f" {note}" if note else "")
 
 
+@dataclass
+class Service:
+    """What the application's steps share: the scorer, the limits, the upload folder, the worker, the log."""
+
+    scorer: Scorer
+    limits: Limits
+    uploads: Path
+    batcher: Batcher
+    pixel_limit: int
+    log: Callable[[str], None]
+
+
 def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None, log: Callable[[str], None] | None = None):
-    """The FastAPI application. folder: the service's own folder (uploads are decoded there). log: where each
-    request's line goes (default: standard output, flushed at once)."""
+    """The FastAPI application: the service started, then its request log, its error answers, its pages and its
+    scoring endpoint, each added by a step below. folder: the service's own folder (uploads are decoded there).
+    log: where each request's line goes (default: standard output, flushed at once)."""
+    FastAPI = _fastapi()
+    svc = start(scorer, Path(folder), limits or Limits(), log or (lambda line: print(line, flush=True)))
+    app = FastAPI(title="Kano", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = svc.batcher
+    app.router.add_event_handler("shutdown", svc.batcher.close)
+    add_request_log(app, svc)
+    add_error_answers(app)
+    add_pages(app, svc)
+    add_predict(app, svc)
+    return app
+
+
+def _fastapi():
     try:
-        from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi import FastAPI
     except ImportError:
         raise KanoError("kano serve needs FastAPI and uvicorn: pip install 'kano[serve]'") from None
-    import asyncio
+    return FastAPI
 
-    from kano.anomaly_data.io import _open as io_open
-    from kano.anomaly_data.io import load_image, max_pixels
-    from kano.evaluator.visualize import map_to_png16, panel
 
-    limits = limits or Limits()
-    folder = Path(folder)
+def start(scorer: Scorer, folder: Path, limits: Limits, log: Callable[[str], None]) -> Service:
+    """The upload folder made and the worker thread started."""
+    from kano.anomaly_data.io import max_pixels
+
     uploads = folder / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
-    batcher = Batcher(scorer, limits)
-    app = FastAPI(title="Kano", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
-    app.router.add_event_handler("shutdown", batcher.close)
-    pixel_limit = max_pixels()
-    log = log or (lambda line: print(line, flush=True))
+    return Service(scorer, limits, uploads, Batcher(scorer, limits), max_pixels(), log)
+
+
+def add_request_log(app, svc: Service) -> None:
+    """One line per request (_log_line), whatever its answer."""
+    from fastapi import Request
 
     @app.middleware("http")
     async def _log_request(request: Request, call_next):
@@ -255,122 +272,159 @@ def create_app(scorer: Scorer, folder: str | Path, limits: Limits | None = None,
             status = response.status_code
             return response
         finally:
-            log(_log_line(request.method, request.url.path, status, 1000 * (time.monotonic() - t0),
-                          request.client.host if request.client else None, getattr(request.state, "note", None)))
+            svc.log(_log_line(request.method, request.url.path, status, 1000 * (time.monotonic() - t0),
+                              request.client.host if request.client else None, getattr(request.state, "note", None)))
+
+
+def add_error_answers(app) -> None:
+    """An HTTPError raised anywhere answers JSON {"error": ...} with its status and headers."""
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, exc: HTTPError):
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
+
+def add_pages(app, svc: Service) -> None:
+    """GET /healthz (the service's state) and GET / (the page to drop images on)."""
+    from fastapi.responses import HTMLResponse
+
+    scorer, batcher = svc.scorer, svc.batcher
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "method": scorer.method, "classes": scorer.classes, "thresholds": scorer.thresholds,
                 "queue": batcher.q.qsize(), "batches": batcher.n_batches, "largest_batch": batcher.largest,
-                "limits": {**asdict(limits), "max_pixels": pixel_limit}}
+                "limits": {**asdict(svc.limits), "max_pixels": svc.pixel_limit}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return PAGE.replace("__CLASSES__", "".join(f"<option>{_esc(c)}</option>" for c in scorer.classes))
 
-    async def read_form(request: Request) -> tuple[bytes, str, str, str | None, tuple[str, ...]]:
-        """-> (file bytes, content type, class, the upload's file name to show, outputs asked for); refuses before
-        reading more than the upload limit."""
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise HTTPError(415, f"the request must be multipart/form-data with fields file and class, got content type {ctype or 'none'!r}")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes + 64 * 1024:
-            raise HTTPError(413, f"the upload must be at most {limits.max_upload_bytes:,} bytes, got {int(declared):,}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_upload_bytes + 64 * 1024:  # the form's own fields and boundaries: < 64 KB
-                raise HTTPError(413, f"the upload must be at most {limits.max_upload_bytes:,} bytes, got more")
-        if not body:
-            raise HTTPError(400, "the request body is empty: send multipart/form-data with fields file (an image) and class")
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartException, MultiPartParser
 
-        async def one():
-            yield bytes(body)
+def add_predict(app, svc: Service) -> None:
+    """POST /v1/predict: read the form, check the class, decode and preprocess (a thread), score (the worker's
+    batch), draw what was asked (a thread), answer."""
+    import asyncio
 
-        try:
-            form = await MultiPartParser(request.headers, one(), max_files=1, max_fields=4, max_part_size=1024).parse()
-        except MultiPartException as exc:
-            raise HTTPError(400, f"the body must be multipart/form-data with fields file and class, got {exc.message}") from None
-        f, cls = form.get("file"), form.get("class")
-        if not isinstance(f, UploadFile):
-            raise HTTPError(400, "the form must have a field file holding the image, got none")
-        if not isinstance(cls, str) or not cls:
-            raise HTTPError(422, f"the form must have a field class, one of {', '.join(scorer.classes)}, got none")
-        data = await f.read()
-        if not data:
-            raise HTTPError(400, "the file field must hold an image, got an empty file")
-        asked = form.get("outputs")
-        return data, (f.content_type or ""), cls, _shown_name(f.filename), parse_outputs(asked if isinstance(asked, str) else None)
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
-    def decode(data: bytes, ctype: str):
-        """bytes -> PIL RGB through anomaly_data.io.load_image (its checks: format, truncation, pixel limit)."""
-        ext = IMAGE_TYPES.get(ctype.split(";")[0].strip().lower())
-        if ext is None:
-            raise HTTPError(415, f"the file must be an image ({', '.join(IMAGE_TYPES)}), got content type {ctype or 'none'!r}")
-        path = uploads / f"{uuid.uuid4().hex}{ext}"  # our name, in our folder: nothing from the request reaches the path
-
-        def clean(exc: KanoError) -> str:  # the service's own paths stay out of its answers
-            return str(exc).replace(f"image {path}", "the uploaded image").replace(str(path), "the uploaded file")
-
-        try:
-            path.write_bytes(data)
-            try:  # the header alone, with the pixel limit checked first (anomaly_data.io's own opening step)
-                io_open(path, "image", pixel_limit)[0].close()
-            except KanoError as exc:
-                raise HTTPError(413, clean(exc)) from None
-            except Exception:  # unreadable: load_image names what is wrong (400 below)
-                pass
-            try:
-                return load_image(path, pixel_limit)
-            except KanoError as exc:
-                raise HTTPError(400, clean(exc)) from None
-        finally:
-            path.unlink(missing_ok=True)
+    scorer, limits = svc.scorer, svc.limits
 
     @app.post("/v1/predict")
     async def predict(request: Request):
         t0 = time.monotonic()
-        data, ctype, cls, filename, outputs = await read_form(request)
+        data, ctype, cls, filename, outputs = await read_form(request, svc)
         request.state.note = f"class {cls!r} file {filename!r}"
-        if cls not in scorer.classes:
-            from kano.anomaly_data.names import closest
-
-            meant = closest(cls, scorer.classes)
-            raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}"
-                            + (f"; did you mean {meant!r}?" if meant else ""))
+        check_class(scorer, cls)
         loop = asyncio.get_running_loop()
-        img = await loop.run_in_executor(None, decode, data, ctype)
-        x = await loop.run_in_executor(None, scorer.preprocess, img)
-        fut = batcher.submit(x, scorer.classes.index(cls))
+        img, x = await loop.run_in_executor(None, decode_and_preprocess, svc, data, ctype)
+        fut = svc.batcher.submit(x, scorer.classes.index(cls))
         try:
             score, amap = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=max(0.01, limits.timeout_s - (time.monotonic() - t0)))
         except asyncio.TimeoutError:
             fut.cancel()
             raise HTTPError(504, f"the request took longer than the service's timeout of {limits.timeout_s:g} s") from None
         thr = scorer.thresholds.get(cls)
+        drawn = await loop.run_in_executor(None, draw, scorer, outputs, img, amap, cls, filename, score) if outputs else {}
+        return JSONResponse({"class": cls, "score": round(score, 6), "anomalous": None if thr is None else bool(score >= thr),
+                             "threshold": thr, "image_size": list(img.size), **drawn,
+                             "latency_ms": round(1000 * (time.monotonic() - t0), 1)})
 
-        def draw() -> dict:
-            out = {}
-            if "map" in outputs:
-                out.update(map_size=list(amap.shape[::-1]), map_png=_png_b64(map_to_png16(amap)))
-            if "panel" in outputs:
-                title = f"{cls} / {filename}" if filename else cls  # as `kano predict` titles its panels
-                out["panel_png"] = _png_b64(panel(img, amap, name=title, score=score, threshold=thr,
-                                                  pixel_threshold=(scorer.pixel_thresholds or {}).get(cls)))
-            return out
 
-        drawn = await loop.run_in_executor(None, draw) if outputs else {}
-        return {"class": cls, "score": round(score, 6), "anomalous": None if thr is None else bool(score >= thr), "threshold": thr,
-                "image_size": list(img.size), **drawn, "latency_ms": round(1000 * (time.monotonic() - t0), 1)}
+async def read_form(request, svc: Service) -> tuple[bytes, str, str, str | None, tuple[str, ...]]:
+    """-> (file bytes, content type, class, the upload's file name to show, outputs asked for); refuses before
+    reading more than the upload limit."""
+    limits, scorer = svc.limits, svc.scorer
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise HTTPError(415, f"the request must be multipart/form-data with fields file and class, got content type {ctype or 'none'!r}")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes + 64 * 1024:
+        raise HTTPError(413, f"the upload must be at most {limits.max_upload_bytes:,} bytes, got {int(declared):,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_upload_bytes + 64 * 1024:  # the form's own fields and boundaries: < 64 KB
+            raise HTTPError(413, f"the upload must be at most {limits.max_upload_bytes:,} bytes, got more")
+    if not body:
+        raise HTTPError(400, "the request body is empty: send multipart/form-data with fields file (an image) and class")
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
-    return app
+    async def one():
+        yield bytes(body)
+
+    try:
+        form = await MultiPartParser(request.headers, one(), max_files=1, max_fields=4, max_part_size=1024).parse()
+    except MultiPartException as exc:
+        raise HTTPError(400, f"the body must be multipart/form-data with fields file and class, got {exc.message}") from None
+    f, cls = form.get("file"), form.get("class")
+    if not isinstance(f, UploadFile):
+        raise HTTPError(400, "the form must have a field file holding the image, got none")
+    if not isinstance(cls, str) or not cls:
+        raise HTTPError(422, f"the form must have a field class, one of {', '.join(scorer.classes)}, got none")
+    data = await f.read()
+    if not data:
+        raise HTTPError(400, "the file field must hold an image, got an empty file")
+    asked = form.get("outputs")
+    return data, (f.content_type or ""), cls, _shown_name(f.filename), parse_outputs(asked if isinstance(asked, str) else None)
+
+
+def check_class(scorer: Scorer, cls: str) -> None:
+    """422 for a class the service does not accept, with the nearest one it does."""
+    if cls not in scorer.classes:
+        from kano.anomaly_data.names import closest
+
+        meant = closest(cls, scorer.classes)
+        raise HTTPError(422, f"class must be one of {', '.join(scorer.classes)}, got {cls!r}"
+                        + (f"; did you mean {meant!r}?" if meant else ""))
+
+
+def decode_and_preprocess(svc: Service, data: bytes, ctype: str):
+    """bytes -> (PIL RGB through anomaly_data.io.load_image, its checks: format, truncation, pixel limit; the
+    scorer's (3, S, S) array), in one worker thread."""
+    from kano.anomaly_data.io import _open as io_open
+    from kano.anomaly_data.io import load_image
+
+    ext = IMAGE_TYPES.get(ctype.split(";")[0].strip().lower())
+    if ext is None:
+        raise HTTPError(415, f"the file must be an image ({', '.join(IMAGE_TYPES)}), got content type {ctype or 'none'!r}")
+    path = svc.uploads / f"{uuid.uuid4().hex}{ext}"  # our name, in our folder: nothing from the request reaches the path
+
+    def clean(exc: KanoError) -> str:  # the service's own paths stay out of its answers
+        return str(exc).replace(f"image {path}", "the uploaded image").replace(str(path), "the uploaded file")
+
+    try:
+        path.write_bytes(data)
+        try:  # the header alone, with the pixel limit checked first (anomaly_data.io's own opening step)
+            io_open(path, "image", svc.pixel_limit)[0].close()
+        except KanoError as exc:
+            raise HTTPError(413, clean(exc)) from None
+        except Exception:  # unreadable: load_image names what is wrong (400 below)
+            pass
+        try:
+            img = load_image(path, svc.pixel_limit)
+        except KanoError as exc:
+            raise HTTPError(400, clean(exc)) from None
+    finally:
+        path.unlink(missing_ok=True)
+    return img, svc.scorer.preprocess(img)
+
+
+def draw(scorer: Scorer, outputs: tuple[str, ...], img, amap: np.ndarray, cls: str, filename: str | None, score: float) -> dict:
+    """The answer's map (base64 16-bit PNG at S x S) and panel (base64 PNG: `kano predict`'s panel), as asked."""
+    from kano.evaluator.visualize import map_to_png16, panel
+
+    out = {}
+    if "map" in outputs:
+        out.update(map_size=list(amap.shape[::-1]), map_png=_png_b64(map_to_png16(amap)))
+    if "panel" in outputs:
+        title = f"{cls} / {filename}" if filename else cls  # as `kano predict` titles its panels
+        out["panel_png"] = _png_b64(panel(img, amap, name=title, score=score, threshold=scorer.thresholds.get(cls),
+                                          pixel_threshold=(scorer.pixel_thresholds or {}).get(cls)))
+    return out
 
 
 def _esc(s: str) -> str:

@@ -262,13 +262,14 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
         word = det.class_word(class_name, class_word)
         if (warning := det.word_warning(word)) is not None and dist.main:
             ui.err.print(f"warning: {warning}", markup=False)
+        det.workers = workers
+        det.begin_class(class_name, word)
+        # a manifest's other classes are decided by the given class's threshold (a run's is set on its class)
+        rows = run_predict(det, inputs, class_name, Path(out), class_word=word, batch_size=batch_size,
+                           progress=ui.progress_factory("scoring"), force=force, maps=maps, panels=panels, fmt=fmt, resume=resume,
+                           dist=dist if dist.world > 1 else None, same_threshold=True)
         threshold, source = det.threshold_for(class_name, word)
         pixel_threshold, _ = det.pixel_threshold_for(class_name, word)
-        det.begin_class(class_name, word)
-        rows = run_predict(det.model, inputs, class_name, Path(out), threshold, batch_size, det.device, word,
-                           progress=ui.progress_factory("scoring"), method=det.method, force=force, workers=workers,
-                           threshold_source=source, maps=maps, panels=panels, fmt=fmt, resume=resume,
-                           dist=dist if dist.world > 1 else None, prompts=det.run_words, pixel_threshold=pixel_threshold)
     finally:
         dist.close()
     if not dist.main:

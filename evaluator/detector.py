@@ -1,46 +1,28 @@
 """The detector behind the Python API (kano.Detector, kano.Result: kano.api re-exports them) and `kano predict`:
-a loaded model with its class-word rule, its threshold rule (`resolve_threshold`, the order kano.api states), its
-calibration and its references. It lives in the evaluator, below the API, so that no stage package imports kano.api
-(tests/test_layers.py).
+a loaded torch model with its class-word rule, its threshold rule (`resolve_threshold`: kano.core.thresholds'
+order, the calibration found here), its calibration and its references. It is the torch side of the one inference
+interface (evaluator.inference.Inferencer; the exported graph is the other: deploy.runtime.ExportedModel), so
+`kano predict`, `kano serve --run` and the API score through the same steps. It lives in the evaluator, below the
+API, so that no stage package imports kano.api (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from kano.core import thresholds
 from kano.core.errors import KanoError
 
-THRESHOLD_SOURCES = ("command line", "calibration", "run")
+from .inference import ROUND, Result, postprocess
+
+THRESHOLD_SOURCES = thresholds.SOURCES
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Result:
-    """One image's verdict.
-
-    score: the image-level anomaly score in [0, 1].
-    map: float32 numpy array (H, W) at the input image's own size, values in [0, 1].
-    anomalous: score >= threshold; None when there is no threshold.
-    threshold, threshold_source: the threshold used and where it came from ("command line", "calibration",
-        "run"), both None when there is none.
-    class_word: the word that stood for [class] in the prompts.
-    image: the input's path, or None for an in-memory image.
-    """
-
-    score: float
-    map: np.ndarray = field(repr=False)
-    anomalous: bool | None
-    threshold: float | None
-    threshold_source: str | None
-    class_word: str
-    image: str | None = None
 
 
 def weights_sha256(config: dict | None) -> str | None:
@@ -56,20 +38,15 @@ def resolve_threshold(given: float | None, run_dir: str | Path | None, class_nam
     checked against the mode: Detector.calibration_entry), else RUN/calibration.json (evaluator.calibrate; a class
     missing from an existing calibration is an error) > the run's > (None, None)."""
     if given is not None:
-        if isinstance(given, bool) or not 0.0 <= given <= 1.0:
-            raise KanoError(f"threshold must be a number in [0, 1] (scores are in [0, 1]), got {given}")
-        return float(given), "command line"
+        return thresholds.pick(given)
     if calibration is not None:
-        return float(calibration["image_threshold"]), "calibration"
+        return thresholds.pick(None, float(calibration["image_threshold"]))
+    calibrated = None
     if run_dir is not None:
         from kano.evaluator.calibrate import calibrated_threshold
 
-        t = calibrated_threshold(run_dir, class_name, weights_sha256, required=True)
-        if t is not None:
-            return t, "calibration"
-    if run_threshold is not None:
-        return float(run_threshold), "run"
-    return None, None
+        calibrated = calibrated_threshold(run_dir, class_name, weights_sha256, required=True)
+    return thresholds.pick(None, calibrated, run_threshold)
 
 
 def _to_pil(item: ImageInput) -> tuple[Image.Image, str | None]:
@@ -120,6 +97,7 @@ class Detector:
         self.references = references  # ((k, 3, S, S) tensor, [paths]) shared by every class, or None
         self.device = device if device is not None else model.backbone.device
         self.batch_size = batch_size
+        self.workers = 0  # DataLoader processes that decode for score_files (kano predict --workers)
         if threshold is not None:
             resolve_threshold(threshold, None, "", None)  # checked once, here
 
@@ -266,6 +244,51 @@ class Detector:
         if hasattr(self.model, "begin_class"):
             self.model.begin_class(class_name, word)
 
+    # ------------------------------------------------------------------------------------------ the Inferencer
+    @property
+    def image_size(self) -> int:
+        return self.model.backbone.image_size
+
+    def describe(self) -> dict:
+        return self.method
+
+    def check_class(self, class_name: str) -> None:
+        """Any class: the prompts name it (its word by class_word's rule)."""
+
+    def preprocess(self, image) -> np.ndarray:
+        """A PIL RGB image -> (3, S, S) float32 (anomaly_data.io.image_to_array, as the loaders and the graph's runtime)."""
+        from kano.anomaly_data.io import image_to_array
+
+        bb = self.model.backbone
+        return image_to_array(image, bb.image_size, bb.mean, bb.std)
+
+    def score(self, images: np.ndarray, classes: Sequence[str], words: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """images (N, 3, S, S) float32 -> image scores (N,), maps (N, S, S), float32 numpy; words: the prompts'
+        (None: class_word's rule for each class)."""
+        import torch
+
+        words = list(words) if words is not None else [self.class_word(c) for c in classes]
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device), words).inference()
+        return out.image_score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy()
+
+    def score_files(self, paths: Sequence[str], classes: Sequence[str], words: Sequence[str], batch_size: int,
+                    advance: Callable[[int], None], errors: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+        """The files decoded by evaluator.evaluate.run_inference (DataLoader workers, or the CPU's model streams)."""
+        from kano.anomaly_data import Sample
+        from kano.evaluator.evaluate import run_inference
+
+        samples = [Sample(str(Path(p).resolve()), None, c, "unknown", 0) for p, c in zip(paths, classes)]
+        scores, maps, _ = run_inference(self.model, samples, list(words), batch_size, self.device, self.workers, advance, errors=errors)
+        return scores.numpy(), maps.numpy()
+
+    def batches_per_round(self) -> int:
+        """On the CPU in-process, one batch per model stream (evaluate.cpu_streams); on a GPU or with workers, enough
+        to keep the loader's prefetch busy and to amortise its start."""
+        from kano.evaluator.evaluate import cpu_streams
+
+        return ROUND if (self.device.type != "cpu" or self.workers) else cpu_streams(self.device, self.workers, 4, self.model)
+
     # ------------------------------------------------------------------------------------------ scoring
     def __call__(self, images: ImageInput | Sequence[ImageInput], class_name: str, class_word: str | None = None):
         """Score one image or a batch.
@@ -273,11 +296,6 @@ class Detector:
         images: a path, a PIL image or an (H, W, 3) uint8 array -> Result; a list of them or an (N, H, W, 3)
         uint8 array -> list[Result]. class_name: what the images show; class_word: the prompt word, when it
         should differ from the rule's (see anomaly_data.names.class_word)."""
-        import torch
-
-        from kano.anomaly_data.torch_data import image_to_tensor
-        from kano.evaluator.visualize import resize_map
-
         items, single = _as_list(images)
         if not items:
             raise KanoError("images must hold at least one image, got an empty batch")
@@ -286,15 +304,9 @@ class Detector:
             warnings.warn(msg, stacklevel=2)
         threshold, source = self.threshold_for(class_name, word)
         self.begin_class(class_name, word)
-        bb = self.model.backbone
         results: list[Result] = []
         for a in range(0, len(items), self.batch_size):
             pics = [_to_pil(x) for x in items[a:a + self.batch_size]]
-            x = torch.stack([image_to_tensor(p, bb.image_size, bb.mean, bb.std) for p, _ in pics]).to(self.device)
-            with torch.inference_mode():
-                out = self.model(x, [word] * len(pics)).inference()
-            for (pic, path), s, m in zip(pics, out.image_score.float().cpu().tolist(), out.anomaly_map.float().cpu().numpy()):
-                results.append(Result(score=float(s), map=resize_map(m, pic.size).astype(np.float32),
-                                      anomalous=None if threshold is None else bool(s >= threshold), threshold=threshold,
-                                      threshold_source=source, class_word=word, image=path))
+            scores, maps = self.score(np.stack([self.preprocess(p) for p, _ in pics]), [class_name] * len(pics), [word] * len(pics))
+            results += [postprocess(s, m, pic.size, threshold, source, word, path) for (pic, path), s, m in zip(pics, scores, maps)]
         return results[0] if single else results

@@ -110,7 +110,6 @@ class PredictOptions:
                       "reference": "the graph holds no reference memory", "k_shot": "the graph holds no reference memory",
                       "class_word": "the graph's prompt words were fixed at export", "device": "the graph runs on the CPU",
                       "image_size": "the graph has its own size", "workers": "the graph's runtime decodes in its own process",
-                      "resume": "the graph's loop writes its rows in one go",
                       "calibration": "the graph carries its thresholds"}
 
     def refuse_unused(self) -> None:
@@ -134,7 +133,7 @@ def run_predict(opts: "PredictOptions"):
 
         return deploy_command.predict(model=opts.model, inputs=opts.inputs, class_name=opts.class_name, out=opts.out,
                                       threshold=opts.threshold, batch_size=opts.batch_size, force=opts.force, maps=opts.maps,
-                                      panels=opts.panels, fmt=opts.fmt)
+                                      panels=opts.panels, fmt=opts.fmt, resume=opts.resume)
     from kano.evaluator.command import predict
 
     return predict(inputs=opts.inputs, class_name=opts.class_name, run=opts.run, backbone=opts.backbone, out=opts.out,

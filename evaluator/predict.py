@@ -26,6 +26,10 @@ NAME is the file's stem, sanitised; inputs with the same stem get their parent f
 (a/x/001.png -> a_x_001 beside b/x/001.png -> b_x_001), so no two rows share a file. Making names unique
 needs every input's path, so with maps or panels the paths (only they) are held in memory.
 
+The scorer is any evaluator.inference.Inferencer: the torch model (evaluator.detector.Detector, `--run`,
+`--backbone`, `--method`) or the exported graph (deploy.runtime.ExportedModel, `--model`); this module imports no
+torch, so the graph's path stays torch-free.
+
 Several processes (`torchrun` / `accelerate launch`, `dist` given): batch k of the inputs goes to process
 k % world (evaluator.stream); each appends its rows to OUT/parts/rankR-of-W.jsonl, and process 0 merges
 the parts into predictions.jsonl, the rows a single process writes, in the same order.
@@ -35,25 +39,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from kano.anomaly_data import Sample
-from kano.anomaly_data.names import class_word
 from kano.core.errors import KanoError
 
 from . import outputs, records
-from .evaluate import cpu_streams, gather, run_inference
+from .inference import Inferencer
 from .predict_files import finish as _finish
 from .predict_files import row as _row
 from .stream import iter_inputs, shard_batches, shard_size
 
 FORMATS = ("jsonl", "parquet")
-# batches per write on a GPU or with DataLoader workers: enough to keep the loader's prefetch busy and to
-# amortise its start; on the CPU in-process a write holds one batch per stream (evaluate.cpu_streams)
-GPU_ROUND = 8
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -123,108 +121,184 @@ def _sync(dist, failed: str | None) -> None:
         if failed:
             raise KanoError(failed)
         return
+    from .evaluate import gather  # several processes: torch.distributed, so torch is there
+
     got = gather(dist, failed)
     bad = [f"process {r}: {e}" for r, e in enumerate(got) if e]
     if bad:
         raise KanoError("; ".join(bad))
 
 
-def predict(model, inputs: list[str], class_name: str | None, out_dir: Path, threshold: float | None, batch_size: int = 8,
-            device: torch.device | None = None, prompt: str | None = None, progress: Callable | None = None, *,
-            method: dict | None = None, force: bool = False, workers: int = 0, maps: bool = True, panels: bool = True,
-            fmt: str = "jsonl", resume: bool = False, dist=None, prompts: dict | None = None,
-            threshold_source: str | None = None, pixel_threshold: float | None = None) -> records.ResultRows:
-    """Score images; writes the files listed in the module docstring; returns the rows (read from the result
-    file when asked, with `.summary`, the counts). class_name: the class of inputs that name none (a
-    manifest's `class` column names its own); prompt: its class word (None: anomaly_data.names.class_word's
-    rule); prompts: class -> class word for a manifest's other classes (the rule fills the rest); their
-    decisions use `threshold` too. threshold_source: where `threshold` came from ("command line",
-    "calibration", "run"), recorded beside it; pixel_threshold: the calibration's, the panels' colour scale
-    and the masks' cut (None: absolute scale, no masks). dist: the launch's processes (kano.core.distributed.Dist or
-    anything with rank, world, gather and broadcast); None: this process alone."""
-    started = time.time()
-    device = device or model.backbone.device
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise KanoError(f"threshold must be in [0, 1], got {threshold}")
-    if fmt not in FORMATS:
-        raise KanoError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
-    out_dir = Path(out_dir)
-    total = 0
-    for path, cls in iter_inputs(inputs):  # one pass: the count, and every input's form checked before anything is written
-        if cls is None and class_name is None:
+@dataclass
+class Job:
+    """What one `kano predict` holds between its steps (predict below): the options, then what each step finds."""
+
+    scorer: Inferencer
+    inputs: list[str]
+    class_name: str | None
+    out_dir: Path
+    batch_size: int
+    maps: bool
+    panels: bool
+    fmt: str
+    force: bool
+    resume: bool
+    dist: object
+    progress: Callable | None
+    same_threshold: bool
+    word: str | None = None
+    started: float = field(default_factory=time.time)
+    world: int = 1
+    rank: int = 0
+    total: int = 0
+    rules: dict = field(default_factory=dict)  # class -> (word, threshold, source, pixel threshold)
+    identity: dict = field(default_factory=dict)
+    state: str | None = None
+    names: list | None = None
+    classes: set = field(default_factory=set)  # the classes the inputs name
+
+    @property
+    def part(self) -> Path:
+        """The file this process appends its rows to."""
+        return self.out_dir / (records.RESULT if self.world == 1 else f"parts/rank{self.rank}-of-{self.world}.jsonl")
+
+    def rule(self, cls: str) -> tuple:
+        """(word, threshold, source, pixel threshold) of `cls`: the scorer's, once per class; with same_threshold,
+        every class decides by the class given on the command line (a run's threshold is set on its class)."""
+        if cls not in self.rules:
+            word = self.word if cls == self.class_name and self.word else self.scorer.class_word(cls)
+            if self.same_threshold and self.class_name is not None and cls != self.class_name:
+                decide = self.rule(self.class_name)[1:]
+            else:
+                decide = (*self.scorer.threshold_for(cls, word), self.scorer.pixel_threshold_for(cls, word)[0])
+            self.rules[cls] = (word, *decide)
+        return self.rules[cls]
+
+
+def predict(scorer: Inferencer, inputs: list[str], class_name: str | None, out_dir: Path, *, class_word: str | None = None,
+            batch_size: int = 8, progress: Callable | None = None, force: bool = False, maps: bool = True, panels: bool = True,
+            fmt: str = "jsonl", resume: bool = False, dist=None, same_threshold: bool = False) -> records.ResultRows:
+    """Score images with `scorer`; writes the files listed in the module docstring; returns the rows (read from the
+    result file when asked, with `.summary`, the counts). class_name: the class of inputs that name none (a
+    manifest's `class` column names its own); class_word: its prompt word (None: the scorer's rule; every other
+    class has the rule's); the thresholds are the scorer's for each class (evaluator.inference), or, with
+    same_threshold, the given class's for all. dist: the launch's processes (kano.core.distributed.Dist or anything
+    with rank, world, gather and broadcast); None: this process alone."""
+    job = Job(scorer, list(inputs), class_name, Path(out_dir), batch_size, maps, panels, fmt, force, resume, dist, progress,
+              same_threshold, class_word)
+    check(job)
+    describe(job)
+    claim(job)
+    name_outputs(job)
+    _sync(dist, score_rows(job) if job.state != "done" else None)
+    return finish(job)
+
+
+def check(job: Job) -> None:
+    """Options and every input's form checked before anything is written: the count, each input's class."""
+    if job.batch_size < 1:
+        raise KanoError(f"batch size must be an integer >= 1, got {job.batch_size}")
+    if job.fmt not in FORMATS:
+        raise KanoError(f"format must be one of {', '.join(FORMATS)}, got {job.fmt!r}")
+    job.world, job.rank = (job.dist.world, job.dist.rank) if job.dist is not None else (1, 0)
+    for path, cls in iter_inputs(job.inputs):  # one pass: the count, and every input's class
+        if cls is None and job.class_name is None:
             raise KanoError(f"input {path} must have a class: give --class, or a 'class' column in its manifest")
-        total += 1
-    if total == 0:
+        if (cls or job.class_name) not in job.classes:
+            job.scorer.check_class(cls or job.class_name)
+            job.classes.add(cls or job.class_name)
+        job.total += 1
+    if job.total == 0:
         raise KanoError("predict needs at least one image or folder, got none")
-    method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
-    word = prompt or (class_word(class_name, None, prompts) if class_name else None)
-    identity = {"method": method, "class": class_name, "class_word": word, "threshold": threshold, "threshold_source": threshold_source,
-                "pixel_threshold": pixel_threshold,
-                "inputs": [str(Path(x).resolve()) for x in inputs],
-                "image_size": model.backbone.image_size, "maps": maps, "panels": panels, "format": fmt}
-    if world > 1:  # the parts' layout depends on both
-        identity.update(processes=world, batch_size=batch_size)
+
+
+def describe(job: Job) -> None:
+    """The class's word and thresholds, and the identity a rerun must repeat to continue this run."""
+    word, threshold, source, pixel = job.rule(job.class_name) if job.class_name else (None, None, None, None)
+    job.identity = {"method": job.scorer.describe(), "class": job.class_name, "class_word": word, "threshold": threshold,
+                    "threshold_source": source, "pixel_threshold": pixel, "inputs": [str(Path(x).resolve()) for x in job.inputs],
+                    "image_size": job.scorer.image_size, "maps": job.maps, "panels": job.panels, "format": job.fmt}
+    if job.world > 1:  # the parts' layout depends on both
+        job.identity.update(processes=job.world, batch_size=job.batch_size)
+
+
+def claim(job: Job) -> None:
+    """Process 0 claims OUT (new, continue or done: _claim), and every process learns the outcome."""
     state, failed = None, None
-    if rank == 0:
+    if job.rank == 0:
         try:
-            state = _claim(out_dir, identity, force, resume)
+            state = _claim(job.out_dir, job.identity, job.force, job.resume)
         except KanoError as exc:
             failed = str(exc)
-    state, failed = dist.broadcast((state, failed)) if world > 1 else (state, failed)
+    state, failed = job.dist.broadcast((state, failed)) if job.world > 1 else (state, failed)
     if failed:
         raise KanoError(failed)
-    result = out_dir / records.RESULT
-    part = result if world == 1 else out_dir / "parts" / f"rank{rank}-of-{world}.jsonl"
-    names = None
-    if maps or panels:
-        for sub, wanted in (("maps", maps), ("panels", panels)):
-            if wanted:
-                (out_dir / sub).mkdir(exist_ok=True)
-        names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in iter_inputs(inputs)])
-    failed = None
-    if state != "done":
-        part.parent.mkdir(parents=True, exist_ok=True)
-        # whole batches only: the images of a batch cut short are scored again in the same batch as before, so the
-        # rows are the bits an uninterrupted run writes (a batch's composition moves the last bits of its scores)
-        done = records.repair(part) // batch_size * batch_size
-        if part.exists():
-            records.keep_rows(part, done)
-        todo = shard_size(total, batch_size, world, rank) - done
-        streams = cpu_streams(device, workers, 4, model)
-        per_round = GPU_ROUND if (device.type != "cpu" or workers) else streams
-        advance, close = progress(todo) if progress and rank == 0 else (lambda k: None, lambda: None)
-        try:
-            with records.RowWriter(part) as writer:
-                batches = _skip_done(shard_batches(iter_inputs(inputs), batch_size, world, rank), part, done)
-                for group in _rounds(batches, per_round, batch_size):
-                    items = [it for b in group for it in b]
-                    classes = [cls or class_name for _, (_, cls) in items]
-                    samples = [Sample(str(Path(p).resolve()), None, c, "unknown", 0) for (_, (p, _)), c in zip(items, classes)]
-                    words = [word if c == class_name else class_word(c, None, prompts) for c in classes]
-                    errors: dict[int, str] = {}
-                    scores, amaps, _ = run_inference(model, samples, words, batch_size, device, workers, advance, errors=errors)
-                    writer.append(_row(out_dir, p, c, w, names[gi] if names else None, scores[j], amaps[j], errors.get(j), threshold,
-                                       threshold_source, maps, panels, pixel_threshold)
-                                  for j, ((gi, (p, _)), c, w) in enumerate(zip(items, classes, words)))
-        except KanoError as exc:
-            if world == 1:
-                raise
-            failed = str(exc)
-        finally:
-            close()
-    _sync(dist, failed)
+    job.state = state
+
+
+def name_outputs(job: Job) -> None:
+    """The per-image files' folders and unique names (only they need every input's path: held only when maps,
+    panels or masks may be written; a mask needs a class with a pixel threshold)."""
+    if not (job.maps or job.panels or any(job.rule(c)[3] is not None for c in sorted(job.classes))):
+        return
+    for sub, wanted in (("maps", job.maps), ("panels", job.panels)):
+        if wanted:
+            (job.out_dir / sub).mkdir(exist_ok=True)
+    job.names = outputs.unique_names([[Path(p).stem, *reversed(Path(p).resolve().parent.parts[-4:])] for p, _ in iter_inputs(job.inputs)])
+
+
+def score_rows(job: Job) -> str | None:
+    """Score this process's batches after the rows already written, a round at a time, and append their rows.
+    -> None, or, with several processes, this one's failure (the others learn it in _sync)."""
+    part, bs = job.part, job.batch_size
+    part.parent.mkdir(parents=True, exist_ok=True)
+    # whole batches only: the images of a batch cut short are scored again in the same batch as before, so the
+    # rows are the bits an uninterrupted run writes (a batch's composition moves the last bits of its scores)
+    done = records.repair(part) // bs * bs
+    if part.exists():
+        records.keep_rows(part, done)
+    todo = shard_size(job.total, bs, job.world, job.rank) - done
+    advance, close = job.progress(todo) if job.progress and job.rank == 0 else (lambda k: None, lambda: None)
+    try:
+        with records.RowWriter(part) as writer:
+            batches = _skip_done(shard_batches(iter_inputs(job.inputs), bs, job.world, job.rank), part, done)
+            for group in _rounds(batches, job.scorer.batches_per_round(), bs):
+                writer.append(score_round(job, [it for b in group for it in b], advance))
+    except KanoError as exc:
+        if job.world == 1:
+            raise
+        return str(exc)
+    finally:
+        close()
+    return None
+
+
+def score_round(job: Job, items: list, advance: Callable[[int], None]) -> list[dict]:
+    """One round's images ((global index, (path, class or None)) each) scored -> their rows, in order."""
+    classes = [cls or job.class_name for _, (_, cls) in items]
+    rules = [job.rule(c) for c in classes]
+    errors: dict[int, str] = {}
+    scores, maps = job.scorer.score_files([p for _, (p, _) in items], classes, [r[0] for r in rules], job.batch_size, advance, errors)
+    return [_row(job.out_dir, p, c, word, job.names[gi] if job.names else None, scores[j], maps[j], errors.get(j), t, src,
+                 job.maps, job.panels, pixel)
+            for j, ((gi, (p, _)), c, (word, t, src, pixel)) in enumerate(zip(items, classes, rules))]
+
+
+def finish(job: Job) -> records.ResultRows:
+    """Process 0 merges the parts and writes the counts, the page and the manifest; every process gets the rows."""
     summary, failed = None, None
-    if rank == 0:
+    if job.rank == 0:
+        ident = job.identity
         try:
-            summary = _finish(out_dir, identity, world, total, batch_size, fmt, method, model.backbone.image_size, class_name,
-                              word, threshold, threshold_source, started, merge=state != "done", pixel_threshold=pixel_threshold)
+            summary = _finish(job.out_dir, ident, job.world, job.total, job.batch_size, job.fmt, ident["method"], job.scorer.image_size,
+                              job.class_name, ident["class_word"], ident["threshold"], ident["threshold_source"], job.started,
+                              merge=job.state != "done", pixel_threshold=ident["pixel_threshold"])
         except KanoError as exc:
             failed = str(exc)
-    if world > 1:
-        summary, failed = dist.broadcast((summary, failed))
+    if job.world > 1:
+        summary, failed = job.dist.broadcast((summary, failed))
     if failed:
         raise KanoError(failed)
-    rows = records.ResultRows(result)
+    rows = records.ResultRows(job.out_dir / records.RESULT)
     rows.summary = summary
     return rows

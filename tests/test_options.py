@@ -135,7 +135,7 @@ def test_eval_refuses_image_size_with_a_run(cli, synth_root, tmp_path):
     assert code == 2 and "--image-size is used with --backbone or --method only" in err
 
 
-@pytest.mark.parametrize("option,value", [("--workers", "2"), ("--resume", None), ("--device", "cpu"),
+@pytest.mark.parametrize("option,value", [("--workers", "2"), ("--device", "cpu"),
                                           ("--class-word", "thing"), ("--image-size", "64"), ("--run", "r"),
                                           ("--backbone", "tiny"), ("--method", "clip"), ("--k-shot", "1"),
                                           ("--calibration", "cal.json")])

@@ -299,14 +299,36 @@ def test_page_uploads_through_the_file_input_and_shows_decision_and_panel(server
 
 def test_an_answer_carries_the_outputs_asked_for(synth_root, tmp_path):
     """The request field `outputs`: map and panel by default, either alone, or none (the score alone); anything
-    else is a 422 naming the choices. The scorer is a plain function (score = the mean of the first channel)."""
+    else is a 422 naming the choices. The scorer is a plain inference interface (score = the mean of the first channel)."""
     from kano.deploy.serve import Scorer, create_app
+    from kano.evaluator.inference import FileScoring, Inferencer
 
-    def score(x, idx):
-        return x[:, 0].mean((1, 2)), x[:, 0]
+    class Mean(FileScoring):
+        image_size = 32
 
-    scorer = Scorer(["disc"], 32, {"disc": 0.5}, {"kind": "zero-parameter", "name": "mean"},
-                    lambda img: np.asarray(img.convert("RGB").resize((32, 32)), np.float32).transpose(2, 0, 1) / 255, score)
+        def describe(self):
+            return {"kind": "zero-parameter", "name": "mean"}
+
+        def check_class(self, c):
+            pass
+
+        def class_word(self, c):
+            return c
+
+        def threshold_for(self, c, word=None):
+            return 0.5, "command line"
+
+        def pixel_threshold_for(self, c, word=None):
+            return None, None
+
+        def preprocess(self, img):
+            return np.asarray(img.convert("RGB").resize((32, 32)), np.float32).transpose(2, 0, 1) / 255
+
+        def score(self, x, classes, words=None):
+            return x[:, 0].mean((1, 2)), x[:, 0]
+
+    assert isinstance(Mean(), Inferencer)
+    scorer = Scorer(Mean(), ["disc"])
     good = images(synth_root)[0][0]
     with in_thread(create_app(scorer, tmp_path / "svc")) as url:
         def ask(outputs):
