@@ -79,6 +79,18 @@ def trained_run(synth_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_run(trained_run, tmp_path_factory) -> Path:
+    """trained_run exported to ONNX for its classes disc and weave (kano export, once per session: an export costs
+    about a minute on two cores). Tests read it, never change it."""
+    pytest.importorskip("onnxruntime", reason="pip install 'kano[export,runtime]'")
+    from kano.deploy.export import export
+
+    out = tmp_path_factory.mktemp("exported") / "model.onnx"
+    export(run=str(trained_run), method=None, backbone=None, classes=["disc", "weave"], fmt="onnx", out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def hazelnut_root(tmp_path_factory) -> Path:
     """../shared's real hazelnut photos (repo copy), placed as a class folder of an MVTec-layout root."""
     root = tmp_path_factory.mktemp("mvtec")

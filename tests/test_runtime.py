@@ -33,12 +33,8 @@ atexit.register(lambda: open(os.environ["KANO_TEST_MODULES"], "w").write(
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory, ) -> Path:
-    from kano.deploy.export import export
-
-    out = tmp_path_factory.mktemp("exported") / "model.onnx"
-    export(run=str(trained_run), method=None, backbone=None, classes=["disc", "weave"], fmt="onnx", out=out)
-    return out
+def exported(exported_run) -> Path:
+    return exported_run  # conftest: the run exported once per session
 
 
 def run_without_torch(args: list, tmp: Path) -> subprocess.CompletedProcess:

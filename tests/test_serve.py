@@ -36,12 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory) -> Path:
-    from kano.deploy.export import export
-
-    out = tmp_path_factory.mktemp("served") / "model.onnx"
-    export(run=str(trained_run), method=None, backbone=None, classes=CLASSES, fmt="onnx", out=out)
-    return out
+def exported(exported_run) -> Path:
+    return exported_run  # conftest: the run exported once per session
 
 
 @pytest.fixture(scope="module")
