@@ -18,7 +18,6 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from kano.core.errors import KanoError
-from kano.core.thresholds import SOURCES as THRESHOLD_SOURCES
 
 from .records import decision
 
@@ -146,4 +145,4 @@ def postprocess(score: float, amap: np.ndarray, size: tuple[int, int], threshold
                   threshold=threshold, threshold_source=source, class_word=word, image=path)
 
 
-__all__ = ["Inferencer", "FileScoring", "Result", "postprocess", "THRESHOLD_SOURCES", "ROUND"]
+__all__ = ["Inferencer", "FileScoring", "Result", "postprocess", "ROUND"]

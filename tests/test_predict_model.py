@@ -133,3 +133,35 @@ def test_two_processes_write_the_rows_of_one_with_model(graph, tmp_path):
                           str(tmp_path / "two")], env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert _rows(tmp_path / "one") == _rows(tmp_path / "two") and not (tmp_path / "two" / "parts").exists()
+
+
+def test_both_scorers_meet_the_one_interface_and_every_front_end_gets_the_same_score(graph, tmp_path, cli):
+    """The exported graph and the torch Detector are both evaluator.inference.Inferencer; a one-colour image scores
+    (200 - 100) / 255 times the class's weight (disc 1, weave 2) through the graph alone, serve's Scorer and predict."""
+    from kano.deploy.runtime import ExportedModel
+    from kano.deploy.serve import Scorer
+    from kano.evaluator.detector import Detector
+    from kano.evaluator.inference import Inferencer
+
+    graph_scorer = ExportedModel(graph, threads=1)
+    assert isinstance(graph_scorer, Inferencer) and isinstance(Detector.zero_shot("median_colour"), Inferencer)
+    picture = tmp_path / "one.png"
+    Image.new("RGB", (40, 30), (200, 50, 100)).save(picture)
+    x = graph_scorer.preprocess(Image.open(picture).convert("RGB"))[None]
+    assert graph_scorer.score(x, ["weave"])[0][0] == pytest.approx(2 * 100 / 255, abs=1e-6)
+    assert Scorer(graph_scorer, ["weave"]).score(x, [0])[0][0] == pytest.approx(2 * 100 / 255, abs=1e-6)
+    code, _, err = cli("predict", picture, "--class", "weave", "--model", graph, *FAST, "--out", tmp_path / "p")
+    assert code == 0, err
+    assert _rows(tmp_path / "p")[0]["score"] == pytest.approx(2 * 100 / 255, abs=1e-6)
+
+
+def test_the_threshold_order_is_one_rule():
+    from kano.core.errors import KanoError
+    from kano.core.thresholds import pick
+
+    assert pick(0.3, 0.4, 0.5) == (0.3, "command line")
+    assert pick(None, 0.4, 0.5) == (0.4, "calibration")
+    assert pick(None, None, 0.5) == (0.5, "run") and pick(None, None, 0.5, "run, exported") == (0.5, "run, exported")
+    assert pick(None) == (None, None)
+    with pytest.raises(KanoError, match=r"threshold must be a number in \[0, 1\] \(scores are in \[0, 1\]\), got 1.5"):
+        pick(1.5)
