@@ -111,7 +111,7 @@ class Detector:
         path (kanoclip/fewshot.py); the run's own threshold (of its scores without references) is then not used.
         calibration: a calibration file of this mode (default: RUN/calibration.json, refused if of another mode).
         style: how errors name the options ("api": these arguments; "cli": kano predict's flags)."""
-        from kano.evaluator.command import _device
+        from kano.core.device import resolve_device as _device
         from kano.evaluator.loading import load_model
         from kano.evaluator.report import trained_method
 
@@ -153,7 +153,7 @@ class Detector:
         images of the folder, sorted by path, as every class's references (WinCLIP+). style: how errors name the
         options ("api": these arguments; "cli": kano predict's flags). calibration: a calibration file of this mode
         (`kano calibrate --calibration FILE`)."""
-        from kano.evaluator.command import _device
+        from kano.core.device import resolve_device as _device
         from kano.evaluator.methods import load_method, reference_folder
         from kano.core.registry import methods_with, method_spec, option_name
 
