@@ -14,7 +14,9 @@ whatever is queued after waiting at most `batch_wait_ms` for the first, and runs
 queue length (503 with Retry-After), request timeout (504). Uploads are written into the service's own
 folder (FOLDER/uploads, a random name each, deleted after decoding), never under a name from the request.
 
-Scoring: the exported graph (kano.deploy.runtime; no torch) with --model, or the run's torch model with --run.
+Scoring: through the one inference interface (kano.evaluator.inference.Inferencer, wrapped by Scorer): the
+exported graph (kano.deploy.runtime; no torch) with --model, or the run's torch model (kano.evaluator.detector)
+with --run. create_app is built in steps: start, add_request_log, add_error_answers, add_pages, add_predict.
 The server is bound to 127.0.0.1 unless --host names another address and --public says so.
 """
 
