@@ -201,6 +201,9 @@ def check(job: Job) -> None:
     if job.fmt not in FORMATS:
         raise KanoError(f"format must be one of {', '.join(FORMATS)}, got {job.fmt!r}")
     job.world, job.rank = (job.dist.world, job.dist.rank) if job.dist is not None else (1, 0)
+    if job.class_name is not None:  # its word and thresholds are recorded even when every input names its own class
+        job.scorer.check_class(job.class_name)
+        job.classes.add(job.class_name)
     for path, cls in iter_inputs(job.inputs):  # one pass: the count, and every input's class
         if cls is None and job.class_name is None:
             raise KanoError(f"input {path} must have a class: give --class, or a 'class' column in its manifest")

@@ -95,6 +95,9 @@ def test_a_manifest_class_the_graph_lacks_is_refused_before_anything_is_written(
     code, _, err = cli("predict", tmp_path / "m.csv", "--class", "disc", "--model", graph, *FAST, "--out", tmp_path / "o")
     assert code == 2 and "class must be one of the exported classes disc, weave, got 'screw'" in err, err
     assert not (tmp_path / "o").exists()
+    code, _, err = cli("predict", tmp_path / "m.csv", "--class", "bolt", "--model", graph, *FAST, "--out", tmp_path / "o")
+    assert code == 2 and "class must be one of the exported classes disc, weave, got 'bolt'" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow  # three runs of the entry point over 300 images (about 15 s on two loaded cores)
