@@ -1,7 +1,7 @@
 """The per-image files of `kano predict` (evaluator.predict's docstring lists them): one row, a map, a panel.
 
-No torch here: the streaming torch loop (evaluator.predict) and the exported-model runtime (kano.deploy.runtime)
-both write each image through `row`, so their outputs cannot drift apart.
+No torch here: the one streaming loop (evaluator.predict) writes each image through `row` whichever scorer
+(the torch model or the exported graph, evaluator.inference) scored it, and `finish` ends every run.
 """
 
 from __future__ import annotations
