@@ -106,7 +106,9 @@ def entries(args, aux: str, target: str, kb: Path, out: Path, seeds: list[int]):
                 return model.eval(), cfg.get("prompt_names", {})
             rows.append((f"{m}/s{s}", METHODS[m].label, KIND_COLUMN["trained"], s, build))
     for m, spec in METHODS.items():
-        if spec.kind == "trained":
+        # one-class methods (PatchCore, PaDiM, oneclass) fit each target product's own normal photos: another
+        # setting than Table 1's unseen classes (the paper's table has none of them)
+        if spec.kind in ("trained", "one-class"):
             continue
         key = "untrained" if m == "kanoclip-untrained" else m
         name = f"{spec.label} ({bb})" if spec.kind == "transductive" and "backbone" in spec.needs else spec.label
