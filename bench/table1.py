@@ -1,6 +1,8 @@
 """The paper's Table 1 in the micro world: every method of one harness on the same unseen target classes.
 
-    OMP_NUM_THREADS=2 python bench/table1.py --out /tmp/table1 --seeds 0,1
+    OMP_NUM_THREADS=1 python bench/table1.py --out /tmp/table1 --seeds 0,1
+
+(one torch thread per job on a shared machine; OMP_NUM_THREADS=2 on two quiet cores.)
 
 Data as `kano demo` makes it (anomaly_data/world.py): the trained methods (KAnoCLIP, April-GAN, AnomalyCLIP, MVFA-AD)
 learn on the auxiliary classes (seen defect kinds only) and are evaluated zero-shot on the disjoint target classes
