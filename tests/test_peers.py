@@ -51,9 +51,11 @@ def _bilinear(a, size, align_corners):
     return out
 
 
-def _focal(p, t, gamma=2.0):
-    pt = np.where(t > 0, p, 1 - p)
-    return float(np.mean(-(1 - pt) ** gamma * np.log(pt)))
+def _code_focal(pn, pa, t):
+    """The peers' code's focal loss (their loss.py, gamma 2): one-hot clamped to [1e-5, 1 - 1e-5], pt = <onehot, p>
+    + 1e-5. pn, pa: P(normal), P(abnormal); t: the mask in {0, 1}."""
+    pt = np.where(t > 0, (1 - 1e-5) * pa + 1e-5 * pn, (1 - 1e-5) * pn + 1e-5 * pa) + 1e-5
+    return float(np.mean(-(1 - pt) ** 2 * np.log(pt)))
 
 
 def _dice(p, t):
@@ -116,12 +118,7 @@ def test_aprilgan_loss_is_focal_plus_abnormal_dice_per_stage(bb):
     masks[0, 2:5, 3:7] = 1
     terms = model.loss(out, masks, torch.tensor([1.0, 0.0]))
     p, t = out.stage_probs.detach().double().numpy(), masks.numpy()
-
-    def focal(pn, pa):  # the authors' loss.py: one-hot clamped to [1e-5, 1 - 1e-5], pt = <onehot, p> + 1e-5
-        pt = np.where(t > 0, (1 - 1e-5) * pa + 1e-5 * pn, (1 - 1e-5) * pn + 1e-5 * pa) + 1e-5
-        return float(np.mean(-(1 - pt) ** 2 * np.log(pt)))
-
-    want = sum(focal(p[:, s, 0], p[:, s, 1]) + _dice(p[:, s, 1], t) for s in range(4))
+    want = sum(_code_focal(p[:, s, 0], p[:, s, 1], t) + _dice(p[:, s, 1], t) for s in range(4))
     assert float(terms["total"]) == pytest.approx(want, rel=1e-5)
     # a confidently wrong pixel (P(abnormal) 0 on a defect): pt = 1e-5 (the clamped one-hot of normal) + 1e-5
     probs = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
@@ -210,8 +207,8 @@ def test_anomalyclip_loss_is_ce_plus_four_times_focal_and_both_dices(bb):
     masks[1, 1:4, 1:6] = 1
     labels = torch.tensor([0.0, 1.0])
     terms = model.loss(out, masks, labels)
-    p, t = out.stage_probs.detach().numpy(), masks.numpy()
-    local = sum(_focal(p[:, s, 1], t) + _dice(p[:, s, 1], t) + _dice(p[:, s, 0], 1 - t) for s in range(4))
+    p, t = out.stage_probs.detach().double().numpy(), masks.numpy()
+    local = sum(_code_focal(p[:, s, 0], p[:, s, 1], t) + _dice(p[:, s, 1], t) + _dice(p[:, s, 0], 1 - t) for s in range(4))
     logp = np.log(_softmax(out.global_logits.detach().numpy()))
     ce = -float(np.mean(logp[[0, 1], [0, 1]]))
     assert float(terms["local"]) == pytest.approx(local, rel=1e-5)
