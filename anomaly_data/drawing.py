@@ -1,5 +1,6 @@
-"""Drawing primitives shared by the synthetic generators: anomaly_data/world.py, anomaly_data/synth.py and the
-micro-CLIP's captioned world (bench/micro_world.py).
+"""Drawing primitives shared by the synthetic generators: anomaly_data/world.py, anomaly_data/synth.py,
+anomaly_data/photo_defects.py and the micro-CLIP's captioned world (bench/micro_world.py); the interface they
+meet and the writer of their datasets are anomaly_data/generator.py.
 
 Each helper takes its random draws from the caller's generator in the order the caller used to draw them
 inline, and returns exactly the pixels the inline code drew: the shipped micro-CLIP was pretrained on these
@@ -20,9 +21,10 @@ def rng(seed: int, *keys) -> np.random.Generator:
     return np.random.default_rng([seed, *[zlib.crc32(str(k).encode()) for k in keys]])
 
 
-def mask_of(size: int, draw) -> np.ndarray:
-    """The pixels `draw(ImageDraw.Draw)` fills with a non-zero value on a blank (size, size) canvas: bool."""
-    img = Image.new("L", (size, size), 0)
+def mask_of(size: int | tuple[int, int], draw) -> np.ndarray:
+    """The pixels `draw(ImageDraw.Draw)` fills with a non-zero value on a blank canvas of `size`: a side (square)
+    or (width, height). -> bool (H, W)."""
+    img = Image.new("L", tuple(size) if isinstance(size, tuple) else (size, size), 0)
     draw(ImageDraw.Draw(img))
     return np.asarray(img) > 0
 
@@ -35,10 +37,13 @@ def point_in(region: np.ndarray, r: np.random.Generator, margin: int) -> tuple[f
     return float(xs[k] + margin), float(ys[k] + margin)
 
 
-def blob(size: int, x: float, y: float, rad: float, r: np.random.Generator, corners: int = 8) -> np.ndarray:
-    """An irregular polygon around (x, y), each corner at 0.6-1.3 x rad: a bool mask (size, size)."""
-    pts = [(x + rad * r.uniform(0.6, 1.3) * math.cos(t), y + rad * r.uniform(0.6, 1.3) * math.sin(t))
-           for t in np.linspace(0, 2 * math.pi, corners + 1)[:-1]]
+def blob(size: int | tuple[int, int], x: float, y: float, rad: float, r: np.random.Generator, corners: int = 8,
+         low: float = 0.6, angles=None) -> np.ndarray:
+    """An irregular polygon around (x, y), each corner's x and y offsets at low-1.3 x rad (two draws a corner):
+    a bool mask (H, W) of `size` (as mask_of's). angles: the corners' directions (default `corners` evenly spaced)."""
+    if angles is None:
+        angles = np.linspace(0, 2 * math.pi, corners + 1)[:-1]
+    pts = [(x + rad * r.uniform(low, 1.3) * math.cos(t), y + rad * r.uniform(low, 1.3) * math.sin(t)) for t in angles]
     return mask_of(size, lambda d: d.polygon(pts, fill=255))
 
 
@@ -57,8 +62,8 @@ def walk(x: float, y: float, ang: float, steps: int, step: float, turn: float, r
     return pts
 
 
-def line_mask(size: int, pts: list[tuple[float, float]], width: int) -> np.ndarray:
-    """The pixels a polyline of `width` through `pts` covers: a bool mask (size, size)."""
+def line_mask(size: int | tuple[int, int], pts: list[tuple[float, float]], width: int) -> np.ndarray:
+    """The pixels a polyline of `width` through `pts` covers: a bool mask (H, W) of `size` (as mask_of's)."""
     return mask_of(size, lambda d: d.line(pts, fill=255, width=width))
 
 

@@ -20,6 +20,7 @@ from kano.core.errors import KanoError
 
 from . import world
 from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
+from .generator import Drawn, Spec, write_class, write_meta
 from .world import SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
 
 # The first generation of classes (kept for the unit tests): every defect here is a colour outlier.
@@ -158,6 +159,24 @@ def _make(cls: str, size: int, r: np.random.Generator):
     return img, region, background
 
 
+class _Legacy:
+    """The legacy classes' generator (anomaly_data/generator.py's interface): a normal image, or one defect
+    re-drawn (same image, further draws) until it changes more than 30 pixels, at most 20 times."""
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        img, region, background = _make(spec.cls, spec.size, r)
+        if spec.normal:
+            return Drawn(img)
+        for _ in range(20):
+            bad_img, mask = _defect(img, region, spec.role, background, r)
+            if mask.sum() > 30:
+                break
+        return Drawn(bad_img, mask)
+
+
+LEGACY = _Legacy()
+
+
 def _kinds_for(cls: str, defects: tuple[str, ...] | None) -> list[str]:
     """The defect folders written for a class: the requested kinds that apply to it, in order, deduplicated."""
     if cls in WORLD_CLASSES:
@@ -185,8 +204,6 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
     for it ("hole", "colour", "missing" mean dark_spot, hue, part_missing on world classes).
     force=False refuses a folder that already holds files.
     """
-    from .readers import Dataset, read_mvtec, write_meta
-
     classes = list(classes or SYNTH_CLASSES)
     unknown = [c for c in classes if c not in SYNTH_CLASSES]
     if unknown:
@@ -204,46 +221,12 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
     if not force and out.is_dir() and any(out.iterdir()):
         raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
 
-    def save(arr, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(arr).astype(np.uint8)).save(path)
-
     for cls in classes:
-        if cls in WORLD_CLASSES:
-            _write_world_class(out, cls, seed, size, n_train, n_good, n_per_defect, _kinds_for(cls, defects), save)
-            continue
-        for i in range(n_train):
-            img, _, _ = _make(cls, size, rng(seed, cls, "train", i))
-            save(img, out / cls / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_good):
-            img, _, _ = _make(cls, size, rng(seed, cls, "good", i))
-            save(img, out / cls / "test" / "good" / f"{i:03d}.png")
-        for kind in _kinds_for(cls, defects):
-            for i in range(n_per_defect):
-                r = rng(seed, cls, kind, i)
-                img, region, background = _make(cls, size, r)
-                for _ in range(20):
-                    bad_img, mask = _defect(img, region, kind, background, r)
-                    if mask.sum() > 30:
-                        break
-                save(bad_img, out / cls / "test" / kind / f"{i:03d}.png")
-                save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
-    out.mkdir(parents=True, exist_ok=True)
-    write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")
+        gen = world.WORLD if cls in WORLD_CLASSES else LEGACY
+        write_class(out, cls, gen, seed, size, {"train": n_train, "good": n_good,
+                                                **{kind: n_per_defect for kind in _kinds_for(cls, defects)}})
+    write_meta(out)
     return out
-
-
-def _write_world_class(out: Path, cls: str, seed: int, size: int, n_train: int, n_good: int, n_per_defect: int,
-                       kinds: list[str], save) -> None:
-    for i in range(n_train):
-        save(world.make_normal(cls, size, rng(seed, cls, "train", i)), out / cls / "train" / "good" / f"{i:03d}.png")
-    for i in range(n_good):
-        save(world.make_normal(cls, size, rng(seed, cls, "good", i)), out / cls / "test" / "good" / f"{i:03d}.png")
-    for kind in kinds:
-        for i in range(n_per_defect):
-            img, mask = world.make_defective(cls, kind, size, rng(seed, cls, kind, i))
-            save(img, out / cls / "test" / kind / f"{i:03d}.png")
-            save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
 
 
 def synthesize_world(out: Path, split: str = "target", seed: int = 0, size: int = 128, n_train: int = 0, n_good: int = 8,

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
+from .generator import Drawn, Spec
 
 WORLD_TEXTURES = ("linen", "corduroy", "tartan", "brick", "dune", "grain", "mesh", "scales", "twill", "felt",
                   "perforated", "parquet")
@@ -449,3 +450,15 @@ def make_defective(cls: str, kind: str, size: int, r: np.random.Generator) -> tu
         if mask.sum() > max(12, size * size // 1500):
             break
     return _finish(bad, gain, noise), mask
+
+
+class _World:
+    """The world's generator (anomaly_data/generator.py's interface): make_normal or make_defective."""
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        if spec.normal:
+            return Drawn(make_normal(spec.cls, spec.size, r))
+        return Drawn(*make_defective(spec.cls, spec.role, spec.size, r))
+
+
+WORLD = _World()

@@ -21,7 +21,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from kano.anomaly_data.drawing import blob, line_mask, mask_of, noise_image, rng, segment, walk
+from kano.anomaly_data.drawing import blob, line_mask, mask_of, noise_image, point_in, rng, segment, walk
+from kano.anomaly_data.generator import Drawn, Spec
 
 COLOURS = {  # name -> RGB; dark and bright ones alike, so intensity alone says little
     "red": (200, 40, 40), "green": (50, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
@@ -341,12 +342,8 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
 def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarray, r: np.random.Generator):
     """Returns (image, mask, phrase)."""
     s = img.shape[0]
-    inner = region.copy()
-    m = s // 6
-    inner[:m], inner[-m:], inner[:, :m], inner[:, -m:] = False, False, False, False
-    ys, xs = np.nonzero(inner if inner.any() else region)
-    k = r.integers(len(ys))
-    x, y = float(xs[k]), float(ys[k])
+    m = s // 6  # a point at least m pixels inside the border, or anywhere on the region when none is
+    x, y = point_in(region, r, m) if region[m:-m, m:-m].any() else point_in(region, r, 0)
     out = img.copy()
     size_word = ""
     if kind == "hole":
@@ -393,9 +390,8 @@ def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarr
     elif kind == "chip":
         # a missing corner / chipped edge: a bite out of the region's border, background shows
         edge = region & ~np.asarray(Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))).astype(bool)
-        ys, xs = np.nonzero(edge if edge.any() else region)
-        k = r.integers(len(ys))
-        mask = blob(s, float(xs[k]), float(ys[k]), s * r.uniform(0.05, 0.09), r, corners=9) & region
+        ex, ey = point_in(edge if edge.any() else region, r, 0)
+        mask = blob(s, ex, ey, s * r.uniform(0.05, 0.09), r, corners=9) & region
         out[mask] = bg
         phrase = r.choice(["a missing corner", "a chipped edge", "a broken piece", "a hole or missing piece", "a missing chunk", "a broken edge"])
     elif kind == "spot":
@@ -424,6 +420,48 @@ def _articles(text: str) -> str:
     return re.sub(r"\b([aA]) (?=[aeiou])", lambda m: m.group(1) + "n ", text)
 
 
+class _Micro:
+    """The captioned world's generator (anomaly_data/generator.py's interface): a texture or object of `spec.cls`,
+    normal variation, and a defect of `spec.role` unless the role is normal. Its record: the defect kind (None
+    also when a surface defect vanished into the pattern: the picture is then normal), the phrase naming it,
+    the colour word and the body shape."""
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        cls, size, kind = spec.cls, spec.size, None if spec.normal else spec.role
+        is_obj = cls in OBJECT_CLASSES
+        if is_obj:
+            img, region, col, info = _object(cls, size, r, kind if kind in PART_DEFECTS else None)
+            bg = info["bg"]
+        else:
+            img, region, col, info = _texture(cls, size, r)
+            bg = img.mean((0, 1)) * 0.35
+        # normal variation: illumination gradient, gain, sensor noise
+        g = np.linspace(1 - r.uniform(0, 0.12), 1 + r.uniform(0, 0.12), size, dtype=np.float32)
+        grad = g[None, :, None] if r.random() < 0.5 else g[:, None, None]
+        clean = np.clip(img * grad * r.uniform(0.9, 1.1), 0, 255)
+        mask = np.zeros((size, size), bool)
+        phrase = ""
+        if kind in PART_DEFECTS:
+            mask = info.get("changed", mask)
+            pw = PART_WORDS[info["part"]]
+            phrase = {"part_missing": r.choice([f"its {pw} missing", f"a missing {pw}", f"no {pw}", "a missing part"]),
+                      "part_extra": r.choice([f"an extra {pw}", f"one {pw} too many", "an extra part"]),
+                      "part_moved": r.choice([f"a misplaced {pw}", f"its {pw} in the wrong place", "a part in the wrong place"]),
+                      "part_colour": r.choice([f"a {pw} of the wrong colour", f"a {info.get('part_colour_word', 'strange')} {pw}", "a recoloured part"])}[kind]
+            out = clean
+        elif kind:
+            out, mask, phrase = _surface_defect(clean, region, kind, bg * np.ones(3, np.float32), r)
+            if mask.sum() < 3:  # the defect vanished into the pattern: call the image normal
+                kind, mask, out = None, np.zeros_like(mask), clean
+        else:
+            out = clean
+        out = np.clip(out + r.normal(0, 3, out.shape), 0, 255).astype(np.uint8)
+        return Drawn(out, mask, {"kind": kind, "phrase": phrase, "colour": col, "shape": info.get("shape", "")})
+
+
+MICRO = _Micro()
+
+
 def sample(seed: int, index: int, size: int = 112, p_defect: float = 0.5, classes: tuple[str, ...] = CLASSES):
     """One captioned image: (image uint8 (S,S,3), mask bool (S,S), caption, normal phrase, abnormal phrase, meta)."""
     r = rng(seed, index)
@@ -437,35 +475,10 @@ def sample(seed: int, index: int, size: int = 112, p_defect: float = 0.5, classe
         if not is_obj:
             pool = tuple(k for k in pool if k != "chip")
         kind = pool[r.integers(len(pool))]
-    if is_obj:
-        img, region, col, info = _object(cls, size, r, kind if kind in PART_DEFECTS else None)
-        bg = info["bg"]
-    else:
-        img, region, col, info = _texture(cls, size, r)
-        bg = img.mean((0, 1)) * 0.35
-    # normal variation: illumination gradient, gain, sensor noise
-    g = np.linspace(1 - r.uniform(0, 0.12), 1 + r.uniform(0, 0.12), size, dtype=np.float32)
-    grad = g[None, :, None] if r.random() < 0.5 else g[:, None, None]
-    clean = np.clip(img * grad * r.uniform(0.9, 1.1), 0, 255)
-    mask = np.zeros((size, size), bool)
-    phrase = ""
-    if kind in PART_DEFECTS:
-        mask = info.get("changed", mask)
-        pw = PART_WORDS[info["part"]]
-        phrase = {"part_missing": r.choice([f"its {pw} missing", f"a missing {pw}", f"no {pw}", "a missing part"]),
-                  "part_extra": r.choice([f"an extra {pw}", f"one {pw} too many", "an extra part"]),
-                  "part_moved": r.choice([f"a misplaced {pw}", f"its {pw} in the wrong place", "a part in the wrong place"]),
-                  "part_colour": r.choice([f"a {pw} of the wrong colour", f"a {info.get('part_colour_word', 'strange')} {pw}", "a recoloured part"])}[kind]
-        out = clean
-    elif kind:
-        out, mask, phrase = _surface_defect(clean, region, kind, bg * np.ones(3, np.float32), r)
-        if mask.sum() < 3:  # the defect vanished into the pattern: call the image normal
-            kind, mask, out = None, np.zeros_like(mask), clean
-    else:
-        out = clean
-    out = np.clip(out + r.normal(0, 3, out.shape), 0, 255).astype(np.uint8)
+    d = MICRO.draw(Spec(cls, kind or "good", index, size), r)
+    out, mask, kind, phrase, col, shape = d.image, d.mask, d.record["kind"], d.record["phrase"], d.record["colour"], d.record["shape"]
     name = cls
-    shape = SHAPE_WORDS.get(info.get("shape", ""), "")
+    shape = SHAPE_WORDS.get(shape, "")
     shape = (shape + " ") if shape and r.random() < 0.5 else ""
     loc = f" in the {_where(mask)}" if kind and mask.any() and r.random() < 0.6 else ""
     loc = loc.replace("in the centre", "near the centre")
@@ -515,11 +528,9 @@ def world_sample(seed: int, index: int, size: int = 96, p_defect: float = 0.5):
     cls = world.WORLD_AUX[r.integers(len(world.WORLD_AUX))]
     kinds = [k for k in world.SEEN_DEFECTS if world.applies(cls, k) and k in WORLD_PHRASES]
     kind = kinds[r.integers(len(kinds))] if r.random() < p_defect else None
-    if kind:
-        img, mask = world.make_defective(cls, kind, size, r)
-    else:
-        img, mask = world.make_normal(cls, size, r), np.zeros((size, size), bool)
-    img = np.clip(img, 0, 255).astype(np.uint8)
+    d = world.WORLD.draw(Spec(cls, kind or "good", index, size), r)
+    img = np.clip(d.image, 0, 255).astype(np.uint8)
+    mask = d.mask if kind else np.zeros((size, size), bool)
     nw, aw = NORMAL_WORDS[r.integers(len(NORMAL_WORDS))], ABNORMAL_WORDS[r.integers(len(ABNORMAL_WORDS))]
     normal_phrase = _articles(f"a photo of a {nw} {cls}.")
     if kind:
