@@ -29,6 +29,28 @@ def mask_of(size: int | tuple[int, int], draw) -> np.ndarray:
     return np.asarray(img) > 0
 
 
+class ObjectCanvas:
+    """An RGB picture (size, size) on a plain background `bg` and the mask of the object drawn on it, drawn
+    together: `fill(shape, xy, colour)` paints an ImageDraw shape ("ellipse", "polygon", "rectangle",
+    "rounded_rectangle") in `colour` on the picture and 255 on the mask; with cut=True it cuts a hole through
+    the object (the background's colour, 0 on the mask). `draw` paints on the picture alone (parts, rims)."""
+
+    def __init__(self, size: int, bg) -> None:
+        self.bg = tuple(int(v) for v in bg)
+        self.image = Image.new("RGB", (size, size), self.bg)
+        self.mask = Image.new("L", (size, size), 0)
+        self.draw = ImageDraw.Draw(self.image)
+        self._mask_draw = ImageDraw.Draw(self.mask)
+
+    def fill(self, shape: str, xy, colour=None, cut: bool = False, **kw) -> None:
+        getattr(self.draw, shape)(xy, fill=self.bg if cut else colour, **kw)
+        getattr(self._mask_draw, shape)(xy, fill=0 if cut else 255, **kw)
+
+    def arrays(self, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """(picture (S, S, 3) of `dtype`, object mask (S, S) bool)."""
+        return np.asarray(self.image, dtype=dtype), np.asarray(self.mask) > 0
+
+
 def point_in(region: np.ndarray, r: np.random.Generator, margin: int) -> tuple[float, float]:
     """A uniformly drawn (x, y) of `region` at least `margin` pixels inside the image border."""
     sub = region[margin:-margin, margin:-margin] if margin else region

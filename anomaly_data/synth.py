@@ -14,12 +14,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from kano.core.errors import KanoError
 
 from . import world
-from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
+from .drawing import ObjectCanvas, blob, line_mask, noise_image, point_in, rng, segment, walk
 from .generator import Drawn, Spec, write_class, write_meta
 from .world import SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
 
@@ -81,41 +80,33 @@ def _object(cls: str, size: int, r: np.random.Generator) -> tuple[np.ndarray, np
     """An object on a plain background; returns (image, object mask)."""
     a, b = _palette(cls)
     bg = np.clip(255 - a * 0.6, 0, 255)
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
-    obj = Image.new("L", (size, size), 0)
-    d, m = ImageDraw.Draw(img), ImageDraw.Draw(obj)
+    cv = ObjectCanvas(size, bg)
     c = size / 2 + r.uniform(-size * 0.04, size * 0.04, 2)
     rad = size * r.uniform(0.3, 0.34)
     box = [c[0] - rad, c[1] - rad, c[0] + rad, c[1] + rad]
     col = tuple(int(v) for v in b)
-    if cls == "disc":
-        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
-    elif cls == "tile":
-        d.rounded_rectangle(box, radius=int(rad * 0.2), fill=col); m.rounded_rectangle(box, radius=int(rad * 0.2), fill=255)
+    if cls in ("disc", "ring", "coin"):  # a round body; ring and coin add to it below
+        cv.fill("ellipse", box, col)
+    if cls == "tile":
+        cv.fill("rounded_rectangle", box, col, radius=int(rad * 0.2))
     elif cls == "ring":
-        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
-        inner = [c[0] - rad * 0.5, c[1] - rad * 0.5, c[0] + rad * 0.5, c[1] + rad * 0.5]
-        d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+        cv.fill("ellipse", [c[0] - rad * 0.5, c[1] - rad * 0.5, c[0] + rad * 0.5, c[1] + rad * 0.5], cut=True)
     elif cls == "nut":
         hexagon = [(c[0] + rad * math.cos(t), c[1] + rad * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 7)[:-1] + r.uniform(0, 1)]
-        d.polygon(hexagon, fill=col); m.polygon(hexagon, fill=255)
-        inner = [c[0] - rad * 0.4, c[1] - rad * 0.4, c[0] + rad * 0.4, c[1] + rad * 0.4]
-        d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+        cv.fill("polygon", hexagon, col)
+        cv.fill("ellipse", [c[0] - rad * 0.4, c[1] - rad * 0.4, c[0] + rad * 0.4, c[1] + rad * 0.4], cut=True)
     elif cls == "triangle":
         ang = r.uniform(-0.2, 0.2) - math.pi / 2
         tri = [(c[0] + rad * 1.1 * math.cos(ang + k * 2 * math.pi / 3), c[1] + rad * 1.1 * math.sin(ang + k * 2 * math.pi / 3)) for k in range(3)]
-        d.polygon(tri, fill=col); m.polygon(tri, fill=255)
+        cv.fill("polygon", tri, col)
     elif cls == "coin":
-        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
-        rim = [c[0] - rad * 0.8, c[1] - rad * 0.8, c[0] + rad * 0.8, c[1] + rad * 0.8]
-        d.ellipse(rim, outline=tuple(int(v * 0.7) for v in b), width=3)
-    else:  # pill
-        pb = [c[0] - rad, c[1] - rad * 0.55, c[0] + rad, c[1] + rad * 0.55]
-        d.rounded_rectangle(pb, radius=int(rad * 0.55), fill=col); m.rounded_rectangle(pb, radius=int(rad * 0.55), fill=255)
-    arr = np.asarray(img, dtype=np.float64)
+        cv.draw.ellipse([c[0] - rad * 0.8, c[1] - rad * 0.8, c[0] + rad * 0.8, c[1] + rad * 0.8], outline=tuple(int(v * 0.7) for v in b), width=3)
+    elif cls == "pill":
+        cv.fill("rounded_rectangle", [c[0] - rad, c[1] - rad * 0.55, c[0] + rad, c[1] + rad * 0.55], col, radius=int(rad * 0.55))
+    arr, obj = cv.arrays()
     shade = np.linspace(0.92, 1.08, size)[None, :, None]
     arr = np.clip(arr * shade * r.uniform(0.9, 1.1) + r.normal(0, 4, arr.shape), 0, 255)
-    return arr, np.asarray(obj) > 0
+    return arr, obj
 
 
 def _defect(img: np.ndarray, region: np.ndarray, kind: str, background: np.ndarray, r: np.random.Generator):

@@ -36,7 +36,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
+from .drawing import ObjectCanvas, blob, line_mask, noise_image, point_in, rng, segment, walk
 from .generator import Drawn, Spec
 
 WORLD_TEXTURES = ("linen", "corduroy", "tartan", "brick", "dune", "grain", "mesh", "scales", "twill", "felt",
@@ -274,18 +274,14 @@ def _draw_part(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: floa
 
 def _render_object(p: dict, size: int, placements: list[tuple[dict, float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-> (clean image (S, S, 3), body mask (S, S) bool). placements: (part, x, y) to draw (default: every part in place)."""
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in p["bg"]))
-    body = Image.new("L", (size, size), 0)
-    d, m = ImageDraw.Draw(img), ImageDraw.Draw(body)
-    poly = _body_polygon(p)
+    cv = ObjectCanvas(size, p["bg"])
     bcol = tuple(int(v) for v in p["body"])
-    d.polygon(poly, fill=bcol)
-    m.polygon(poly, fill=255)
+    cv.fill("polygon", _body_polygon(p), bcol)
     if placements is None:
         placements = [(q, *_part_centre(p, q)) for q in p["parts"]]
     for q, x, y in placements:
-        _draw_part(d, q["shape"], x, y, q["size"] * p["rad"] * 0.9, p["rot"] + q["angle"], tuple(int(v) for v in q["colour"]), bcol)
-    return np.asarray(img, dtype=np.float64), np.asarray(body) > 0
+        _draw_part(cv.draw, q["shape"], x, y, q["size"] * p["rad"] * 0.9, p["rot"] + q["angle"], tuple(int(v) for v in q["colour"]), bcol)
+    return cv.arrays()
 
 
 def _free_cells(p: dict, exclude: set[int]) -> list[int]:

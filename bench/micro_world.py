@@ -21,7 +21,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from kano.anomaly_data.drawing import blob, line_mask, mask_of, noise_image, point_in, rng, segment, walk
+from kano.anomaly_data.drawing import ObjectCanvas, blob, line_mask, mask_of, noise_image, point_in, rng, segment, walk
 from kano.anomaly_data.generator import Drawn, Spec
 
 COLOURS = {  # name -> RGB; dark and bright ones alike, so intensity alone says little
@@ -273,35 +273,29 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
     bg = np.clip(r.uniform(0, 255) * np.ones(3) + r.normal(0, 15, 3), 0, 255) if r.random() < 0.7 else np.clip(body * r.uniform(0.6, 1.4), 0, 255)
     if np.abs(bg - body).sum() < 60:
         bg = np.clip(bg + (60 if bg.mean() < 128 else -60), 0, 255)
-    img = Image.new("RGB", (s, s), tuple(int(v) for v in bg))
-    m = Image.new("L", (s, s), 0)
-    d, dm = ImageDraw.Draw(img), ImageDraw.Draw(m)
+    cv = ObjectCanvas(s, bg)
     c = (s / 2 + r.uniform(-0.05, 0.05) * s, s / 2 + r.uniform(-0.05, 0.05) * s)
     rad = s * r.uniform(0.3, 0.36)
     fill = tuple(int(v) for v in body)
     box = [c[0] - rad, c[1] - rad, c[0] + rad, c[1] + rad]
     poly = _body_polygon(shape, c, rad, r)
     if poly is not None:
-        d.polygon(poly, fill=fill), dm.polygon(poly, fill=255)
+        cv.fill("polygon", poly, fill)
     elif shape in ("circle", "annulus"):
-        d.ellipse(box, fill=fill), dm.ellipse(box, fill=255)
+        cv.fill("ellipse", box, fill)
         if shape == "annulus":
-            ib = [c[0] - rad * 0.45, c[1] - rad * 0.45, c[0] + rad * 0.45, c[1] + rad * 0.45]
-            d.ellipse(ib, fill=tuple(int(v) for v in bg)), dm.ellipse(ib, fill=0)
+            cv.fill("ellipse", [c[0] - rad * 0.45, c[1] - rad * 0.45, c[0] + rad * 0.45, c[1] + rad * 0.45], cut=True)
     elif shape == "key":
-        d.ellipse([c[0] - rad, c[1] - rad * 0.45, c[0] - rad * 0.1, c[1] + rad * 0.45], fill=fill)
-        dm.ellipse([c[0] - rad, c[1] - rad * 0.45, c[0] - rad * 0.1, c[1] + rad * 0.45], fill=255)
-        shaft = [c[0] - rad * 0.2, c[1] - rad * 0.12, c[0] + rad, c[1] + rad * 0.12]
-        d.rectangle(shaft, fill=fill), dm.rectangle(shaft, fill=255)
+        cv.fill("ellipse", [c[0] - rad, c[1] - rad * 0.45, c[0] - rad * 0.1, c[1] + rad * 0.45], fill)
+        cv.fill("rectangle", [c[0] - rad * 0.2, c[1] - rad * 0.12, c[0] + rad, c[1] + rad * 0.12], fill)
         for k in range(3):
-            tb = [c[0] + rad * (0.35 + 0.22 * k), c[1] + rad * 0.1, c[0] + rad * (0.47 + 0.22 * k), c[1] + rad * 0.35]
-            d.rectangle(tb, fill=fill), dm.rectangle(tb, fill=255)
+            cv.fill("rectangle", [c[0] + rad * (0.35 + 0.22 * k), c[1] + rad * 0.1, c[0] + rad * (0.47 + 0.22 * k), c[1] + rad * 0.35], fill)
     else:
         w, h = {"rect": (1.0, 0.65), "rect_tall": (0.6, 1.0), "square": (0.9, 0.9), "rounded": (0.8, 0.8)}[shape]
         rb = [c[0] - rad * w, c[1] - rad * h, c[0] + rad * w, c[1] + rad * h]
-        radius = int(rad * (0.3 if shape == "rounded" else 0.08))
-        d.rounded_rectangle(rb, radius=radius, fill=fill), dm.rounded_rectangle(rb, radius=radius, fill=255)
-    region = np.asarray(m) > 0
+        cv.fill("rounded_rectangle", rb, fill, radius=int(rad * (0.3 if shape == "rounded" else 0.08)))
+    d = cv.draw
+    region = cv.arrays()[1]
     defect = np.zeros((s, s), bool)
     info = {"shape": shape, "part": part}
     if part:
@@ -332,7 +326,7 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
             q = (c[0] + r.uniform(-0.5, 0.5) * rad, c[1] + r.uniform(-0.5, 0.5) * rad)
             _draw_part(d, part, q, u, pfill)
             defect |= mask_of(s, lambda dd: _draw_part(dd, part, q, u, 255))
-    arr = np.asarray(img, np.float32)
+    arr = np.asarray(cv.image, np.float32)
     info["changed"] = defect  # a missing part leaves body colour where it was: the mask marks that place
     info["bg"] = bg
     return arr, region, col, info
