@@ -4,8 +4,9 @@ Deterministic: the same (classes, seed, counts) write byte-identical files.
 
 The legacy classes (LEGACY_CLASSES) stay because the test fixtures and several tests score exactly these
 images (disc and weave with hole / stain defects, whose every defect is a colour outlier) and the micro-CLIP's
-zero-shot check measures on them as classes its pretraining world never shows; world classes are written
-by anomaly_data/world.py, and both draw their shared primitives from anomaly_data/drawing.py.
+zero-shot check measures on them as classes its pretraining world never shows; world classes are drawn
+by anomaly_data/world.py. Both meet anomaly_data/generator.py's interface (`LEGACY`, `world.WORLD`), whose one
+writer lays the classes out, and draw with the shared primitives of anomaly_data/drawing.py.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ the names. `world_sample` adds captioned images of the world's *auxiliary* class
 the auxiliary set carries (anomaly_data/world.py SEEN_DEFECTS). Defect kinds never shown to the micro-CLIP:
 the world's HELD_OUT_DEFECTS (cracks, an extra part, sharpening, local warps, texture frequency changes,
 hue shifts at constant luminance), so "held out" means held out of pretraining and of training alike.
-The primitives (seeding, blobs, strokes, random walks, resized noise) come from anomaly_data/drawing.py, the
-same code the world and the legacy generator draw with; the micro-CLIP was pretrained on their exact pixels.
+The primitives (seeding, blobs, strokes, random walks, resized noise, the object canvas) come from
+anomaly_data/drawing.py, the same code the world and the legacy generator draw with; the micro-CLIP was
+pretrained on their exact pixels. Its pictures are drawn by `MICRO`, a generator of anomaly_data/generator.py's
+interface, once `sample` has picked the class and the kind.
 """
 
 from __future__ import annotations
