@@ -28,6 +28,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from kano.core.errors import KanoError
+
 from .drawing import rng
 
 NORMAL_ROLES = ("train", "good")  # roles whose picture is a normal image: train/good and test/good
@@ -63,6 +65,25 @@ class Generator(Protocol):
     def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
         """The picture `spec` asks for, every random choice taken from `r`, in a fixed order."""
         ...
+
+
+def check_count(name: str, value: int, low: int) -> None:
+    """A count or side a writer takes: an integer >= low, else KanoError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise KanoError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def check_out(out, force: bool, source: Path | None = None) -> Path:
+    """The folder a dataset is written into: not a file, not inside `source` (the photos read), and empty or new
+    unless `force`. -> it as a Path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KanoError(f"--out must be a folder, got a file: {out}")
+    if source is not None and (out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents):
+        raise KanoError(f"--out must be outside the photos' folder --from {source}, got {out}")
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
+    return out
 
 
 def save_png(arr: np.ndarray, path: Path) -> None:

@@ -89,7 +89,7 @@ from scipy import ndimage
 from kano.core.errors import KanoError
 
 from .drawing import blob, line_mask, point_in, walk
-from .generator import Drawn, Spec, write_class, write_meta
+from .generator import Drawn, Spec, check_count, check_out, write_class, write_meta
 from .io import IMAGE_EXTS, is_image, load_image, load_mask, pair_masks
 
 LOCAL_DEFECTS = ("cutpaste", "cutpaste_scar", "texture", "colour", "scratch", "smear", "missing")
@@ -531,10 +531,8 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
     """Write the dataset described in the module docstring. Returns a summary (counts per kind, photos whose
     automatic foreground fell back to the whole photo, unreadable photos left out). strict: an unreadable
     photo is an error (default: as eval and predict, it is named, counted and left out)."""
-    from .synth import _check_count
-
-    _check_count("max_side (--size)", max_side, MIN_SIDE)
-    _check_count("n_per_defect (--n-defect)", n_per_defect, 1)
+    check_count("max_side (--size)", max_side, MIN_SIDE)
+    check_count("n_per_defect (--n-defect)", n_per_defect, 1)
     kinds = list(dict.fromkeys(k for d in (defects or PHOTO_DEFECTS) for k in DEFECT_GROUPS.get(d, (d,))))
     bad = [k for k in kinds if k not in PHOTO_DEFECTS]
     if bad:
@@ -544,13 +542,7 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
     cls = class_name or default_name
     if not cls or "/" in cls or "\\" in cls or cls in (".", "..") or cls.startswith("."):
         raise KanoError(f"--classes with --from must be one class name (letters, digits, _ or -), got {cls!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KanoError(f"--out must be a folder, got a file: {out}")
-    if out.resolve() == Path(src).resolve() or Path(src).resolve() in out.resolve().parents:
-        raise KanoError(f"--out must be outside the photos' folder --from {src}, got {out}")
-    if not force and out.is_dir() and any(out.iterdir()):
-        raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
+    out = check_out(out, force, source=src)
     photos, kept, skipped = [], [], []
     for f in files:
         try:

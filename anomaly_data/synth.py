@@ -20,7 +20,7 @@ from kano.core.errors import KanoError
 
 from . import world
 from .drawing import ObjectCanvas, blob, line_mask, noise_image, point_in, rng, segment, walk
-from .generator import Drawn, Spec, write_class, write_meta
+from .generator import Drawn, Spec, check_count, check_out, write_class, write_meta
 from .world import SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
 
 # The first generation of classes (kept for the unit tests): every defect here is a colour outlier.
@@ -180,11 +180,6 @@ def _kinds_for(cls: str, defects: tuple[str, ...] | None) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def _check_count(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise KanoError(f"{name} must be an integer >= {low}, got {value}")
-
-
 def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size: int = 256, n_train: int = 4,
                n_good: int = 6, n_per_defect: int = 3, defects: tuple[str, ...] | None = ("hole", "scratch", "stain", "crack"),
                force: bool = True) -> Path:
@@ -203,15 +198,11 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
     bad = [d for d in (defects or ()) if d not in DEFECTS]
     if bad:
         raise KanoError(f"defect kind must be one of {', '.join(DEFECTS)}, got {', '.join(bad)}")
-    _check_count("size (--size)", size, 32)
-    _check_count("n_train (--n-train)", n_train, 0)
-    _check_count("n_good (--n-good)", n_good, 0)
-    _check_count("n_per_defect (--n-defect)", n_per_defect, 0)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KanoError(f"--out must be a folder, got a file: {out}")
-    if not force and out.is_dir() and any(out.iterdir()):
-        raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
+    check_count("size (--size)", size, 32)
+    check_count("n_train (--n-train)", n_train, 0)
+    check_count("n_good (--n-good)", n_good, 0)
+    check_count("n_per_defect (--n-defect)", n_per_defect, 0)
+    out = check_out(out, force)
 
     for cls in classes:
         gen = world.WORLD if cls in WORLD_CLASSES else LEGACY
