@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -61,6 +61,7 @@ class Drawn:
     record: dict = field(default_factory=dict)
 
 
+@runtime_checkable
 class Generator(Protocol):
     def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
         """The picture `spec` asks for, every random choice taken from `r`, in a fixed order."""
