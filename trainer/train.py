@@ -272,6 +272,8 @@ def prepare(run: Run, resume: bool, allow_missing_masks: bool = False) -> None:
         "kb": kb_info, "train_classes": classes,
         "prompt_names": names, "data": cfg.data, "n_samples": len(samples), "git_commit": ckpt.git_commit(), "seed": cfg.seed,
         "versions": ckpt.library_versions(), "world_size": dist.world, "threshold": None, "status": "training",
+        # the CPU's float sums are ordered by the thread count, so a run repeats bit for bit only with the same count
+        "torch_threads": torch.get_num_threads(),
     }
     if dist.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
