@@ -422,10 +422,10 @@ def compare_cmd(
 ):
     """One table per dataset: a row per class and the mean, a column per method, the best per row in bold;
     transductive methods marked with a dagger."""
-    from kano.evaluator import table
+    from kano.evaluator import compare
 
-    tables = table.compare_folders(results, out, table.parse_metrics(metrics), force=force)
-    typer.echo(table.to_markdown(tables))
+    tables = compare.compare_folders(results, out, compare.parse_metrics(metrics), force=force)
+    typer.echo(compare.to_markdown(tables))
     typer.echo(f"written to {out}: comparison.md, comparison.csv, comparison.json, comparison.html")
 
 

@@ -116,8 +116,8 @@ def run(out: Path, epochs: int = 8, seed: int = 0, backbone: str = DEMO_BACKBONE
 
 
 def print_comparison(rows: list[dict], md_path: Path | None = None) -> None:
-    from kano.evaluator.compare import table_cells, to_markdown
+    from kano.evaluator.compare import method_cells, methods_markdown
 
-    ui.print_table("held-out target classes, % (mean over classes)", *table_cells(rows))
+    ui.print_table("held-out target classes, % (mean over classes)", *method_cells(rows))
     if md_path is not None:
-        Path(md_path).write_text(to_markdown(rows))
+        Path(md_path).write_text(methods_markdown(rows))

@@ -79,16 +79,17 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from kano.core.errors import KanoError
 
+from .drawing import blob, line_mask, point_in, walk
+from .generator import Drawn, Spec, check_count, check_out, write_class, write_meta
 from .io import IMAGE_EXTS, is_image, load_image, load_mask, pair_masks
 
 LOCAL_DEFECTS = ("cutpaste", "cutpaste_scar", "texture", "colour", "scratch", "smear", "missing")
@@ -111,10 +112,6 @@ class PhotoSynthResult:
     counts: dict[str, int] = field(default_factory=dict)
     whole_image_foreground: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # unreadable photos left out: "NAME: why"
-
-
-def _rng(seed: int, *keys) -> np.random.Generator:
-    return np.random.default_rng([seed, *[zlib.crc32(str(k).encode()) for k in keys]])
 
 
 # ---------------------------------------------------------------- inputs
@@ -219,19 +216,9 @@ def perlin(shape: tuple[int, int], res: tuple[int, int], r: np.random.Generator)
 
 
 def _blob(h: int, w: int, cx: float, cy: float, radius: float, r: np.random.Generator) -> np.ndarray:
-    """An irregular filled polygon around (cx, cy), (H, W) bool."""
-    canvas = Image.new("L", (w, h), 0)
+    """An irregular filled polygon around (cx, cy) with 7-12 corners at random directions, (H, W) bool."""
     n = int(r.integers(7, 13))
-    pts = [(cx + radius * r.uniform(0.55, 1.3) * math.cos(t), cy + radius * r.uniform(0.55, 1.3) * math.sin(t))
-           for t in np.sort(r.uniform(0, 2 * math.pi, n))]
-    ImageDraw.Draw(canvas).polygon(pts, fill=255)
-    return np.asarray(canvas) > 0
-
-
-def _pick(region: np.ndarray, r: np.random.Generator) -> tuple[float, float]:
-    ys, xs = np.nonzero(region)
-    k = int(r.integers(len(ys)))
-    return float(xs[k]), float(ys[k])
+    return blob((w, h), cx, cy, radius, r, low=0.55, angles=np.sort(r.uniform(0, 2 * math.pi, n)))
 
 
 def _inner(fg: np.ndarray, margin: int) -> np.ndarray:
@@ -259,7 +246,7 @@ def _paste(img: np.ndarray, fg: np.ndarray, patch_w: int, patch_h: int, angle: f
     if angle:
         patch = patch.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
         shape = shape.rotate(angle, resample=Image.Resampling.NEAREST, expand=True)
-    cx, cy = _pick(_inner(fg, min(patch.size) // 4), r)
+    cx, cy = point_in(_inner(fg, min(patch.size) // 4), r, 0)
     px, py = int(round(cx - patch.size[0] / 2)), int(round(cy - patch.size[1] / 2))
     layer = Image.fromarray(img.astype(np.uint8))
     cover = Image.new("L", (w, h), 0)
@@ -427,27 +414,22 @@ def _draw(kind: str, img: np.ndarray, fg: np.ndarray, others: list[np.ndarray], 
         beta = r.uniform(0.0, 0.8)
         return f * beta + tex * (1 - beta), region
     if kind == "colour":
-        x, y = _pick(_inner(fg, int(0.04 * side)), r)
+        x, y = point_in(_inner(fg, int(0.04 * side)), r, 0)
         region = _blob(h, w, x, y, side * r.uniform(0.04, 0.1), r)
         hsv = np.asarray(Image.fromarray(img).convert("HSV")).astype(np.int64).copy()
         hsv[..., 0] = (hsv[..., 0] + int(r.integers(64, 192))) % 256
         hsv[..., 1] = np.maximum(hsv[..., 1], int(r.integers(120, 220)))
         return np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float64), region
     if kind == "scratch":
-        x, y = _pick(_inner(fg, int(0.05 * side)), r)
-        canvas = Image.new("L", (w, h), 0)
-        pts, ang, step = [(x, y)], r.uniform(0, 2 * math.pi), side * r.uniform(0.015, 0.03)
-        for _ in range(int(r.integers(8, 20))):
-            ang += r.uniform(-0.35, 0.35)
-            x, y = x + step * math.cos(ang), y + step * math.sin(ang)
-            pts.append((x, y))
-        ImageDraw.Draw(canvas).line(pts, fill=255, width=max(1, int(round(side * r.uniform(0.006, 0.016)))))
-        region = np.asarray(canvas) > 0
+        x, y = point_in(_inner(fg, int(0.05 * side)), r, 0)
+        ang, step = r.uniform(0, 2 * math.pi), side * r.uniform(0.015, 0.03)
+        pts = walk(x, y, ang, int(r.integers(8, 20)), step, 0.35, r)
+        region = line_mask((w, h), pts, max(1, int(round(side * r.uniform(0.006, 0.016)))))
         under = f[region & fg].mean() if (region & fg).any() else f.mean()
         tone = r.uniform(200, 250) if under < 128 else r.uniform(5, 50)
         return np.broadcast_to(np.array([tone, tone, tone]) * r.uniform(0.9, 1.1, 3), f.shape).copy(), region
     if kind == "smear":
-        x, y = _pick(_inner(fg, int(0.04 * side)), r)
+        x, y = point_in(_inner(fg, int(0.04 * side)), r, 0)
         region = _blob(h, w, x, y, side * r.uniform(0.05, 0.12), r)
         radius = side * r.uniform(0.015, 0.04)
         blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius))).astype(np.float64)
@@ -456,7 +438,7 @@ def _draw(kind: str, img: np.ndarray, fg: np.ndarray, others: list[np.ndarray], 
     if kind == "missing":
         edge = fg & ~ndimage.binary_erosion(fg)
         whole = fg.all()
-        x, y = _pick(edge if edge.any() and not whole else _inner(fg, int(0.06 * side)), r)
+        x, y = point_in(edge if edge.any() and not whole else _inner(fg, int(0.06 * side)), r, 0)
         region = _blob(h, w, x, y, side * r.uniform(0.05, 0.11), r) & fg
         if not region.any():
             return f, region
@@ -482,6 +464,33 @@ def make_defect(kind: str, img: np.ndarray, fg: np.ndarray, others: list[np.ndar
 
 
 # ---------------------------------------------------------------- the dataset
+
+@dataclass
+class PhotoGenerator:
+    """The photos' generator (anomaly_data/generator.py's interface): normal picture i is photo i as read; a
+    defect picture takes its photo at random and draws one defect of its role's kind on it (make_defect or
+    make_whole_defect), its record naming the source photo, the kind, the changed pixels and the scope."""
+
+    photos: list[np.ndarray]  # (H, W, 3) uint8 each
+    fgs: list[np.ndarray]  # (H, W) bool foreground of each
+    files: list[Path]
+    confine: bool = False  # whole-image kinds stay on the foreground (masks the user drew)
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        if spec.normal:
+            return Drawn(self.photos[spec.index])
+        kind, photos = spec.role, self.photos
+        j = int(r.integers(len(photos)))
+        others = [p for k, p in enumerate(photos) if k != j]
+        extra: dict = {"scope": "local"}
+        if kind in WHOLE_DEFECTS:
+            img, mask, info = make_whole_defect(kind, photos[j], self.fgs[j], r, name=f"photo {self.files[j]}", confine=self.confine)
+            extra = {"scope": "whole", **info}
+        else:
+            img, mask = make_defect(kind, photos[j], self.fgs[j], others, r, name=f"photo {self.files[j]}")
+        return Drawn(img, mask, {"source": f"test/good/{j:03d}.png", "kind": kind,
+                                 "changed_pixels": int(np.any(img != photos[j], axis=2).sum()), **extra})
+
 
 def _foregrounds(photos: list[np.ndarray], files: list[Path], foreground: str | Path) -> tuple[list[np.ndarray], list[str]]:
     whole: list[str] = []
@@ -522,11 +531,8 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
     """Write the dataset described in the module docstring. Returns a summary (counts per kind, photos whose
     automatic foreground fell back to the whole photo, unreadable photos left out). strict: an unreadable
     photo is an error (default: as eval and predict, it is named, counted and left out)."""
-    from .readers import Dataset, read_mvtec, write_meta
-    from .synth import _check_count
-
-    _check_count("max_side (--size)", max_side, MIN_SIDE)
-    _check_count("n_per_defect (--n-defect)", n_per_defect, 1)
+    check_count("max_side (--size)", max_side, MIN_SIDE)
+    check_count("n_per_defect (--n-defect)", n_per_defect, 1)
     kinds = list(dict.fromkeys(k for d in (defects or PHOTO_DEFECTS) for k in DEFECT_GROUPS.get(d, (d,))))
     bad = [k for k in kinds if k not in PHOTO_DEFECTS]
     if bad:
@@ -536,13 +542,7 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
     cls = class_name or default_name
     if not cls or "/" in cls or "\\" in cls or cls in (".", "..") or cls.startswith("."):
         raise KanoError(f"--classes with --from must be one class name (letters, digits, _ or -), got {cls!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KanoError(f"--out must be a folder, got a file: {out}")
-    if out.resolve() == Path(src).resolve() or Path(src).resolve() in out.resolve().parents:
-        raise KanoError(f"--out must be outside the photos' folder --from {src}, got {out}")
-    if not force and out.is_dir() and any(out.iterdir()):
-        raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
+    out = check_out(out, force, source=src)
     photos, kept, skipped = [], [], []
     for f in files:
         try:
@@ -561,35 +561,12 @@ def synthesize_from_photos(src: str | Path, out: str | Path, class_name: str | N
         raise KanoError(f"--from {src} must hold at least one readable photo, got {len(files)} unreadable: {skipped[0]}")
     files = kept
     fgs, whole = _foregrounds(photos, files, foreground)
-    base = out / cls
-    for sub in ("train/good", "test/good"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    for i, p in enumerate(photos):
-        Image.fromarray(p).save(base / "train" / "good" / f"{i:03d}.png")
-        Image.fromarray(p).save(base / "test" / "good" / f"{i:03d}.png")
-    records, counts = [], {}
-    for kind in kinds:
-        (base / "test" / kind).mkdir(parents=True, exist_ok=True)
-        (base / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_defect):
-            r = _rng(seed, cls, kind, i)
-            j = int(r.integers(len(photos)))
-            others = [p for k, p in enumerate(photos) if k != j]
-            extra: dict = {"scope": "local"}
-            if kind in WHOLE_DEFECTS:
-                img, mask, info = make_whole_defect(kind, photos[j], fgs[j], r, name=f"photo {files[j]}",
-                                                    confine=str(foreground) not in ("auto", "none"))
-                extra = {"scope": "whole", **info}
-            else:
-                img, mask = make_defect(kind, photos[j], fgs[j], others, r, name=f"photo {files[j]}")
-            Image.fromarray(img).save(base / "test" / kind / f"{i:03d}.png")
-            Image.fromarray(mask.astype(np.uint8) * 255).save(base / "ground_truth" / kind / f"{i:03d}_mask.png")
-            records.append({"image": f"test/{kind}/{i:03d}.png", "mask": f"ground_truth/{kind}/{i:03d}_mask.png",
-                            "source": f"test/good/{j:03d}.png", "kind": kind, "changed_pixels": int(np.any(img != photos[j], axis=2).sum()),
-                            **extra})
-        counts[kind] = n_per_defect
-    (base / "defects.json").write_text(json.dumps({"seed": seed, "foreground": str(foreground), "defects": records}, indent=1))
-    write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")
+    gen = PhotoGenerator(photos, fgs, files, confine=str(foreground) not in ("auto", "none"))
+    records = write_class(out, cls, gen, seed, max_side, {"train": len(photos), "good": len(photos),
+                                                          **{kind: n_per_defect for kind in kinds}})
+    counts = {kind: n_per_defect for kind in kinds}
+    (out / cls / "defects.json").write_text(json.dumps({"seed": seed, "foreground": str(foreground), "defects": records}, indent=1))
+    write_meta(out)
     return PhotoSynthResult(out, cls, len(photos), counts, whole, skipped)
 
 

@@ -4,8 +4,9 @@ Deterministic: the same (classes, seed, counts) write byte-identical files.
 
 The legacy classes (LEGACY_CLASSES) stay because the test fixtures and several tests score exactly these
 images (disc and weave with hole / stain defects, whose every defect is a colour outlier) and the micro-CLIP's
-zero-shot check measures on them as classes its pretraining world never shows; world classes are written
-by anomaly_data/world.py, and both draw their shared primitives from anomaly_data/drawing.py.
+zero-shot check measures on them as classes its pretraining world never shows; world classes are drawn
+by anomaly_data/world.py. Both meet anomaly_data/generator.py's interface (`LEGACY`, `world.WORLD`), whose one
+writer lays the classes out, and draw with the shared primitives of anomaly_data/drawing.py.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from kano.core.errors import KanoError
 
 from . import world
-from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
+from .drawing import ObjectCanvas, blob, line_mask, noise_image, point_in, rng, segment, walk
+from .generator import Drawn, Spec, check_count, check_out, write_class, write_meta
 from .world import SEEN_DEFECTS, WORLD_AUX, WORLD_CLASSES, WORLD_DEFECTS, WORLD_TARGET
 
 # The first generation of classes (kept for the unit tests): every defect here is a colour outlier.
@@ -80,41 +81,33 @@ def _object(cls: str, size: int, r: np.random.Generator) -> tuple[np.ndarray, np
     """An object on a plain background; returns (image, object mask)."""
     a, b = _palette(cls)
     bg = np.clip(255 - a * 0.6, 0, 255)
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
-    obj = Image.new("L", (size, size), 0)
-    d, m = ImageDraw.Draw(img), ImageDraw.Draw(obj)
+    cv = ObjectCanvas(size, bg)
     c = size / 2 + r.uniform(-size * 0.04, size * 0.04, 2)
     rad = size * r.uniform(0.3, 0.34)
     box = [c[0] - rad, c[1] - rad, c[0] + rad, c[1] + rad]
     col = tuple(int(v) for v in b)
-    if cls == "disc":
-        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
-    elif cls == "tile":
-        d.rounded_rectangle(box, radius=int(rad * 0.2), fill=col); m.rounded_rectangle(box, radius=int(rad * 0.2), fill=255)
+    if cls in ("disc", "ring", "coin"):  # a round body; ring and coin add to it below
+        cv.fill("ellipse", box, col)
+    if cls == "tile":
+        cv.fill("rounded_rectangle", box, col, radius=int(rad * 0.2))
     elif cls == "ring":
-        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
-        inner = [c[0] - rad * 0.5, c[1] - rad * 0.5, c[0] + rad * 0.5, c[1] + rad * 0.5]
-        d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+        cv.fill("ellipse", [c[0] - rad * 0.5, c[1] - rad * 0.5, c[0] + rad * 0.5, c[1] + rad * 0.5], cut=True)
     elif cls == "nut":
         hexagon = [(c[0] + rad * math.cos(t), c[1] + rad * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 7)[:-1] + r.uniform(0, 1)]
-        d.polygon(hexagon, fill=col); m.polygon(hexagon, fill=255)
-        inner = [c[0] - rad * 0.4, c[1] - rad * 0.4, c[0] + rad * 0.4, c[1] + rad * 0.4]
-        d.ellipse(inner, fill=tuple(int(v) for v in bg)); m.ellipse(inner, fill=0)
+        cv.fill("polygon", hexagon, col)
+        cv.fill("ellipse", [c[0] - rad * 0.4, c[1] - rad * 0.4, c[0] + rad * 0.4, c[1] + rad * 0.4], cut=True)
     elif cls == "triangle":
         ang = r.uniform(-0.2, 0.2) - math.pi / 2
         tri = [(c[0] + rad * 1.1 * math.cos(ang + k * 2 * math.pi / 3), c[1] + rad * 1.1 * math.sin(ang + k * 2 * math.pi / 3)) for k in range(3)]
-        d.polygon(tri, fill=col); m.polygon(tri, fill=255)
+        cv.fill("polygon", tri, col)
     elif cls == "coin":
-        d.ellipse(box, fill=col); m.ellipse(box, fill=255)
-        rim = [c[0] - rad * 0.8, c[1] - rad * 0.8, c[0] + rad * 0.8, c[1] + rad * 0.8]
-        d.ellipse(rim, outline=tuple(int(v * 0.7) for v in b), width=3)
-    else:  # pill
-        pb = [c[0] - rad, c[1] - rad * 0.55, c[0] + rad, c[1] + rad * 0.55]
-        d.rounded_rectangle(pb, radius=int(rad * 0.55), fill=col); m.rounded_rectangle(pb, radius=int(rad * 0.55), fill=255)
-    arr = np.asarray(img, dtype=np.float64)
+        cv.draw.ellipse([c[0] - rad * 0.8, c[1] - rad * 0.8, c[0] + rad * 0.8, c[1] + rad * 0.8], outline=tuple(int(v * 0.7) for v in b), width=3)
+    elif cls == "pill":
+        cv.fill("rounded_rectangle", [c[0] - rad, c[1] - rad * 0.55, c[0] + rad, c[1] + rad * 0.55], col, radius=int(rad * 0.55))
+    arr, obj = cv.arrays()
     shade = np.linspace(0.92, 1.08, size)[None, :, None]
     arr = np.clip(arr * shade * r.uniform(0.9, 1.1) + r.normal(0, 4, arr.shape), 0, 255)
-    return arr, np.asarray(obj) > 0
+    return arr, obj
 
 
 def _defect(img: np.ndarray, region: np.ndarray, kind: str, background: np.ndarray, r: np.random.Generator):
@@ -158,6 +151,24 @@ def _make(cls: str, size: int, r: np.random.Generator):
     return img, region, background
 
 
+class _Legacy:
+    """The legacy classes' generator (anomaly_data/generator.py's interface): a normal image, or one defect
+    re-drawn (same image, further draws) until it changes more than 30 pixels, at most 20 times."""
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        img, region, background = _make(spec.cls, spec.size, r)
+        if spec.normal:
+            return Drawn(img)
+        for _ in range(20):
+            bad_img, mask = _defect(img, region, spec.role, background, r)
+            if mask.sum() > 30:
+                break
+        return Drawn(bad_img, mask)
+
+
+LEGACY = _Legacy()
+
+
 def _kinds_for(cls: str, defects: tuple[str, ...] | None) -> list[str]:
     """The defect folders written for a class: the requested kinds that apply to it, in order, deduplicated."""
     if cls in WORLD_CLASSES:
@@ -167,11 +178,6 @@ def _kinds_for(cls: str, defects: tuple[str, ...] | None) -> list[str]:
         asked = LEGACY_DEFECTS if defects is None else defects
         kinds = [d for d in asked if d in LEGACY_DEFECTS and not (d == "missing" and cls in TEXTURES)]
     return list(dict.fromkeys(kinds))
-
-
-def _check_count(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise KanoError(f"{name} must be an integer >= {low}, got {value}")
 
 
 def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size: int = 256, n_train: int = 4,
@@ -185,8 +191,6 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
     for it ("hole", "colour", "missing" mean dark_spot, hue, part_missing on world classes).
     force=False refuses a folder that already holds files.
     """
-    from .readers import Dataset, read_mvtec, write_meta
-
     classes = list(classes or SYNTH_CLASSES)
     unknown = [c for c in classes if c not in SYNTH_CLASSES]
     if unknown:
@@ -194,56 +198,18 @@ def synthesize(out: Path, classes: list[str] | None = None, seed: int = 0, size:
     bad = [d for d in (defects or ()) if d not in DEFECTS]
     if bad:
         raise KanoError(f"defect kind must be one of {', '.join(DEFECTS)}, got {', '.join(bad)}")
-    _check_count("size (--size)", size, 32)
-    _check_count("n_train (--n-train)", n_train, 0)
-    _check_count("n_good (--n-good)", n_good, 0)
-    _check_count("n_per_defect (--n-defect)", n_per_defect, 0)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KanoError(f"--out must be a folder, got a file: {out}")
-    if not force and out.is_dir() and any(out.iterdir()):
-        raise KanoError(f"--out must be an empty or new folder (pass --force to write into it anyway), got {out} holding files")
-
-    def save(arr, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(arr).astype(np.uint8)).save(path)
+    check_count("size (--size)", size, 32)
+    check_count("n_train (--n-train)", n_train, 0)
+    check_count("n_good (--n-good)", n_good, 0)
+    check_count("n_per_defect (--n-defect)", n_per_defect, 0)
+    out = check_out(out, force)
 
     for cls in classes:
-        if cls in WORLD_CLASSES:
-            _write_world_class(out, cls, seed, size, n_train, n_good, n_per_defect, _kinds_for(cls, defects), save)
-            continue
-        for i in range(n_train):
-            img, _, _ = _make(cls, size, rng(seed, cls, "train", i))
-            save(img, out / cls / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_good):
-            img, _, _ = _make(cls, size, rng(seed, cls, "good", i))
-            save(img, out / cls / "test" / "good" / f"{i:03d}.png")
-        for kind in _kinds_for(cls, defects):
-            for i in range(n_per_defect):
-                r = rng(seed, cls, kind, i)
-                img, region, background = _make(cls, size, r)
-                for _ in range(20):
-                    bad_img, mask = _defect(img, region, kind, background, r)
-                    if mask.sum() > 30:
-                        break
-                save(bad_img, out / cls / "test" / kind / f"{i:03d}.png")
-                save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
-    out.mkdir(parents=True, exist_ok=True)
-    write_meta(Dataset("mvtec", out, read_mvtec(out)), out / "meta.json")
+        gen = world.WORLD if cls in WORLD_CLASSES else LEGACY
+        write_class(out, cls, gen, seed, size, {"train": n_train, "good": n_good,
+                                                **{kind: n_per_defect for kind in _kinds_for(cls, defects)}})
+    write_meta(out)
     return out
-
-
-def _write_world_class(out: Path, cls: str, seed: int, size: int, n_train: int, n_good: int, n_per_defect: int,
-                       kinds: list[str], save) -> None:
-    for i in range(n_train):
-        save(world.make_normal(cls, size, rng(seed, cls, "train", i)), out / cls / "train" / "good" / f"{i:03d}.png")
-    for i in range(n_good):
-        save(world.make_normal(cls, size, rng(seed, cls, "good", i)), out / cls / "test" / "good" / f"{i:03d}.png")
-    for kind in kinds:
-        for i in range(n_per_defect):
-            img, mask = world.make_defective(cls, kind, size, rng(seed, cls, kind, i))
-            save(img, out / cls / "test" / kind / f"{i:03d}.png")
-            save(mask.astype(np.uint8) * 255, out / cls / "ground_truth" / kind / f"{i:03d}_mask.png")
 
 
 def synthesize_world(out: Path, split: str = "target", seed: int = 0, size: int = 128, n_train: int = 0, n_good: int = 8,

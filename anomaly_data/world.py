@@ -36,7 +36,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .drawing import blob, line_mask, noise_image, point_in, rng, segment, walk
+from .drawing import ObjectCanvas, blob, line_mask, noise_image, point_in, rng, segment, walk
+from .generator import Drawn, Spec
 
 WORLD_TEXTURES = ("linen", "corduroy", "tartan", "brick", "dune", "grain", "mesh", "scales", "twill", "felt",
                   "perforated", "parquet")
@@ -273,18 +274,14 @@ def _draw_part(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: floa
 
 def _render_object(p: dict, size: int, placements: list[tuple[dict, float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-> (clean image (S, S, 3), body mask (S, S) bool). placements: (part, x, y) to draw (default: every part in place)."""
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in p["bg"]))
-    body = Image.new("L", (size, size), 0)
-    d, m = ImageDraw.Draw(img), ImageDraw.Draw(body)
-    poly = _body_polygon(p)
+    cv = ObjectCanvas(size, p["bg"])
     bcol = tuple(int(v) for v in p["body"])
-    d.polygon(poly, fill=bcol)
-    m.polygon(poly, fill=255)
+    cv.fill("polygon", _body_polygon(p), bcol)
     if placements is None:
         placements = [(q, *_part_centre(p, q)) for q in p["parts"]]
     for q, x, y in placements:
-        _draw_part(d, q["shape"], x, y, q["size"] * p["rad"] * 0.9, p["rot"] + q["angle"], tuple(int(v) for v in q["colour"]), bcol)
-    return np.asarray(img, dtype=np.float64), np.asarray(body) > 0
+        _draw_part(cv.draw, q["shape"], x, y, q["size"] * p["rad"] * 0.9, p["rot"] + q["angle"], tuple(int(v) for v in q["colour"]), bcol)
+    return cv.arrays()
 
 
 def _free_cells(p: dict, exclude: set[int]) -> list[int]:
@@ -449,3 +446,15 @@ def make_defective(cls: str, kind: str, size: int, r: np.random.Generator) -> tu
         if mask.sum() > max(12, size * size // 1500):
             break
     return _finish(bad, gain, noise), mask
+
+
+class _World:
+    """The world's generator (anomaly_data/generator.py's interface): make_normal or make_defective."""
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        if spec.normal:
+            return Drawn(make_normal(spec.cls, spec.size, r))
+        return Drawn(*make_defective(spec.cls, spec.role, spec.size, r))
+
+
+WORLD = _World()

@@ -9,8 +9,10 @@ the names. `world_sample` adds captioned images of the world's *auxiliary* class
 the auxiliary set carries (anomaly_data/world.py SEEN_DEFECTS). Defect kinds never shown to the micro-CLIP:
 the world's HELD_OUT_DEFECTS (cracks, an extra part, sharpening, local warps, texture frequency changes,
 hue shifts at constant luminance), so "held out" means held out of pretraining and of training alike.
-The primitives (seeding, blobs, strokes, random walks, resized noise) come from anomaly_data/drawing.py, the
-same code the world and the legacy generator draw with; the micro-CLIP was pretrained on their exact pixels.
+The primitives (seeding, blobs, strokes, random walks, resized noise, the object canvas) come from
+anomaly_data/drawing.py, the same code the world and the legacy generator draw with; the micro-CLIP was
+pretrained on their exact pixels. Its pictures are drawn by `MICRO`, a generator of anomaly_data/generator.py's
+interface, once `sample` has picked the class and the kind.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from kano.anomaly_data.drawing import blob, line_mask, mask_of, noise_image, rng, segment, walk
+from kano.anomaly_data.drawing import ObjectCanvas, blob, line_mask, mask_of, noise_image, point_in, rng, segment, walk
+from kano.anomaly_data.generator import Drawn, Spec
 
 COLOURS = {  # name -> RGB; dark and bright ones alike, so intensity alone says little
     "red": (200, 40, 40), "green": (50, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
@@ -272,35 +275,29 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
     bg = np.clip(r.uniform(0, 255) * np.ones(3) + r.normal(0, 15, 3), 0, 255) if r.random() < 0.7 else np.clip(body * r.uniform(0.6, 1.4), 0, 255)
     if np.abs(bg - body).sum() < 60:
         bg = np.clip(bg + (60 if bg.mean() < 128 else -60), 0, 255)
-    img = Image.new("RGB", (s, s), tuple(int(v) for v in bg))
-    m = Image.new("L", (s, s), 0)
-    d, dm = ImageDraw.Draw(img), ImageDraw.Draw(m)
+    cv = ObjectCanvas(s, bg)
     c = (s / 2 + r.uniform(-0.05, 0.05) * s, s / 2 + r.uniform(-0.05, 0.05) * s)
     rad = s * r.uniform(0.3, 0.36)
     fill = tuple(int(v) for v in body)
     box = [c[0] - rad, c[1] - rad, c[0] + rad, c[1] + rad]
     poly = _body_polygon(shape, c, rad, r)
     if poly is not None:
-        d.polygon(poly, fill=fill), dm.polygon(poly, fill=255)
+        cv.fill("polygon", poly, fill)
     elif shape in ("circle", "annulus"):
-        d.ellipse(box, fill=fill), dm.ellipse(box, fill=255)
+        cv.fill("ellipse", box, fill)
         if shape == "annulus":
-            ib = [c[0] - rad * 0.45, c[1] - rad * 0.45, c[0] + rad * 0.45, c[1] + rad * 0.45]
-            d.ellipse(ib, fill=tuple(int(v) for v in bg)), dm.ellipse(ib, fill=0)
+            cv.fill("ellipse", [c[0] - rad * 0.45, c[1] - rad * 0.45, c[0] + rad * 0.45, c[1] + rad * 0.45], cut=True)
     elif shape == "key":
-        d.ellipse([c[0] - rad, c[1] - rad * 0.45, c[0] - rad * 0.1, c[1] + rad * 0.45], fill=fill)
-        dm.ellipse([c[0] - rad, c[1] - rad * 0.45, c[0] - rad * 0.1, c[1] + rad * 0.45], fill=255)
-        shaft = [c[0] - rad * 0.2, c[1] - rad * 0.12, c[0] + rad, c[1] + rad * 0.12]
-        d.rectangle(shaft, fill=fill), dm.rectangle(shaft, fill=255)
+        cv.fill("ellipse", [c[0] - rad, c[1] - rad * 0.45, c[0] - rad * 0.1, c[1] + rad * 0.45], fill)
+        cv.fill("rectangle", [c[0] - rad * 0.2, c[1] - rad * 0.12, c[0] + rad, c[1] + rad * 0.12], fill)
         for k in range(3):
-            tb = [c[0] + rad * (0.35 + 0.22 * k), c[1] + rad * 0.1, c[0] + rad * (0.47 + 0.22 * k), c[1] + rad * 0.35]
-            d.rectangle(tb, fill=fill), dm.rectangle(tb, fill=255)
+            cv.fill("rectangle", [c[0] + rad * (0.35 + 0.22 * k), c[1] + rad * 0.1, c[0] + rad * (0.47 + 0.22 * k), c[1] + rad * 0.35], fill)
     else:
         w, h = {"rect": (1.0, 0.65), "rect_tall": (0.6, 1.0), "square": (0.9, 0.9), "rounded": (0.8, 0.8)}[shape]
         rb = [c[0] - rad * w, c[1] - rad * h, c[0] + rad * w, c[1] + rad * h]
-        radius = int(rad * (0.3 if shape == "rounded" else 0.08))
-        d.rounded_rectangle(rb, radius=radius, fill=fill), dm.rounded_rectangle(rb, radius=radius, fill=255)
-    region = np.asarray(m) > 0
+        cv.fill("rounded_rectangle", rb, fill, radius=int(rad * (0.3 if shape == "rounded" else 0.08)))
+    d = cv.draw
+    region = cv.arrays()[1]
     defect = np.zeros((s, s), bool)
     info = {"shape": shape, "part": part}
     if part:
@@ -331,7 +328,7 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
             q = (c[0] + r.uniform(-0.5, 0.5) * rad, c[1] + r.uniform(-0.5, 0.5) * rad)
             _draw_part(d, part, q, u, pfill)
             defect |= mask_of(s, lambda dd: _draw_part(dd, part, q, u, 255))
-    arr = np.asarray(img, np.float32)
+    arr = np.asarray(cv.image, np.float32)
     info["changed"] = defect  # a missing part leaves body colour where it was: the mask marks that place
     info["bg"] = bg
     return arr, region, col, info
@@ -341,12 +338,8 @@ def _object(cls: str, s: int, r: np.random.Generator, part_defect: str | None):
 def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarray, r: np.random.Generator):
     """Returns (image, mask, phrase)."""
     s = img.shape[0]
-    inner = region.copy()
-    m = s // 6
-    inner[:m], inner[-m:], inner[:, :m], inner[:, -m:] = False, False, False, False
-    ys, xs = np.nonzero(inner if inner.any() else region)
-    k = r.integers(len(ys))
-    x, y = float(xs[k]), float(ys[k])
+    m = s // 6  # a point at least m pixels inside the border, or anywhere on the region when none is
+    x, y = point_in(region, r, m) if region[m:-m, m:-m].any() else point_in(region, r, 0)
     out = img.copy()
     size_word = ""
     if kind == "hole":
@@ -393,9 +386,8 @@ def _surface_defect(img: np.ndarray, region: np.ndarray, kind: str, bg: np.ndarr
     elif kind == "chip":
         # a missing corner / chipped edge: a bite out of the region's border, background shows
         edge = region & ~np.asarray(Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))).astype(bool)
-        ys, xs = np.nonzero(edge if edge.any() else region)
-        k = r.integers(len(ys))
-        mask = blob(s, float(xs[k]), float(ys[k]), s * r.uniform(0.05, 0.09), r, corners=9) & region
+        ex, ey = point_in(edge if edge.any() else region, r, 0)
+        mask = blob(s, ex, ey, s * r.uniform(0.05, 0.09), r, corners=9) & region
         out[mask] = bg
         phrase = r.choice(["a missing corner", "a chipped edge", "a broken piece", "a hole or missing piece", "a missing chunk", "a broken edge"])
     elif kind == "spot":
@@ -424,6 +416,48 @@ def _articles(text: str) -> str:
     return re.sub(r"\b([aA]) (?=[aeiou])", lambda m: m.group(1) + "n ", text)
 
 
+class _Micro:
+    """The captioned world's generator (anomaly_data/generator.py's interface): a texture or object of `spec.cls`,
+    normal variation, and a defect of `spec.role` unless the role is normal. Its record: the defect kind (None
+    also when a surface defect vanished into the pattern: the picture is then normal), the phrase naming it,
+    the colour word and the body shape."""
+
+    def draw(self, spec: Spec, r: np.random.Generator) -> Drawn:
+        cls, size, kind = spec.cls, spec.size, None if spec.normal else spec.role
+        is_obj = cls in OBJECT_CLASSES
+        if is_obj:
+            img, region, col, info = _object(cls, size, r, kind if kind in PART_DEFECTS else None)
+            bg = info["bg"]
+        else:
+            img, region, col, info = _texture(cls, size, r)
+            bg = img.mean((0, 1)) * 0.35
+        # normal variation: illumination gradient, gain, sensor noise
+        g = np.linspace(1 - r.uniform(0, 0.12), 1 + r.uniform(0, 0.12), size, dtype=np.float32)
+        grad = g[None, :, None] if r.random() < 0.5 else g[:, None, None]
+        clean = np.clip(img * grad * r.uniform(0.9, 1.1), 0, 255)
+        mask = np.zeros((size, size), bool)
+        phrase = ""
+        if kind in PART_DEFECTS:
+            mask = info.get("changed", mask)
+            pw = PART_WORDS[info["part"]]
+            phrase = {"part_missing": r.choice([f"its {pw} missing", f"a missing {pw}", f"no {pw}", "a missing part"]),
+                      "part_extra": r.choice([f"an extra {pw}", f"one {pw} too many", "an extra part"]),
+                      "part_moved": r.choice([f"a misplaced {pw}", f"its {pw} in the wrong place", "a part in the wrong place"]),
+                      "part_colour": r.choice([f"a {pw} of the wrong colour", f"a {info.get('part_colour_word', 'strange')} {pw}", "a recoloured part"])}[kind]
+            out = clean
+        elif kind:
+            out, mask, phrase = _surface_defect(clean, region, kind, bg * np.ones(3, np.float32), r)
+            if mask.sum() < 3:  # the defect vanished into the pattern: call the image normal
+                kind, mask, out = None, np.zeros_like(mask), clean
+        else:
+            out = clean
+        out = np.clip(out + r.normal(0, 3, out.shape), 0, 255).astype(np.uint8)
+        return Drawn(out, mask, {"kind": kind, "phrase": phrase, "colour": col, "shape": info.get("shape", "")})
+
+
+MICRO = _Micro()
+
+
 def sample(seed: int, index: int, size: int = 112, p_defect: float = 0.5, classes: tuple[str, ...] = CLASSES):
     """One captioned image: (image uint8 (S,S,3), mask bool (S,S), caption, normal phrase, abnormal phrase, meta)."""
     r = rng(seed, index)
@@ -437,35 +471,10 @@ def sample(seed: int, index: int, size: int = 112, p_defect: float = 0.5, classe
         if not is_obj:
             pool = tuple(k for k in pool if k != "chip")
         kind = pool[r.integers(len(pool))]
-    if is_obj:
-        img, region, col, info = _object(cls, size, r, kind if kind in PART_DEFECTS else None)
-        bg = info["bg"]
-    else:
-        img, region, col, info = _texture(cls, size, r)
-        bg = img.mean((0, 1)) * 0.35
-    # normal variation: illumination gradient, gain, sensor noise
-    g = np.linspace(1 - r.uniform(0, 0.12), 1 + r.uniform(0, 0.12), size, dtype=np.float32)
-    grad = g[None, :, None] if r.random() < 0.5 else g[:, None, None]
-    clean = np.clip(img * grad * r.uniform(0.9, 1.1), 0, 255)
-    mask = np.zeros((size, size), bool)
-    phrase = ""
-    if kind in PART_DEFECTS:
-        mask = info.get("changed", mask)
-        pw = PART_WORDS[info["part"]]
-        phrase = {"part_missing": r.choice([f"its {pw} missing", f"a missing {pw}", f"no {pw}", "a missing part"]),
-                  "part_extra": r.choice([f"an extra {pw}", f"one {pw} too many", "an extra part"]),
-                  "part_moved": r.choice([f"a misplaced {pw}", f"its {pw} in the wrong place", "a part in the wrong place"]),
-                  "part_colour": r.choice([f"a {pw} of the wrong colour", f"a {info.get('part_colour_word', 'strange')} {pw}", "a recoloured part"])}[kind]
-        out = clean
-    elif kind:
-        out, mask, phrase = _surface_defect(clean, region, kind, bg * np.ones(3, np.float32), r)
-        if mask.sum() < 3:  # the defect vanished into the pattern: call the image normal
-            kind, mask, out = None, np.zeros_like(mask), clean
-    else:
-        out = clean
-    out = np.clip(out + r.normal(0, 3, out.shape), 0, 255).astype(np.uint8)
+    d = MICRO.draw(Spec(cls, kind or "good", index, size), r)
+    out, mask, kind, phrase, col, shape = d.image, d.mask, d.record["kind"], d.record["phrase"], d.record["colour"], d.record["shape"]
     name = cls
-    shape = SHAPE_WORDS.get(info.get("shape", ""), "")
+    shape = SHAPE_WORDS.get(shape, "")
     shape = (shape + " ") if shape and r.random() < 0.5 else ""
     loc = f" in the {_where(mask)}" if kind and mask.any() and r.random() < 0.6 else ""
     loc = loc.replace("in the centre", "near the centre")
@@ -515,11 +524,9 @@ def world_sample(seed: int, index: int, size: int = 96, p_defect: float = 0.5):
     cls = world.WORLD_AUX[r.integers(len(world.WORLD_AUX))]
     kinds = [k for k in world.SEEN_DEFECTS if world.applies(cls, k) and k in WORLD_PHRASES]
     kind = kinds[r.integers(len(kinds))] if r.random() < p_defect else None
-    if kind:
-        img, mask = world.make_defective(cls, kind, size, r)
-    else:
-        img, mask = world.make_normal(cls, size, r), np.zeros((size, size), bool)
-    img = np.clip(img, 0, 255).astype(np.uint8)
+    d = world.WORLD.draw(Spec(cls, kind or "good", index, size), r)
+    img = np.clip(d.image, 0, 255).astype(np.uint8)
+    mask = d.mask if kind else np.zeros((size, size), bool)
     nw, aw = NORMAL_WORDS[r.integers(len(NORMAL_WORDS))], ABNORMAL_WORDS[r.integers(len(ABNORMAL_WORDS))]
     normal_phrase = _articles(f"a photo of a {nw} {cls}.")
     if kind:

@@ -133,7 +133,7 @@ def spread(vals: list) -> str:
 
 
 def write_tables(results: dict, out: Path, target: str, seeds: list[int]) -> str:
-    from kano.evaluator.table import comparison_tables, to_markdown
+    from kano.evaluator.compare import comparison_tables, to_markdown
 
     rows = results["rows"]
     # one column per method: trained ones at the first seed

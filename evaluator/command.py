@@ -317,10 +317,10 @@ def evaluate_options(opts) -> dict | list[dict]:
 def evaluate_many(*, methods: str, out, force: bool = False, backbone: str | None = None, aux: str | None = None,
                   run=None, class_words: str | None = None, **common) -> list[dict]:
     """`kano eval --method a,b,c`: each method into OUT/NAME (the other options alike), then their comparison
-    (evaluator.table) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
+    (evaluator.compare) into OUT itself. Names are checked before anything runs. --backbone goes to the methods
     that take one, --aux to those that need labelled auxiliary data (the registry's `needs`)."""
     from kano.kanoclip.registry import METHODS, methods_with
-    from kano.evaluator.table import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
+    from kano.evaluator.compare import DEFAULT_METRICS, claim_out, comparison_tables, load_results, to_markdown, write_comparison
 
     untrained = [m for m in methods_with(trained=False) if METHODS[m].kind != "one-class"]  # one-class: from a run
     names = [m.strip() for m in methods.split(",")]

@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -200,6 +201,39 @@ def sharded_inference(dist, model, samples, names: list[str], batch_size: int, d
     return tuple(torch.cat(p) for p in pieces)
 
 
+@dataclass
+class Evaluation:
+    """What one evaluation holds between its steps (evaluate's orchestration, below)."""
+
+    model: torch.nn.Module
+    data: str
+    out_dir: Path
+    device: torch.device
+    dataset: object
+    classes: list[str]
+    samples: list
+    names_map: dict[str, str]  # class -> the word its prompts use
+    thresholds: dict[str, tuple]  # class -> (threshold or None, source)
+    pixel_thresholds: dict[str, float | None]
+    identity: dict  # what the output folder is claimed for (evaluator.outputs)
+    dist: object = None
+    started: float = 0.0
+    method: dict = field(default_factory=dict)
+    overlay_names: dict[int, str] = field(default_factory=dict)  # id(sample) -> its unique overlay file stem
+    per_class: dict[str, dict] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    unreadable: list[dict] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def world(self) -> int:
+        return self.dist.world if self.dist is not None else 1
+
+    @property
+    def main(self) -> bool:
+        return self.world == 1 or self.dist.rank == 0
+
+
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int | None = None,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
              progress: Callable | None = None, *, method: dict | None = None, threshold: float | None = None,
@@ -226,6 +260,39 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller comparing methods need not score
     this one again. class_names: {FOLDER: NAME} for class folders evaluated under another name (`--class`)."""
     started = time.time()
+    ev = _prepare(model, data, out_dir, classes, device, prompt_names, n_overlays, method, threshold, allow_missing_masks,
+                  threshold_source, threshold_for, class_words, dist, pixel_threshold_for, class_names)
+    ev.started = started
+    _claim(ev, force)
+    advance, close = progress(len(ev.samples)) if progress and ev.main else (lambda k: None, lambda: None)
+    pool = ThreadPoolExecutor(max_workers=2)  # two panels at once: PIL, zlib and numpy release the GIL
+    drawing: list = []
+    try:
+        for cls in ev.classes:
+            scored_class = _score_class(ev, cls, batch_size, workers, strict, advance)
+            if scored_class is None:
+                continue
+            if scored is not None:
+                scored[cls] = scored_class
+            drawing += _draw_gallery(ev, cls, *scored_class, n_overlays, pool)
+            _class_metrics(ev, cls, *scored_class)
+        for f in drawing:
+            f.result()  # an error drawing a panel is raised here
+    finally:
+        pool.shutdown(wait=True)
+        close()
+    if not ev.main:
+        return dist.broadcast(None)
+    result = _result(ev)
+    ev.written += report.write_reports(result, ev.out_dir, ev.details)
+    outputs.write_manifest(ev.out_dir, "eval", ev.identity, ev.written)
+    return dist.broadcast(result) if ev.world > 1 else result
+
+
+def _prepare(model, data, out_dir, classes, device, prompt_names, n_overlays, method, threshold, allow_missing_masks,
+             threshold_source, threshold_for, class_words, dist, pixel_threshold_for, class_names) -> Evaluation:
+    """Check the arguments, read the data, and settle each class's prompt word and thresholds and the identity the
+    output folder is claimed for: everything that can be refused is refused here, before a file is written."""
     device = device or model.backbone.device
     if n_overlays < 0:
         raise KanoError(f"n_overlays must be >= 0, got {n_overlays}")
@@ -244,8 +311,6 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
         if few:
             raise KanoError("each class must hold at least 2 test images for a transductive method (it scores every test image "
                             f"against the others), got {', '.join(f'{k} in {c}' for c, k in few.items())}")
-    out_dir = Path(out_dir)
-    image_size = model.backbone.image_size
     unknown = sorted(set(class_words or {}) - set(classes))
     if unknown:
         raise KanoError(f"--class-word names must be evaluated classes ({', '.join(classes)}), got {', '.join(unknown)}")
@@ -254,96 +319,105 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
                   for c in classes}
     pixel_thresholds = {c: pixel_threshold_for(c) if pixel_threshold_for else None for c in classes}
     identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",
-                "classes": list(classes), "image_size": image_size, "class_words": names_map,
+                "classes": list(classes), "image_size": model.backbone.image_size, "class_words": names_map,
                 "thresholds": {c: {"threshold": t, "source": src} for c, (t, src) in thresholds.items()}}
-    world = dist.world if dist is not None else 1
-    main = world == 1 or dist.rank == 0
+    return Evaluation(model, data, Path(out_dir), device, dataset, classes, samples, names_map, thresholds, pixel_thresholds,
+                      identity, dist, method=method,
+                      details={"threshold": threshold, "threshold_source": threshold_source, "classes": {}, "gallery": []})
+
+
+def _claim(ev: Evaluation, force: bool) -> None:
+    """Process 0 claims the output folder (evaluator.outputs); a refusal stops every process with the same message.
+    Overlay names from data (class, defect, stem) are sanitised and made unique over the whole run, so that no
+    file lands outside out_dir and no two images share one overlay."""
     failed = None
-    if main:
+    if ev.main:
         try:
-            outputs.claim(out_dir, "eval", identity, force)
-            (out_dir / "overlays").mkdir(exist_ok=True)
+            outputs.claim(ev.out_dir, "eval", ev.identity, force)
+            (ev.out_dir / "overlays").mkdir(exist_ok=True)
         except KanoError as exc:
             failed = str(exc)
-    if world > 1:
-        failed = dist.broadcast(failed)
+    if ev.world > 1:
+        failed = ev.dist.broadcast(failed)
     if failed:
         raise KanoError(failed)
-    # Names from data (class, defect, stem) are sanitised and made unique over the whole run, so that no file
-    # lands outside out_dir and no two images share one overlay.
-    names = dict(zip((id(s) for s in samples), outputs.unique_names(
-        [[f"{s.class_name}_{s.defect}_{Path(s.image_path).stem}", *reversed(Path(s.image_path).parent.parts[-3:])] for s in samples])))
-    advance, close = progress(len(samples)) if progress and main else (lambda k: None, lambda: None)
-    per_class: dict[str, dict] = {}
-    details: dict = {"threshold": threshold, "threshold_source": threshold_source, "classes": {}, "gallery": []}
-    unreadable: list[dict] = []
-    written: list[str] = []
-    pool = ThreadPoolExecutor(max_workers=2)  # two panels at once: PIL, zlib and numpy release the GIL
-    drawing: list = []
-    try:
-        for cls in classes:
-            cs = [s for s in samples if s.class_name == cls]
-            bs = max(1, len(cs)) if model.transductive else batch_size
-            model.begin_class(cls, names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
-            errors: dict[int, str] = {}
-            if world > 1 and not getattr(model, "transductive", False):
-                scores, maps, masks = sharded_inference(dist, model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
-                                                        errors=None if strict else errors)
-            elif main:  # a transductive method scores a class as one batch: process 0 alone
-                scores, maps, masks = run_inference(model, cs, [names_map[cls]] * len(cs), bs, device, workers, advance,
-                                                    errors=None if strict else errors)
-            if not main:
-                continue
-            if errors:  # recorded and counted, left out of the metrics: one bad file does not stop the evaluation
-                unreadable += [{"class": cls, "image": cs[i].image_path, "error": e} for i, e in sorted(errors.items())]
-                keep = [i for i in range(len(cs)) if i not in errors]
-                cs, scores, maps, masks = [cs[i] for i in keep], scores[keep], maps[keep], masks[keep]
-                if not cs:
-                    continue
-            thr, src = thresholds[cls]
-            labels = torch.tensor([s.label for s in cs])
-            if scored is not None:
-                scored[cls] = (cs, scores, maps, masks)
-            with_masks = dataset.has_masks(cls)
-            # the gallery is drawn in a thread while the metrics are computed (PIL, zlib and numpy's sort release
-            # the GIL): its panels need only the scores
-            for i, reason in report.select_gallery(labels.tolist(), scores.tolist(), thr, n_overlays):
-                s = cs[i]
-                rel = f"overlays/{names[id(s)]}.png"
-                drawing.append(pool.submit(_draw, out_dir, thr, s, maps[i].numpy().copy(),
-                                           masks[i].numpy().copy() if with_masks else None,
-                                           f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), out_dir / rel, src,
-                                           pixel_thresholds.get(cls)))
-                written.append(rel)
-                details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
-                                           "score": float(scores[i]), "label": s.label})
-            mdev = device if device.type == "cuda" else torch.device("cpu")  # metrics on the GPU when there is one
-            per_class[cls] = all_metrics(labels, scores, masks.to(mdev) if with_masks else None, maps.to(mdev) if with_masks else None)
-            per_class[cls]["n_images"] = len(cs)
-            per_class[cls]["n_anomalous"] = int(labels.sum())
-            per_class[cls].update(class_word=names_map[cls], threshold=thr, threshold_source=src)
-            details["classes"][cls] = {"threshold": thr, "threshold_source": src, "class_word": names_map[cls],"labels": labels.tolist(), "scores": scores.tolist(), "defects": [s.defect for s in cs],
-                                       "images": [s.image_path for s in cs]}
-        for f in drawing:
-            f.result()  # an error drawing a panel is raised here
-    finally:
-        pool.shutdown(wait=True)
-        close()
-    if not main:
-        return dist.broadcast(None)
+    ev.overlay_names = dict(zip((id(s) for s in ev.samples), outputs.unique_names(
+        [[f"{s.class_name}_{s.defect}_{Path(s.image_path).stem}", *reversed(Path(s.image_path).parent.parts[-3:])]
+         for s in ev.samples])))
+
+
+def _score_class(ev: Evaluation, cls: str, batch_size: int, workers: int | None, strict: bool, advance: Callable):
+    """Score one class's test images (over every process when sharded) -> (samples, image scores (N,), maps
+    (N, S, S), masks (N, S, S)) on process 0, its unreadable images recorded and left out; None on the other
+    processes, or when no image of the class could be read."""
+    model = ev.model
+    cs = [s for s in ev.samples if s.class_name == cls]
+    bs = max(1, len(cs)) if model.transductive else batch_size
+    model.begin_class(cls, ev.names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
+    errors: dict[int, str] = {}
+    words = [ev.names_map[cls]] * len(cs)
+    if ev.world > 1 and not getattr(model, "transductive", False):
+        scores, maps, masks = sharded_inference(ev.dist, model, cs, words, bs, ev.device, workers, advance,
+                                                errors=None if strict else errors)
+    elif ev.main:  # a transductive method scores a class as one batch: process 0 alone
+        scores, maps, masks = run_inference(model, cs, words, bs, ev.device, workers, advance, errors=None if strict else errors)
+    if not ev.main:
+        return None
+    if errors:  # recorded and counted, left out of the metrics: one bad file does not stop the evaluation
+        ev.unreadable += [{"class": cls, "image": cs[i].image_path, "error": e} for i, e in sorted(errors.items())]
+        keep = [i for i in range(len(cs)) if i not in errors]
+        cs, scores, maps, masks = [cs[i] for i in keep], scores[keep], maps[keep], masks[keep]
+        if not cs:
+            return None
+    return cs, scores, maps, masks
+
+
+def _draw_gallery(ev: Evaluation, cls: str, cs: list, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor,
+                  n_overlays: int, pool: ThreadPoolExecutor) -> list:
+    """Submit the class's gallery panels to `pool` (drawn while the metrics are computed: PIL, zlib and numpy's
+    sort release the GIL; the panels need only the scores) and record them. -> the futures."""
+    thr, src = ev.thresholds[cls]
+    with_masks = ev.dataset.has_masks(cls)
+    labels = [s.label for s in cs]
+    futures = []
+    for i, reason in report.select_gallery(labels, scores.tolist(), thr, n_overlays):
+        s = cs[i]
+        rel = f"overlays/{ev.overlay_names[id(s)]}.png"
+        futures.append(pool.submit(_draw, ev.out_dir, thr, s, maps[i].numpy().copy(), masks[i].numpy().copy() if with_masks else None,
+                                   f"{cls} / {s.defect} / {Path(s.image_path).name}", float(scores[i]), ev.out_dir / rel, src,
+                                   ev.pixel_thresholds.get(cls)))
+        ev.written.append(rel)
+        ev.details["gallery"].append({"class": cls, "file": rel, "reason": reason, "image": Path(s.image_path).name,
+                                      "score": float(scores[i]), "label": s.label})
+    return futures
+
+
+def _class_metrics(ev: Evaluation, cls: str, cs: list, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> None:
+    """The class's metrics (on the GPU when there is one) and its row of the report's details."""
+    thr, src = ev.thresholds[cls]
+    labels = torch.tensor([s.label for s in cs])
+    with_masks = ev.dataset.has_masks(cls)
+    mdev = ev.device if ev.device.type == "cuda" else torch.device("cpu")
+    m = ev.per_class[cls] = all_metrics(labels, scores, masks.to(mdev) if with_masks else None, maps.to(mdev) if with_masks else None)
+    m["n_images"] = len(cs)
+    m["n_anomalous"] = int(labels.sum())
+    m.update(class_word=ev.names_map[cls], threshold=thr, threshold_source=src)
+    ev.details["classes"][cls] = {"threshold": thr, "threshold_source": src, "class_word": ev.names_map[cls], "labels": labels.tolist(),
+                                  "scores": scores.tolist(), "defects": [s.defect for s in cs], "images": [s.image_path for s in cs]}
+
+
+def _result(ev: Evaluation) -> dict:
+    """The metrics dict evaluate returns and the reports hold: per class, their means, the unreadable images, provenance."""
     mean = {}
     for k in METRIC_KEYS:
-        vals = [m[k] for m in per_class.values() if m[k] is not None]
+        vals = [m[k] for m in ev.per_class.values() if m[k] is not None]
         mean[k] = float(np.mean(vals)) if vals else None
-    if not per_class:
-        raise KanoError(f"{data} must hold readable test images, got none readable: {unreadable[0]['error']}")
-    result = {"dataset": data, "classes": per_class, "mean": mean, "unreadable": unreadable,
-              "provenance": {**report.provenance(method, image_size, started, data), "class_words": names_map}}
-    details["unreadable"] = unreadable
-
-    written += report.write_reports(result, out_dir, details)
-    outputs.write_manifest(out_dir, "eval", identity, written)
-    return dist.broadcast(result) if world > 1 else result
+    if not ev.per_class:
+        raise KanoError(f"{ev.data} must hold readable test images, got none readable: {ev.unreadable[0]['error']}")
+    ev.details["unreadable"] = ev.unreadable
+    return {"dataset": ev.data, "classes": ev.per_class, "mean": mean, "unreadable": ev.unreadable,
+            "provenance": {**report.provenance(ev.method, ev.model.backbone.image_size, ev.started, ev.data),
+                           "class_words": ev.names_map}}
 
 
 write_reports = report.write_reports

@@ -31,12 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kano.core.errors import KanoError
-
 from .backbone import Backbone, spread_stages
-from .model import InferenceBatch, full_precision
-from .one_class import OneClassModel
-from .patchcore import check_peer_encoder, peer_config_dict, peer_stages, smooth, stage_grids, to_encoder_side, unit
+from .model import InferenceBatch
+from .patchcore import BackbonePeer, check_peer_encoder, peer_config_dict, smooth
 
 
 @dataclass
@@ -114,7 +111,7 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> t
     return q.clamp_min(0).sqrt()
 
 
-class Padim(OneClassModel):
+class Padim(BackbonePeer):
     """PaDiM (module docstring) on a frozen backbone. forward(images (N, 3, S, S) normalised with the backbone's
     mean and std, class_names ignored) -> InferenceBatch: anomaly_map (N, S, S) in [0, 1) (`unit` of the smoothed
     Mahalanobis map, scale sqrt(d): a normal feature's expected distance), image_score (N,) its maximum,
@@ -128,27 +125,20 @@ class Padim(OneClassModel):
 
     def __init__(self, encoder: Backbone, cfg: PadimConfig | None = None, image_size: int = 256):
         super().__init__(encoder, cfg or PadimConfig(), image_size)
-        if encoder is None:
-            raise KanoError("padim reads a backbone's patch features: --backbone must name one (tiny, micro, "
-                             "ViT-B-16-quickgelu:openai, ...), got none")
-        encoder.set_layers(peer_stages(encoder, first_stages(encoder.depth), self.cfg.stages), encoder.depth)
         n_total = encoder.width * len(encoder.stages)
         self.register_fitted("channels", channel_subset(n_total, min(self.cfg.n_features, n_total), self.cfg.seed))
 
-    @classmethod
-    def encoder_image_size(cls, cfg) -> int | None:
-        return cfg.encoder_side
+    published_stages = staticmethod(first_stages)
 
     def fitted_names(self) -> tuple[str, ...]:
         return ("channels", "mean", "inv_cov")
 
     def describe(self) -> dict:
-        return {**super().describe(), "stages": list(self.encoder.stages), "encoder_side": self.encoder.image_size,
-                "n_features": int(self.channels.numel())}
+        return {**super().describe(), "n_features": int(self.channels.numel())}
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images (N, 3, S, S) -> (the chosen channels of the concatenated stages (N, g * g, d), (g, g))."""
-        grids = stage_grids(self.encoder, to_encoder_side(images, self.encoder.image_size))
+        grids = self.stage_grids(images)
         return self.select(grids), tuple(grids[0].shape[-2:])
 
     def select(self, grids: list[torch.Tensor]) -> torch.Tensor:
@@ -158,13 +148,11 @@ class Padim(OneClassModel):
         cat = torch.cat([g if g.shape[-2:] == size else F.interpolate(g, size=size, mode="nearest") for g in grids], 1)
         return cat.index_select(1, self.channels).flatten(2).transpose(1, 2)
 
-    @torch.no_grad()
-    def fit(self, data) -> dict:
-        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches."""
-        batches = data.good() if hasattr(data, "good") else ((x, None) for x in data)
+    def fit_batches(self, batches) -> dict:
+        """batches: normal images (N, 3, S, S) on the model's device."""
         moments = GaussianMoments()
-        for images, _ in batches:
-            emb, _ = self.embed(images.to(self.backbone.device))
+        for images in batches:
+            emb, _ = self.embed(images)
             moments.add(emb)
         return self.fit_moments(moments)
 
@@ -188,14 +176,6 @@ class Padim(OneClassModel):
         amap = smooth(up, self.cfg.sigma)
         return InferenceBatch(amap.flatten(1).amax(1), amap, dist)
 
-    @torch.no_grad()
-    def raw(self, images: torch.Tensor) -> InferenceBatch:
-        emb, grid = self.embed(images)
-        with full_precision(images.device):
-            return self.score_embedding(emb.float(), grid, tuple(images.shape[-2:]))
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
-        r = self.raw(images)
-        scale = float(self.channels.numel()) ** 0.5
-        return InferenceBatch(unit(r.image_score, scale), unit(r.anomaly_map, scale), r.stage_maps)
+    def output_scale(self) -> float:
+        """sqrt(d): a normal feature's expected Mahalanobis distance over d channels."""
+        return float(self.channels.numel()) ** 0.5

@@ -341,7 +341,59 @@ def peer_stages(encoder: Backbone, published: list[int], given: tuple[int, ...] 
     return published
 
 
-class PatchCore(OneClassModel):
+class BackbonePeer(OneClassModel):
+    """What PatchCore and PaDiM share: a frozen backbone read at `published_stages` (or the configured ones), the
+    encoder's side from `cfg.encoder_side`, and forward = `unit` of the raw distances on `output_scale()`.
+
+    A subclass gives `published_stages(depth)`, `embed(images) -> (embedding (N, L, D), (g, g))`,
+    `score_embedding(embedding, grid, size) -> InferenceBatch` of raw distances, `fit_batches(batches)` and
+    `output_scale()`."""
+
+    def __init__(self, encoder: Backbone, cfg, image_size: int):
+        super().__init__(encoder, cfg, image_size)
+        if encoder is None:
+            raise KanoError(f"{self.method} reads a backbone's patch features: --backbone must name one (tiny, micro, "
+                            "ViT-B-16-quickgelu:openai, ...), got none")
+        encoder.set_layers(peer_stages(encoder, self.published_stages(encoder.depth), self.cfg.stages), encoder.depth)
+
+    @staticmethod
+    def published_stages(depth: int) -> list[int]:  # pragma: no cover - each peer implements it
+        raise NotImplementedError
+
+    @classmethod
+    def encoder_image_size(cls, cfg) -> int | None:
+        return cfg.encoder_side
+
+    def describe(self) -> dict:
+        return {**super().describe(), "stages": list(self.encoder.stages), "encoder_side": self.encoder.image_size}
+
+    def stage_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (N, 3, S, S) -> per stage (N, C, g, g) float32 at the encoder's side."""
+        return stage_grids(self.encoder, to_encoder_side(images, self.encoder.image_size))
+
+    @torch.no_grad()
+    def fit(self, data) -> dict:
+        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches."""
+        batches = data.good() if hasattr(data, "good") else ((x, None) for x in data)
+        dev = self.backbone.device
+        return self.fit_batches(images.to(dev) for images, _ in batches)
+
+    @torch.no_grad()
+    def raw(self, images: torch.Tensor) -> InferenceBatch:
+        """The distances, as anomalib reports them: image_score (N,), anomaly_map (N, S, S) smoothed, stage_maps
+        (N, 1, g, g) the patch distances."""
+        emb, grid = self.embed(images)
+        with full_precision(images.device):
+            return self.score_embedding(emb.float(), grid, tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
+        r = self.raw(images)
+        scale = self.output_scale()
+        return InferenceBatch(unit(r.image_score, scale), unit(r.anomaly_map, scale), r.stage_maps)
+
+
+class PatchCore(BackbonePeer):
     """PatchCore (module docstring) on a frozen backbone. forward(images (N, 3, S, S) normalised with the
     backbone's mean and std, class_names ignored) -> InferenceBatch: image_score (N,) and anomaly_map (N, S, S) in
     [0, 1) (`unit` of the reweighted distance and of the smoothed distance map), stage_maps (N, 1, g, g) (the raw
@@ -355,37 +407,28 @@ class PatchCore(OneClassModel):
 
     def __init__(self, encoder: Backbone, cfg: PatchCoreConfig | None = None, image_size: int = 256):
         super().__init__(encoder, cfg or PatchCoreConfig(), image_size)
-        if encoder is None:
-            raise KanoError("patchcore reads a backbone's patch features: --backbone must name one (tiny, micro, "
-                             "ViT-B-16-quickgelu:openai, ...), got none")
-        encoder.set_layers(peer_stages(encoder, middle_stages(encoder.depth), self.cfg.stages), encoder.depth)
 
-    @classmethod
-    def encoder_image_size(cls, cfg) -> int | None:
-        return cfg.encoder_side
+    published_stages = staticmethod(middle_stages)
 
     def fitted_names(self) -> tuple[str, ...]:
         return ("memory_bank", "support", "score_scale")
 
     def describe(self) -> dict:
         bank = getattr(self, "memory_bank", None)
-        return {**super().describe(), "stages": list(self.encoder.stages), "encoder_side": self.encoder.image_size,
-                "memory_bank": None if bank is None else list(bank.shape)}
+        return {**super().describe(), "memory_bank": None if bank is None else list(bank.shape)}
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images (N, 3, S, S) -> (embedding (N, g * g, target_embed_dim), (g, g)) at the encoder's side."""
-        grids = stage_grids(self.encoder, to_encoder_side(images, self.encoder.image_size))
+        grids = self.stage_grids(images)
         with full_precision(images.device):
             return locally_aware(grids, self.cfg), tuple(grids[0].shape[-2:])
 
-    @torch.no_grad()
-    def fit(self, data) -> dict:
-        """data: a one_class.FitData (its good() batches of normal images) or an iterable of image batches. The
-        patches are kept up to `max_fit_patches` (a seeded uniform subset beyond it, drawn as they stream in)."""
-        batches = data.good() if hasattr(data, "good") else ((x, None) for x in data)
+    def fit_batches(self, batches) -> dict:
+        """batches: normal images (N, 3, S, S) on the model's device. The patches are kept up to `max_fit_patches`
+        (a seeded uniform subset beyond it, drawn as they stream in)."""
         sampler = PatchReservoir(self.cfg.max_fit_patches, self.cfg.seed)
-        for images, _ in batches:
-            emb, _ = self.embed(images.to(self.backbone.device))
+        for images in batches:
+            emb, _ = self.embed(images)
             sampler.add(emb.flatten(0, 1).cpu())
         if sampler.seen == 0:
             raise ValueError("patchcore needs at least one normal image to fit, got none")
@@ -421,14 +464,6 @@ class PatchCore(OneClassModel):
             up = F.interpolate(patch, size=size, mode="nearest")
         return InferenceBatch(image, smooth(up[:, 0], self.cfg.sigma), patch)
 
-    @torch.no_grad()
-    def raw(self, images: torch.Tensor) -> InferenceBatch:
-        """The distances: image_score (N,) = eq. 7, anomaly_map (N, S, S) smoothed, stage_maps the patch distances."""
-        emb, grid = self.embed(images)
-        with full_precision(images.device):
-            return self.score_embedding(emb, grid, tuple(images.shape[-2:]))
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: list[str] | None = None) -> InferenceBatch:
-        r = self.raw(images)
-        return InferenceBatch(unit(r.image_score, self.score_scale), unit(r.anomaly_map, self.score_scale), r.stage_maps)
+    def output_scale(self) -> torch.Tensor:
+        """The median distance from a memory entry to its nearest other entry (a fitted buffer)."""
+        return self.score_scale

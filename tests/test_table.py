@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kano.evaluator import table
+from kano.evaluator import compare
 from browser import check_page, no_external_references
 
 
@@ -40,12 +40,12 @@ def _bold(md_row):
 
 
 def test_best_in_bold_is_the_maximum_per_row_and_metric_with_ties_and_none(three):
-    t, = table.comparison_tables(table.load_results(list(three)))
+    t, = compare.comparison_tables(compare.load_results(list(three)))
     assert [m["label"] for m in t["methods"]] == ["clip-ac (tiny)", "median_colour", "KAnoCLIP (exp1, tiny)"]
     rows = {r["class"]: r for r in t["rows"]}
     assert rows["bottle"]["best"] == [[True, False], [True, False], [False, True]]   # 0.9 = 0.9 both bold; 0.95 the top pixel
     assert rows["cable"]["best"] == [[False, True], [False, False], [True, False]]   # None never bold
-    md = table.to_markdown([t])
+    md = compare.to_markdown([t])
     line = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
     assert line["bottle"].strip() == "| bottle | **90.0** / 80.0 | **90.0** / 85.0 | 50.0 / **95.0** |"
     assert line["cable"].strip() == "| cable | 60.0 / **70.0** | 70.0 / - | **80.0** / 60.0 |"
@@ -53,7 +53,7 @@ def test_best_in_bold_is_the_maximum_per_row_and_metric_with_ties_and_none(three
 
 
 def test_the_mean_row_is_the_mean_of_the_classes(three):
-    t, = table.comparison_tables(table.load_results(list(three)))
+    t, = compare.comparison_tables(compare.load_results(list(three)))
     mean = t["rows"][-1]
     assert mean["class"] == "mean"
     by_hand = [[(0.9 + 0.6) / 2, (0.80 + 0.70) / 2], [(0.9 + 0.7) / 2, 0.85], [(0.5 + 0.8) / 2, (0.95 + 0.60) / 2]]
@@ -61,13 +61,13 @@ def test_the_mean_row_is_the_mean_of_the_classes(three):
         assert got == pytest.approx(want)
     # image: 75.0, 80.0, 65.0 -> median_colour; pixel: 75.0, 85.0, 77.5 -> median_colour (its one class with masks)
     assert mean["best"] == [[False, False], [True, True], [False, False]]
-    assert "| mean | 75.0 / 75.0 | **80.0** / **85.0** | 65.0 / 77.5 |" in table.to_markdown([t])
+    assert "| mean | 75.0 / 75.0 | **80.0** / **85.0** | 65.0 / 77.5 |" in compare.to_markdown([t])
 
 
 def test_a_missing_class_shows_a_dash_and_leaves_no_mean(tmp_path):
     a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.9, 0.8), "cable": (0.5, 0.5)}, name="x")
     b = _result(tmp_path / "b", "mvtec:/d", {"bottle": (0.7, 0.9)}, name="y")
-    md = table.to_markdown(table.comparison_tables(table.load_results([a, b])))
+    md = compare.to_markdown(compare.comparison_tables(compare.load_results([a, b])))
     assert "| cable | **50.0** / **50.0** | - / - |" in md
     assert "| mean | **70.0** / **65.0** | - / - |" in md
 
@@ -76,10 +76,10 @@ def test_two_datasets_make_two_tables_never_mixed(tmp_path):
     a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.9, 0.8)}, name="x")
     b = _result(tmp_path / "b", "visa:/v", {"pcb1": (0.7, 0.6)}, name="x")
     c = _result(tmp_path / "c", "mvtec:/d", {"bottle": (0.6, 0.9)}, name="y")
-    tables = table.comparison_tables(table.load_results([a, b, c]))
+    tables = compare.comparison_tables(compare.load_results([a, b, c]))
     assert [(t["data"], [m["label"] for m in t["methods"]], [r["class"] for r in t["rows"]]) for t in tables] == [
         ("mvtec:/d", ["x [a]", "y"], ["bottle", "mean"]), ("visa:/v", ["x [b]"], ["pcb1", "mean"])]
-    md = table.to_markdown(tables)
+    md = compare.to_markdown(tables)
     assert md.count("| class |") == 2 and "## mvtec:/d" in md and "## visa:/v" in md
 
 
@@ -88,27 +88,27 @@ def test_transductive_methods_are_marked_placed_last_and_bold_among_themselves(t
     a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.70, 0.80)}, name="darkness")
     r = _result(tmp_path / "r", "mvtec:/d", {"bottle": (0.95, 0.95)}, name="musc_randconv", setting="transductive")
     b = _result(tmp_path / "b", "mvtec:/d", {"bottle": (0.60, 0.85)}, name="brightness")
-    t, = table.comparison_tables(table.load_results([m, a, r, b]))
+    t, = compare.comparison_tables(compare.load_results([m, a, r, b]))
     assert [x["label"] for x in t["methods"]] == ["darkness", "brightness", "musc (tiny)", "musc_randconv"]
     # per image: darkness's 70 beats 60, brightness's 85 beats 80, whatever musc scores; transductive among themselves
     assert t["rows"][0]["best"] == [[True, False], [False, True], [True, False], [False, True]]
-    md = table.to_markdown([t])
+    md = compare.to_markdown([t])
     assert "| class | darkness | brightness | musc (tiny)\u2020 | musc_randconv\u2020 |" in md
     assert "\u2020 transductive (musc (tiny), musc_randconv): sees a class's whole test set at once" in md
     assert "in percent" in md
-    assert "musc (tiny)\u2020" in table.to_html([t])
+    assert "musc (tiny)\u2020" in compare.to_html([t])
 
 
 def test_a_lone_method_of_its_setting_is_never_bold(tmp_path):
     m = _result(tmp_path / "m", "mvtec:/d", {"bottle": (0.99, 0.99)}, name="musc", setting="transductive")
     a = _result(tmp_path / "a", "mvtec:/d", {"bottle": (0.70, 0.80)}, name="darkness")
-    t, = table.comparison_tables(table.load_results([m, a]))
+    t, = compare.comparison_tables(compare.load_results([m, a]))
     assert all(not any(cell) for row in t["rows"] for cell in row["best"])
-    assert "**" not in table.to_markdown([t]).split("| class |")[1].split("Each cell")[0]
+    assert "**" not in compare.to_markdown([t]).split("| class |")[1].split("Each cell")[0]
 
 
 def test_csv_json_and_html_hold_the_same_numbers_and_provenance(three, tmp_path):
-    tables = table.compare_folders(list(three), tmp_path / "out")
+    tables = compare.compare_folders(list(three), tmp_path / "out")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "comparison.csv").read_text())))
     r = next(x for x in rows if x["class"] == "bottle" and x["method"] == "KAnoCLIP (exp1, tiny)" and x["metric"] == "pixel_auroc")
     assert r["value (%)"] == "95.0000" and r["best"] == "1" and r["kind"] == "trained" and r["run"] == "/runs/exp1"
