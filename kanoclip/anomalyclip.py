@@ -23,7 +23,9 @@ Choices and where they come from ("paper" = the ICLR paper, "code" = the public 
 - Image score (code test.py): softmax(cos(global image feature, text) / 0.07)[abnormal]; the map is not used.
 - Loss (paper eq. 4-5; code train.py): cross-entropy on the image logits + 4 x the local loss (code train.py line
   50: `lam = 4`, not in the paper), the local loss summed over the stages of focal(P, mask) + dice(P_abnormal,
-  mask) + dice(P_normal, 1 - mask): with the published single stage, 4 x block 24's local loss.
+  mask) + dice(P_normal, 1 - mask): with the published single stage, 4 x block 24's local loss. Masks cut at 0.5
+  (train.py lines 64-66); the focal loss with the code's 1e-5 label smoothing (train.py line 47 `FocalLoss()`,
+  loss.py line 21 `smooth=1e-5`: `losses.smoothed_focal`, as April-GAN's).
 - Position embeddings at another grid than the weights' (518 px on ViT-L/14@336): resampled bilinearly, as the code
   does in its vision forward pass (AnomalyCLIP_lib/AnomalyCLIP.py line 368; kanoclip/pos_embed.py).
 - Optimiser (code): Adam, lr 1e-3, betas (0.5, 0.999), batch 8, 15 epochs, image size 518: Kano's trainer defaults.
@@ -40,9 +42,9 @@ import torch.nn.functional as F
 
 from kano.core.errors import KanoError
 
-from .aprilgan import PeerOutput, TrainablePeer
+from .aprilgan import FOCAL_SMOOTH, PeerOutput, TrainablePeer  # the same loss.py (FocalLoss smooth=1e-5)
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
-from .losses import dice_loss, focal_loss
+from .losses import dice_loss, smoothed_focal
 from .model import gaussian_blur
 from .prompts import PLACEHOLDER, TextTower, tokenize
 
@@ -170,7 +172,8 @@ class AnomalyCLIP(TrainablePeer):
     def _loss(self, out: PeerOutput, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
         p = out.stage_probs
-        local = sum(focal_loss(p[:, s, 1], masks, c.focal_gamma) + dice_loss(p[:, s, 1], masks) + dice_loss(p[:, s, 0], 1 - masks)
+        t = (masks > 0.5).float()  # train.py lines 64-66: gt cut at 0.5
+        local = sum(smoothed_focal(p[:, s], t, c.focal_gamma, FOCAL_SMOOTH) + dice_loss(p[:, s, 1], t) + dice_loss(p[:, s, 0], 1 - t)
                     for s in range(p.shape[1]))
         image = F.cross_entropy(out.global_logits, labels.long())
         return {"total": c.lam * local + image, "kd": torch.zeros((), device=masks.device), "global": image, "local": local}

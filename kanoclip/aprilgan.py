@@ -16,7 +16,8 @@ dice on the maps. Choices and where they come from:
 - Image score (zero-shot): softmax(100 * cos(global image feature, text))[abnormal] (public code test.py); the map is
   not used for it.
 - Loss: per stage, focal(softmax map, mask) + dice(abnormal channel, mask), summed over stages (public code
-  train.py; its focal loss has a 1e-5 label smoothing we omit). No image-level loss: the global branch is not trained.
+  train.py:133-137, masks cut at 0.5), the focal loss with its 1e-5 label smoothing (loss.py:21, :72-75:
+  `losses.smoothed_focal`). No image-level loss: the global branch is not trained.
 - Optimiser and schedule (public code train.py, train.sh): Adam, lr 1e-3, betas (0.5, 0.999), batch 8; 3 epochs with
   MVTec-AD as the auxiliary set and a fifth of the samples made 2 x 2 mosaics of four images of the class with
   their masks (`--aug_rate 0.2`, dataset.py:98-144), 15 without mosaics with VisA (`train_recipe`: MVTec-layout
@@ -33,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
-from .losses import dice_loss, focal_loss
+from .losses import dice_loss, smoothed_focal
 from .model import FrozenBackboneModel, InferenceBatch, backbone_autocast, full_precision
 from .prompts import TextTower
 
@@ -52,6 +53,10 @@ APRILGAN_TEMPLATES = (
     "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
     "this is the {} in the scene.", "this is one {} in the scene.",
 )
+
+
+# the focal loss's label smoothing: loss.py:21 FocalLoss(smooth=1e-5), as train.py:95 builds it
+FOCAL_SMOOTH = 1e-5
 
 
 def aprilgan_prompts(class_name: str) -> tuple[list[str], list[str]]:
@@ -200,7 +205,8 @@ class AprilGAN(TrainablePeer):
         return PeerOutput(g_prob, anomaly_map, torch.stack(grids, 1), stage_probs, g_logits)
 
     def _loss(self, out: PeerOutput, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        local = sum(focal_loss(out.stage_probs[:, s, 1], masks, self.cfg.focal_gamma) + dice_loss(out.stage_probs[:, s, 1], masks)
-                    for s in range(out.stage_probs.shape[1]))
+        target = (masks > 0.5).float()  # train.py:133: gt cut at 0.5
+        local = sum(smoothed_focal(out.stage_probs[:, s], target, self.cfg.focal_gamma, FOCAL_SMOOTH)
+                    + dice_loss(out.stage_probs[:, s, 1], target) for s in range(out.stage_probs.shape[1]))
         zero = torch.zeros((), device=masks.device)
         return {"total": local, "kd": zero, "global": zero, "local": local}

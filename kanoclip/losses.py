@@ -16,6 +16,19 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> 
     return (-(1 - p_t) ** gamma * torch.log(p_t)).mean()
 
 
+def smoothed_focal(probs: torch.Tensor, target: torch.Tensor, gamma: float, smooth: float) -> torch.Tensor:
+    """The focal loss of April-GAN's and MVFA-AD's code (their loss.py FocalLoss, two classes, alpha 1): probs
+    (N, 2, H, W) {normal, abnormal} probabilities, target (N, H, W) in {0, 1} -> mean over pixels of
+    -(1 - pt)^gamma log pt, pt = sum_c clamp(onehot_c, smooth, 1 - smooth) p_c + smooth. The smoothing bounds
+    -log pt by about -log(smooth) on confidently wrong pixels (at logit scale 100 that changes the loss by tens of
+    percent against `focal_loss`)."""
+    onehot = F.one_hot(target.long(), 2).permute(0, 3, 1, 2).to(probs.dtype)
+    if smooth:
+        onehot = onehot.clamp(smooth, 1 - smooth)
+    pt = (onehot * probs).sum(1) + smooth
+    return (-(1 - pt) ** gamma * pt.log()).mean()
+
+
 def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """1 - soft Dice per image, averaged. prob, target (N, H, W) -> scalar."""
     p, t = prob.float().flatten(1), target.float().flatten(1)

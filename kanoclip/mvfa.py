@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .aprilgan import TrainablePeer, ensemble_text_features
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
-from .losses import dice_loss
+from .losses import dice_loss, smoothed_focal
 from .model import InferenceBatch, backbone_autocast, full_precision
 from .prompts import TextTower
 
@@ -107,16 +107,6 @@ class MVFAOutput(NamedTuple):
 
     def inference(self) -> InferenceBatch:
         return InferenceBatch(self.image_score, self.anomaly_map, self.stage_maps)
-
-
-def smoothed_focal(probs: torch.Tensor, target: torch.Tensor, gamma: float, smooth: float) -> torch.Tensor:
-    """MVFA-AD's focal loss (loss.py:34-86, two classes, alpha 1): probs (N, 2, H, W), target (N, H, W) in {0, 1}
-    -> mean over pixels of -(1 - pt)^gamma log pt, pt = sum_c clamp(onehot_c, smooth, 1 - smooth) p_c + smooth."""
-    onehot = F.one_hot(target.long(), 2).permute(0, 3, 1, 2).to(probs.dtype)
-    if smooth:
-        onehot = onehot.clamp(smooth, 1 - smooth)
-    pt = (onehot * probs).sum(1) + smooth
-    return (-(1 - pt) ** gamma * pt.log()).mean()
 
 
 def augment_views(images: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,8 @@ def test_anomalyclip_loss_on_its_single_published_stage_is_ce_plus_four_times_lo
     terms = model.loss(out, masks, torch.tensor([0.0, 1.0]))
     p = out.stage_probs.detach()[:, 0].double().numpy()               # (2 images, 2 classes, 2, 2)
     pa, pn, t = p[:, 1], p[:, 0], masks.double().numpy()
-    pt = np.where(t > 0, pa, 1 - pa)
+    # the code's focal loss (loss.py): one-hot clamped to [1e-5, 1 - 1e-5], pt = <onehot, p> + 1e-5
+    pt = np.where(t > 0, (1 - 1e-5) * pa + 1e-5 * pn, (1 - 1e-5) * pn + 1e-5 * pa) + 1e-5
     focal = np.mean(-(1 - pt) ** 2 * np.log(pt))
     dice_a = np.mean([1 - (2 * (pa[i] * t[i]).sum() + 1) / (pa[i].sum() + t[i].sum() + 1) for i in range(2)])
     dice_n = np.mean([1 - (2 * (pn[i] * (1 - t[i])).sum() + 1) / (pn[i].sum() + (1 - t[i]).sum() + 1) for i in range(2)])

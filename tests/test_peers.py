@@ -4,6 +4,7 @@ Equations are checked against numpy computed by hand from the papers' and public
 calling the module's own formula); then training and evaluation through the CLI on the synthetic data."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from kano.kanoclip import VisualFeatures, build_backbone
 from kano.kanoclip.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
-from kano.kanoclip.aprilgan import APRILGAN_ABNORMAL_STATES, APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES, AprilGAN, aprilgan_prompts
+from kano.kanoclip.aprilgan import APRILGAN_ABNORMAL_STATES, APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES, AprilGAN, PeerOutput, aprilgan_prompts
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,11 @@ def _bilinear(a, size, align_corners):
     return out
 
 
-def _focal(p, t, gamma=2.0):
-    pt = np.where(t > 0, p, 1 - p)
-    return float(np.mean(-(1 - pt) ** gamma * np.log(pt)))
+def _code_focal(pn, pa, t):
+    """The peers' code's focal loss (their loss.py, gamma 2): one-hot clamped to [1e-5, 1 - 1e-5], pt = <onehot, p>
+    + 1e-5. pn, pa: P(normal), P(abnormal); t: the mask in {0, 1}."""
+    pt = np.where(t > 0, (1 - 1e-5) * pa + 1e-5 * pn, (1 - 1e-5) * pn + 1e-5 * pa) + 1e-5
+    return float(np.mean(-(1 - pt) ** 2 * np.log(pt)))
 
 
 def _dice(p, t):
@@ -114,9 +117,15 @@ def test_aprilgan_loss_is_focal_plus_abnormal_dice_per_stage(bb):
     masks = torch.zeros(2, 8, 8)
     masks[0, 2:5, 3:7] = 1
     terms = model.loss(out, masks, torch.tensor([1.0, 0.0]))
-    p, t = out.stage_probs.detach().numpy(), masks.numpy()
-    want = sum(_focal(p[:, s, 1], t) + _dice(p[:, s, 1], t) for s in range(4))
+    p, t = out.stage_probs.detach().double().numpy(), masks.numpy()
+    want = sum(_code_focal(p[:, s, 0], p[:, s, 1], t) + _dice(p[:, s, 1], t) for s in range(4))
     assert float(terms["total"]) == pytest.approx(want, rel=1e-5)
+    # a confidently wrong pixel (P(abnormal) 0 on a defect): pt = 1e-5 (the clamped one-hot of normal) + 1e-5
+    probs = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    wrong = model.loss(PeerOutput(torch.zeros(1), probs[:, 1], probs[:, 1:], probs[:, None], torch.zeros(1, 2)),
+                       torch.ones(1, 1, 1), torch.ones(1))
+    pt = 1e-5 + 1e-5
+    assert float(wrong["local"]) == pytest.approx(-(1 - pt) ** 2 * math.log(pt) + (1 - 1 / 2), rel=1e-5)
     assert float(terms["global"]) == 0.0 and float(terms["local"]) == pytest.approx(want, rel=1e-5)
 
 
@@ -198,8 +207,8 @@ def test_anomalyclip_loss_is_ce_plus_four_times_focal_and_both_dices(bb):
     masks[1, 1:4, 1:6] = 1
     labels = torch.tensor([0.0, 1.0])
     terms = model.loss(out, masks, labels)
-    p, t = out.stage_probs.detach().numpy(), masks.numpy()
-    local = sum(_focal(p[:, s, 1], t) + _dice(p[:, s, 1], t) + _dice(p[:, s, 0], 1 - t) for s in range(4))
+    p, t = out.stage_probs.detach().double().numpy(), masks.numpy()
+    local = sum(_code_focal(p[:, s, 0], p[:, s, 1], t) + _dice(p[:, s, 1], t) + _dice(p[:, s, 0], 1 - t) for s in range(4))
     logp = np.log(_softmax(out.global_logits.detach().numpy()))
     ce = -float(np.mean(logp[[0, 1], [0, 1]]))
     assert float(terms["local"]) == pytest.approx(local, rel=1e-5)
