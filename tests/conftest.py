@@ -12,6 +12,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="kano-test-hf-")
 os.environ.setdefault("KANO_TEST", "1")
+# Under pytest-xdist (pyproject's addopts: `-n 2`) the workers split the cores: torch, onnxruntime and the
+# `kano` subprocesses read OMP_NUM_THREADS, so each worker stays on its share instead of every worker spinning a
+# thread per core (set before torch is imported: it reads the variable once).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest  # noqa: E402
 
@@ -23,8 +29,8 @@ DATA = Path(__file__).parent / "data"
 KANO = str(Path(sys.executable).parent / "kano")  # the installed entry point, for subprocess tests
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the real `kano` entry point in-process; returns (exit code, stdout, stderr)."""
+def run_main(args: list) -> int:
+    """Run the real `kano` entry point in-process; returns its exit code (what it prints goes to sys.stdout/err)."""
     from kano.cli import main
 
     old = sys.argv
@@ -36,6 +42,12 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = old
+    return code
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real `kano` entry point in-process; returns (exit code, stdout, stderr)."""
+    code = run_main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -79,15 +91,18 @@ def trained_run(synth_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exported_run(trained_run, tmp_path_factory) -> Path:
-    """trained_run exported to ONNX for its classes disc and weave (kano export, once per session: an export costs
-    about a minute on two cores). Tests read it, never change it."""
-    pytest.importorskip("onnxruntime", reason="pip install 'kano[export,runtime]'")
-    from kano.deploy.export import export
+def exported_run(trained_run, tmp_path_factory) -> tuple[Path, str]:
+    """`kano export --run <trained_run> --classes disc,weave` (in-process), once for the tests that score with the
+    graph and only read it: (model.onnx, what the command printed)."""
+    import contextlib
+    import io
 
     out = tmp_path_factory.mktemp("exported") / "model.onnx"
-    export(run=str(trained_run), method=None, backbone=None, classes=["disc", "weave"], fmt="onnx", out=out)
-    return out
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        code = run_main(["export", "--run", trained_run, "--classes", "disc,weave", "--out", out])
+    assert code == 0, errors.getvalue()
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +154,12 @@ def wait_until_serving(url: str, proc, timeout: float = 120.0) -> None:
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, f"kano serve did not answer /healthz within {timeout:.0f} s"
         time.sleep(0.3)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with more slow tests first (stable: the files' own order otherwise). pytest-xdist hands out whole files
+    in this order (pyproject's addopts), so the long files start early and the short ones fill the workers' ends."""
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])

@@ -37,7 +37,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def exported(exported_run) -> Path:
-    return exported_run  # conftest: the run exported once per session
+    assert CLASSES == ["disc", "weave"]  # the classes conftest's exported_run exports
+    return exported_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_bad_uploads_get_clear_4xx_and_the_service_goes_on(server, synth_root):
     assert list((folder / "uploads").iterdir()) == []
 
 
-@pytest.mark.slow  # starts a service process and exports a run (about 25 s)
+@pytest.mark.slow  # needs the exported run (about 25 s for the first test that asks for it)
 def test_a_full_queue_answers_503_with_retry_after(exported, synth_root, tmp_path):
     """In-process uvicorn with the real exported model, its forward pass held on an event so the queue fills."""
     from kano.deploy.serve import Limits, Scorer, create_app

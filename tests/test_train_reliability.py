@@ -225,7 +225,7 @@ def test_kill_during_training_says_resume_and_resume_finishes(world, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
     done = _checkpoint_epoch(run)
     assert 1 <= done < 3
-    assert f"epochs 1-{done} of 3 are saved in {run}; continue with the same command and --resume" in err
+    assert f"epochs 1-{done} of 3 are saved in {run}; continue with the same command and --resume" in " ".join(err.split())
     assert err.strip().splitlines()[-1].strip().endswith("--device cpu --resume")  # the command to type, on one line
     proc = _run(args)  # without --resume: refused, and told what to do
     assert proc.returncode == 2 and "pass --resume to continue it" in proc.stderr
