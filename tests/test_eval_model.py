@@ -2,7 +2,8 @@
 torch model (the one inference interface): the graph gives the metrics its torch model gives, within the export's
 tolerance; a class of the data the graph lacks is refused before anything is written; the options a graph cannot
 use are refused by name. A real exported graph (test_toy_method's toy, exported by test_predict_model's fixture),
-the real synthetic data with masks, the real entry point."""
+the real synthetic data with masks, the real entry point. A trained run and its export: test_runtime.py (slow tier,
+beside the other tests of that export)."""
 
 import csv
 import json
@@ -75,20 +76,3 @@ def test_eval_model_refuses_each_option_a_graph_cannot_use(option, graph, cli, s
                        "--out", tmp_path / "e")
     assert code == 2 and f"--model scores with the exported graph alone, got {flag} beside it" in " ".join(err.split()), err
     assert not (tmp_path / "e").exists()
-
-
-@pytest.mark.slow  # the trained run's export (conftest's exported_run) costs about a minute on two cores
-def test_eval_model_gives_the_metrics_of_its_run(exported_run, trained_run, cli, synth_root, tmp_path):
-    data = f"mvtec:{synth_root}"
-    code, _, err = cli("eval", "--model", exported_run, "--data", data, "--out", tmp_path / "graph", "--n-overlays", "0")
-    assert code == 0, err
-    code, _, err = cli("eval", "--run", trained_run, "--data", data, "--out", tmp_path / "torch", "--n-overlays", "0")
-    assert code == 0, err
-    got, ref = _metrics(tmp_path / "graph"), _metrics(tmp_path / "torch")
-    for cls in ("disc", "weave"):
-        for k in METRIC_KEYS:
-            assert abs(got["classes"][cls][k] - ref["classes"][cls][k]) <= 1e-4, (cls, k)
-        assert got["classes"][cls]["threshold"] == ref["classes"][cls]["threshold"]
-        assert got["classes"][cls]["class_word"] == ref["classes"][cls]["class_word"]
-    gs, rs = _scores(tmp_path / "graph"), _scores(tmp_path / "torch")
-    assert gs.keys() == rs.keys() and all(abs(gs[i][1] - rs[i][1]) <= 1e-4 for i in gs)
