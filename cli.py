@@ -398,6 +398,7 @@ def eval_cmd(
     strict: bool = typer.Option(False, "--strict", help="stop at an unreadable image (default: record it, count it, leave it out of the metrics and go on)"),
     rscin_windows: Optional[str] = typer.Option(None, "--rscin-windows", help=f"with --method {_with_option('rscin_windows')} or --mutual: MuSc's RsCIN windows, e.g. 1,8,9  [default: MuSc's published ones for the --data kind: visa 1,8,9; mvtec and every other kind 1,2,3]"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="a calibration file of this scoring mode (`kano calibrate ... --calibration FILE`)  [default: RUN/calibration.json; one made for another mode is refused]"),
+    model: Optional[Path] = typer.Option(None, "--model", help="instead of --run: an exported graph, FILE.onnx or FILE.xml with its sidecar FILE.json (kano export), scored on the CPU with its own classes, prompt words and thresholds: does the export score the data as its run did?"),
 ):
     """Image- and pixel-level metrics per class and their mean; report.html with curves and a gallery."""
     from kano.evaluator import command as eval_command
@@ -409,7 +410,7 @@ def eval_cmd(
         threshold=threshold, force=force, allow_missing_masks=allow_missing_masks, method=method, aux=aux, mutual=mutual,
         k_shot=k_shot, reference=reference, class_words=class_word, reference_sampling=reference_sampling, strict=strict,
         rscin_windows=_int_list("--rscin-windows", rscin_windows, "window sizes >= 1 (e.g. 1,8,9)"), calibration=calibration,
-        class_names=class_names))
+        class_names=class_names, model=model))
 
 
 @app.command("compare", short_help="Several eval results in one table per dataset (paper layout).")

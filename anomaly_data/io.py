@@ -328,6 +328,15 @@ def _lut(mean: tuple, std: tuple) -> np.ndarray:
     return (v - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
 
 
+def mask_to_array(mask: np.ndarray, size: int) -> np.ndarray:
+    """A mask (H, W) -> (size, size) float32 in {0, 1}, nearest resize (the torch loaders' and the exported
+    graph's evaluation share it)."""
+    if not mask.any():  # a normal image: nothing to resize
+        return np.zeros((size, size), dtype=np.float32)
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return (np.asarray(m) > 127).astype(np.float32)
+
+
 def image_to_array(img: Image.Image, size: int, mean, std) -> np.ndarray:
     """(3, size, size) float32, bicubic squash resize (no crop), normalised: (v / 255 - mean) / std per channel."""
     arr = np.asarray(img.resize((size, size), Image.BICUBIC))  # (size, size, 3) uint8

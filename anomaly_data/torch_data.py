@@ -9,7 +9,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from kano.core.errors import KanoError
 
-from .io import image_to_array, load_image, load_mask
+from .io import image_to_array, load_image, load_mask, mask_to_array
 from .readers import Sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,11 +23,8 @@ def image_to_tensor(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -
 
 
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
-    """(size, size) float tensor in {0, 1}, nearest resize."""
-    if not mask.any():  # a normal image: nothing to resize
-        return torch.zeros(size, size)
-    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-    return torch.from_numpy((np.asarray(m) > 127).astype(np.float32))
+    """(size, size) float tensor in {0, 1}, nearest resize (io.mask_to_array)."""
+    return torch.from_numpy(mask_to_array(mask, size))
 
 
 class SampleDataset(TorchDataset):

@@ -53,8 +53,7 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
              rscin_windows: list[int] | None = None, scored: dict | None = None, calibration=None,
              class_names: list[str] | None = None,
              reference_sampling: str | None = None) -> dict:
-    from kano.evaluator import METRIC_KEYS, evaluate as run_eval, load_model
-    from kano.evaluator.evaluate import table_rows
+    from kano.evaluator import evaluate as run_eval, load_model
 
     check_common(batch_size, workers, threshold, n_overlays)
     if reference_sampling is not None:
@@ -132,15 +131,24 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
         dist.close()
     if not dist.main:
         return result
-    short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
-             "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
-    rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
     if method:  # setting, kind and name, each word once ("few-shot winclip+", "per-image zero-shot clip")
         kind = None if described.get("setting") == "few-shot" else described["kind"]  # given references, not zero-shot
         what = " ".join([*dict.fromkeys(w for w in (described.get("setting"), kind) if w), described["name"]])
     else:
         what = "run " + str(run) if run else "untrained " + backbone
     what += " + MuSc (--mutual)" if mutual else ""
+    print_result(result, data, what, out)
+    return result
+
+
+def print_result(result: dict, data: str, what: str, out) -> None:
+    """eval's terminal summary: the metrics table, each class's decision threshold, the unreadable images, the files."""
+    from kano.evaluator import METRIC_KEYS
+    from kano.evaluator.evaluate import table_rows
+
+    short = {"image_auroc": "img AUROC", "image_ap": "img AP", "image_f1_max": "img F1max", "pixel_auroc": "px AUROC",
+             "pixel_ap": "px AP", "pixel_f1_max": "px F1max", "aupro": "AUPRO"}
+    rows = [(r[0], *["-" if v is None else f"{100 * v:.1f}" for v in r[1:]]) for r in table_rows(result)]
     ui.print_table(f"{data} ({what}), percent", ["class", *[short[k] for k in METRIC_KEYS]], rows)
     for cls, m in result["classes"].items():
         t = m["threshold"]
@@ -150,6 +158,31 @@ def evaluate(*, data, run, backbone, out, classes, batch_size, workers, image_si
     if result["unreadable"]:
         ui.err.print(f"{len(result['unreadable'])} unreadable image(s) skipped; --strict makes this an error", markup=False)
     ui.out.print(f"written to {out}: report.html, metrics.json, metrics.csv, metrics.md, scores.csv; overlays in {out}/overlays")
+
+
+def evaluate_model(*, model, data, out, classes, batch_size, n_overlays: int = 6, threshold: float | None = None,
+                   force: bool = False, allow_missing_masks: bool = False, strict: bool = False,
+                   class_names: list[str] | None = None, threads: int | None = None) -> dict:
+    """`kano eval --model FILE`: an exported graph's metrics on a labelled dataset (evaluator.options.EvalOptions has
+    refused the options a graph cannot use), to check that an export scores the data as its run did. The graph's
+    classes, prompt words and thresholds (or --threshold) are the sidecar's; a class of the data it lacks is refused
+    before anything is written. One process (the graph on the CPU)."""
+    import os
+
+    from kano.deploy.runtime import ExportedModel
+    from kano.evaluator import evaluate as run_eval
+
+    check_common(batch_size, None, threshold, n_overlays)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise KanoError(f"kano eval --model runs in one process (the graph on the CPU), got a launch of "
+                        f"{os.environ['WORLD_SIZE']} processes: run it without torchrun")
+    graph = ExportedModel(model, threads, threshold=threshold)
+    folder_names = class_folders(class_names or [], data)
+    result = run_eval(graph, data, Path(out), classes, batch_size, None, None, graph.words, n_overlays=n_overlays,
+                      progress=ui.progress_factory("evaluating"), method=graph.describe(), force=force,
+                      allow_missing_masks=allow_missing_masks, strict=strict, threshold_for=graph.threshold_for,
+                      pixel_threshold_for=lambda c: graph.pixel_threshold_for(c)[0], class_names=folder_names or None)
+    print_result(result, data, f"{graph.meta['method']} exported, {Path(model).name}", out)
     return result
 
 
@@ -308,6 +341,10 @@ def evaluate_options(opts) -> dict | list[dict]:
     """`kano eval` from its options (evaluator.options.EvalOptions): refuse what the chosen source would not use,
     then one method (or a run, or the untrained model) into OUT, or several into OUT/NAME with their comparison."""
     opts.refuse_unused()
+    if opts.model is not None:
+        return evaluate_model(model=opts.model, data=opts.data, out=opts.out, classes=opts.classes, batch_size=opts.batch_size,
+                              n_overlays=opts.n_overlays, threshold=opts.threshold, force=opts.force,
+                              allow_missing_masks=opts.allow_missing_masks, strict=opts.strict, class_names=opts.class_names)
     if len(opts.methods) > 1:
         return evaluate_many(methods=opts.method, out=opts.out, force=opts.force, backbone=opts.backbone, aux=opts.aux,
                              run=opts.run, **opts.common())

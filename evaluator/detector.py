@@ -282,6 +282,21 @@ class Detector:
         scores, maps, _ = run_inference(self.model, samples, list(words), batch_size, self.device, self.workers, advance, errors=errors)
         return scores.numpy(), maps.numpy()
 
+    @property
+    def transductive(self) -> bool:
+        return self.model.transductive
+
+    def score_samples(self, samples, words, batch_size, advance, errors, dist=None):
+        """`kano eval`'s step on the torch model: evaluator.evaluate.run_inference (DataLoader workers, or the CPU's
+        model streams; masks decoded with the images), over a launch's processes with `dist` (sharded_inference:
+        every process gets all results). -> torch tensors: scores (N,), maps (N, S, S), masks (N, S, S) uint8."""
+        from kano.evaluator.evaluate import run_inference, sharded_inference
+
+        if dist is not None and dist.world > 1:
+            return sharded_inference(dist, self.model, samples, list(words), batch_size, self.device, self.workers, advance,
+                                     errors=errors)
+        return run_inference(self.model, samples, list(words), batch_size, self.device, self.workers, advance, errors=errors)
+
     def batches_per_round(self) -> int:
         """On the CPU in-process, one batch per model stream (evaluate.cpu_streams); on a GPU or with workers, enough
         to keep the loader's prefetch busy and to amortise its start."""

@@ -205,7 +205,7 @@ def sharded_inference(dist, model, samples, names: list[str], batch_size: int, d
 class Evaluation:
     """What one evaluation holds between its steps (evaluate's orchestration, below)."""
 
-    model: torch.nn.Module
+    scorer: object  # an evaluator.inference.Inferencer: the torch model's Detector or an exported graph
     data: str
     out_dir: Path
     device: torch.device
@@ -233,6 +233,10 @@ class Evaluation:
     def main(self) -> bool:
         return self.world == 1 or self.dist.rank == 0
 
+    @property
+    def image_size(self) -> int:
+        return self.scorer.image_size
+
 
 def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, batch_size: int = 8, workers: int | None = None,
              device: torch.device | None = None, prompt_names: dict | None = None, n_overlays: int = 6,
@@ -241,7 +245,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
              threshold_for: Callable[[str], tuple] | None = None, class_words: dict[str, str] | None = None,
              strict: bool = False, dist=None, scored: dict | None = None,
              pixel_threshold_for: Callable[[str], float | None] | None = None, class_names: dict[str, str] | None = None) -> dict:
-    """Evaluate on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
+    """Evaluate `model` on KIND:PATH; writes metrics.json/.csv/.md, scores.csv, report.html and overlays/ into out_dir
     (see evaluator.outputs for when an existing out_dir is accepted). Returns the metrics dict.
 
     method: the method description recorded in the provenance (evaluator.report); default: the model's
@@ -258,10 +262,14 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     (sharded_inference), process 0 computes the metrics on all of them and writes the files; every process
     returns the metrics. scored: a dict that receives {class: (samples, image scores (N,), maps (N, S, S), masks
     (N, S, S))}, as evaluator.compare.score_classes gives them, so that a caller comparing methods need not score
-    this one again. class_names: {FOLDER: NAME} for class folders evaluated under another name (`--class`)."""
+    this one again. class_names: {FOLDER: NAME} for class folders evaluated under another name (`--class`).
+
+    model: a torch model (scored through evaluator.detector.Detector: run_inference's loaders, streams and
+    sharding) or any evaluator.inference.Inferencer, e.g. an exported graph (deploy.runtime.ExportedModel: one
+    process, its own classes only, each refused by name before anything is written)."""
     started = time.time()
-    ev = _prepare(model, data, out_dir, classes, device, prompt_names, n_overlays, method, threshold, allow_missing_masks,
-                  threshold_source, threshold_for, class_words, dist, pixel_threshold_for, class_names)
+    ev = _prepare(_scorer(model, method, device, workers), data, out_dir, classes, prompt_names, n_overlays, method, threshold,
+                  allow_missing_masks, threshold_source, threshold_for, class_words, dist, pixel_threshold_for, class_names)
     ev.started = started
     _claim(ev, force)
     advance, close = progress(len(ev.samples)) if progress and ev.main else (lambda k: None, lambda: None)
@@ -269,7 +277,7 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     drawing: list = []
     try:
         for cls in ev.classes:
-            scored_class = _score_class(ev, cls, batch_size, workers, strict, advance)
+            scored_class = _score_class(ev, cls, batch_size, strict, advance)
             if scored_class is None:
                 continue
             if scored is not None:
@@ -289,23 +297,41 @@ def evaluate(model, data: str, out_dir: Path, classes: list[str] | None = None, 
     return dist.broadcast(result) if ev.world > 1 else result
 
 
-def _prepare(model, data, out_dir, classes, device, prompt_names, n_overlays, method, threshold, allow_missing_masks,
+def _scorer(model, method: dict | None, device, workers: int | None):
+    """`model` as the Inferencer eval asks for scores: an Inferencer as it is, a torch model in a Detector that
+    scores with run_inference on `device` with `workers` loader processes (None: default_workers())."""
+    if hasattr(model, "score_samples"):
+        return model
+    from .detector import Detector
+
+    det = Detector(model, method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec},
+                   device=device or model.backbone.device)
+    det.workers = workers
+    return det
+
+
+def _prepare(scorer, data, out_dir, classes, prompt_names, n_overlays, method, threshold, allow_missing_masks,
              threshold_source, threshold_for, class_words, dist, pixel_threshold_for, class_names) -> Evaluation:
     """Check the arguments, read the data, and settle each class's prompt word and thresholds and the identity the
     output folder is claimed for: everything that can be refused is refused here, before a file is written."""
-    device = device or model.backbone.device
+    device = getattr(scorer, "device", None) or torch.device("cpu")  # an exported graph runs on the CPU
     if n_overlays < 0:
         raise KanoError(f"n_overlays must be >= 0, got {n_overlays}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise KanoError(f"threshold must be in [0, 1], got {threshold}")
-    method = method or {"kind": "model", "name": type(model).__name__, "backbone": model.backbone.spec}
+    method = method or scorer.describe()
     dataset = load_dataset(data, missing_masks="warn" if allow_missing_masks else "error")
     if class_names:
         dataset = dataset.renamed(class_names)
     classes, samples = dataset.split_classes("test", classes)
     if not samples:
         raise KanoError(f"{data} must hold test images for {', '.join(classes)}, got none")
-    if model.transductive:  # checked before anything is written: each image is scored against the others
+    for c in classes:  # an exported graph scores the classes it was exported for only
+        try:
+            scorer.check_class(c)
+        except KanoError as exc:
+            raise KanoError(f"{data} holds class {c!r}, which this model cannot score: {exc}") from None
+    if scorer.transductive:  # checked before anything is written: each image is scored against the others
         counts = {c: sum(s.class_name == c for s in samples) for c in classes}
         few = {c: k for c, k in counts.items() if k < 2}
         if few:
@@ -319,9 +345,9 @@ def _prepare(model, data, out_dir, classes, device, prompt_names, n_overlays, me
                   for c in classes}
     pixel_thresholds = {c: pixel_threshold_for(c) if pixel_threshold_for else None for c in classes}
     identity = {"method": method, "data": f"{dataset.kind}:{Path(dataset.root).resolve() if dataset.kind != 'hf' else dataset.root}",
-                "classes": list(classes), "image_size": model.backbone.image_size, "class_words": names_map,
+                "classes": list(classes), "image_size": scorer.image_size, "class_words": names_map,
                 "thresholds": {c: {"threshold": t, "source": src} for c, (t, src) in thresholds.items()}}
-    return Evaluation(model, data, Path(out_dir), device, dataset, classes, samples, names_map, thresholds, pixel_thresholds,
+    return Evaluation(scorer, data, Path(out_dir), device, dataset, classes, samples, names_map, thresholds, pixel_thresholds,
                       identity, dist, method=method,
                       details={"threshold": threshold, "threshold_source": threshold_source, "classes": {}, "gallery": []})
 
@@ -346,21 +372,20 @@ def _claim(ev: Evaluation, force: bool) -> None:
          for s in ev.samples])))
 
 
-def _score_class(ev: Evaluation, cls: str, batch_size: int, workers: int | None, strict: bool, advance: Callable):
+def _score_class(ev: Evaluation, cls: str, batch_size: int, strict: bool, advance: Callable):
     """Score one class's test images (over every process when sharded) -> (samples, image scores (N,), maps
     (N, S, S), masks (N, S, S)) on process 0, its unreadable images recorded and left out; None on the other
     processes, or when no image of the class could be read."""
-    model = ev.model
+    scorer = ev.scorer
     cs = [s for s in ev.samples if s.class_name == cls]
-    bs = max(1, len(cs)) if model.transductive else batch_size
-    model.begin_class(cls, ev.names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
+    bs = max(1, len(cs)) if scorer.transductive else batch_size
+    scorer.begin_class(cls, ev.names_map[cls])  # per-class state, e.g. WinCLIP+'s reference images
     errors: dict[int, str] = {}
     words = [ev.names_map[cls]] * len(cs)
-    if ev.world > 1 and not getattr(model, "transductive", False):
-        scores, maps, masks = sharded_inference(ev.dist, model, cs, words, bs, ev.device, workers, advance,
-                                                errors=None if strict else errors)
-    elif ev.main:  # a transductive method scores a class as one batch: process 0 alone
-        scores, maps, masks = run_inference(model, cs, words, bs, ev.device, workers, advance, errors=None if strict else errors)
+    if ev.main or (ev.world > 1 and not scorer.transductive):  # a transductive method scores a class as one batch: process 0 alone
+        scored = scorer.score_samples(cs, words, bs, advance, None if strict else errors,
+                                      dist=ev.dist if ev.world > 1 and not scorer.transductive else None)
+        scores, maps, masks = (torch.as_tensor(x) for x in scored)  # a graph's numpy arrays: the metrics take tensors
     if not ev.main:
         return None
     if errors:  # recorded and counted, left out of the metrics: one bad file does not stop the evaluation
@@ -416,7 +441,7 @@ def _result(ev: Evaluation) -> dict:
         raise KanoError(f"{ev.data} must hold readable test images, got none readable: {ev.unreadable[0]['error']}")
     ev.details["unreadable"] = ev.unreadable
     return {"dataset": ev.data, "classes": ev.per_class, "mean": mean, "unreadable": ev.unreadable,
-            "provenance": {**report.provenance(ev.method, ev.model.backbone.image_size, ev.started, ev.data),
+            "provenance": {**report.provenance(ev.method, ev.image_size, ev.started, ev.data),
                            "class_words": ev.names_map}}
 
 

@@ -98,6 +98,23 @@ class Inferencer(Protocol):
         """How many batches `kano predict` scores before it writes their rows."""
         ...
 
+    @property
+    def transductive(self) -> bool:
+        """Whether an image is scored against the others of its batch (`kano eval` then gives a class as one batch)."""
+        ...
+
+    def begin_class(self, class_name: str, word: str) -> None:
+        """Per-class set-up before a class's images are scored (e.g. WinCLIP+'s references)."""
+        ...
+
+    def score_samples(self, samples: Sequence, words: Sequence[str], batch_size: int, advance: Callable[[int], None],
+                      errors: dict[int, str] | None, dist=None) -> tuple:
+        """`kano eval`'s step: labelled samples (anomaly_data.Sample) in batches of `batch_size` -> image scores
+        (N,), maps (N, S, S) float32 and their masks (N, S, S) uint8 in {0, 1} at S (numpy arrays, or torch tensors
+        from the torch scorer). errors: as score_files' (None: the first unreadable image or mask raises KanoError).
+        dist: the launch's processes, each scoring its share (None: this process scores all)."""
+        ...
+
 
 class FileScoring:
     """score_files, batches_per_round and postprocess over preprocess and score, for a scorer that decodes in
@@ -134,6 +151,51 @@ class FileScoring:
 
     def batches_per_round(self) -> int:
         return ROUND
+
+    transductive = False  # each image is scored on its own
+
+    def begin_class(self, class_name: str, word: str) -> None:
+        """Nothing to set up: the graph holds every class."""
+
+    def score_samples(self, samples, words, batch_size, advance, errors, dist=None):
+        """Inferencer.score_samples over preprocess and score: each image decoded once (the next batch in a
+        thread while this one is scored), its mask read at the image's own size and resized as the torch
+        loaders do (anomaly_data.io.mask_to_array). One process: a launch's processes are refused."""
+        from kano.anomaly_data.io import load_image, load_mask, mask_to_array
+
+        if dist is not None and dist.world > 1:
+            raise KanoError(f"{type(self).__name__} scores in one process, got a launch of {dist.world}")
+        n, size = len(samples), self.image_size
+
+        def prepare(a: int):
+            arrays, masks, ok = [], [], []
+            for j in range(a, min(a + batch_size, n)):
+                try:
+                    img = load_image(samples[j].image_path)
+                    masks.append(mask_to_array(load_mask(samples[j].mask_path, img.size), size).astype(np.uint8))
+                    arrays.append(self.preprocess(img))
+                    ok.append(j)
+                except KanoError as exc:
+                    if errors is None:
+                        raise
+                    errors[j] = str(exc)
+            return arrays, masks, ok
+
+        scores = np.full(n, np.nan, dtype=np.float32)
+        maps = np.zeros((n, size, size), dtype=np.float32)
+        masks = np.zeros((n, size, size), dtype=np.uint8)
+        starts = list(range(0, n, batch_size))
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(prepare, 0) if starts else None
+            for k, a in enumerate(starts):
+                arrays, mk, ok = ahead.result()
+                if k + 1 < len(starts):
+                    ahead = pool.submit(prepare, starts[k + 1])
+                if ok:
+                    s, m = self.score(np.stack(arrays), [samples[j].class_name for j in ok], [words[j] for j in ok])
+                    scores[ok], maps[ok], masks[ok] = s, m, np.stack(mk)
+                advance(min(batch_size, n - a))
+        return scores, maps, masks
 
 
 def postprocess(score: float, amap: np.ndarray, size: tuple[int, int], threshold: float | None, source: str | None,

@@ -22,6 +22,10 @@ def _given(value) -> bool:
     return value not in (None, False, 0, "", [], ())
 
 
+def _flag(name: str) -> str:
+    return flag("class_word" if name == "class_words" else name)  # eval's --class-word sets several: class_words
+
+
 @dataclass
 class EvalOptions:
     """`kano eval`: a run (`run`), the untrained model (`backbone`), a method or a comma-separated list of methods
@@ -51,6 +55,16 @@ class EvalOptions:
     calibration: Path | None = None        # a calibration file of the method's scoring mode (kano calibrate)
     class_names: list[str] | None = None   # --class NAME|NAME=FOLDER: which class a folder of --data is
     reference_sampling: str | None = None  # with --k-shot: "first" K by path or "seeded[:SEED]" (April-GAN's rule)
+    model: Path | None = None              # an exported graph (kano export): its metrics on the data
+
+    # the options an exported graph cannot use, with why
+    NOT_WITH_MODEL = {"run": "the graph is the model", "backbone": "the graph is the model", "method": "the graph is the model",
+                      "aux": "the graph is the model", "k_shot": "the graph holds no reference memory",
+                      "reference": "the graph holds no reference memory", "reference_sampling": "the graph holds no reference memory",
+                      "mutual": "the graph scores each image on its own", "rscin_windows": "the graph scores each image on its own",
+                      "class_words": "the graph's prompt words were fixed at export", "device": "the graph runs on the CPU",
+                      "image_size": "the graph has its own size", "workers": "the graph's runtime decodes in its own process",
+                      "calibration": "the graph carries its thresholds"}
 
     @property
     def methods(self) -> list[str]:
@@ -59,6 +73,12 @@ class EvalOptions:
     def refuse_unused(self) -> None:
         """Refuse each given option that the chosen source would not use (the method's own checks come when it is
         loaded: kano.core.registry.check_given)."""
+        if self.model is not None:
+            given = [name for name in self.NOT_WITH_MODEL if _given(getattr(self, name))]
+            if given:
+                why = "; ".join(f"{_flag(n)}: {self.NOT_WITH_MODEL[n]}" for n in given)
+                raise KanoError(f"--model scores with the exported graph alone, got {', '.join(_flag(n) for n in given)} "
+                                f"beside it (leave them out: {why})")
         if len(self.methods) > 1:  # a list: the options of one method's own run
             for name, why in {"mutual": "fuses one method with MuSc", "k_shot": "sets one method's references",
                               "reference": "sets one method's references",
@@ -74,7 +94,7 @@ class EvalOptions:
 
     def common(self) -> dict:
         """Every option but the method's sources, as keyword arguments (evaluate_many passes them to each method)."""
-        skip = {"method", "run", "backbone", "aux", "out", "force"}
+        skip = {"method", "run", "backbone", "aux", "out", "force", "model"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 

@@ -35,6 +35,7 @@ EVAL_PER_METHOD = {
     "--class-word": ("disc=disc", lambda s: s.prompts),
     "--rscin-windows": ("1,2", lambda s: "rscin_windows" in s.options),
     "--mutual": (None, lambda s: not s.transductive and "backbone" in s.needs),
+    "--model": ("some/model.onnx", lambda s: False),  # an exported graph is the model: no --method beside it
 }
 EVAL_GENERAL = {"--data", "--out", "--classes", "--batch-size", "--workers", "--image-size", "--device", "--n-overlays",
                 "--threshold", "--force", "--allow-missing-masks", "--method", "--strict", "--calibration", "--class"}

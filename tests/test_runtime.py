@@ -110,3 +110,33 @@ def test_model_file_checks(tmp_path, cli):
     (tmp_path / "m.json").write_text('{"format": "something else"}')
     code, _, err = cli("predict", str(tmp_path), "--class", "a", "--model", graph)
     assert code == 2 and "must be a kano export sidecar of version 1" in err
+
+
+@pytest.mark.slow
+def test_eval_model_gives_the_metrics_of_its_run(exported_run, trained_run, cli, synth_root, tmp_path):
+    """`kano eval --model` on the run's export gives the run's metrics, thresholds and words (scores within 1e-4)."""
+    import csv
+
+    from kano.evaluator import METRIC_KEYS
+
+    def _metrics(out):
+        return json.loads((out / "metrics.json").read_text())
+
+    def _scores(out):
+        with open(out / "scores.csv", newline="") as f:
+            return {r["image"]: (r["class"], float(r["score"])) for r in csv.DictReader(f)}
+
+    exported, _ = exported_run
+    data = f"mvtec:{synth_root}"
+    code, _, err = cli("eval", "--model", exported, "--data", data, "--out", tmp_path / "graph", "--n-overlays", "0")
+    assert code == 0, err
+    code, _, err = cli("eval", "--run", trained_run, "--data", data, "--out", tmp_path / "torch", "--n-overlays", "0")
+    assert code == 0, err
+    got, ref = _metrics(tmp_path / "graph"), _metrics(tmp_path / "torch")
+    for cls in ("disc", "weave"):
+        for k in METRIC_KEYS:
+            assert abs(got["classes"][cls][k] - ref["classes"][cls][k]) <= 1e-4, (cls, k)
+        assert got["classes"][cls]["threshold"] == ref["classes"][cls]["threshold"]
+        assert got["classes"][cls]["class_word"] == ref["classes"][cls]["class_word"]
+    gs, rs = _scores(tmp_path / "graph"), _scores(tmp_path / "torch")
+    assert gs.keys() == rs.keys() and all(abs(gs[i][1] - rs[i][1]) <= 1e-4 for i in gs)
