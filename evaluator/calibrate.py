@@ -306,7 +306,6 @@ def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, de
     warnings go (default: standard error). strict: an unreadable image is an error; otherwise it is named, counted
     and left out (n counts the images scored)."""
     from kano.anomaly_data import Sample
-    from kano.evaluator.evaluate import run_inference
 
     a = check_alarm_rate(alarm_rate)
     if warn is None:
@@ -340,11 +339,12 @@ def calibrate_detector(det, normal: dict[str, list[Path]], alarm_rate: float, de
         det.begin_class(cls, word)
         samples = [Sample(str(Path(f).resolve()), None, cls, "good", 0) for f in files]
         advance, close = progress(len(samples)) if progress else (lambda k: None, lambda: None)
+        kept, det.workers = det.workers, workers  # calibrate's own --workers, for this scoring only
         try:
             errors: dict[int, str] | None = None if strict else {}
-            scores, maps, _ = run_inference(det.model, samples, [word] * len(samples), det.batch_size, det.device, workers,
-                                            advance, errors=errors)
+            scores, maps, _ = det.score_samples(samples, [word] * len(samples), det.batch_size, advance, errors)
         finally:
+            det.workers = kept
             close()
         if errors:  # as eval and predict: an unreadable photo is named, counted and left out; --strict stops instead
             for _, e in sorted(errors.items()):
