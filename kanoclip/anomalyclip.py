@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from kano.core.errors import KanoError
 
-from .aprilgan import FOCAL_SMOOTH, PeerOutput, TrainablePeer  # the same loss.py (FocalLoss smooth=1e-5)
+from .aprilgan import FOCAL_SMOOTH, PeerOutput, TrainablePeer, check_focal_smooth  # the same loss.py (FocalLoss smooth=1e-5)
 from .backbone import Backbone, VisualFeatures, grid_hw, spread_layers
 from .losses import dice_loss, smoothed_focal
 from .model import gaussian_blur
@@ -60,6 +60,7 @@ class AnomalyCLIPConfig:
     sigma: float = 4.0              # code: --sigma 4
     lam: float = 4.0                # code train.py line 50: lam = 4 on the local loss
     focal_gamma: float = 2.0
+    focal_smooth: float = FOCAL_SMOOTH  # code loss.py line 21 FocalLoss(smooth=1e-5); absent from a run: trained without
 
     def __post_init__(self):
         if self.n_ctx < 1:
@@ -70,6 +71,7 @@ class AnomalyCLIPConfig:
             raise ValueError(f"t_n_ctx must be in 1..n_ctx ({self.n_ctx}): the deep tokens replace context positions, got {self.t_n_ctx}")
         if self.temperature <= 0 or self.sigma <= 0 or self.lam < 0:
             raise ValueError(f"temperature and sigma must be > 0 and lam >= 0, got {self.temperature}, {self.sigma}, {self.lam}")
+        check_focal_smooth(self.focal_smooth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,7 +175,7 @@ class AnomalyCLIP(TrainablePeer):
         c = self.cfg
         p = out.stage_probs
         t = (masks > 0.5).float()  # train.py lines 64-66: gt cut at 0.5
-        local = sum(smoothed_focal(p[:, s], t, c.focal_gamma, FOCAL_SMOOTH) + dice_loss(p[:, s, 1], t) + dice_loss(p[:, s, 0], 1 - t)
+        local = sum(smoothed_focal(p[:, s], t, c.focal_gamma, c.focal_smooth) + dice_loss(p[:, s, 1], t) + dice_loss(p[:, s, 0], 1 - t)
                     for s in range(p.shape[1]))
         image = F.cross_entropy(out.global_logits, labels.long())
         return {"total": c.lam * local + image, "kd": torch.zeros((), device=masks.device), "global": image, "local": local}

@@ -59,6 +59,11 @@ APRILGAN_TEMPLATES = (
 FOCAL_SMOOTH = 1e-5
 
 
+def check_focal_smooth(v: float) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 0.5:
+        raise ValueError(f"focal_smooth must be a number in [0, 0.5), got {v!r}")
+
+
 def aprilgan_prompts(class_name: str) -> tuple[list[str], list[str]]:
     """(normal sentences, abnormal sentences) for one class: states x templates (7 x 35 and 5 x 35)."""
     normal = [t.format(s.format(class_name)) for s in APRILGAN_NORMAL_STATES for t in APRILGAN_TEMPLATES]
@@ -79,14 +84,17 @@ def ensemble_text_features(tower, cache: dict[str, torch.Tensor], class_names: l
 
 @dataclass
 class AprilGANConfig:
-    """April-GAN's constants (public code): the logit scale of its similarities and the focal loss's gamma."""
+    """April-GAN's constants (public code): the logit scale of its similarities and the focal loss's gamma and label
+    smoothing. A run's config.json without `focal_smooth` was trained without the smoothing."""
 
     logit_scale: float = 100.0
     focal_gamma: float = 2.0
+    focal_smooth: float = FOCAL_SMOOTH   # loss.py:21 FocalLoss(smooth=1e-5), as train.py:95 builds it
 
     def __post_init__(self):
         if self.logit_scale <= 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        check_focal_smooth(self.focal_smooth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,7 +214,7 @@ class AprilGAN(TrainablePeer):
 
     def _loss(self, out: PeerOutput, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         target = (masks > 0.5).float()  # train.py:133: gt cut at 0.5
-        local = sum(smoothed_focal(out.stage_probs[:, s], target, self.cfg.focal_gamma, FOCAL_SMOOTH)
+        local = sum(smoothed_focal(out.stage_probs[:, s], target, self.cfg.focal_gamma, self.cfg.focal_smooth)
                     + dice_loss(out.stage_probs[:, s, 1], target) for s in range(out.stage_probs.shape[1]))
         zero = torch.zeros((), device=masks.device)
         return {"total": local, "kd": zero, "global": zero, "local": local}

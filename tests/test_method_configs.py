@@ -26,7 +26,7 @@ def test_each_method_gets_its_own_config():
 
 @pytest.mark.parametrize("kw, message", [
     ({"method": "aprilgan", "model": {"use_vv": False}}, "KAnoCLIP's model options (use_vv) apply to method kanoclip only"),
-    ({"method": "aprilgan", "model": {"n_ctx": 3, "zz": 1}}, "model config keys must be among logit_scale, focal_gamma (aprilgan's), got n_ctx, zz"),
+    ({"method": "aprilgan", "model": {"n_ctx": 3, "zz": 1}}, "model config keys must be among logit_scale, focal_gamma, focal_smooth (aprilgan's), got n_ctx, zz"),
     ({"method": "anomalyclip", "model": AprilGANConfig()}, "model must be anomalyclip's config AnomalyCLIPConfig, got a AprilGANConfig"),
 ])
 def test_a_config_that_is_not_the_methods_is_refused(kw, message):
@@ -56,3 +56,13 @@ def test_an_older_peer_run_config_still_reads_and_resumes():
 ])
 def test_the_calibrated_threshold_is_the_best_f1_midpoint(labels, scores, want):
     assert f1_threshold(torch.tensor(labels, dtype=torch.float32), torch.tensor(scores)) == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["aprilgan", "anomalyclip"])
+def test_the_focal_loss_smoothing_is_a_recorded_setting_and_bad_values_are_refused(method):
+    cls = {"aprilgan": AprilGANConfig, "anomalyclip": AnomalyCLIPConfig}[method]
+    assert cls().to_dict()["focal_smooth"] == 1e-5  # the authors' loss.py FocalLoss(smooth=1e-5)
+    assert cls(focal_smooth=0.0).focal_smooth == 0.0
+    for bad in (-1e-3, 0.5, True, "x"):
+        with pytest.raises(ValueError, match="focal_smooth must be a number in"):
+            cls(focal_smooth=bad)
