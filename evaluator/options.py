@@ -26,6 +26,16 @@ def _flag(name: str) -> str:
     return flag("class_word" if name == "class_words" else name)  # eval's --class-word sets several: class_words
 
 
+def _refuse_beside_model(opts, why_not: dict[str, str]) -> None:
+    """--model with any option named in `why_not` (option -> why a graph cannot use it) given: KanoError naming
+    each with its reason."""
+    given = [name for name in why_not if _given(getattr(opts, name))]
+    if given:
+        why = "; ".join(f"{_flag(n)}: {why_not[n]}" for n in given)
+        raise KanoError(f"--model scores with the exported graph alone, got {', '.join(_flag(n) for n in given)} "
+                        f"beside it (leave them out: {why})")
+
+
 @dataclass
 class EvalOptions:
     """`kano eval`: a run (`run`), the untrained model (`backbone`), a method or a comma-separated list of methods
@@ -74,11 +84,7 @@ class EvalOptions:
         """Refuse each given option that the chosen source would not use (the method's own checks come when it is
         loaded: kano.core.registry.check_given)."""
         if self.model is not None:
-            given = [name for name in self.NOT_WITH_MODEL if _given(getattr(self, name))]
-            if given:
-                why = "; ".join(f"{_flag(n)}: {self.NOT_WITH_MODEL[n]}" for n in given)
-                raise KanoError(f"--model scores with the exported graph alone, got {', '.join(_flag(n) for n in given)} "
-                                f"beside it (leave them out: {why})")
+            _refuse_beside_model(self, self.NOT_WITH_MODEL)
         if len(self.methods) > 1:  # a list: the options of one method's own run
             for name, why in {"mutual": "fuses one method with MuSc", "k_shot": "sets one method's references",
                               "reference": "sets one method's references",
@@ -136,11 +142,7 @@ class PredictOptions:
         """Refuse each given option that the chosen source would not use (a method's own checks come when it is
         loaded: kano.core.registry.check_given)."""
         if self.model is not None:
-            given = [name for name in self.NOT_WITH_MODEL if _given(getattr(self, name))]
-            if given:
-                why = "; ".join(f"{flag(n)}: {self.NOT_WITH_MODEL[n]}" for n in given)
-                raise KanoError(f"--model scores with the exported graph alone, got {', '.join(flag(n) for n in given)} "
-                                f"beside it (leave them out: {why})")
+            _refuse_beside_model(self, self.NOT_WITH_MODEL)
 
 
 def run_predict(opts: "PredictOptions"):
