@@ -156,6 +156,35 @@ def wait_until_serving(url: str, proc, timeout: float = 120.0) -> None:
         time.sleep(0.3)
 
 
+def predictions(out: Path) -> list[dict]:
+    """The rows of `kano predict`'s OUT/predictions.jsonl, in order."""
+    import json
+
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def sigkill_partway_then_rerun(cmd: list, out: Path, env: dict, n_images: int, timeout: float, poll: float) -> None:
+    """Start `cmd --out out`, SIGKILL it as soon as its result file holds rows, check that it died partway (0 < rows
+    < n_images), then run the same command again and check that it succeeds."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = out / "predictions.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if result.exists() and result.stat().st_size > 0:
+            break
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(result.read_bytes().splitlines())
+    assert 0 < done < n_images                                             # killed partway
+    again = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
 def pytest_collection_modifyitems(config, items):
     """Files with more slow tests first (stable: the files' own order otherwise). pytest-xdist hands out whole files
     in this order (pyproject's addopts), so the long files start early and the short ones fill the workers' ends."""

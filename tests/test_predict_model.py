@@ -5,16 +5,15 @@ hand), real images, the real entry point."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import KANO
+from conftest import KANO, sigkill_partway_then_rerun
+from conftest import predictions as _rows
 from test_runtime import run_without_torch
 
 pytest.importorskip("onnxruntime", reason="pip install 'kano[export,runtime]'")
@@ -55,10 +54,6 @@ def _images(folder, n, size=24):
 
 def _kano(*args, timeout=300):
     return subprocess.run([KANO, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
 def test_a_torn_result_file_is_cut_to_whole_batches_and_resumed_to_the_same_bytes(graph, tmp_path, cli):
@@ -107,20 +102,7 @@ def test_sigkill_partway_then_the_same_command_scores_every_image_exactly_once_w
     clean = subprocess.run(cmd + ["--out", str(tmp_path / "clean")], env=ENV, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
     out = tmp_path / "o"
-    proc = subprocess.Popen(cmd + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result = out / "predictions.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if result.exists() and result.stat().st_size > 0:
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = len(result.read_bytes().splitlines())
-    assert 0 < done < 300                                                  # killed partway
-    again = subprocess.run(cmd + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    sigkill_partway_then_rerun(cmd, out, ENV, 300, timeout=300, poll=0.002)
     rows = _rows(out)
     assert [r["image"] for r in rows] == list(map(str, paths))                            # every image once, in order
     assert [r["score"] for r in rows] == [r["score"] for r in _rows(tmp_path / "clean")]  # and as if never killed

@@ -4,17 +4,16 @@ kill, error rows, refusals. Real tiny CLIP, real images, the real entry point.""
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import KANO
+from conftest import KANO, sigkill_partway_then_rerun
+from conftest import predictions as _rows
 
 FAST = ("--backbone", "tiny", "--image-size", "32", "--no-maps", "--no-panels")
 
@@ -28,10 +27,6 @@ def _images(folder, n, size=32, seed=0):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -188,20 +183,7 @@ def test_sigkill_partway_then_the_same_command_scores_every_image_exactly_once(t
     clean = subprocess.run(cmd + ["--out", str(tmp_path / "clean")], env=env, capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
     out = tmp_path / "o"
-    proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result = out / "predictions.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if result.exists() and result.stat().st_size > 0:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = len(result.read_bytes().splitlines())
-    assert 0 < done < 300                                                  # killed partway
-    again = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
+    sigkill_partway_then_rerun(cmd, out, env, 300, timeout=600, poll=0.005)
     rows = _rows(out)
     assert [r["image"] for r in rows] == list(map(str, paths))                            # every image once, in order
     assert [r["score"] for r in rows] == [r["score"] for r in _rows(tmp_path / "clean")]  # and as if never killed
