@@ -44,30 +44,14 @@ def predict(*, model: Path, inputs, class_name: str, out: Path, threshold, batch
             dist.close()
     if dist is not None and not dist.main:
         return rows
-    from kano.evaluator.records import worst_first
+    from kano.evaluator.records import print_worst, print_written
 
+    print_worst(rows, f"{class_name}, {Path(model).name}")
+    print_written(rows, out, fmt, maps, panels)
     s = rows.summary
-    ui.print_table(f"predictions ({class_name}, {Path(model).name}), flagged first, by score", ["image", "score", "anomalous"],
-                   [(Path(r["image"]).name, "-" if r["score"] is None else r["score"],
-                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")))
-                    for r in worst_first(rows, PRINT_ROWS)])
-    errors = 0
-    for r in rows:
-        if r["error"]:
-            errors += 1
-            if errors <= PRINT_ROWS:
-                ui.err.print(f"not scored: {r['error']}")
-    ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
-    files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
-    files += (["panels/"] if panels else []) + (["maps/ (npy and 16-bit png)"] if maps else [])
-    ui.out.print(f"written to {out}: {', '.join(files)}")
     if s["errors"]:
         raise SystemExit(1)
     return rows
-
-
-# rows printed in the terminal (as kano predict --run); all of them are in the result file
-PRINT_ROWS = 20
 
 
 def serve(*, run, model, host, port, public, classes, folder, batch, batch_wait_ms, queue_length, max_upload_mb, timeout_s,

@@ -249,10 +249,6 @@ def _dist(device: str | None):
     return Dist.from_env(device, _device)
 
 
-# rows printed in the terminal; all of them are in the result file
-PRINT_ROWS = 20
-
-
 def detector(*, run, backbone, method: str | None = None, reference=None, k_shot: int = 0, threshold: float | None = None,
              device: str | None = None, batch_size: int = 8, image_size: int | None = None, calibration=None):
     """The Detector `kano predict` scores with (the Python API's object): a run, a per-image --method on
@@ -307,31 +303,17 @@ def predict(*, inputs, class_name, run, backbone, out, threshold, batch_size, de
         dist.close()
     if not dist.main:
         return rows
-    s = rows.summary
-    from kano.evaluator.records import worst_first
+    from kano.evaluator.records import print_worst, print_written
 
-    shown = worst_first(rows, PRINT_ROWS)  # the flagged first, by score: what a person must look at
-    title = (f"predictions ({class_name}, class word {word!r}), flagged first, by score"
-             + ("" if s["images"] <= PRINT_ROWS else f": the {PRINT_ROWS} highest of {s['images']}"))
-    ui.print_table(title, ["image", "score", "anomalous"],
-                   [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
-                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no"))) for r in shown])
+    print_worst(rows, f"{class_name}, class word {word!r}")
     if threshold is None:
         ui.err.print("no threshold (no --threshold, no calibration and none in the run): scores only")
     else:
         ui.out.print(f"decision threshold: {threshold:.6f} from the {source}")
-    errors = 0
-    for r in rows:
-        if r["error"]:
-            errors += 1
-            if errors <= PRINT_ROWS:
-                ui.err.print(f"not scored: {r['error']}")
-    ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
-    files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
-    files += (["maps/ (npy and 16-bit png)"] if maps else []) + (["panels/"] if panels else [])
-    if pixel_threshold is not None and s["anomalous"] and (Path(out) / "masks").is_dir():
-        files.append(f"masks/ (each flagged image's defect mask at the pixel threshold {pixel_threshold:.3g})")
-    ui.out.print(f"written to {out}: {', '.join(files)}")
+    s = rows.summary
+    masks = pixel_threshold is not None and s["anomalous"] and (Path(out) / "masks").is_dir()
+    print_written(rows, out, fmt, maps, panels,
+                  [f"masks/ (each flagged image's defect mask at the pixel threshold {pixel_threshold:.3g})"] if masks else [])
     if s["errors"]:
         raise SystemExit(1)
     return rows

@@ -148,6 +148,42 @@ def worst_first(rows: Iterable[dict], n: int) -> list[dict]:
     return [r for _, r in heapq.nsmallest(n, enumerate(rows), key=key)]
 
 
+# rows printed in the terminal by `kano predict`; all of them are in the result file
+PRINT_ROWS = 20
+
+
+def print_worst(rows, subject: str) -> None:
+    """`kano predict`'s table: the PRINT_ROWS rows a person must look at first (worst_first), titled by `subject`
+    (what scored which class). rows: ResultRows (its summary counts the images)."""
+    from kano.core import ui
+
+    n = rows.summary["images"]
+    title = (f"predictions ({subject}), flagged first, by score"
+             + ("" if n <= PRINT_ROWS else f": the {PRINT_ROWS} highest of {n}"))
+    ui.print_table(title, ["image", "score", "anomalous"],
+                   [(Path(r["image"]).name, "-" if r["score"] is None else round(r["score"], 6),
+                     "error" if r["error"] else ("-" if r["anomalous"] is None else ("yes" if r["anomalous"] else "no")))
+                    for r in worst_first(rows, PRINT_ROWS)])
+
+
+def print_written(rows, out, fmt: str, maps: bool, panels: bool, extra: Iterable[str] = ()) -> None:
+    """`kano predict`'s last lines: the first PRINT_ROWS images not scored, the counts, and the files written into
+    `out` (`extra`: more entries for that list)."""
+    from kano.core import ui
+
+    errors = 0
+    for r in rows:
+        if r["error"]:
+            errors += 1
+            if errors <= PRINT_ROWS:
+                ui.err.print(f"not scored: {r['error']}")
+    s = rows.summary
+    ui.out.print(f"{s['images']} images: {s['scored']} scored ({s['anomalous']} anomalous, {s['normal']} normal), {s['errors']} not scored")
+    files = ["index.html", "predictions.jsonl", "summary.json"] + (["predictions.parquet"] if fmt == "parquet" else [])
+    files += (["maps/ (npy and 16-bit png)"] if maps else []) + (["panels/"] if panels else []) + list(extra)
+    ui.out.print(f"written to {out}: {', '.join(files)}")
+
+
 def summarize(rows: Iterable[dict]) -> dict:
     """Counts over rows: images, scored, errors, anomalous and normal (decisions need a threshold)."""
     s = {"images": 0, "scored": 0, "errors": 0, "anomalous": 0, "normal": 0}
