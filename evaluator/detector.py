@@ -276,10 +276,9 @@ class Detector:
                     advance: Callable[[int], None], errors: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
         """The files decoded by evaluator.evaluate.run_inference (DataLoader workers, or the CPU's model streams)."""
         from kano.anomaly_data import Sample
-        from kano.evaluator.evaluate import run_inference
 
         samples = [Sample(str(Path(p).resolve()), None, c, "unknown", 0) for p, c in zip(paths, classes)]
-        scores, maps, _ = run_inference(self.model, samples, list(words), batch_size, self.device, self.workers, advance, errors=errors)
+        scores, maps, _ = self.score_samples(samples, words, batch_size, advance, errors)
         return scores.numpy(), maps.numpy()
 
     @property

@@ -136,17 +136,10 @@ class FileScoring:
         n, size = len(paths), self.image_size
         scores = np.full(n, np.nan, dtype=np.float32)
         maps = np.zeros((n, size, size), dtype=np.float32)
-        starts = list(range(0, n, batch_size))
-        with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(prepare, 0) if starts else None
-            for k, a in enumerate(starts):
-                arrays, ok = ahead.result()
-                if k + 1 < len(starts):
-                    ahead = pool.submit(prepare, starts[k + 1])
-                if ok:
-                    s, m = self.score(np.stack(arrays), [classes[j] for j in ok], [words[j] for j in ok])
-                    scores[ok], maps[ok] = s, m
-                advance(min(batch_size, n - a))
+        for arrays, ok in _prepared_ahead(n, batch_size, prepare, advance):
+            if ok:
+                s, m = self.score(np.stack(arrays), [classes[j] for j in ok], [words[j] for j in ok])
+                scores[ok], maps[ok] = s, m
         return scores, maps
 
     def batches_per_round(self) -> int:
@@ -184,18 +177,25 @@ class FileScoring:
         scores = np.full(n, np.nan, dtype=np.float32)
         maps = np.zeros((n, size, size), dtype=np.float32)
         masks = np.zeros((n, size, size), dtype=np.uint8)
-        starts = list(range(0, n, batch_size))
-        with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(prepare, 0) if starts else None
-            for k, a in enumerate(starts):
-                arrays, mk, ok = ahead.result()
-                if k + 1 < len(starts):
-                    ahead = pool.submit(prepare, starts[k + 1])
-                if ok:
-                    s, m = self.score(np.stack(arrays), [samples[j].class_name for j in ok], [words[j] for j in ok])
-                    scores[ok], maps[ok], masks[ok] = s, m, np.stack(mk)
-                advance(min(batch_size, n - a))
+        for arrays, mk, ok in _prepared_ahead(n, batch_size, prepare, advance):
+            if ok:
+                s, m = self.score(np.stack(arrays), [samples[j].class_name for j in ok], [words[j] for j in ok])
+                scores[ok], maps[ok], masks[ok] = s, m, np.stack(mk)
         return scores, maps, masks
+
+
+def _prepared_ahead(n: int, batch_size: int, prepare: Callable[[int], tuple], advance: Callable[[int], None]):
+    """Yield prepare(a) for each batch start a = 0, batch_size, ... < n, in order, the next batch prepared in a
+    thread while the caller scores this one; advance(k) once the caller is done with a batch of k items."""
+    starts = list(range(0, n, batch_size))
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(prepare, 0) if starts else None
+        for k, a in enumerate(starts):
+            got = ahead.result()
+            if k + 1 < len(starts):
+                ahead = pool.submit(prepare, starts[k + 1])
+            yield got
+            advance(min(batch_size, n - a))
 
 
 def postprocess(score: float, amap: np.ndarray, size: tuple[int, int], threshold: float | None, source: str | None,
